@@ -1,31 +1,77 @@
-"""llmtally: exact, fast metering of LLM calls through async callbacks."""
+"""llmtally: exact, fast metering of LLM calls through async callbacks.
+
+>>> import asyncio, llmtally
+>>> class Count(llmtally.AsyncCallbackHandler):
+...     total = 0
+...     async def on_llm_end(self, response, **kwargs):
+...         Count.total += response["tokens_used"]
+>>> async def main():
+...     manager = llmtally.CallbackManager([Count()])
+...     async with manager.llm_call([{"role": "user", "content": "hi"}], model="gpt-4o") as call:
+...         call.set_response({"usage": {"prompt_tokens": 8, "completion_tokens": 2}})
+>>> asyncio.run(main()); Count.total
+10
+"""
 
 from llmtally._core import __version__ as _core_version
+from llmtally.dispatch import (
+    AgentRun,
+    CallbackManager,
+    ChainRun,
+    CompositeCallbackHandler,
+    LLMCall,
+    Retrieval,
+    ToolCall,
+    create_composite_callback,
+    current_run,
+    get_global_callbacks,
+    set_global_callbacks,
+)
 from llmtally.errors import (
     BadInput,
     BudgetExceeded,
     CallbackAbort,
     ConfigError,
+    InvalidHandler,
     LlmtallyError,
     RateLimited,
     StoreError,
     StoreUnavailable,
     TokenizerUnavailable,
 )
+from llmtally.events import AsyncCallbackHandler, Callbacks, CustomAsyncCallbackHandler
 from llmtally.tokens import estimate_tokens
+from llmtally.usage import Usage, extract_usage
 
 __version__ = _core_version
 
 __all__ = [
+    "AgentRun",
+    "AsyncCallbackHandler",
     "BadInput",
     "BudgetExceeded",
     "CallbackAbort",
+    "CallbackManager",
+    "Callbacks",
+    "ChainRun",
+    "CompositeCallbackHandler",
     "ConfigError",
+    "CustomAsyncCallbackHandler",
+    "InvalidHandler",
+    "LLMCall",
     "LlmtallyError",
     "RateLimited",
+    "Retrieval",
     "StoreError",
     "StoreUnavailable",
     "TokenizerUnavailable",
+    "ToolCall",
+    "Usage",
     "__version__",
+    "create_composite_callback",
+    "current_run",
     "estimate_tokens",
+    "extract_usage",
+    "get_global_callbacks",
+    "set_global_callbacks",
 ]

@@ -13,6 +13,7 @@ __all__ = [
     "BudgetExceeded",
     "CallbackAbort",
     "ConfigError",
+    "InvalidHandler",
     "LlmtallyError",
     "RateLimited",
     "StoreError",
@@ -31,6 +32,12 @@ class ConfigError(LlmtallyError, ValueError):
     """A constructor argument, URL or environment variable is invalid."""
 
     slug = "config"
+
+
+class InvalidHandler(ConfigError, TypeError):
+    """Something given as a callback handler is not one."""
+
+    slug = "invalid_handler"
 
 
 class BadInput(LlmtallyError, ValueError):

@@ -1,0 +1,1085 @@
+"""Dispatch: fire events on handlers, isolate their failures, and scope LLM calls and runs.
+
+A handler's exception, hang (past ``timeout``) or slowness never reaches the caller and never
+stops the other handlers: it is logged and counted. Only :class:`~llmtally.errors.CallbackAbort`
+(``BudgetExceeded``, ``RateLimited``, ...) stops a call, on purpose.
+
+Per-event handler lists are computed when handlers change (copy on write), never per event, so a
+handler that does not override an event costs nothing for it and handlers can be added or removed
+while events are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, Final
+
+from llmtally.config import settings, validate_timeout
+from llmtally.errors import CallbackAbort, InvalidHandler
+from llmtally.events import EVENTS, AsyncCallbackHandler, overridden_events
+from llmtally.tokens import estimate_tokens
+from llmtally.usage import BadUsage, Usage, extract_text, extract_usage, merge_stream_usage
+
+__all__ = [
+    "AgentRun",
+    "CallbackManager",
+    "ChainRun",
+    "CompositeCallbackHandler",
+    "LLMCall",
+    "Retrieval",
+    "ToolCall",
+    "create_composite_callback",
+    "current_run",
+    "get_global_callbacks",
+    "new_id",
+    "set_global_callbacks",
+]
+
+logger = logging.getLogger("llmtally")
+
+# ---------------------------------------------------------------------------------------------
+# Ids: a random per-process prefix and a counter (unique across processes, re-seeded after fork).
+
+_id_prefix = os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
+def _reseed_ids() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = os.urandom(6).hex()
+    _id_counter = itertools.count(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed_ids)
+
+
+def new_id() -> str:
+    """A new request or run id, unique across processes.
+
+    >>> new_id() != new_id()
+    True
+    """
+    return f"{_id_prefix}-{next(_id_counter):x}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Handler entries and per-event tables.
+
+_Target = tuple["_Entry", Callable[..., Any], bool]
+_NO_TARGETS: Final[tuple[_Target, ...]] = ()
+
+
+class _Entry:
+    """One registered handler with its failure counters."""
+
+    __slots__ = ("errors", "events", "handler", "logged", "name", "priority", "seq", "timeouts")
+
+    def __init__(self, handler: object, priority: int, seq: int) -> None:
+        if isinstance(handler, type) or handler is None or isinstance(handler, str | bytes | int):
+            raise InvalidHandler(
+                f"a callback handler must be a handler instance, not {handler!r}"
+            )
+        events = overridden_events(handler)
+        if not events and not any(hasattr(handler, name) for name in EVENTS):
+            raise InvalidHandler(
+                f"{type(handler).__name__} is not a callback handler: it has no on_* event methods"
+            )
+        self.handler = handler
+        self.name = type(handler).__name__
+        self.priority = priority
+        self.seq = seq
+        self.events = events
+        self.errors = 0
+        self.timeouts = 0
+        self.logged: set[tuple[str, type]] = set()
+
+
+def _targets(entries: Iterable[_Entry], event: str) -> tuple[_Target, ...]:
+    found = []
+    for entry in entries:
+        if event in entry.events:
+            fn = getattr(entry.handler, event)
+            found.append((entry, fn, inspect.iscoroutinefunction(fn)))
+    return tuple(found) if found else _NO_TARGETS
+
+
+class _Table:
+    """Immutable per-event handler lists."""
+
+    __slots__ = ("by_event", "entries")
+
+    def __init__(self, entries: Sequence[_Entry]) -> None:
+        self.entries = tuple(entries)
+        self.by_event: dict[str, tuple[_Target, ...]] = {
+            event: _targets(self.entries, event) for event in EVENTS
+        }
+
+
+class _Stats:
+    __slots__ = (
+        "bad_input",
+        "duplicates",
+        "llm_calls",
+        "llm_errors",
+        "llm_timeouts",
+        "usage_warnings",
+    )
+
+    def __init__(self) -> None:
+        self.bad_input = 0
+        self.duplicates = 0
+        self.llm_calls = 0
+        self.llm_errors = 0
+        self.llm_timeouts = 0
+        self.usage_warnings = 0
+
+
+class _Dispatcher:
+    """Runs one event over a tuple of targets with isolation, timeout and abort handling."""
+
+    __slots__ = ("_semaphore", "parallel", "timeout")
+
+    def __init__(self, timeout: float | None, parallel: bool, max_concurrent: int | None) -> None:
+        self.timeout = timeout
+        self.parallel = parallel
+        self._semaphore = (
+            asyncio.Semaphore(max_concurrent) if parallel and max_concurrent else None
+        )
+
+    def _failed(self, entry: _Entry, event: str, exc: BaseException) -> None:
+        entry.errors += 1
+        key = (event, type(exc))
+        if key in entry.logged:
+            logger.debug("callback %s.%s failed again: %r", entry.name, event, exc)
+            return
+        entry.logged.add(key)
+        logger.error(
+            "callback %s.%s failed (isolated; further %s from it are logged at DEBUG): %r",
+            entry.name,
+            event,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+
+    def _timed_out(self, entry: _Entry, event: str) -> None:
+        entry.timeouts += 1
+        key = (event, TimeoutError)
+        level = logging.DEBUG if key in entry.logged else logging.WARNING
+        entry.logged.add(key)
+        logger.log(level, "callback %s.%s timed out after %ss", entry.name, event, self.timeout)
+
+    async def _call(
+        self, entry: _Entry, fn: Callable[..., Any], is_async: bool, event: str,
+        args: tuple[Any, ...], kwargs: dict[str, Any],
+    ) -> CallbackAbort | None:
+        """Run one handler; returns the abort it raised, if any. Never raises ``Exception``."""
+        timeout = self.timeout
+        try:
+            if timeout is None:
+                if is_async:
+                    await fn(*args, **kwargs)
+                else:
+                    result = fn(*args, **kwargs)
+                    if inspect.isawaitable(result):
+                        await result
+            else:
+                scope = asyncio.timeout(timeout)
+                try:
+                    async with scope:
+                        result = fn(*args, **kwargs)
+                        if is_async or inspect.isawaitable(result):
+                            await result
+                except TimeoutError:
+                    if scope.expired():
+                        self._timed_out(entry, event)
+                        return None
+                    raise
+        except CallbackAbort as abort:
+            return abort
+        except Exception as exc:
+            self._failed(entry, event, exc)
+        return None
+
+    async def fire(
+        self,
+        targets: tuple[_Target, ...],
+        event: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        stop_on_abort: bool = False,
+    ) -> None:
+        """Fire ``event`` on every target; raise the first ``CallbackAbort`` after the others ran
+        (or at once with ``stop_on_abort``, then with ``.completed`` naming who ran before)."""
+        if self.parallel and len(targets) > 1:
+            await self._fire_parallel(targets, event, args, kwargs, stop_on_abort)
+            return
+        abort: CallbackAbort | None = None
+        if self.timeout is None:
+            # The common case, kept tight: no per-handler coroutine wrapper.
+            for index, (entry, fn, is_async) in enumerate(targets):
+                try:
+                    if is_async:
+                        await fn(*args, **kwargs)
+                    else:
+                        result = fn(*args, **kwargs)
+                        if inspect.isawaitable(result):
+                            await result
+                except CallbackAbort as exc:
+                    if stop_on_abort:
+                        _raise_abort(exc, [t[0] for t in targets[:index]])
+                    if abort is None:
+                        abort = exc
+                except Exception as exc:
+                    self._failed(entry, event, exc)
+        else:
+            for index, (entry, fn, is_async) in enumerate(targets):
+                found = await self._call(entry, fn, is_async, event, args, kwargs)
+                if found is not None:
+                    if stop_on_abort:
+                        _raise_abort(found, [t[0] for t in targets[:index]])
+                    if abort is None:
+                        abort = found
+        if abort is not None:
+            raise abort
+
+    async def _fire_parallel(
+        self,
+        targets: tuple[_Target, ...],
+        event: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        stop_on_abort: bool,
+    ) -> None:
+        semaphore = self._semaphore
+
+        async def run(target: _Target) -> CallbackAbort | None:
+            entry, fn, is_async = target
+            if semaphore is None:
+                return await self._call(entry, fn, is_async, event, args, kwargs)
+            async with semaphore:
+                return await self._call(entry, fn, is_async, event, args, kwargs)
+
+        results = await asyncio.gather(*(run(t) for t in targets))
+        aborts = [(t[0], r) for t, r in zip(targets, results, strict=True) if r is not None]
+        if aborts:
+            aborters = {id(e) for e, _ in aborts}
+            completed = [t[0] for t in targets if id(t[0]) not in aborters]
+            _raise_abort(aborts[0][1], completed if stop_on_abort else [])
+
+
+def _raise_abort(abort: CallbackAbort, completed: list[_Entry]) -> None:
+    abort.__dict__["_llmtally_completed"] = completed
+    raise abort
+
+
+# ---------------------------------------------------------------------------------------------
+# Global callbacks.
+
+_global_lock = threading.Lock()
+_global_handlers: tuple[object, ...] = ()
+_global_version = 0
+
+
+def set_global_callbacks(callbacks: Iterable[object] | None) -> None:
+    """Handlers every :class:`CallbackManager` also fires, after its own of the same priority."""
+    global _global_handlers, _global_version
+    handlers = tuple(callbacks or ())
+    for handler in handlers:
+        _Entry(handler, 0, 0)  # validate
+    with _global_lock:
+        _global_handlers = handlers
+        _global_version += 1
+
+
+def get_global_callbacks() -> list[object]:
+    """The handlers set by :func:`set_global_callbacks`."""
+    return list(_global_handlers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run context (nesting through contextvars).
+
+
+class _RunContext:
+    """An open scope: its run id and event kwargs (children inherit part of them)."""
+
+    __slots__ = ("kwargs", "run_id")
+
+    def __init__(self, run_id: str, kwargs: dict[str, Any]) -> None:
+        self.run_id = run_id
+        self.kwargs = kwargs
+
+    def inherited(self) -> dict[str, Any]:
+        return {k: v for k, v in self.kwargs.items() if k not in _NOT_INHERITED}
+
+
+_current: contextvars.ContextVar[_RunContext | None] = contextvars.ContextVar(
+    "llmtally_run", default=None
+)
+_NOT_INHERITED = frozenset(
+    {"request_id", "run_id", "parent_run_id", "provider", "model", "estimated_tokens"}
+)
+
+
+def current_run() -> dict[str, Any] | None:
+    """The innermost open scope's ``run_id`` and inheritable context, or ``None``."""
+    ctx = _current.get()
+    if ctx is None:
+        return None
+    return {"run_id": ctx.run_id, **ctx.inherited()}
+
+
+def _open_context(context: dict[str, Any]) -> tuple[dict[str, Any], str, contextvars.Token[Any]]:
+    """Build the event kwargs of a new scope and make it the current run."""
+    parent = _current.get()
+    run_id = new_id()
+    if parent is None:
+        kwargs = context
+        kwargs["parent_run_id"] = None
+        if kwargs.get("trace_id") is None:
+            kwargs["trace_id"] = run_id
+    else:
+        kwargs = {**parent.inherited(), **context}
+        kwargs["parent_run_id"] = parent.run_id
+        if kwargs.get("trace_id") is None:
+            kwargs["trace_id"] = run_id
+    kwargs["run_id"] = run_id
+    if kwargs.get("user_id") is None:
+        kwargs.pop("user_id", None)
+    token = _current.set(_RunContext(run_id, kwargs))
+    return kwargs, run_id, token
+
+
+def _close_context(token: contextvars.Token[Any]) -> None:
+    try:
+        _current.reset(token)
+    except ValueError:
+        # Exited in another context than it was entered in: restore the parent by value.
+        _current.set(token.old_value if token.old_value is not contextvars.Token.MISSING else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dedupe of given request ids.
+
+
+class _RequestWindow:
+    """Request ids whose end was counted: the last ``capacity`` ids or ``ttl_s``, whichever is
+    smaller. Ids llmtally generates are unique by construction and never enter it."""
+
+    __slots__ = ("_ids", "capacity", "ttl_s")
+
+    def __init__(self, capacity: int = 1_000_000, ttl_s: float = 86_400.0) -> None:
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self._ids: OrderedDict[str, float] = OrderedDict()
+
+    def seen(self, request_id: str, now: float) -> bool:
+        """Record ``request_id``; True when it was already recorded inside the window."""
+        ids = self._ids
+        horizon = now - self.ttl_s
+        while ids:
+            oldest_id, oldest_at = next(iter(ids.items()))
+            if oldest_at >= horizon and len(ids) < self.capacity:
+                break
+            ids.popitem(last=False)
+        if request_id in ids:
+            return True
+        ids[request_id] = now
+        return False
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# The manager.
+
+
+class CallbackManager:
+    """Fires events on a set of handlers and scopes LLM calls, agent runs, tools, chains and
+    retrievals.
+
+    Sequential mode (the default) runs handlers one after another, by priority (higher first),
+    then by registration; ``parallel=True`` runs them concurrently (bounded by
+    ``LLMTALLY_MAX_CONCURRENT_CALLBACKS`` when set). ``timeout`` (seconds) bounds each handler
+    call; default ``LLMTALLY_CALLBACK_TIMEOUT_S``, else no bound.
+
+    >>> import asyncio
+    >>> class Printer(AsyncCallbackHandler):
+    ...     async def on_llm_end(self, response, **kwargs):
+    ...         print(response["tokens_used"])
+    >>> async def main():
+    ...     manager = CallbackManager([Printer()])
+    ...     async with manager.llm_call([{"role": "user", "content": "hi"}]) as call:
+    ...         call.set_response({"prompt_tokens": 9, "completion_tokens": 3})
+    >>> asyncio.run(main())
+    12
+    """
+
+    def __init__(
+        self,
+        callbacks: Iterable[object] | None = None,
+        *,
+        timeout: float | None = None,
+        parallel: bool = False,
+    ) -> None:
+        env = settings()
+        timeout = validate_timeout(timeout)
+        if timeout is None:
+            timeout = env.callback_timeout_s
+        if not isinstance(parallel, bool):
+            raise InvalidHandler(f"parallel must be a bool, not {type(parallel).__name__}")
+        if callbacks is not None and not isinstance(callbacks, Iterable):
+            raise InvalidHandler(
+                f"callbacks must be a list of handlers, not {type(callbacks).__name__}"
+            )
+        self._dispatcher = _Dispatcher(timeout, parallel, env.max_concurrent_callbacks)
+        self._lock = threading.Lock()
+        self._seq = itertools.count()
+        self._own: list[_Entry] = [
+            _Entry(handler, 0, next(self._seq)) for handler in (callbacks or ())
+        ]
+        self._global_entries: dict[int, _Entry] = {}
+        self._table = _Table(())
+        self._table_version = -1
+        self._stats = _Stats()
+        self._window = _RequestWindow()
+        self._rebuild()
+
+    # -- configuration --------------------------------------------------------------------
+
+    @property
+    def timeout(self) -> float | None:
+        """Per-handler timeout in seconds, or ``None``."""
+        return self._dispatcher.timeout
+
+    @property
+    def parallel(self) -> bool:
+        """Whether handlers of one event run concurrently."""
+        return self._dispatcher.parallel
+
+    @property
+    def handlers(self) -> list[object]:
+        """The handlers fired, in sequential order (globals included)."""
+        return [entry.handler for entry in self._current_table().entries]
+
+    def add_handler(self, handler: object, *, priority: int = 0) -> None:
+        """Register ``handler``; safe while events are in flight (they keep their snapshot)."""
+        entry = _Entry(handler, int(priority), 0)
+        with self._lock:
+            entry.seq = next(self._seq)
+            self._own.append(entry)
+            self._rebuild_locked()
+
+    def remove_handler(self, handler: object) -> None:
+        """Unregister ``handler`` (no-op when it is not registered)."""
+        with self._lock:
+            self._own = [entry for entry in self._own if entry.handler is not handler]
+            self._rebuild_locked()
+
+    def _rebuild(self) -> None:
+        with self._lock:
+            self._rebuild_locked()
+
+    def _rebuild_locked(self) -> None:
+        version = _global_version
+        own_ids = {id(entry.handler) for entry in self._own}
+        globals_now: dict[int, _Entry] = {}
+        for handler in _global_handlers:
+            key = id(handler)
+            if key in own_ids or key in globals_now:
+                continue
+            entry = self._global_entries.get(key)
+            if entry is None or entry.handler is not handler:
+                entry = _Entry(handler, 0, 0)
+            globals_now[key] = entry
+        self._global_entries = globals_now
+        # Own handlers first (by priority, then registration); globals after those of equal
+        # priority, in the order they were set.
+        ordered = sorted(self._own, key=lambda e: (-e.priority, e.seq))
+        combined = ordered + list(globals_now.values())
+        combined.sort(key=lambda e: -e.priority)  # stable: keeps the order above within a level
+        self._table = _Table(combined)
+        self._table_version = version
+
+    def _current_table(self) -> _Table:
+        if self._table_version != _global_version:
+            self._rebuild()
+        return self._table
+
+    # -- firing -----------------------------------------------------------------------------
+
+    async def dispatch(self, event: str, *args: Any, **kwargs: Any) -> None:
+        """Fire ``event`` (an ``on_*`` name) with these arguments on every handler."""
+        targets = self._current_table().by_event.get(event)
+        if targets is None:
+            raise ValueError(f"unknown event {event!r}; events are: {', '.join(EVENTS)}")
+        if targets:
+            await self._dispatcher.fire(targets, event, args, kwargs)
+
+    def llm_call(
+        self,
+        messages: Any = None,
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        **context: Any,
+    ) -> LLMCall:
+        """Scope one LLM call: ``on_llm_start`` on entry, then ``on_llm_end`` with the normalized
+        response (or ``on_llm_error``, re-raising the error).
+
+        ``context`` kwargs (``user_id``, ``request_id``, ``trace_id``, anything else) are passed
+        to every event; nested scopes inherit ``user_id``, ``trace_id`` and custom keys.
+        """
+        return LLMCall(self, messages, provider, model, context)
+
+    def agent_run(self, goal: Any = None, **context: Any) -> AgentRun:
+        """Scope an agent run: ``on_agent_start``, ``await run.step(...)``, end or error."""
+        return AgentRun(self, (goal,), context)
+
+    def tool_call(self, tool_name: str, args: Any = None, **context: Any) -> ToolCall:
+        """Scope a tool call: ``on_tool_start(tool_name, args)``, then end or error."""
+        return ToolCall(self, (tool_name, args), context)
+
+    def chain_run(self, chain_name: str, **context: Any) -> ChainRun:
+        """Scope a chain run: ``on_chain_start(chain_name)``, then end or error."""
+        return ChainRun(self, (chain_name,), context)
+
+    def retrieval(self, query: Any = None, **context: Any) -> Retrieval:
+        """Scope a retrieval: ``on_retrieval_start(query)``, then end (documents) or error."""
+        return Retrieval(self, (query,), context)
+
+    # -- health ---------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """Handler and call counters; ``status`` is ``"healthy"`` unless a store reports
+        otherwise."""
+        entries = self._current_table().entries
+        per_handler = []
+        errors = timeouts = 0
+        stores: list[dict[str, Any]] = []
+        for entry in entries:
+            e, t = entry.errors, entry.timeouts
+            handler = entry.handler
+            nested = getattr(handler, "_dispatch_stats", None)
+            if callable(nested):
+                ne, nt = nested()
+                e += ne
+                t += nt
+            errors += e
+            timeouts += t
+            per_handler.append({"name": entry.name, "errors": e, "timeouts": t})
+            store_health = getattr(handler, "store_health", None)
+            if callable(store_health):
+                try:
+                    stores.append(await store_health())
+                except Exception as exc:
+                    stores.append({"status": "unhealthy", "ok": False, "error": repr(exc)})
+        unhealthy = any(not s.get("ok", True) for s in stores)
+        s = self._stats
+        return {
+            "status": "unhealthy" if unhealthy else "healthy",
+            "handlers": len(entries),
+            "errors": errors,
+            "timeouts": timeouts,
+            "bad_input": s.bad_input,
+            "duplicates": s.duplicates,
+            "usage_warnings": s.usage_warnings,
+            "llm_calls": s.llm_calls,
+            "llm_errors": s.llm_errors,
+            "llm_timeouts": s.llm_timeouts,
+            "store": stores[0] if len(stores) == 1 else (stores or None),
+            "pending_deltas": sum(int(st.get("pending_deltas", 0)) for st in stores),
+            "per_handler": per_handler,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Scopes.
+
+
+_TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError,)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    if isinstance(exc, _TIMEOUT_ERRORS):
+        return True
+    name = type(exc).__name__
+    return name in ("APITimeoutError", "Timeout", "ReadTimeout", "ConnectTimeout")
+
+
+class LLMCall:
+    """One LLM call in flight; returned by :meth:`CallbackManager.llm_call`.
+
+    Inside the ``async with`` block, :meth:`set_response` hands over the provider's response
+    (dict or SDK object) and :meth:`chunk` each streamed chunk. After the block, ``response`` is
+    the normalized response dict given to ``on_llm_end``.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_first_chunk_at",
+        "_id_given",
+        "_kwargs",
+        "_manager",
+        "_response",
+        "_response_set",
+        "_stream_usage",
+        "_table",
+        "_texts",
+        "_token",
+        "duplicate",
+        "messages",
+        "model",
+        "provider",
+        "request_id",
+        "response",
+        "run_id",
+        "started_at",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        manager: CallbackManager,
+        messages: Any,
+        provider: str | None,
+        model: str | None,
+        context: dict[str, Any],
+    ) -> None:
+        self._manager = manager
+        self.messages = messages
+        self.provider = provider or "unknown"
+        self.model = model or "unknown"
+        given = context.get("request_id")
+        self._id_given = given is not None
+        if given is not None and not isinstance(given, str):
+            given = str(given)
+            context["request_id"] = given
+        self.request_id: str = given if given is not None else ""
+        context["provider"] = self.provider
+        context["model"] = self.model
+        self._kwargs = context
+        self._response: Any = None
+        self._response_set = False
+        self._texts: list[str] | None = None
+        self._chunks = 0
+        self._first_chunk_at: float | None = None
+        self._stream_usage: Usage | None = None
+        self.response: dict[str, Any] | None = None
+        self.usage: Usage | None = None
+        self.duplicate = False
+        self.run_id = ""
+        self.started_at = 0.0
+
+    # -- inside the block -------------------------------------------------------------------
+
+    def set_response(self, response: Any) -> None:
+        """Hand over the provider's response: a dict (llmtally's response dict or the provider's
+        JSON body) or an SDK object (OpenAI, Anthropic). Usage is normalized when the call ends."""
+        self._response = response
+        self._response_set = True
+
+    async def chunk(self, chunk: Any) -> None:
+        """Record one streamed chunk (text, or a provider chunk/event) and fire
+        ``on_llm_stream_chunk``. The first chunk sets the time to first token."""
+        if self._first_chunk_at is None:
+            self._first_chunk_at = time.perf_counter()
+        self._chunks += 1
+        try:
+            text = extract_text(chunk)
+            if text:
+                if self._texts is None:
+                    self._texts = [text]
+                else:
+                    self._texts.append(text)
+            if type(chunk) is not str:
+                self._stream_usage = merge_stream_usage(self._stream_usage, chunk)
+        except BadUsage as exc:
+            self._manager._stats.bad_input += 1
+            logger.warning("skipped bad usage in stream chunk of %s: %s", self.request_id, exc)
+        except Exception as exc:  # a chunk we cannot read is bad input, never an error
+            self._manager._stats.bad_input += 1
+            logger.warning("unreadable stream chunk in %s: %r", self.request_id, exc)
+        targets = self._table.by_event["on_llm_stream_chunk"]
+        if targets:
+            await self._manager._dispatcher.fire(
+                targets, "on_llm_stream_chunk", (chunk,), self._kwargs
+            )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> LLMCall:
+        manager = self._manager
+        self._table = manager._current_table()
+        if not self.request_id:
+            self.request_id = new_id()
+            self._kwargs["request_id"] = self.request_id
+        self._kwargs, self.run_id, self._token = _open_context(self._kwargs)
+        targets = self._table.by_event["on_llm_start"]
+        self.started_at = time.perf_counter()
+        if targets:
+            try:
+                await manager._dispatcher.fire(
+                    targets, "on_llm_start", (self.messages,), self._kwargs, stop_on_abort=True
+                )
+            except CallbackAbort as abort:
+                _close_context(self._token)
+                await self._abort_started(abort)
+                raise
+        return self
+
+    async def _abort_started(self, abort: CallbackAbort) -> None:
+        """A handler refused the call: tell those that already saw the start."""
+        completed: list[_Entry] = abort.__dict__.pop("_llmtally_completed", [])
+        if not completed:
+            return
+        kwargs = {**self._kwargs, "duration_ms": 0.0, "aborted": True}
+        wanted = {id(e) for e in completed}
+        targets = tuple(
+            t for t in self._table.by_event["on_llm_error"] if id(t[0]) in wanted
+        )
+        if targets:
+            try:
+                await self._manager._dispatcher.fire(targets, "on_llm_error", (abort,), kwargs)
+            except CallbackAbort:
+                pass  # already aborting
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _close_context(self._token)
+        ended = time.perf_counter()
+        duration_s = ended - self.started_at
+        manager = self._manager
+        if exc is None:
+            self._end(duration_s)
+            return await self._fire_end(duration_s)
+        if isinstance(exc, GeneratorExit | KeyboardInterrupt | SystemExit):
+            return None
+        stats = manager._stats
+        if _is_timeout(exc):
+            stats.llm_timeouts += 1
+        else:
+            stats.llm_errors += 1
+        targets = self._table.by_event["on_llm_error"]
+        if targets:
+            kwargs = {**self._kwargs, "duration_ms": duration_s * 1000.0}
+            try:
+                await manager._dispatcher.fire(targets, "on_llm_error", (exc,), kwargs)
+            except CallbackAbort as abort:
+                logger.debug("abort %r during on_llm_error ignored: the call already failed", abort)
+        return None
+
+    async def _fire_end(self, duration_s: float) -> None:
+        manager = self._manager
+        if self.duplicate:
+            return
+        targets = self._table.by_event["on_llm_end"]
+        if not targets:
+            return
+        usage = self.usage
+        response = self.response
+        assert response is not None
+        kwargs = {
+            **self._kwargs,
+            "token_count": usage.total_tokens if usage is not None else None,
+            "cost": response.get("cost_estimate"),
+            "duration_ms": duration_s * 1000.0,
+        }
+        if self._first_chunk_at is not None:
+            kwargs["ttft_ms"] = (self._first_chunk_at - self.started_at) * 1000.0
+        await manager._dispatcher.fire(targets, "on_llm_end", (response,), kwargs)
+
+    def _end(self, duration_s: float) -> None:
+        """Normalize the usage and build the response dict (no await, no I/O)."""
+        stats = self._manager._stats
+        if self._id_given and self._manager._window.seen(self.request_id, time.monotonic()):
+            self.duplicate = True
+            stats.duplicates += 1
+            logger.info("duplicate end for request_id %r ignored", self.request_id)
+        else:
+            stats.llm_calls += 1
+        response_obj = self._response
+        usage: Usage | None = None
+        usage_error: str | None = None
+        content: str | None = None
+        resp_model: Any = None
+        if self._response_set:
+            if isinstance(response_obj, dict) or _looks_like_sdk_response(response_obj):
+                try:
+                    usage = extract_usage(response_obj)
+                except BadUsage as exc:
+                    usage_error = str(exc)
+                    stats.bad_input += 1
+                    logger.warning("usage of %s skipped: %s", self.request_id, exc)
+                try:
+                    content = extract_text(response_obj)
+                except Exception:
+                    content = None
+                resp_model = (
+                    response_obj.get("model")
+                    if isinstance(response_obj, dict)
+                    else getattr(response_obj, "model", None)
+                )
+            else:
+                stats.bad_input += 1
+                logger.warning(
+                    "response of %s is a %s, not a dict or SDK response: usage estimated",
+                    self.request_id,
+                    type(response_obj).__name__,
+                )
+        if usage is None and usage_error is None and self._stream_usage is not None:
+            usage = self._stream_usage
+        if content is None and self._texts:
+            content = "".join(self._texts)
+        response: dict[str, Any] = {}
+        if content is not None:
+            response["content"] = content
+        estimated = False
+        if usage is None and usage_error is None:
+            usage = self._estimate(content)
+            estimated = True
+        if usage is not None:
+            if usage.warning is not None:
+                stats.usage_warnings += 1
+                logger.warning("usage of %s: %s (total kept)", self.request_id, usage.warning)
+            response["tokens_used"] = usage.total_tokens
+            if usage.prompt_tokens is not None:
+                response["prompt_tokens"] = usage.prompt_tokens
+            if usage.completion_tokens is not None:
+                response["completion_tokens"] = usage.completion_tokens
+            response["cached_tokens"] = usage.cached_tokens
+            response["cache_write_tokens"] = usage.cache_write_tokens
+            response["reasoning_tokens"] = usage.reasoning_tokens
+        else:
+            response["usage_error"] = usage_error
+        response["estimated"] = estimated
+        response["provider"] = self.provider
+        response["model"] = resp_model if isinstance(resp_model, str) and resp_model else self.model
+        response["response_time"] = duration_s
+        if self._first_chunk_at is not None:
+            response["time_to_first_token"] = self._first_chunk_at - self.started_at
+            response["chunks"] = self._chunks
+        cost = usage.cost_usd if usage is not None else None
+        response["cost_estimate"] = cost
+        response["cost_source"] = "provider" if cost is not None else None
+        response["request_id"] = self.request_id
+        self.usage = usage
+        self.response = response
+
+    def _estimate(self, content: str | None) -> Usage:
+        stats = self._manager._stats
+        model = self.model if self.model != "unknown" else None
+        prompt = 0
+        messages = self.messages
+        if messages is not None:
+            try:
+                prompt = estimate_tokens(messages, model)
+            except (TypeError, ValueError) as exc:
+                stats.bad_input += 1
+                logger.warning("messages of %s could not be estimated: %s", self.request_id, exc)
+        completion = estimate_tokens(content, model) if content else 0
+        return Usage(
+            total_tokens=prompt + completion, prompt_tokens=prompt, completion_tokens=completion
+        )
+
+
+def _looks_like_sdk_response(obj: Any) -> bool:
+    if obj is None or isinstance(obj, str | bytes | int | float | list | tuple):
+        return False
+    return any(
+        hasattr(obj, name) for name in ("usage", "choices", "content", "output", "usage_metadata")
+    )
+
+
+class _Scope:
+    """Agent, tool, chain and retrieval scopes: start on entry, end with the result set by
+    :meth:`set_result`, or error (re-raised)."""
+
+    __slots__ = ("_args", "_kwargs", "_manager", "_result", "_table", "_token", "run_id")
+
+    START: str
+    END: str
+    ERROR: str
+    #: How many of the start arguments are repeated before the result/error (tool_name).
+    PREFIX = 0
+
+    def __init__(
+        self, manager: CallbackManager, args: tuple[Any, ...], context: dict[str, Any]
+    ) -> None:
+        self._manager = manager
+        self._args = args
+        self._kwargs = context
+        self._result: Any = None
+        self.run_id = ""
+
+    def set_result(self, result: Any) -> None:
+        """The scope's result, passed to the end event."""
+        self._result = result
+
+    async def __aenter__(self) -> Any:
+        manager = self._manager
+        self._table = manager._current_table()
+        self._kwargs, self.run_id, self._token = _open_context(self._kwargs)
+        targets = self._table.by_event[self.START]
+        if targets:
+            try:
+                await manager._dispatcher.fire(
+                    targets, self.START, self._args, self._kwargs, stop_on_abort=True
+                )
+            except CallbackAbort as abort:
+                abort.__dict__.pop("_llmtally_completed", None)
+                _close_context(self._token)
+                raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _close_context(self._token)
+        prefix = self._args[: self.PREFIX]
+        if exc is None:
+            targets = self._table.by_event[self.END]
+            if targets:
+                await self._manager._dispatcher.fire(
+                    targets, self.END, (*prefix, self._result), self._kwargs
+                )
+            return None
+        if isinstance(exc, GeneratorExit | KeyboardInterrupt | SystemExit):
+            return None
+        targets = self._table.by_event[self.ERROR]
+        if targets:
+            try:
+                await self._manager._dispatcher.fire(
+                    targets, self.ERROR, (*prefix, exc), self._kwargs
+                )
+            except CallbackAbort as abort:
+                logger.debug("abort %r during %s ignored: the scope already failed", abort, self.ERROR)
+        return None
+
+
+class AgentRun(_Scope):
+    """An agent run; ``await run.step(step)`` fires ``on_agent_step``."""
+
+    __slots__ = ()
+    START, END, ERROR = "on_agent_start", "on_agent_end", "on_agent_error"
+
+    async def step(self, step: Any) -> None:
+        """Record one agent step."""
+        targets = self._table.by_event["on_agent_step"]
+        if targets:
+            await self._manager._dispatcher.fire(targets, "on_agent_step", (step,), self._kwargs)
+
+
+class ToolCall(_Scope):
+    """A tool call."""
+
+    __slots__ = ()
+    START, END, ERROR = "on_tool_start", "on_tool_end", "on_tool_error"
+    PREFIX = 1
+
+
+class ChainRun(_Scope):
+    """A chain run."""
+
+    __slots__ = ()
+    START, END, ERROR = "on_chain_start", "on_chain_end", "on_chain_error"
+
+
+class Retrieval(_Scope):
+    """A retrieval; the result is the documents."""
+
+    __slots__ = ()
+    START, END, ERROR = "on_retrieval_start", "on_retrieval_end", "on_retrieval_error"
+
+
+# ---------------------------------------------------------------------------------------------
+# Composite handler.
+
+
+def _make_event(event: str) -> Callable[..., Awaitable[None]]:
+    async def method(self: CompositeCallbackHandler, *args: Any, **kwargs: Any) -> None:
+        targets = self._table.by_event[event]
+        if targets:
+            await self._dispatcher.fire(
+                targets, event, args, kwargs, stop_on_abort=event.endswith("_start")
+            )
+
+    method.__name__ = method.__qualname__ = event
+    method.__doc__ = f"Fire ``{event}`` on every child handler, each isolated."
+    return method
+
+
+class CompositeCallbackHandler(AsyncCallbackHandler):
+    """Several handlers behind one: every event fans out to the children that implement it,
+    concurrently by default (``parallel=True``), one child's failure isolated from the others.
+
+    Pick it to hand a fixed group of handlers around as one (the seed API); a
+    :class:`CallbackManager` does the same with ordering, priorities and timeouts.
+    """
+
+    def __init__(self, handlers: Iterable[object] | None = None, parallel: bool = True) -> None:
+        env = settings()
+        self._dispatcher = _Dispatcher(env.callback_timeout_s, parallel, env.max_concurrent_callbacks)
+        self._seq = itertools.count()
+        self._entries: list[_Entry] = [
+            _Entry(handler, 0, next(self._seq)) for handler in (handlers or ())
+        ]
+        self._table = _Table(self._entries)
+
+    @property
+    def handlers(self) -> list[object]:
+        """The child handlers, in order."""
+        return [entry.handler for entry in self._entries]
+
+    def add_handler(self, handler: object) -> None:
+        """Add a child handler."""
+        self._entries = [*self._entries, _Entry(handler, 0, next(self._seq))]
+        self._table = _Table(self._entries)
+
+    def remove_handler(self, handler: object) -> None:
+        """Remove a child handler (no-op when absent)."""
+        self._entries = [entry for entry in self._entries if entry.handler is not handler]
+        self._table = _Table(self._entries)
+
+    def _dispatch_stats(self) -> tuple[int, int]:
+        errors = timeouts = 0
+        for entry in self._entries:
+            errors += entry.errors
+            timeouts += entry.timeouts
+            nested = getattr(entry.handler, "_dispatch_stats", None)
+            if callable(nested):
+                e, t = nested()
+                errors += e
+                timeouts += t
+        return errors, timeouts
+
+
+for _event in EVENTS:
+    setattr(CompositeCallbackHandler, _event, _make_event(_event))
+del _event
+
+
+def create_composite_callback(*handlers: object) -> CompositeCallbackHandler:
+    """A :class:`CompositeCallbackHandler` over ``handlers`` (the seed factory)."""
+    return CompositeCallbackHandler(list(handlers))
