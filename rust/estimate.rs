@@ -183,7 +183,10 @@ fn py_estimate_messages(messages: &Bound<'_, PyList>, encoding: &str) -> PyResul
         let d = msg.cast::<PyDict>().map_err(|_| {
             PyTypeError::new_err(format!(
                 "each message must be a dict, not {}",
-                msg.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+                msg.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
             ))
         })?;
         total += TOKENS_PER_MESSAGE;
@@ -229,7 +232,10 @@ mod tests {
     #[test]
     fn english_is_close_to_word_count() {
         // "The quick brown fox jumps over the lazy dog." is 10 tokens in cl100k_base.
-        let n = estimate_text("The quick brown fox jumps over the lazy dog.", Encoding::Cl100k);
+        let n = estimate_text(
+            "The quick brown fox jumps over the lazy dog.",
+            Encoding::Cl100k,
+        );
         assert!((9..=11).contains(&n), "{n}");
     }
 }

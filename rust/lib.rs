@@ -6,10 +6,14 @@
 use pyo3::prelude::*;
 
 pub mod estimate;
+pub mod response;
+pub mod usage;
 
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     estimate::register(m)?;
+    usage::register(m)?;
+    response::register(m)?;
     Ok(())
 }

@@ -28,7 +28,16 @@ from llmtally.config import settings, validate_timeout
 from llmtally.errors import CallbackAbort, InvalidHandler
 from llmtally.events import EVENTS, AsyncCallbackHandler, overridden_events
 from llmtally.tokens import estimate_tokens
-from llmtally.usage import BadUsage, Usage, extract_text, extract_usage, merge_stream_usage
+from llmtally._core import (
+    READ_BAD_USAGE,
+    READ_NOT_A_RESPONSE,
+    READ_OK,
+    extract_usage,
+    finish_response,
+    make_response,
+    read_response,
+)
+from llmtally.usage import BadUsage, Usage, extract_text, merge_stream_usage
 
 __all__ = [
     "AgentRun",
@@ -342,25 +351,25 @@ def current_run() -> dict[str, Any] | None:
     return {"run_id": ctx.run_id, **ctx.inherited()}
 
 
-def _open_context(context: dict[str, Any]) -> tuple[dict[str, Any], str, contextvars.Token[Any]]:
-    """Build the event kwargs of a new scope and make it the current run."""
+def _open_context(
+    context: dict[str, Any], run_id: str
+) -> tuple[dict[str, Any], contextvars.Token[Any]]:
+    """Build the event kwargs of a new scope (``context`` is ours to change) and make it the
+    current run."""
     parent = _current.get()
-    run_id = new_id()
     if parent is None:
         kwargs = context
         kwargs["parent_run_id"] = None
-        if kwargs.get("trace_id") is None:
-            kwargs["trace_id"] = run_id
     else:
-        kwargs = {**parent.inherited(), **context}
+        kwargs = parent.inherited()
+        kwargs.update(context)
         kwargs["parent_run_id"] = parent.run_id
-        if kwargs.get("trace_id") is None:
-            kwargs["trace_id"] = run_id
+    if kwargs.get("trace_id") is None:
+        kwargs["trace_id"] = run_id
     kwargs["run_id"] = run_id
-    if kwargs.get("user_id") is None:
-        kwargs.pop("user_id", None)
-    token = _current.set(_RunContext(run_id, kwargs))
-    return kwargs, run_id, token
+    if "user_id" in kwargs and kwargs["user_id"] is None:
+        del kwargs["user_id"]
+    return kwargs, _current.set(_RunContext(run_id, kwargs))
 
 
 def _close_context(token: contextvars.Token[Any]) -> None:
@@ -649,7 +658,7 @@ class LLMCall:
         "response",
         "run_id",
         "started_at",
-        "usage",
+        "_usage",
     )
 
     def __init__(
@@ -680,7 +689,7 @@ class LLMCall:
         self._first_chunk_at: float | None = None
         self._stream_usage: Usage | None = None
         self.response: dict[str, Any] | None = None
-        self.usage: Usage | None = None
+        self._usage: Usage | None = None
         self.duplicate = False
         self.run_id = ""
         self.started_at = 0.0
@@ -725,10 +734,12 @@ class LLMCall:
     async def __aenter__(self) -> LLMCall:
         manager = self._manager
         self._table = manager._current_table()
-        if not self.request_id:
-            self.request_id = new_id()
-            self._kwargs["request_id"] = self.request_id
-        self._kwargs, self.run_id, self._token = _open_context(self._kwargs)
+        if self._id_given:
+            self.run_id = new_id()
+        else:
+            # A generated request id is unique, so it doubles as the run id.
+            self.run_id = self.request_id = self._kwargs["request_id"] = new_id()
+        self._kwargs, self._token = _open_context(self._kwargs, self.run_id)
         targets = self._table.by_event["on_llm_start"]
         self.started_at = time.perf_counter()
         if targets:
@@ -794,13 +805,12 @@ class LLMCall:
         targets = self._table.by_event["on_llm_end"]
         if not targets:
             return
-        usage = self.usage
         response = self.response
         assert response is not None
         kwargs = {
             **self._kwargs,
-            "token_count": usage.total_tokens if usage is not None else None,
-            "cost": response.get("cost_estimate"),
+            "token_count": response.get("tokens_used"),
+            "cost": response["cost_estimate"],
             "duration_ms": duration_s * 1000.0,
         }
         if self._first_chunk_at is not None:
@@ -816,73 +826,74 @@ class LLMCall:
             logger.info("duplicate end for request_id %r ignored", self.request_id)
         else:
             stats.llm_calls += 1
-        response_obj = self._response
-        usage: Usage | None = None
-        usage_error: str | None = None
+        model: Any = self.model
         content: str | None = None
-        resp_model: Any = None
         if self._response_set:
-            if isinstance(response_obj, dict) or _looks_like_sdk_response(response_obj):
-                try:
-                    usage = extract_usage(response_obj)
-                except BadUsage as exc:
-                    usage_error = str(exc)
-                    stats.bad_input += 1
-                    logger.warning("usage of %s skipped: %s", self.request_id, exc)
-                try:
-                    content = extract_text(response_obj)
-                except Exception:
-                    content = None
-                resp_model = (
-                    response_obj.get("model")
-                    if isinstance(response_obj, dict)
-                    else getattr(response_obj, "model", None)
-                )
-            else:
+            # The common case in one crossing: read the response, build the dict.
+            code, response, message = finish_response(
+                self._response, self.provider, self.model, duration_s, self.request_id
+            )
+            if code == READ_OK:
+                if message is not None:
+                    stats.usage_warnings += 1
+                    logger.warning("usage of %s: %s (total kept)", self.request_id, message)
+                self.response = self._add_stream_fields(response)
+                return
+            if code == READ_BAD_USAGE:
+                stats.bad_input += 1
+                logger.warning("usage of %s skipped: %s", self.request_id, message)
+                self.response = self._add_stream_fields(response)
+                return
+            if code == READ_NOT_A_RESPONSE:
                 stats.bad_input += 1
                 logger.warning(
                     "response of %s is a %s, not a dict or SDK response: usage estimated",
                     self.request_id,
-                    type(response_obj).__name__,
+                    type(self._response).__name__,
                 )
-        if usage is None and usage_error is None and self._stream_usage is not None:
-            usage = self._stream_usage
+            else:  # no usage in the response: the stream's, else an estimate
+                _, _, content, found_model, _ = read_response(self._response)
+                if found_model is not None:
+                    model = found_model
+        usage = self._stream_usage
         if content is None and self._texts:
             content = "".join(self._texts)
-        response: dict[str, Any] = {}
-        if content is not None:
-            response["content"] = content
-        estimated = False
-        if usage is None and usage_error is None:
+        estimated = usage is None
+        if usage is None:
             usage = self._estimate(content)
-            estimated = True
-        if usage is not None:
-            if usage.warning is not None:
-                stats.usage_warnings += 1
-                logger.warning("usage of %s: %s (total kept)", self.request_id, usage.warning)
-            response["tokens_used"] = usage.total_tokens
-            if usage.prompt_tokens is not None:
-                response["prompt_tokens"] = usage.prompt_tokens
-            if usage.completion_tokens is not None:
-                response["completion_tokens"] = usage.completion_tokens
-            response["cached_tokens"] = usage.cached_tokens
-            response["cache_write_tokens"] = usage.cache_write_tokens
-            response["reasoning_tokens"] = usage.reasoning_tokens
-        else:
-            response["usage_error"] = usage_error
-        response["estimated"] = estimated
-        response["provider"] = self.provider
-        response["model"] = resp_model if isinstance(resp_model, str) and resp_model else self.model
-        response["response_time"] = duration_s
+        elif usage.warning is not None:
+            stats.usage_warnings += 1
+            logger.warning("usage of %s: %s (total kept)", self.request_id, usage.warning)
+        self._usage = usage
+        first = self._first_chunk_at
+        self.response = make_response(
+            usage,
+            None,
+            estimated,
+            content,
+            self.provider,
+            model,
+            duration_s,
+            self.request_id,
+            None if first is None else first - self.started_at,
+            self._chunks,
+        )
+
+    def _add_stream_fields(self, response: dict[str, Any] | None) -> dict[str, Any]:
+        assert response is not None
         if self._first_chunk_at is not None:
             response["time_to_first_token"] = self._first_chunk_at - self.started_at
             response["chunks"] = self._chunks
-        cost = usage.cost_usd if usage is not None else None
-        response["cost_estimate"] = cost
-        response["cost_source"] = "provider" if cost is not None else None
-        response["request_id"] = self.request_id
-        self.usage = usage
-        self.response = response
+            if "content" not in response and self._texts:
+                response["content"] = "".join(self._texts)
+        return response
+
+    @property
+    def usage(self) -> Usage | None:
+        """The normalized usage of the ended call (``None`` before the end, or when skipped)."""
+        if self._usage is None and self.response is not None and "tokens_used" in self.response:
+            self._usage = extract_usage(self.response)
+        return self._usage
 
     def _estimate(self, content: str | None) -> Usage:
         stats = self._manager._stats
@@ -899,14 +910,6 @@ class LLMCall:
         return Usage(
             total_tokens=prompt + completion, prompt_tokens=prompt, completion_tokens=completion
         )
-
-
-def _looks_like_sdk_response(obj: Any) -> bool:
-    if obj is None or isinstance(obj, str | bytes | int | float | list | tuple):
-        return False
-    return any(
-        hasattr(obj, name) for name in ("usage", "choices", "content", "output", "usage_metadata")
-    )
 
 
 class _Scope:
@@ -937,7 +940,8 @@ class _Scope:
     async def __aenter__(self) -> Any:
         manager = self._manager
         self._table = manager._current_table()
-        self._kwargs, self.run_id, self._token = _open_context(self._kwargs)
+        self.run_id = new_id()
+        self._kwargs, self._token = _open_context(self._kwargs, self.run_id)
         targets = self._table.by_event[self.START]
         if targets:
             try:

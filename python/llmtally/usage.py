@@ -14,8 +14,9 @@ dict (``tokens_used``, ``prompt_tokens``, ...).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
+
+from llmtally._core import BadUsage, Usage, extract_text, extract_usage, normalize_usage_block
 
 __all__ = ["MAX_TOKENS", "BadUsage", "Usage", "extract_text", "extract_usage", "merge_stream_usage"]
 
@@ -23,327 +24,38 @@ MAX_TOKENS = 10**12
 """Token counts must be integers in ``[0, MAX_TOKENS)``."""
 
 
-class BadUsage(Exception):
-    """Usage that cannot be trusted (wrong type, out of range, inconsistent); it is skipped whole."""
-
-
-@dataclass(slots=True)
-class Usage:
-    """A normalized usage record. ``None`` means the provider did not say."""
-
-    total_tokens: int
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cached_tokens: int = 0
-    cache_write_tokens: int = 0
-    cache_write_1h_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_usd: float | None = None
-    warning: str | None = None
-
-
 def _get(obj: Any, key: str) -> Any:
-    if type(obj) is dict:
-        return obj.get(key)
-    if obj is None:
-        return None
     if isinstance(obj, dict):
         return obj.get(key)
+    if obj is None:
+        return None
     return getattr(obj, key, None)
-
-
-def _count(value: Any, name: str) -> int:
-    if type(value) is int and 0 <= value < MAX_TOKENS:
-        return value
-    if type(value) is int:
-        raise BadUsage(f"{name}={value} is outside [0, 10**12)")
-    raise BadUsage(f"{name} must be an int, not {type(value).__name__}")
-
-
-def _opt(obj: Any, key: str) -> int | None:
-    value = _get(obj, key)
-    return None if value is None else _count(value, key)
-
-
-def _cost(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadUsage(f"cost must be a number, not {type(value).__name__}")
-    if not (0 <= value < 1e9):
-        raise BadUsage(f"cost={value} is out of range")
-    return float(value)
-
-
-def _build(
-    total: int | None,
-    prompt: int | None,
-    completion: int | None,
-    cached: int = 0,
-    cache_write: int = 0,
-    reasoning: int = 0,
-    cost: float | None = None,
-    cache_write_1h: int = 0,
-) -> Usage:
-    warning = None
-    if prompt is not None and completion is not None:
-        split = prompt + completion
-        if total is None:
-            total = split
-        elif total != split:
-            warning = f"tokens_used={total} disagrees with prompt+completion={split}"
-    elif total is None:
-        if prompt is None and completion is None:
-            raise BadUsage("usage has no token counts")
-        total = (prompt or 0) + (completion or 0)
-        if prompt is None or completion is None:
-            # One side only: the other is unknown, not zero.
-            pass
-    if prompt is not None and cached + cache_write > prompt:
-        raise BadUsage(
-            f"cache reads {cached} + cache writes {cache_write} exceed prompt_tokens {prompt}"
-        )
-    if completion is not None and reasoning > completion:
-        raise BadUsage(f"reasoning_tokens {reasoning} exceed completion_tokens {completion}")
-    if cache_write_1h > cache_write:
-        raise BadUsage(f"1h cache writes {cache_write_1h} exceed cache writes {cache_write}")
-    return Usage(
-        total_tokens=total,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cached_tokens=cached,
-        cache_write_tokens=cache_write,
-        cache_write_1h_tokens=cache_write_1h,
-        reasoning_tokens=reasoning,
-        cost_usd=cost,
-        warning=warning,
-    )
-
-
-def _from_usage_block(usage: Any, anthropic: bool) -> Usage:
-    """Normalize a provider ``usage`` block (OpenAI chat, OpenAI Responses, Anthropic)."""
-    cost = _cost(_get(usage, "cost"))
-    prompt = _opt(usage, "prompt_tokens")
-    if prompt is not None or _get(usage, "completion_tokens") is not None:
-        # OpenAI chat completions (and compatible: DeepSeek, Groq, Mistral, vLLM, LiteLLM).
-        completion = _opt(usage, "completion_tokens")
-        details = _get(usage, "prompt_tokens_details")
-        cached = _opt(details, "cached_tokens") if details is not None else None
-        if cached is None:
-            cached = _opt(usage, "prompt_cache_hit_tokens")  # DeepSeek
-        cdetails = _get(usage, "completion_tokens_details")
-        reasoning = _opt(cdetails, "reasoning_tokens") if cdetails is not None else None
-        return _build(
-            _opt(usage, "total_tokens"), prompt, completion, cached or 0, 0, reasoning or 0, cost
-        )
-    input_tokens = _opt(usage, "input_tokens")
-    output_tokens = _opt(usage, "output_tokens")
-    cache_read = _opt(usage, "cache_read_input_tokens")
-    cache_creation = _opt(usage, "cache_creation_input_tokens")
-    if anthropic or cache_read is not None or cache_creation is not None:
-        # Anthropic: input_tokens excludes cache reads and writes; fold them in.
-        cache_read = cache_read or 0
-        cache_creation = cache_creation or 0
-        write_1h = 0
-        creation = _get(usage, "cache_creation")
-        if creation is not None:
-            write_1h = _opt(creation, "ephemeral_1h_input_tokens") or 0
-        if input_tokens is None and output_tokens is None:
-            raise BadUsage("usage has no token counts")
-        prompt = (input_tokens or 0) + cache_read + cache_creation
-        return _build(
-            None, prompt, output_tokens, cache_read, cache_creation, 0, cost, write_1h
-        )
-    # OpenAI Responses API, LangChain usage_metadata: input includes cached reads.
-    idetails = _get(usage, "input_tokens_details")
-    cached = _opt(idetails, "cached_tokens") if idetails is not None else None
-    odetails = _get(usage, "output_tokens_details")
-    reasoning = _opt(odetails, "reasoning_tokens") if odetails is not None else None
-    cache_write = 0
-    lc_in = _get(usage, "input_token_details")
-    if lc_in is not None:
-        cached = _opt(lc_in, "cache_read")
-        cache_write = _opt(lc_in, "cache_creation") or 0
-    lc_out = _get(usage, "output_token_details")
-    if lc_out is not None:
-        reasoning = _opt(lc_out, "reasoning")
-    return _build(
-        _opt(usage, "total_tokens"),
-        input_tokens,
-        output_tokens,
-        cached or 0,
-        cache_write,
-        reasoning or 0,
-        cost,
-    )
-
-
-def _from_gemini(meta: Any) -> Usage:
-    prompt = _opt(meta, "promptTokenCount")
-    if prompt is None:
-        prompt = _opt(meta, "prompt_token_count")
-    candidates = _opt(meta, "candidatesTokenCount")
-    if candidates is None:
-        candidates = _opt(meta, "candidates_token_count")
-    thoughts = _opt(meta, "thoughtsTokenCount")
-    if thoughts is None:
-        thoughts = _opt(meta, "thoughts_token_count")
-    cached = _opt(meta, "cachedContentTokenCount")
-    if cached is None:
-        cached = _opt(meta, "cached_content_token_count")
-    completion = None if candidates is None and thoughts is None else (candidates or 0) + (thoughts or 0)
-    total = _opt(meta, "totalTokenCount")
-    if total is None:
-        total = _opt(meta, "total_token_count")
-    return _build(total, prompt, completion, cached or 0, 0, thoughts or 0)
-
-
-_OWN_KEYS = ("tokens_used", "prompt_tokens", "completion_tokens")
-
-
-def extract_usage(obj: Any) -> Usage | None:
-    """The usage reported in ``obj``, or ``None`` when it carries none.
-
-    Raises:
-        BadUsage: when a count is of the wrong type, outside ``[0, 10**12)``, or the subsets are
-            inconsistent (for example cache reads larger than the prompt).
-    """
-    if obj is None:
-        return None
-    is_dict = isinstance(obj, dict)
-    if is_dict and ("tokens_used" in obj or ("usage" not in obj and any(k in obj for k in _OWN_KEYS))):
-        # llmtally's own response dict.
-        return _build(
-            _opt(obj, "tokens_used"),
-            _opt(obj, "prompt_tokens"),
-            _opt(obj, "completion_tokens"),
-            _opt(obj, "cached_tokens") or 0,
-            _opt(obj, "cache_write_tokens") or 0,
-            _opt(obj, "reasoning_tokens") or 0,
-            _cost(obj.get("cost_estimate")),
-        )
-    kind = _get(obj, "type")
-    if kind == "message_start":
-        obj = _get(obj, "message")
-        kind = "message"
-    elif kind in ("response.completed", "response.incomplete", "response.failed"):
-        obj = _get(obj, "response")
-        kind = None
-    usage = _get(obj, "usage")
-    if usage is not None:
-        found = _from_usage_block(usage, anthropic=kind in ("message", "message_delta"))
-        if found.cost_usd is None:
-            found.cost_usd = _provider_cost(obj)
-        return found
-    meta = _get(obj, "usage_metadata")
-    if meta is None and is_dict:
-        meta = obj.get("usageMetadata")
-    if meta is not None:
-        if _get(meta, "input_tokens") is not None or _get(meta, "output_tokens") is not None:
-            return _from_usage_block(meta, anthropic=False)  # LangChain
-        return _from_gemini(meta)
-    return None
-
-
-def _provider_cost(obj: Any) -> float | None:
-    """A cost the provider (or LiteLLM) reported itself."""
-    cost = _get(obj, "response_cost")
-    if cost is None:
-        hidden = _get(obj, "_hidden_params")
-        if hidden is not None:
-            cost = _get(hidden, "response_cost")
-    return _cost(cost)
-
-
-def extract_text(obj: Any) -> str | None:
-    """The generated text in a response or a stream chunk, when there is any."""
-    if isinstance(obj, str):
-        return obj
-    if obj is None:
-        return None
-    choices = _get(obj, "choices")
-    if choices:
-        try:
-            first = choices[0]
-        except (TypeError, IndexError, KeyError):
-            return None
-        part = _get(first, "delta") or _get(first, "message")
-        if part is not None:
-            content = _get(part, "content")
-            return content if isinstance(content, str) else _join_parts(content)
-        text = _get(first, "text")
-        return text if isinstance(text, str) else None
-    kind = _get(obj, "type")
-    if kind == "content_block_delta":
-        delta = _get(obj, "delta")
-        text = _get(delta, "text")
-        if text is None:
-            text = _get(delta, "thinking")
-        return text if isinstance(text, str) else None
-    if isinstance(kind, str) and kind.startswith("response.") and kind.endswith(".delta"):
-        delta = _get(obj, "delta")
-        return delta if isinstance(delta, str) else None
-    content = _get(obj, "content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return _join_parts(content)
-    output_text = _get(obj, "output_text")
-    if isinstance(output_text, str):
-        return output_text
-    output = _get(obj, "output")
-    if isinstance(output, list):
-        texts = []
-        for item in output:
-            text = _join_parts(_get(item, "content"))
-            if text:
-                texts.append(text)
-        return "".join(texts) if texts else None
-    return None
-
-
-def _join_parts(parts: Any) -> str | None:
-    if not isinstance(parts, list):
-        return None
-    texts = []
-    for part in parts:
-        if isinstance(part, str):
-            texts.append(part)
-            continue
-        text = _get(part, "text")
-        if isinstance(text, str):
-            texts.append(text)
-    return "".join(texts) if texts else None
 
 
 def merge_stream_usage(previous: Usage | None, chunk: Any) -> Usage | None:
     """Fold the usage a stream chunk carries into what the stream reported so far.
 
     OpenAI and Responses streams report usage once, at the end; Anthropic reports input and
-    cache counts in ``message_start`` and the cumulative output count in ``message_delta``.
+    cache counts in ``message_start`` and the cumulative output count in ``message_delta``
+    (newer streams repeat the input counts there, and then those win).
+
+    Raises:
+        BadUsage: when the chunk's usage cannot be trusted.
     """
-    kind = _get(chunk, "type")
-    if kind == "message_delta" and previous is not None:
+    if _get(chunk, "type") == "message_delta" and previous is not None:
         usage = _get(chunk, "usage")
         if usage is None:
             return previous
-        output = _opt(usage, "output_tokens")
-        if output is None:
-            return previous
-        prompt = previous.prompt_tokens or 0
-        # Newer Anthropic streams repeat the input counts in message_delta; they win if present.
         if _get(usage, "input_tokens") is not None:
-            fresh = _from_usage_block(usage, anthropic=True)
-            return fresh
-        return _build(
-            None,
-            prompt,
-            output,
-            previous.cached_tokens,
-            previous.cache_write_tokens,
-            0,
-            previous.cost_usd,
-            previous.cache_write_1h_tokens,
+            return normalize_usage_block(usage, anthropic=True)
+        output = normalize_usage_block({"output_tokens": _get(usage, "output_tokens") or 0}, True)
+        return Usage(
+            prompt_tokens=previous.prompt_tokens or 0,
+            completion_tokens=output.completion_tokens,
+            cached_tokens=previous.cached_tokens,
+            cache_write_tokens=previous.cache_write_tokens,
+            cache_write_1h_tokens=previous.cache_write_1h_tokens,
+            cost_usd=previous.cost_usd,
         )
     found = extract_usage(chunk)
     return found if found is not None else previous

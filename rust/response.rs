@@ -1,0 +1,369 @@
+//! The end of an LLM call in one crossing: read the provider's response (usage, text, model)
+//! and build the normalized response dict handed to `on_llm_end`.
+
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString};
+
+use crate::usage::{extract_any, get, Usage};
+
+/// Text of a list of content parts (strings or `{"text": ...}` blocks), or `None`.
+fn join_parts(parts: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+    let Ok(list) = parts.cast::<PyList>() else {
+        return Ok(None);
+    };
+    let py = parts.py();
+    let mut out = String::new();
+    let mut any = false;
+    for part in list.iter() {
+        if let Ok(s) = part.cast::<PyString>() {
+            out.push_str(&s.to_cow()?);
+            any = true;
+        } else if let Some(t) = get(&part, intern!(py, "text"))? {
+            if let Ok(s) = t.cast::<PyString>() {
+                out.push_str(&s.to_cow()?);
+                any = true;
+            }
+        }
+    }
+    Ok(any.then_some(out))
+}
+
+fn as_text(value: Option<Bound<'_, PyAny>>) -> PyResult<Option<Bound<'_, PyAny>>> {
+    Ok(value.filter(|v| v.is_instance_of::<PyString>()))
+}
+
+/// The generated text in a response or a stream chunk (OpenAI chat and chunks, Responses,
+/// Anthropic messages and deltas, LangChain messages, plain strings), or `None`.
+pub fn extract_text<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = obj.py();
+    if obj.is_instance_of::<PyString>() {
+        return Ok(Some(obj.clone()));
+    }
+    if obj.is_none() {
+        return Ok(None);
+    }
+    if let Ok(d) = obj.cast::<PyDict>() {
+        // Cheap rejection of dicts that carry only usage.
+        if !(d.contains(intern!(py, "choices"))?
+            || d.contains(intern!(py, "content"))?
+            || d.contains(intern!(py, "type"))?
+            || d.contains(intern!(py, "output"))?
+            || d.contains(intern!(py, "output_text"))?)
+        {
+            return Ok(None);
+        }
+    }
+    if let Some(choices) = get(obj, intern!(py, "choices"))? {
+        let first = match choices.cast::<PyList>() {
+            Ok(l) if !l.is_empty() => l.get_item(0)?,
+            _ => return Ok(None),
+        };
+        let part = match get(&first, intern!(py, "delta"))? {
+            Some(p) => Some(p),
+            None => get(&first, intern!(py, "message"))?,
+        };
+        if let Some(part) = part {
+            let Some(content) = get(&part, intern!(py, "content"))? else {
+                return Ok(None);
+            };
+            if content.is_instance_of::<PyString>() {
+                return Ok(Some(content));
+            }
+            return Ok(join_parts(&content)?.map(|s| PyString::new(py, &s).into_any()));
+        }
+        return as_text(get(&first, intern!(py, "text"))?);
+    }
+    if let Some(kind) = get(obj, intern!(py, "type"))? {
+        if let Ok(kind) = kind.cast::<PyString>() {
+            let kind = kind.to_cow()?;
+            if kind == "content_block_delta" {
+                let Some(delta) = get(obj, intern!(py, "delta"))? else {
+                    return Ok(None);
+                };
+                if let Some(t) = as_text(get(&delta, intern!(py, "text"))?)? {
+                    return Ok(Some(t));
+                }
+                return as_text(get(&delta, intern!(py, "thinking"))?);
+            }
+            if kind.starts_with("response.") && kind.ends_with(".delta") {
+                return as_text(get(obj, intern!(py, "delta"))?);
+            }
+        }
+    }
+    if let Some(content) = get(obj, intern!(py, "content"))? {
+        if content.is_instance_of::<PyString>() {
+            return Ok(Some(content));
+        }
+        if let Some(s) = join_parts(&content)? {
+            return Ok(Some(PyString::new(py, &s).into_any()));
+        }
+    }
+    if let Some(t) = as_text(get(obj, intern!(py, "output_text"))?)? {
+        return Ok(Some(t));
+    }
+    if let Some(output) = get(obj, intern!(py, "output"))? {
+        if let Ok(items) = output.cast::<PyList>() {
+            let mut out = String::new();
+            let mut any = false;
+            for item in items.iter() {
+                if let Some(content) = get(&item, intern!(py, "content"))? {
+                    if let Some(s) = join_parts(&content)? {
+                        out.push_str(&s);
+                        any = true;
+                    }
+                }
+            }
+            if any {
+                return Ok(Some(PyString::new(py, &out).into_any()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+#[pyfunction]
+#[pyo3(name = "extract_text")]
+fn py_extract_text<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    extract_text(obj)
+}
+
+/// Fill `d` with the normalized response fields.
+#[allow(clippy::too_many_arguments)]
+fn fill<'py>(
+    d: &Bound<'py, PyDict>,
+    usage: Option<&Usage>,
+    usage_error: Option<&Bound<'py, PyAny>>,
+    estimated: bool,
+    content: Option<&Bound<'py, PyAny>>,
+    provider: &Bound<'py, PyAny>,
+    model: &Bound<'py, PyAny>,
+    duration_s: f64,
+    request_id: &Bound<'py, PyAny>,
+) -> PyResult<()> {
+    let py = d.py();
+    match usage {
+        Some(u) => {
+            d.set_item(intern!(py, "tokens_used"), u.total_tokens)?;
+            // An unknown side of the split is left out, never reported as 0.
+            if let Some(p) = u.prompt_tokens {
+                d.set_item(intern!(py, "prompt_tokens"), p)?;
+            }
+            if let Some(c) = u.completion_tokens {
+                d.set_item(intern!(py, "completion_tokens"), c)?;
+            }
+            d.set_item(intern!(py, "cached_tokens"), u.cached_tokens)?;
+            d.set_item(intern!(py, "cache_write_tokens"), u.cache_write_tokens)?;
+            d.set_item(intern!(py, "reasoning_tokens"), u.reasoning_tokens)?;
+            if u.cache_write_1h_tokens > 0 {
+                d.set_item(
+                    intern!(py, "cache_write_1h_tokens"),
+                    u.cache_write_1h_tokens,
+                )?;
+            }
+            d.set_item(intern!(py, "cost_estimate"), u.cost_usd)?;
+            d.set_item(
+                intern!(py, "cost_source"),
+                u.cost_usd.map(|_| intern!(py, "provider")),
+            )?;
+        }
+        None => {
+            d.set_item(intern!(py, "usage_error"), usage_error)?;
+            d.set_item(intern!(py, "cost_estimate"), py.None())?;
+            d.set_item(intern!(py, "cost_source"), py.None())?;
+        }
+    }
+    d.set_item(intern!(py, "estimated"), estimated)?;
+    d.set_item(intern!(py, "provider"), provider)?;
+    d.set_item(intern!(py, "model"), model)?;
+    d.set_item(intern!(py, "response_time"), duration_s)?;
+    d.set_item(intern!(py, "request_id"), request_id)?;
+    if let Some(c) = content {
+        d.set_item(intern!(py, "content"), c)?;
+    }
+    Ok(())
+}
+
+/// Build the normalized response dict from a `Usage` (or a usage error).
+#[pyfunction]
+#[pyo3(name = "make_response", signature = (
+    usage, usage_error, estimated, content, provider, model, duration_s, request_id,
+    ttft_s=None, chunks=0
+))]
+#[allow(clippy::too_many_arguments)]
+pub fn py_make_response<'py>(
+    py: Python<'py>,
+    usage: Option<&Bound<'py, Usage>>,
+    usage_error: Option<&Bound<'py, PyAny>>,
+    estimated: bool,
+    content: Option<&Bound<'py, PyAny>>,
+    provider: &Bound<'py, PyAny>,
+    model: &Bound<'py, PyAny>,
+    duration_s: f64,
+    request_id: &Bound<'py, PyAny>,
+    ttft_s: Option<f64>,
+    chunks: u64,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    fill(
+        &d,
+        usage.map(|u| u.get()),
+        usage_error,
+        estimated,
+        content,
+        provider,
+        model,
+        duration_s,
+        request_id,
+    )?;
+    if let Some(t) = ttft_s {
+        d.set_item(intern!(py, "time_to_first_token"), t)?;
+        d.set_item(intern!(py, "chunks"), chunks)?;
+    }
+    Ok(d)
+}
+
+/// Read the response set on a call and build the response dict in one crossing:
+/// `(code, response, message)`.
+///
+/// `READ_OK`: `response` is complete; `message` is a usage warning or `None`.
+/// `READ_BAD_USAGE`: usage skipped whole (`message` says why); `response` has `usage_error`.
+/// `READ_NO_USAGE`: the response carries no usage; `response` is `None` (the caller estimates).
+/// `READ_NOT_A_RESPONSE`: neither a dict nor an SDK object; `response` is `None`.
+#[pyfunction]
+#[pyo3(name = "finish_response")]
+pub fn py_finish_response<'py>(
+    obj: &Bound<'py, PyAny>,
+    provider: &Bound<'py, PyAny>,
+    model: &Bound<'py, PyAny>,
+    duration_s: f64,
+    request_id: &Bound<'py, PyAny>,
+) -> PyResult<(u8, Option<Bound<'py, PyDict>>, Option<String>)> {
+    let py = obj.py();
+    if !obj.is_instance_of::<PyDict>() && !looks_like_sdk_response(obj)? {
+        return Ok((NOT_A_RESPONSE, None, None));
+    }
+    let usage = match extract_any(obj) {
+        Ok(Some(u)) => Ok(u),
+        Ok(None) => return Ok((NO_USAGE, None, None)),
+        Err(Ok(message)) => Err(message),
+        Err(Err(e)) => return Err(e),
+    };
+    let found_model = response_model(obj)?;
+    let model = found_model.as_ref().unwrap_or(model);
+    let content = extract_text(obj)?;
+    let d = PyDict::new(py);
+    match usage {
+        Ok(u) => {
+            fill(
+                &d,
+                Some(&u),
+                None,
+                false,
+                content.as_ref(),
+                provider,
+                model,
+                duration_s,
+                request_id,
+            )?;
+            Ok((OK, Some(d), u.warning))
+        }
+        Err(message) => {
+            let err = PyString::new(py, &message).into_any();
+            fill(
+                &d,
+                None,
+                Some(&err),
+                false,
+                content.as_ref(),
+                provider,
+                model,
+                duration_s,
+                request_id,
+            )?;
+            Ok((BAD_USAGE, Some(d), Some(message)))
+        }
+    }
+}
+
+fn response_model<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    Ok(get(obj, intern!(obj.py(), "model"))?.filter(|m| {
+        m.cast::<PyString>()
+            .map(|s| s.to_cow().map(|c| !c.is_empty()).unwrap_or(false))
+            .unwrap_or(false)
+    }))
+}
+
+/// Outcome codes of `read_response`.
+pub const OK: u8 = 0;
+pub const BAD_USAGE: u8 = 1;
+pub const NOT_A_RESPONSE: u8 = 2;
+pub const NO_USAGE: u8 = 3;
+
+/// Read a response set on a call: `(code, usage, content, model, message)`.
+///
+/// `code` is `OK` (usage may be `None` when the response carries none), `BAD_USAGE` (usage
+/// skipped whole; `message` says why) or `NOT_A_RESPONSE` (neither a dict nor an SDK object).
+#[pyfunction]
+#[pyo3(name = "read_response")]
+#[allow(clippy::type_complexity)]
+pub fn py_read_response<'py>(
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<(
+    u8,
+    Option<Usage>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<String>,
+)> {
+    let is_dict = obj.is_instance_of::<PyDict>();
+    if !is_dict && !looks_like_sdk_response(obj)? {
+        return Ok((NOT_A_RESPONSE, None, None, None, None));
+    }
+    let model = response_model(obj)?;
+    let content = extract_text(obj)?;
+    match extract_any(obj) {
+        Ok(usage) => Ok((OK, usage, content, model, None)),
+        Err(Ok(message)) => Ok((BAD_USAGE, None, content, model, Some(message))),
+        Err(Err(e)) => Err(e),
+    }
+}
+
+fn looks_like_sdk_response(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    use pyo3::types::{PyBytes, PyFloat, PyInt, PyTuple};
+    if obj.is_none()
+        || obj.is_instance_of::<PyString>()
+        || obj.is_instance_of::<PyBytes>()
+        || obj.is_instance_of::<PyInt>()
+        || obj.is_instance_of::<PyFloat>()
+        || obj.is_instance_of::<PyList>()
+        || obj.is_instance_of::<PyTuple>()
+    {
+        return Ok(false);
+    }
+    let py = obj.py();
+    for name in [
+        intern!(py, "usage"),
+        intern!(py, "choices"),
+        intern!(py, "content"),
+        intern!(py, "output"),
+        intern!(py, "usage_metadata"),
+    ] {
+        if obj.hasattr(name)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(py_extract_text, m)?)?;
+    m.add_function(wrap_pyfunction!(py_make_response, m)?)?;
+    m.add_function(wrap_pyfunction!(py_read_response, m)?)?;
+    m.add_function(wrap_pyfunction!(py_finish_response, m)?)?;
+    m.add("READ_NO_USAGE", NO_USAGE)?;
+    m.add("READ_OK", OK)?;
+    m.add("READ_BAD_USAGE", BAD_USAGE)?;
+    m.add("READ_NOT_A_RESPONSE", NOT_A_RESPONSE)?;
+    Ok(())
+}
