@@ -109,8 +109,8 @@ pub fn extract_text<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, 
             for item in items.iter() {
                 if let Some(content) = get(&item, intern!(py, "content"))? {
                     if let Some(s) = join_parts(&content)? {
+                        any |= !s.is_empty();
                         out.push_str(&s);
-                        any = true;
                     }
                 }
             }

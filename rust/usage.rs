@@ -87,6 +87,15 @@ pub fn build(p: Parts) -> Result<Usage, UsageError> {
         (None, None, None) => return Err(UsageError::Empty),
         (a, b, None) => a.unwrap_or(0) + b.unwrap_or(0),
     };
+    for (name, value) in [("total", Some(total)), ("prompt", p.prompt), ("completion", p.completion)] {
+        if let Some(v) = value {
+            if v >= MAX_TOKENS {
+                return Err(UsageError::Inconsistent(format!(
+                    "{name} of {v} tokens is outside [0, 10**12)"
+                )));
+            }
+        }
+    }
     if let Some(prompt) = p.prompt {
         if p.cached + p.cache_write > prompt {
             return Err(UsageError::Inconsistent(format!(
@@ -514,16 +523,19 @@ impl Usage {
     }
 
     fn __repr__(&self) -> String {
+        fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+            v.map_or_else(|| "None".to_string(), |v| v.to_string())
+        }
         format!(
-            "Usage(total_tokens={}, prompt_tokens={:?}, completion_tokens={:?}, cached_tokens={}, \
-             cache_write_tokens={}, reasoning_tokens={}, cost_usd={:?})",
+            "Usage(total_tokens={}, prompt_tokens={}, completion_tokens={}, cached_tokens={}, \
+             cache_write_tokens={}, reasoning_tokens={}, cost_usd={})",
             self.total_tokens,
-            self.prompt_tokens,
-            self.completion_tokens,
+            opt(self.prompt_tokens),
+            opt(self.completion_tokens),
             self.cached_tokens,
             self.cache_write_tokens,
             self.reasoning_tokens,
-            self.cost_usd
+            opt(self.cost_usd)
         )
     }
 

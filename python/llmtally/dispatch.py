@@ -399,13 +399,12 @@ class _RequestWindow:
         """Record ``request_id``; True when it was already recorded inside the window."""
         ids = self._ids
         horizon = now - self.ttl_s
-        while ids:
-            oldest_id, oldest_at = next(iter(ids.items()))
-            if oldest_at >= horizon and len(ids) < self.capacity:
-                break
+        while ids and next(iter(ids.values())) < horizon:
             ids.popitem(last=False)
         if request_id in ids:
             return True
+        if len(ids) >= self.capacity:
+            ids.popitem(last=False)
         ids[request_id] = now
         return False
 

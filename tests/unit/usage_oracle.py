@@ -102,6 +102,9 @@ def _build(
         if prompt is None or completion is None:
             # One side only: the other is unknown, not zero.
             pass
+    for name, value in (("total", total), ("prompt", prompt), ("completion", completion)):
+        if value is not None and value >= MAX_TOKENS:
+            raise BadUsage(f"{name} of {value} tokens is outside [0, 10**12)")
     if prompt is not None and cached + cache_write > prompt:
         raise BadUsage(
             f"cache reads {cached} + cache writes {cache_write} exceed prompt_tokens {prompt}"
@@ -257,6 +260,7 @@ def extract_usage(obj: Any) -> Usage | None:
             _opt(obj, "cache_write_tokens") or 0,
             _opt(obj, "reasoning_tokens") or 0,
             _cost(obj.get("cost_estimate")),
+            _opt(obj, "cache_write_1h_tokens") or 0,
         )
     kind = _get(obj, "type")
     if kind == "message_start":
@@ -350,36 +354,3 @@ def _join_parts(parts: Any) -> str | None:
         if isinstance(text, str):
             texts.append(text)
     return "".join(texts) if texts else None
-
-
-def merge_stream_usage(previous: Usage | None, chunk: Any) -> Usage | None:
-    """Fold the usage a stream chunk carries into what the stream reported so far.
-
-    OpenAI and Responses streams report usage once, at the end; Anthropic reports input and
-    cache counts in ``message_start`` and the cumulative output count in ``message_delta``.
-    """
-    kind = _get(chunk, "type")
-    if kind == "message_delta" and previous is not None:
-        usage = _get(chunk, "usage")
-        if usage is None:
-            return previous
-        output = _opt(usage, "output_tokens")
-        if output is None:
-            return previous
-        prompt = previous.prompt_tokens or 0
-        # Newer Anthropic streams repeat the input counts in message_delta; they win if present.
-        if _get(usage, "input_tokens") is not None:
-            fresh = _from_usage_block(usage, anthropic=True)
-            return fresh
-        return _build(
-            None,
-            prompt,
-            output,
-            previous.cached_tokens,
-            previous.cache_write_tokens,
-            0,
-            previous.cost_usd,
-            previous.cache_write_1h_tokens,
-        )
-    found = extract_usage(chunk)
-    return found if found is not None else previous
