@@ -28,11 +28,8 @@ def per_call_ns(loop: asyncio.AbstractEventLoop, call: Call, n: int, rounds: int
             await call()
         return (time.perf_counter_ns() - t0) / n
 
-    samples = []
     gc.collect()
-    for _ in range(rounds):
-        samples.append(loop.run_until_complete(batch()))
-    return samples
+    return [loop.run_until_complete(batch()) for _ in range(rounds)]
 
 
 def calls_per_s(

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from harness import MESSAGES, USAGE, Call
-
 import llmtally
+from harness import MESSAGES, USAGE, Call
 
 
 async def _noop() -> None:

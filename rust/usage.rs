@@ -87,7 +87,11 @@ pub fn build(p: Parts) -> Result<Usage, UsageError> {
         (None, None, None) => return Err(UsageError::Empty),
         (a, b, None) => a.unwrap_or(0) + b.unwrap_or(0),
     };
-    for (name, value) in [("total", Some(total)), ("prompt", p.prompt), ("completion", p.completion)] {
+    for (name, value) in [
+        ("total", Some(total)),
+        ("prompt", p.prompt),
+        ("completion", p.completion),
+    ] {
         if let Some(v) = value {
             if v >= MAX_TOKENS {
                 return Err(UsageError::Inconsistent(format!(

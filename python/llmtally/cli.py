@@ -88,7 +88,7 @@ class _ProviderError(Exception):
 _WORDS = (
     "the quick brown fox jumps over the lazy dog while a model summarises quarterly revenue "
     "figures and explains the tokenizer to a curious engineer"
-).split()
+).split(" ")
 
 
 @dataclass
@@ -119,9 +119,7 @@ def _plans(calls: int, users: int, seed: int) -> list[_Plan]:
     return plans
 
 
-async def _fake_llm(
-    manager: CallbackManager | None, plan: _Plan, index: int
-) -> None:
+async def _fake_llm(manager: CallbackManager | None, plan: _Plan, index: int) -> None:
     """One simulated chat completion, through the manager when given."""
     prompt = " ".join(_WORDS[(index + i) % len(_WORDS)] for i in range(plan.prompt_words))
     messages = [{"role": "user", "content": prompt}]
@@ -228,7 +226,10 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
     health = await manager.health()
 
     rows = sorted(tally.users.items(), key=lambda kv: (-kv[1].total, kv[0]))
-    header = f"  {'user':<10} {'calls':>6} {'errors':>6} {'prompt':>9} {'completion':>10} {'total':>9} {'estimated':>9}"
+    header = (
+        f"  {'user':<10} {'calls':>6} {'errors':>6} {'prompt':>9} {'completion':>10}"
+        f" {'total':>9} {'estimated':>9}"
+    )
     out.write("\n" + header + "\n  " + "-" * (len(header) - 2) + "\n")
     shown = rows if args.all_users else rows[: args.top]
     for user_id, t in shown:

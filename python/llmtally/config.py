@@ -90,7 +90,9 @@ def validate_timeout(timeout: float | None, name: str = "timeout") -> float | No
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise ConfigError(f"{name} must be a number of seconds or None, not {type(timeout).__name__}")
+        raise ConfigError(
+            f"{name} must be a number of seconds or None, not {type(timeout).__name__}"
+        )
     if not (0 < timeout < float("inf")):
         raise ConfigError(f"{name} must be a positive, finite number of seconds, not {timeout!r}")
     return float(timeout)

@@ -12,6 +12,7 @@ while events are in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import itertools
@@ -24,10 +25,6 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final
 
-from llmtally.config import settings, validate_timeout
-from llmtally.errors import CallbackAbort, InvalidHandler
-from llmtally.events import EVENTS, AsyncCallbackHandler, overridden_events
-from llmtally.tokens import estimate_tokens
 from llmtally._core import (
     READ_BAD_USAGE,
     READ_NOT_A_RESPONSE,
@@ -37,6 +34,10 @@ from llmtally._core import (
     make_response,
     read_response,
 )
+from llmtally.config import settings, validate_timeout
+from llmtally.errors import CallbackAbort, InvalidHandler
+from llmtally.events import EVENTS, AsyncCallbackHandler, overridden_events
+from llmtally.tokens import estimate_tokens
 from llmtally.usage import BadUsage, Usage, extract_text, merge_stream_usage
 
 __all__ = [
@@ -96,9 +97,7 @@ class _Entry:
 
     def __init__(self, handler: object, priority: int, seq: int) -> None:
         if isinstance(handler, type) or handler is None or isinstance(handler, str | bytes | int):
-            raise InvalidHandler(
-                f"a callback handler must be a handler instance, not {handler!r}"
-            )
+            raise InvalidHandler(f"a callback handler must be a handler instance, not {handler!r}")
         events = overridden_events(handler)
         if not events and not any(hasattr(handler, name) for name in EVENTS):
             raise InvalidHandler(
@@ -162,9 +161,7 @@ class _Dispatcher:
     def __init__(self, timeout: float | None, parallel: bool, max_concurrent: int | None) -> None:
         self.timeout = timeout
         self.parallel = parallel
-        self._semaphore = (
-            asyncio.Semaphore(max_concurrent) if parallel and max_concurrent else None
-        )
+        self._semaphore = asyncio.Semaphore(max_concurrent) if parallel and max_concurrent else None
 
     def _failed(self, entry: _Entry, event: str, exc: BaseException) -> None:
         entry.errors += 1
@@ -190,8 +187,13 @@ class _Dispatcher:
         logger.log(level, "callback %s.%s timed out after %ss", entry.name, event, self.timeout)
 
     async def _call(
-        self, entry: _Entry, fn: Callable[..., Any], is_async: bool, event: str,
-        args: tuple[Any, ...], kwargs: dict[str, Any],
+        self,
+        entry: _Entry,
+        fn: Callable[..., Any],
+        is_async: bool,
+        event: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> CallbackAbort | None:
         """Run one handler; returns the abort it raised, if any. Never raises ``Exception``."""
         timeout = self.timeout
@@ -649,6 +651,7 @@ class LLMCall:
         "_table",
         "_texts",
         "_token",
+        "_usage",
         "duplicate",
         "messages",
         "model",
@@ -657,7 +660,6 @@ class LLMCall:
         "response",
         "run_id",
         "started_at",
-        "_usage",
     )
 
     def __init__(
@@ -759,14 +761,10 @@ class LLMCall:
             return
         kwargs = {**self._kwargs, "duration_ms": 0.0, "aborted": True}
         wanted = {id(e) for e in completed}
-        targets = tuple(
-            t for t in self._table.by_event["on_llm_error"] if id(t[0]) in wanted
-        )
+        targets = tuple(t for t in self._table.by_event["on_llm_error"] if id(t[0]) in wanted)
         if targets:
-            try:
+            with contextlib.suppress(CallbackAbort):  # already aborting
                 await self._manager._dispatcher.fire(targets, "on_llm_error", (abort,), kwargs)
-            except CallbackAbort:
-                pass  # already aborting
 
     async def __aexit__(
         self,
@@ -977,7 +975,9 @@ class _Scope:
                     targets, self.ERROR, (*prefix, exc), self._kwargs
                 )
             except CallbackAbort as abort:
-                logger.debug("abort %r during %s ignored: the scope already failed", abort, self.ERROR)
+                logger.debug(
+                    "abort %r during %s ignored: the scope already failed", abort, self.ERROR
+                )
         return None
 
 
@@ -1043,7 +1043,9 @@ class CompositeCallbackHandler(AsyncCallbackHandler):
 
     def __init__(self, handlers: Iterable[object] | None = None, parallel: bool = True) -> None:
         env = settings()
-        self._dispatcher = _Dispatcher(env.callback_timeout_s, parallel, env.max_concurrent_callbacks)
+        self._dispatcher = _Dispatcher(
+            env.callback_timeout_s, parallel, env.max_concurrent_callbacks
+        )
         self._seq = itertools.count()
         self._entries: list[_Entry] = [
             _Entry(handler, 0, next(self._seq)) for handler in (handlers or ())

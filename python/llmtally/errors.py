@@ -115,5 +115,7 @@ class RateLimited(CallbackAbort):
         self.limit = limit
         self.retry_after_s = retry_after_s
         if not message:
-            message = f"rate limited for user {user_id!r}: limit {limit}, retry after {retry_after_s}s"
+            message = (
+                f"rate limited for user {user_id!r}: limit {limit}, retry after {retry_after_s}s"
+            )
         super().__init__(message)

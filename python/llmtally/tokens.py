@@ -11,7 +11,17 @@ from llmtally.errors import TokenizerUnavailable
 
 __all__ = ["encoding_for_model", "estimate_tokens"]
 
-_O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o", "gpt-oss")
+_O200K_PREFIXES = (
+    "gpt-4o",
+    "gpt-4.1",
+    "gpt-4.5",
+    "gpt-5",
+    "o1",
+    "o3",
+    "o4",
+    "chatgpt-4o",
+    "gpt-oss",
+)
 
 
 def encoding_for_model(model: str | None) -> str:
@@ -95,7 +105,13 @@ def _exact(text_or_messages: str | Sequence[Mapping[str, Any]], encoding: str) -
                     total += 1
             elif isinstance(value, list):
                 for part in value:
-                    text = part if isinstance(part, str) else part.get("text") if isinstance(part, Mapping) else None
+                    text = (
+                        part
+                        if isinstance(part, str)
+                        else part.get("text")
+                        if isinstance(part, Mapping)
+                        else None
+                    )
                     if isinstance(text, str):
                         total += len(enc.encode(text, disallowed_special=()))
     return total + 3

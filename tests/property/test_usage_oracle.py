@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from llmtally import _core
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "unit"))
-import usage_oracle  # noqa: E402
+import usage_oracle
 
 count = st.one_of(
     st.integers(min_value=0, max_value=5000),
@@ -97,7 +97,7 @@ def outcome(fn: Any, body: Any) -> Any:
         return ("bad", type(exc).__name__ == "BadUsage")
     if found is None:
         return None
-    return tuple(getattr(found, f) for f in FIELDS) + (found.warning is not None,)
+    return (*(getattr(found, f) for f in FIELDS), found.warning is not None)
 
 
 @settings(max_examples=600, deadline=None)
@@ -120,9 +120,12 @@ def test_normalized_subsets_never_exceed_their_whole(body: dict[str, Any]) -> No
         assert usage.cached_tokens + usage.cache_write_tokens <= usage.prompt_tokens
     if usage.completion_tokens is not None:
         assert usage.reasoning_tokens <= usage.completion_tokens
-    if usage.prompt_tokens is not None and usage.completion_tokens is not None:
-        if usage.warning is None:
-            assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    if (
+        usage.prompt_tokens is not None
+        and usage.completion_tokens is not None
+        and usage.warning is None
+    ):
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
 texts = st.one_of(

@@ -6,9 +6,9 @@ import asyncio
 from typing import Any
 
 import pytest
-from helpers import MESSAGES, Failing, Recorder
 
 import llmtally
+from helpers import MESSAGES, Failing, Recorder
 from llmtally import CallbackManager, CompositeCallbackHandler, create_composite_callback
 
 

@@ -7,9 +7,9 @@ import logging
 from typing import Any
 
 import pytest
-from helpers import MESSAGES, Failing, Hanging, Recorder
 
 import llmtally
+from helpers import MESSAGES, Failing, Hanging, Recorder
 from llmtally import (
     AsyncCallbackHandler,
     BudgetExceeded,

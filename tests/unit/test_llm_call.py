@@ -6,12 +6,16 @@ import asyncio
 from typing import Any
 
 import pytest
-from anthropic.types import Message, RawMessageDeltaEvent, RawMessageStartEvent
-from anthropic.types import RawContentBlockDeltaEvent
-from helpers import MESSAGES, Recorder
+from anthropic.types import (
+    Message,
+    RawContentBlockDeltaEvent,
+    RawMessageDeltaEvent,
+    RawMessageStartEvent,
+)
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 import llmtally
+from helpers import MESSAGES, Recorder
 from llmtally import CallbackManager
 
 OPENAI_BODY: dict[str, Any] = {
@@ -213,8 +217,16 @@ async def test_disagreeing_total_is_kept_and_warned() -> None:
         {"prompt_tokens": 10.0, "completion_tokens": 5},
         {"prompt_tokens": "10", "completion_tokens": 5},
         {"prompt_tokens": True, "completion_tokens": 5},
-        {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 11}},
-        {"prompt_tokens": 10, "completion_tokens": 5, "completion_tokens_details": {"reasoning_tokens": 6}},
+        {
+            "prompt_tokens": 10,
+            "completion_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 11},
+        },
+        {
+            "prompt_tokens": 10,
+            "completion_tokens": 5,
+            "completion_tokens_details": {"reasoning_tokens": 6},
+        },
         {"prompt_tokens": 2**70, "completion_tokens": 5},
     ],
 )
@@ -360,10 +372,18 @@ async def test_anthropic_stream_events_merge_input_and_output() -> None:
             }
         ),
         RawContentBlockDeltaEvent.model_validate(
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Par"}}
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "Par"},
+            }
         ),
         RawContentBlockDeltaEvent.model_validate(
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "is."}}
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "is."},
+            }
         ),
         RawMessageDeltaEvent.model_validate(
             {

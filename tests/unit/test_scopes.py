@@ -6,9 +6,9 @@ import asyncio
 from typing import Any
 
 import pytest
-from helpers import MESSAGES, Recorder
 
 import llmtally
+from helpers import MESSAGES, Recorder
 from llmtally import CallbackManager
 
 
@@ -76,7 +76,9 @@ async def test_inner_context_overrides_inherited_values() -> None:
         (lambda m: m.retrieval("q"), "on_retrieval_error", ()),
     ],
 )
-async def test_scope_errors_fire_and_reraise(opener: Any, error_event: str, prefix: tuple[str, ...]) -> None:
+async def test_scope_errors_fire_and_reraise(
+    opener: Any, error_event: str, prefix: tuple[str, ...]
+) -> None:
     rec = Recorder()
     manager = CallbackManager([rec])
     boom = ValueError("x")

@@ -20,14 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MAX_TOKENS", "BadUsage", "Usage", "extract_text", "extract_usage", "merge_stream_usage"]
+__all__ = ["MAX_TOKENS", "BadUsage", "Usage", "extract_text", "extract_usage"]
 
 MAX_TOKENS = 10**12
 """Token counts must be integers in ``[0, MAX_TOKENS)``."""
 
 
 class BadUsage(Exception):
-    """Usage that cannot be trusted (wrong type, out of range, inconsistent); it is skipped whole."""
+    """Usage that cannot be trusted (wrong type, out of range, inconsistent)."""
 
 
 @dataclass(slots=True)
@@ -179,9 +179,7 @@ def _from_usage_block(usage: Any, anthropic: bool) -> Usage:
         if input_tokens is None and output_tokens is None:
             raise BadUsage("usage has no token counts")
         prompt = (input_tokens or 0) + cache_read + cache_creation
-        return _build(
-            None, prompt, output_tokens, cache_read, cache_creation, 0, cost, write_1h
-        )
+        return _build(None, prompt, output_tokens, cache_read, cache_creation, 0, cost, write_1h)
     # OpenAI Responses API, LangChain usage_metadata: input includes cached reads.
     cached = reasoning = None
     cache_write = 0
@@ -222,7 +220,9 @@ def _from_gemini(meta: Any) -> Usage:
     cached = _opt(meta, "cachedContentTokenCount")
     if cached is None:
         cached = _opt(meta, "cached_content_token_count")
-    completion = None if candidates is None and thoughts is None else (candidates or 0) + (thoughts or 0)
+    completion = (
+        None if candidates is None and thoughts is None else (candidates or 0) + (thoughts or 0)
+    )
     total = _opt(meta, "totalTokenCount")
     if total is None:
         total = _opt(meta, "total_token_count")
@@ -250,7 +250,9 @@ def extract_usage(obj: Any) -> Usage | None:
             if found.cost_usd is None and ("response_cost" in obj or "_hidden_params" in obj):
                 found.cost_usd = _provider_cost(obj)
             return found
-    if is_dict and ("tokens_used" in obj or ("usage" not in obj and any(k in obj for k in _OWN_KEYS))):
+    if is_dict and (
+        "tokens_used" in obj or ("usage" not in obj and any(k in obj for k in _OWN_KEYS))
+    ):
         # llmtally's own response dict.
         return _build(
             _opt(obj, "tokens_used"),
