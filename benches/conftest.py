@@ -1,4 +1,15 @@
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from results import summary  # noqa: E402
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    lines = summary()
+    if lines:
+        terminalreporter.section("llmtally ratios (same run)")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -1,0 +1,80 @@
+"""B1, first form: one LLM call (start + end) with one async counting handler.
+
+Same run, same harness: the empty harness (the floor), llmtally's ``CallbackManager.llm_call``,
+and LangChain's ``AsyncCallbackManager`` with an equivalent handler. The terminal summary prints
+the added cost per call and the ratio.
+
+    pytest benches/bench_dispatch.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from harness import Call
+from peers import empty_harness, langchain_one_handler, llmtally_one_handler
+from results import record
+
+BATCH = 1000  # calls per measured round
+WORKERS, PER_WORKER = 1000, 20
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def _sequential(benchmark: Any, loop: asyncio.AbstractEventLoop, call: Call) -> None:
+    async def batch() -> None:
+        for _ in range(BATCH):
+            await call()
+
+    loop.run_until_complete(batch())  # warm-up
+    benchmark.pedantic(lambda: loop.run_until_complete(batch()), rounds=30, iterations=1)
+
+
+def _concurrent(benchmark: Any, loop: asyncio.AbstractEventLoop, call: Call) -> None:
+    async def worker() -> None:
+        for _ in range(PER_WORKER):
+            await call()
+
+    async def run() -> None:
+        await asyncio.gather(*(worker() for _ in range(WORKERS)))
+
+    benchmark.pedantic(lambda: loop.run_until_complete(run()), rounds=5, iterations=1)
+
+
+SYSTEMS: dict[str, Callable[[bool], Any]] = {
+    "empty": lambda concurrent: (empty_harness(concurrent), None),
+    "llmtally": llmtally_one_handler,
+    "langchain": langchain_one_handler,
+}
+
+
+@pytest.mark.benchmark(group="B1-dispatch-sequential")
+@pytest.mark.parametrize("system", list(SYSTEMS))
+def test_sequential(benchmark: Any, loop: asyncio.AbstractEventLoop, system: str) -> None:
+    if system == "langchain":
+        pytest.importorskip("langchain_core")
+    call, counter = SYSTEMS[system](False)
+    _sequential(benchmark, loop, call)
+    record("B1-sequential", system, benchmark.stats.stats.median / BATCH)
+    if counter is not None:
+        assert counter.tokens == 21 * counter.calls  # every call counted, exactly
+
+
+@pytest.mark.benchmark(group="B1-dispatch-concurrent")
+@pytest.mark.parametrize("system", list(SYSTEMS))
+def test_concurrent(benchmark: Any, loop: asyncio.AbstractEventLoop, system: str) -> None:
+    if system == "langchain":
+        pytest.importorskip("langchain_core")
+    call, counter = SYSTEMS[system](True)
+    _concurrent(benchmark, loop, call)
+    record("B1-concurrent", system, benchmark.stats.stats.median / (WORKERS * PER_WORKER))
+    if counter is not None:
+        assert counter.calls == 5 * WORKERS * PER_WORKER
