@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
 from harness import Call
 from peers import empty_harness, langchain_one_handler, llmtally_one_handler
 from results import record

@@ -4,7 +4,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from results import summary  # noqa: E402
+from results import summary
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import llmtally
+
 from harness import MESSAGES, USAGE, Call
 
 

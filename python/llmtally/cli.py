@@ -253,9 +253,11 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
         f" {total.completion:>10} {total.total:>9} {total.estimated:>9}\n\n"
     )
     overhead_us = max(0.0, (metered_s - bare_s) / len(plans) * 1e6)
+    events = 2 * len(plans) + tally.chunks
     out.write(
-        f"  {len(plans) / metered_s:,.0f} calls/s metered; overhead {overhead_us:.1f} us per call "
-        f"(all events, {tally.chunks} stream chunks)\n"
+        f"  {len(plans) / metered_s:,.0f} calls/s metered; overhead {overhead_us:.1f} us per call"
+        f" ({events / len(plans):.1f} events per call with the stream chunks,"
+        f" {overhead_us * len(plans) / events:.1f} us per event)\n"
         f"  handler failures isolated: {health['errors']} (the LLM calls never saw them); "
         f"provider errors recorded: {health['llm_errors']}\n"
     )

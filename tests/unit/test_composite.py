@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 import llmtally
-from helpers import MESSAGES, Failing, Recorder
 from llmtally import CallbackManager, CompositeCallbackHandler, create_composite_callback
+
+from helpers import MESSAGES, Failing, Recorder
 
 
 async def test_composite_used_directly_fans_out_and_isolates() -> None:

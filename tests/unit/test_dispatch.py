@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 import llmtally
-from helpers import MESSAGES, Failing, Hanging, Recorder
 from llmtally import (
     AsyncCallbackHandler,
     BudgetExceeded,
@@ -19,6 +18,8 @@ from llmtally import (
     InvalidHandler,
     RateLimited,
 )
+
+from helpers import MESSAGES, Failing, Hanging, Recorder
 
 RESPONSE = {"usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
 

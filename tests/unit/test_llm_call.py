@@ -15,8 +15,9 @@ from anthropic.types import (
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 import llmtally
-from helpers import MESSAGES, Recorder
 from llmtally import CallbackManager
+
+from helpers import MESSAGES, Recorder
 
 OPENAI_BODY: dict[str, Any] = {
     "id": "chatcmpl-1",

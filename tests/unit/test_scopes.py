@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 import llmtally
-from helpers import MESSAGES, Recorder
 from llmtally import CallbackManager
+
+from helpers import MESSAGES, Recorder
 
 
 async def test_nested_scopes_link_run_ids_and_share_the_trace() -> None:
