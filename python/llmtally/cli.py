@@ -130,8 +130,9 @@ async def _fake_llm(manager: CallbackManager | None, plan: _Plan, index: int) ->
         if plan.fails:
             return
         if plan.stream:
-            for _word in words:
-                await asyncio.sleep(0)
+            for i in range(len(words)):
+                if i % 8 == 7:
+                    await asyncio.sleep(0)
         return
     try:
         async with manager.llm_call(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmtally._core import BadUsage, Usage, extract_text, extract_usage, normalize_usage_block
+from llmtally._core import BadUsage, Usage, extract_text, extract_usage
 
 __all__ = ["MAX_TOKENS", "BadUsage", "Usage", "extract_text", "extract_usage", "merge_stream_usage"]
 
@@ -42,20 +42,20 @@ def merge_stream_usage(previous: Usage | None, chunk: Any) -> Usage | None:
     Raises:
         BadUsage: when the chunk's usage cannot be trusted.
     """
-    if _get(chunk, "type") == "message_delta" and previous is not None:
-        usage = _get(chunk, "usage")
-        if usage is None:
-            return previous
-        if _get(usage, "input_tokens") is not None:
-            return normalize_usage_block(usage, anthropic=True)
-        output = normalize_usage_block({"output_tokens": _get(usage, "output_tokens") or 0}, True)
+    found = extract_usage(chunk)
+    if found is None:
+        return previous
+    if (
+        previous is not None
+        and _get(chunk, "type") == "message_delta"
+        and _get(_get(chunk, "usage"), "input_tokens") is None
+    ):
         return Usage(
             prompt_tokens=previous.prompt_tokens or 0,
-            completion_tokens=output.completion_tokens,
+            completion_tokens=found.completion_tokens,
             cached_tokens=previous.cached_tokens,
             cache_write_tokens=previous.cache_write_tokens,
             cache_write_1h_tokens=previous.cache_write_1h_tokens,
             cost_usd=previous.cost_usd,
         )
-    found = extract_usage(chunk)
-    return found if found is not None else previous
+    return found
