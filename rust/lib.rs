@@ -5,7 +5,10 @@
 
 use pyo3::prelude::*;
 
+pub mod cost;
 pub mod estimate;
+pub mod histogram;
+pub mod ledger;
 pub mod response;
 pub mod usage;
 
@@ -15,5 +18,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     estimate::register(m)?;
     usage::register(m)?;
     response::register(m)?;
+    ledger::register(m)?;
+    histogram::register(m)?;
+    cost::register(m)?;
     Ok(())
 }

@@ -3,11 +3,16 @@
 from typing import Any, Final, final
 
 __all__ = [
+    "LEDGER_FIELDS",
     "READ_BAD_USAGE",
     "READ_NOT_A_RESPONSE",
     "READ_NO_USAGE",
     "READ_OK",
     "BadUsage",
+    "Batch",
+    "Histogram",
+    "Ledger",
+    "Prices",
     "Usage",
     "__version__",
     "estimate_messages",
@@ -112,3 +117,106 @@ def finish_response(
 ) -> tuple[int, dict[str, Any] | None, str | None]:
     """Read a response and build the response dict in one crossing: ``(code, response,
     message)``; ``response`` is ``None`` for ``READ_NO_USAGE`` and ``READ_NOT_A_RESPONSE``."""
+
+LEDGER_FIELDS: Final[tuple[str, ...]]
+
+@final
+class Ledger:
+    """Usage counters per key, added in O(1) from any thread and drained in batches.
+
+    Counters, in ``LEDGER_FIELDS`` order: total, prompt, completion, cached, cache-write and
+    reasoning tokens, ``cost_pusd``, calls, errors. A delta that would overflow a 64-bit
+    counter is refused with ``OverflowError`` and counted in ``overflows``.
+    """
+
+    def __init__(self) -> None: ...
+    def add(
+        self,
+        key: str,
+        total_tokens: int = 0,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cached_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        cost_pusd: int = 0,
+        calls: int = 0,
+        errors: int = 0,
+    ) -> None: ...
+    def add_counters(self, key: str, counters: list[int] | tuple[int, ...]) -> None: ...
+    def get(self, key: str) -> tuple[int, ...]: ...
+    def drain(self) -> Batch: ...
+    def merge(self, batch: Batch) -> None: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def overflows(self) -> int: ...
+    def __len__(self) -> int: ...
+
+@final
+class Batch:
+    """Deltas drained from a ledger, with an id that makes a retried write idempotent."""
+
+    @property
+    def id(self) -> str: ...
+    def items(self) -> list[tuple[str, tuple[int, ...]]]: ...
+    def flat_args(self) -> list[str | int]: ...
+    def totals(self) -> tuple[int, ...]: ...
+    def __len__(self) -> int: ...
+
+@final
+class Histogram:
+    """Fixed-memory log-linear histogram; percentiles within 0.8% of the true sample."""
+
+    def __init__(self, scale: float = 1000.0) -> None: ...
+    def record(self, value: float, n: int = 1) -> None: ...
+    def percentile(self, p: float) -> float | None: ...
+    def percentiles(self, ps: list[float]) -> list[float | None]: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def min(self) -> float | None: ...
+    @property
+    def max(self) -> float | None: ...
+    @property
+    def mean(self) -> float | None: ...
+    def merge(self, other: Histogram) -> None: ...
+    def reset(self) -> None: ...
+    def __len__(self) -> int: ...
+
+@final
+class Prices:
+    """A model's prices in USD per 1M tokens (at most six decimals), as exact integers."""
+
+    def __init__(
+        self,
+        input_price: float,
+        output_price: float,
+        cache_read_price: float | None = None,
+        cache_write_price: float | None = None,
+        cache_write_1h_price: float | None = None,
+        reasoning_price: float | None = None,
+        tiers: list[tuple[int, float, float]] | None = None,
+    ) -> None: ...
+    def cost_pusd(
+        self,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cached_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
+        reasoning_tokens: int = 0,
+    ) -> int: ...
+    def usage_cost_pusd(self, usage: Usage) -> int | None: ...
+    @property
+    def input_price(self) -> float: ...
+    @property
+    def output_price(self) -> float: ...
+    @property
+    def cache_read_price(self) -> float: ...
+    @property
+    def cache_write_price(self) -> float: ...
+    @property
+    def cache_write_1h_price(self) -> float: ...
+    @property
+    def reasoning_price(self) -> float: ...

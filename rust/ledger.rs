@@ -1,0 +1,420 @@
+//! The ledger: per-key usage counters that handlers add to in O(1), drained in batches.
+//!
+//! Keys are opaque strings chosen by the Python side (for the store: one key per user and
+//! cycle). The map is split into shards, each behind its own mutex, so adders on different
+//! threads rarely meet; a drain swaps every shard's map out and hands the deltas over as one
+//! `Batch`. A batch that could not be written is merged back, so no delta is lost or applied
+//! twice. Memory follows the number of active keys, not the number of events.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use pyo3::exceptions::{PyOverflowError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
+
+/// The counters kept per key, in this order.
+pub const FIELDS: [&str; 9] = [
+    "total_tokens",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_pusd",
+    "calls",
+    "errors",
+];
+pub const NFIELDS: usize = FIELDS.len();
+
+pub type Counters = [i64; NFIELDS];
+
+const SHARDS: usize = 16;
+
+/// Adding `delta` to `into` without wrapping; on overflow nothing is changed.
+fn checked_add(into: &mut Counters, delta: &Counters) -> Result<(), usize> {
+    let mut out = *into;
+    for i in 0..NFIELDS {
+        out[i] = into[i].checked_add(delta[i]).ok_or(i)?;
+    }
+    *into = out;
+    Ok(())
+}
+
+type Shard = HashMap<Box<str>, Counters>;
+
+/// The pure-Rust ledger (tested without Python).
+pub struct Core {
+    shards: Vec<Mutex<Shard>>,
+    hasher: std::collections::hash_map::RandomState,
+    pending: AtomicU64,
+    overflows: AtomicU64,
+}
+
+impl Default for Core {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Core {
+    pub fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            pending: AtomicU64::new(0),
+            overflows: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
+        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        // A panic while holding the lock cannot leave counters half-written (checked_add
+        // writes all or nothing), so a poisoned lock is safe to keep using.
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Add `delta` to `key`. Refused (and counted) when a counter would overflow.
+    pub fn add(&self, key: &str, delta: &Counters) -> Result<(), usize> {
+        let mut shard = self.shard(key);
+        if let Some(c) = shard.get_mut(key) {
+            return checked_add(c, delta).inspect_err(|_| {
+                self.overflows.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        shard.insert(key.into(), *delta);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The unflushed counters of `key` (zeros when none).
+    pub fn get(&self, key: &str) -> Counters {
+        self.shard(key).get(key).copied().unwrap_or([0; NFIELDS])
+    }
+
+    /// Swap everything out as one batch.
+    pub fn drain(&self) -> Vec<(Box<str>, Counters)> {
+        let mut out = Vec::with_capacity(self.pending.load(Ordering::Relaxed) as usize);
+        for shard in &self.shards {
+            let taken = {
+                let mut guard = shard.lock().unwrap_or_else(|p| p.into_inner());
+                let cap = guard.len();
+                std::mem::replace(&mut *guard, HashMap::with_capacity(cap / 2))
+            };
+            self.pending
+                .fetch_sub(taken.len() as u64, Ordering::Relaxed);
+            out.extend(taken);
+        }
+        out
+    }
+
+    /// Put a batch back (after a failed write). Never loses a delta: on overflow the
+    /// entry stays split across the ledger and the returned remainder.
+    pub fn merge(&self, batch: Vec<(Box<str>, Counters)>) -> Vec<(Box<str>, Counters)> {
+        let mut rest = Vec::new();
+        for (key, delta) in batch {
+            let mut shard = self.shard(&key);
+            match shard.get_mut(&*key) {
+                Some(c) => {
+                    if checked_add(c, &delta).is_err() {
+                        rest.push((key, delta));
+                    }
+                }
+                None => {
+                    shard.insert(key, delta);
+                    self.pending.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        rest
+    }
+
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+}
+
+static BATCH_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn batch_id() -> String {
+    let seq = BATCH_SEQ.fetch_add(1, Ordering::Relaxed);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    seq.hash(&mut h);
+    std::process::id().hash(&mut h);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    nanos.hash(&mut h);
+    format!("{:016x}{:08x}", h.finish(), seq)
+}
+
+/// Usage counters per key, added in O(1) from any thread and drained in batches.
+#[pyclass(frozen, module = "llmtally._core", name = "Ledger")]
+pub struct Ledger {
+    core: Core,
+}
+
+fn counters_from(values: &[i64]) -> PyResult<Counters> {
+    if values.len() != NFIELDS {
+        return Err(PyValueError::new_err(format!(
+            "expected {NFIELDS} counters ({}), got {}",
+            FIELDS.join(", "),
+            values.len()
+        )));
+    }
+    let mut c = [0i64; NFIELDS];
+    c.copy_from_slice(values);
+    Ok(c)
+}
+
+#[pymethods]
+impl Ledger {
+    #[new]
+    fn py_new() -> Self {
+        Self { core: Core::new() }
+    }
+
+    /// Add one call's usage to `key`. All counts are non-negative except on undo paths.
+    #[pyo3(signature = (
+        key, total_tokens=0, prompt_tokens=0, completion_tokens=0, cached_tokens=0,
+        cache_write_tokens=0, reasoning_tokens=0, cost_pusd=0, calls=0, errors=0
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &self,
+        key: &str,
+        total_tokens: i64,
+        prompt_tokens: i64,
+        completion_tokens: i64,
+        cached_tokens: i64,
+        cache_write_tokens: i64,
+        reasoning_tokens: i64,
+        cost_pusd: i64,
+        calls: i64,
+        errors: i64,
+    ) -> PyResult<()> {
+        let delta = [
+            total_tokens,
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+            cache_write_tokens,
+            reasoning_tokens,
+            cost_pusd,
+            calls,
+            errors,
+        ];
+        self.core.add(key, &delta).map_err(|i| {
+            PyOverflowError::new_err(format!(
+                "{} of {key:?} would overflow a 64-bit counter; the delta was refused",
+                FIELDS[i]
+            ))
+        })
+    }
+
+    /// Add a sequence of 9 counters (in `LEDGER_FIELDS` order) to `key`.
+    fn add_counters(&self, key: &str, counters: Vec<i64>) -> PyResult<()> {
+        let delta = counters_from(&counters)?;
+        self.core.add(key, &delta).map_err(|i| {
+            PyOverflowError::new_err(format!(
+                "{} of {key:?} would overflow a 64-bit counter; the delta was refused",
+                FIELDS[i]
+            ))
+        })
+    }
+
+    /// The unflushed counters of `key`, as a tuple in `LEDGER_FIELDS` order.
+    fn get<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, self.core.get(key))
+    }
+
+    /// Swap out everything accumulated as one `Batch` (with a fresh batch id).
+    fn drain(&self, py: Python<'_>) -> Batch {
+        let entries = py.detach(|| self.core.drain());
+        Batch {
+            id: batch_id(),
+            entries: Mutex::new(entries),
+        }
+    }
+
+    /// Put a batch's deltas back (after a failed write); the batch is emptied.
+    fn merge(&self, py: Python<'_>, batch: &Batch) -> PyResult<()> {
+        let entries = std::mem::take(&mut *batch.entries.lock().unwrap_or_else(|p| p.into_inner()));
+        let rest = py.detach(|| self.core.merge(entries));
+        if rest.is_empty() {
+            return Ok(());
+        }
+        let n = rest.len();
+        *batch.entries.lock().unwrap_or_else(|p| p.into_inner()) = rest;
+        Err(PyOverflowError::new_err(format!(
+            "{n} entries would overflow when merged back; they stay in the batch"
+        )))
+    }
+
+    /// Number of keys with unflushed deltas.
+    #[getter]
+    fn pending(&self) -> u64 {
+        self.core.pending()
+    }
+
+    /// Deltas refused because a counter would have overflowed.
+    #[getter]
+    fn overflows(&self) -> u64 {
+        self.core.overflows.load(Ordering::Relaxed)
+    }
+
+    fn __len__(&self) -> usize {
+        self.core.pending() as usize
+    }
+}
+
+/// Deltas drained from a ledger: `(key, counters)` entries and an id that makes a retried
+/// write idempotent.
+#[pyclass(frozen, module = "llmtally._core", name = "Batch")]
+pub struct Batch {
+    #[pyo3(get)]
+    id: String,
+    entries: Mutex<Vec<(Box<str>, Counters)>>,
+}
+
+#[pymethods]
+impl Batch {
+    /// The entries as a list of `(key, counters_tuple)`.
+    fn items<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let list = PyList::empty(py);
+        for (key, counters) in entries.iter() {
+            list.append((&**key, PyTuple::new(py, counters)?))?;
+        }
+        Ok(list)
+    }
+
+    /// The batch as flat `[key, n, field, value, field, value, ...]` runs, non-zero fields only:
+    /// the argument list of one Lua call that applies it.
+    fn flat_args<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let list = PyList::empty(py);
+        for (key, counters) in entries.iter() {
+            let nonzero = counters.iter().filter(|v| **v != 0).count();
+            list.append(&**key)?;
+            list.append(nonzero)?;
+            for (name, value) in FIELDS.iter().zip(counters.iter()) {
+                if *value != 0 {
+                    list.append(*name)?;
+                    list.append(*value)?;
+                }
+            }
+        }
+        Ok(list)
+    }
+
+    /// Sum of every entry's counters (for checks and metrics).
+    fn totals<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sum = [0i128; NFIELDS];
+        for (_, c) in entries.iter() {
+            for i in 0..NFIELDS {
+                sum[i] += c[i] as i128;
+            }
+        }
+        PyTuple::new(py, sum)
+    }
+
+    fn __len__(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Batch(id={:?}, entries={})", self.id, self.__len__())
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Ledger>()?;
+    m.add_class::<Batch>()?;
+    m.add("LEDGER_FIELDS", PyTuple::new(m.py(), FIELDS)?)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(v: i64) -> Counters {
+        [v; NFIELDS]
+    }
+
+    #[test]
+    fn drain_takes_everything_once() {
+        let l = Core::new();
+        l.add("a", &delta(1)).unwrap();
+        l.add("a", &delta(2)).unwrap();
+        l.add("b", &delta(5)).unwrap();
+        assert_eq!(l.pending(), 2);
+        let mut batch = l.drain();
+        batch.sort();
+        assert_eq!(batch, vec![("a".into(), delta(3)), ("b".into(), delta(5))]);
+        assert_eq!(l.pending(), 0);
+        assert!(l.drain().is_empty());
+    }
+
+    #[test]
+    fn merge_back_adds_to_new_deltas() {
+        let l = Core::new();
+        l.add("a", &delta(1)).unwrap();
+        let batch = l.drain();
+        l.add("a", &delta(10)).unwrap();
+        assert!(l.merge(batch).is_empty());
+        assert_eq!(l.get("a"), delta(11));
+    }
+
+    #[test]
+    fn overflow_is_refused_without_a_partial_write() {
+        let l = Core::new();
+        let mut big = [0; NFIELDS];
+        big[6] = i64::MAX;
+        l.add("a", &big).unwrap();
+        let mut one = [1; NFIELDS];
+        one[6] = 1;
+        assert_eq!(l.add("a", &one), Err(6));
+        assert_eq!(l.get("a"), big);
+        assert_eq!(l.overflows.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn threads_never_lose_a_delta() {
+        let l = std::sync::Arc::new(Core::new());
+        let drained = std::sync::Arc::new(Mutex::new(Vec::new()));
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let l = l.clone();
+                s.spawn(move || {
+                    for i in 0..10_000 {
+                        l.add(&format!("k{}", (i + t) % 97), &delta(1)).unwrap();
+                    }
+                });
+            }
+            let l2 = l.clone();
+            let d2 = drained.clone();
+            s.spawn(move || {
+                for _ in 0..100 {
+                    let b = l2.drain();
+                    d2.lock().unwrap().extend(b);
+                }
+            });
+        });
+        let mut total = 0i64;
+        for (_, c) in drained.lock().unwrap().iter() {
+            total += c[0];
+        }
+        for (_, c) in l.drain() {
+            total += c[0];
+        }
+        assert_eq!(total, 40_000);
+    }
+}
