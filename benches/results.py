@@ -15,7 +15,7 @@ def summary() -> list[str]:
         floor = systems.get("empty")
         lines.append(f"{suite}:")
         for system, t in systems.items():
-            line = f"  {system:<12} {t * 1e6:9.2f} us/call"
+            line = f"  {system:<12} {t * 1e6:9.3f} us/op"
             if floor is not None and system != "empty":
                 line += f"   added {(t - floor) * 1e6:8.2f} us"
             lines.append(line)
@@ -25,6 +25,8 @@ def summary() -> list[str]:
                 if peer in ("empty", "llmtally"):
                     continue
                 lines.append(f"  added-cost ratio {peer}/llmtally: {(t - floor) / ours:.1f}x")
+        if "rust" in systems and "python" in systems:
+            lines.append(f"  rust is {systems['python'] / systems['rust']:.1f}x faster than python")
         if "empty" in systems and "llmtally" in systems and "concurrent" in suite:
             lines.append(
                 f"  llmtally calls/s: {1 / systems['llmtally']:,.0f} "

@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyTuple};
+use pyo3::types::{PyList, PyString, PyTuple};
 
 /// The counters kept per key, in this order.
 pub const FIELDS: [&str; 9] = [
@@ -287,30 +287,38 @@ impl Batch {
     /// The entries as a list of `(key, counters_tuple)`.
     fn items<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let list = PyList::empty(py);
+        let mut out = Vec::with_capacity(entries.len());
         for (key, counters) in entries.iter() {
-            list.append((&**key, PyTuple::new(py, counters)?))?;
+            out.push(PyTuple::new(
+                py,
+                [
+                    PyString::new(py, key).into_any(),
+                    PyTuple::new(py, counters)?.into_any(),
+                ],
+            )?);
         }
-        Ok(list)
+        PyList::new(py, out)
     }
 
     /// The batch as flat `[key, n, field, value, field, value, ...]` runs, non-zero fields only:
     /// the argument list of one Lua call that applies it.
     fn flat_args<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let list = PyList::empty(py);
+        let names: Vec<Bound<'py, PyString>> =
+            FIELDS.iter().map(|f| PyString::intern(py, f)).collect();
+        let mut out: Vec<Bound<'py, PyAny>> = Vec::with_capacity(entries.len() * 8);
         for (key, counters) in entries.iter() {
             let nonzero = counters.iter().filter(|v| **v != 0).count();
-            list.append(&**key)?;
-            list.append(nonzero)?;
-            for (name, value) in FIELDS.iter().zip(counters.iter()) {
+            out.push(PyString::new(py, key).into_any());
+            out.push(nonzero.into_pyobject(py)?.into_any());
+            for (name, value) in names.iter().zip(counters.iter()) {
                 if *value != 0 {
-                    list.append(*name)?;
-                    list.append(*value)?;
+                    out.push(name.clone().into_any());
+                    out.push(value.into_pyobject(py)?.into_any());
                 }
             }
         }
-        Ok(list)
+        PyList::new(py, out)
     }
 
     /// Sum of every entry's counters (for checks and metrics).
