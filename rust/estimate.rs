@@ -852,7 +852,7 @@ fn optional_str_tokens(
         Some(v) => match v.cast::<PyString>() {
             Ok(s) => Ok(Some(estimate_py(py, s, enc))),
             Err(_) => Err(PyTypeError::new_err(format!(
-                "message {key:?} must be a str, not {}",
+                "message '{key}' must be a str, not {}",
                 type_name(&v)
             ))),
         },

@@ -2,9 +2,9 @@
 
 The Rust pre-tokenizer cuts each calibration sample into the same pieces as tiktoken's regex and
 lists the features of each piece (``_core._estimate_pieces``). tiktoken's BPE never crosses a
-piece, so every piece has an exact token count of its own; the costs are the non-negative least
-squares fit of those counts (each language weighted equally), then adjusted so the estimate never
-decreases when text is appended (see the checks in ``constrain``).
+piece, so every piece has an exact token count of its own; the costs are the least squares fit
+of those counts (each language weighted equally; every cost >= 0, see ``lower_bounds``), then
+adjusted so the estimate never decreases when text is appended (see ``constrain``).
 
     pip install -e . tiktoken litellm numpy scipy
     python scripts/calibrate_estimator.py          # fit on the calib split, report both splits
@@ -21,13 +21,14 @@ import json
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import nnls
+from scipy.optimize import lsq_linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tiktoken_files import load_encodings  # noqa: E402
+from _tiktoken_files import load_encodings
 
 from llmtally import _core
 
@@ -65,8 +66,10 @@ def piece_rows(text: str, key: str, enc: object) -> list[tuple[tuple[int, ...], 
     return out
 
 
-def fit(rows: list[dict[str, object]], key: str, enc: object, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """NNLS costs (in tokens) and how often each feature was seen."""
+def fit(
+    rows: list[dict[str, object]], key: str, enc: object, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares costs (in tokens, bounded below) and how often each feature was seen."""
     lang_tokens: dict[str, int] = defaultdict(int)
     for r in rows:
         lang_tokens[str(r["lang"])] += int(r[key])  # type: ignore[call-overload]
@@ -88,9 +91,25 @@ def fit(rows: list[dict[str, object]], key: str, enc: object, n: int) -> tuple[n
             a[k, f] += sw
         y[k] = sw * (wt / w)
     cols = np.flatnonzero(seen)
+    lower = lower_bounds(list(_core._estimate_feature_names()))[cols]
     coef = np.zeros(n)
-    coef[cols], _ = nnls(a[:, cols], y, maxiter=50 * len(cols))
+    coef[cols] = lsq_linear(a[:, cols], y, bounds=(lower, np.inf)).x
     return coef, seen
+
+
+def lower_bounds(names: list[str]) -> np.ndarray:
+    """0 for every cost, and 1 for the feature that opens a piece on its own (a piece is at least
+    one token), so no non-empty text is estimated at 0."""
+    opening = ("word_first[none]", "vocab[none]", "digits")
+    return np.array(
+        [
+            1.0
+            if name.startswith(opening)
+            or (name.endswith("][0]") and name.startswith(("punct[", "ws[")))
+            else 0.0
+            for name in names
+        ]
+    )
 
 
 def fill_unseen(coef: np.ndarray, seen: np.ndarray, names: list[str]) -> None:
@@ -105,7 +124,10 @@ def fill_unseen(coef: np.ndarray, seen: np.ndarray, names: list[str]) -> None:
                 coef[i] = coef[j]
                 break
         else:
-            coef[i] = coef[i - 1] if i > 0 and name[: name.rfind("[")] == names[i - 1][: names[i - 1].rfind("[")] else 1.0
+            same_group = (
+                i > 0 and name[: name.rfind("[")] == names[i - 1][: names[i - 1].rfind("[")]
+            )
+            coef[i] = coef[i - 1] if same_group else 1.0
 
 
 def constrain(coef: np.ndarray, names: list[str]) -> None:
@@ -115,14 +137,21 @@ def constrain(coef: np.ndarray, names: list[str]) -> None:
       cost alone, so no later position of a whitespace class may cost more than its first.
     - ``'l`` (a word after an apostrophe) becomes the contraction ``'ll``: the contraction must
       cost at least as much as an ASCII letter leading a word after punctuation.
+    - A listed word that grows into an unlisted one (``B`` into ``Bd``) is then costed letter by
+      letter: its first letter must cost at least what the listed word did.
     """
     index = {name: i for i, name in enumerate(names)}
+    for prefix in ("none", "space"):
+        listed = coef[index[f"vocab[{prefix}]"]]
+        for c in ("ascii_lower", "ascii_upper"):
+            j = index[f"word_first[{prefix}][{c}]"]
+            coef[j] = max(coef[j], listed)
     for w in ("space", "tab", "newline", "other"):
         first = coef[index[f"ws[{w}][0]"]]
         for pos in range(1, 9):
             j = index[f"ws[{w}][{pos}]"]
             coef[j] = min(coef[j], first)
-    floor = max(coef[index["word_first[other][ascii_lower]"]], coef[index["word_first[other][ascii_upper]"]])
+    floor = max(coef[index[f"word_first[other][{c}]"]] for c in ("ascii_lower", "ascii_upper"))
     coef[index["contraction"]] = max(coef[index["contraction"]], floor)
 
 
@@ -155,6 +184,12 @@ def estimate(fixed: np.ndarray, text: str, key: str) -> int:
     return (total + SCALE // 2) >> SCALE_BITS
 
 
+def mre(rows: list[dict[str, object]], key: str, count: Callable[[str], int]) -> float:
+    """Mean over samples of |count - exact| / exact."""
+    errs = [abs(count(str(r["text"])) - int(r[key])) / int(r[key]) for r in rows]  # type: ignore[call-overload]
+    return sum(errs) / len(errs)
+
+
 def report(tables: dict[str, np.ndarray], rows: list[dict[str, object]]) -> None:
     for split in ("calib", "eval"):
         print(f"\nmean relative error per sample, split={split}")
@@ -166,11 +201,12 @@ def report(tables: dict[str, np.ndarray], rows: list[dict[str, object]]) -> None
         for lang, rs in by_lang.items():
             cells = []
             for key in ("cl100k", "o200k"):
-                errs = [abs(estimate(tables[key], str(r["text"]), key) - int(r[key])) / int(r[key]) for r in rs]  # type: ignore[call-overload]
-                cells.append(f"{100 * sum(errs) / len(errs):7.1f}%")
-            for key in ("cl100k", "o200k"):
-                errs = [abs(len(str(r["text"])) // 4 - int(r[key])) / int(r[key]) for r in rs]  # type: ignore[call-overload]
-                cells.append(f"{100 * sum(errs) / len(errs):8.1f}%")
+                err = mre(rs, key, lambda text, key=key: estimate(tables[key], text, key))
+                cells.append(f"{100 * err:7.1f}%")
+            cells += [
+                f"{100 * mre(rs, key, lambda text: len(text) // 4):8.1f}%"
+                for key in ("cl100k", "o200k")
+            ]
             print(f"{lang:12s} " + " ".join(cells))
 
 
@@ -178,7 +214,7 @@ def write(tables: dict[str, np.ndarray], names: list[str]) -> None:
     lines = [
         "//! Costs of the estimator's features, in 1/2^SCALE_BITS tokens.",
         "//!",
-        "//! Generated by scripts/calibrate_estimator.py from tests/data/corpus.jsonl; do not edit.",
+        "//! Generated by scripts/calibrate_estimator.py from tests/data/corpus.jsonl.",
         "",
         f"pub const SCALE_BITS: u32 = {SCALE_BITS};",
     ]

@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 import math
 import random
-import string
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tiktoken_files import load_encodings  # noqa: E402
+from _tiktoken_files import load_encodings
 
 ROOT = Path(__file__).resolve().parent.parent
 POOLS = ROOT / "tests" / "data" / "pools"
@@ -88,15 +87,70 @@ def code_sample(pool: list[str], rng: random.Random) -> str:
     return out.rstrip("\n") if len(out) >= MIN_CHARS else text[:want]
 
 
-WORDS = (
-    "id name email status created updated amount currency region items price quantity sku tags "
-    "active score latency retries owner description title url count total user order product "
-    "category enabled version timestamp message level host port path method"
-).split()
-VALUES = (
-    "pending shipped delivered cancelled eu-west-1 us-east-2 admin editor viewer warning error "
-    "info debug GET POST PUT application/json text/html gzip Berlin Lisbon Tokyo Nairobi"
-).split()
+WORDS = [
+    "id",
+    "name",
+    "email",
+    "status",
+    "created",
+    "updated",
+    "amount",
+    "currency",
+    "region",
+    "items",
+    "price",
+    "quantity",
+    "sku",
+    "tags",
+    "active",
+    "score",
+    "latency",
+    "retries",
+    "owner",
+    "description",
+    "title",
+    "url",
+    "count",
+    "total",
+    "user",
+    "order",
+    "product",
+    "category",
+    "enabled",
+    "version",
+    "timestamp",
+    "message",
+    "level",
+    "host",
+    "port",
+    "path",
+    "method",
+]
+VALUES = [
+    "pending",
+    "shipped",
+    "delivered",
+    "cancelled",
+    "eu-west-1",
+    "us-east-2",
+    "admin",
+    "editor",
+    "viewer",
+    "warning",
+    "error",
+    "info",
+    "debug",
+    "GET",
+    "POST",
+    "PUT",
+    "application/json",
+    "text/html",
+    "gzip",
+    "Berlin",
+    "Lisbon",
+    "Tokyo",
+    "Nairobi",
+]
 
 
 def json_value(rng: random.Random, depth: int) -> object:
@@ -114,11 +168,19 @@ def json_value(rng: random.Random, depth: int) -> object:
     if r < 0.65:
         return f"{rng.choice(WORDS)}_{rng.randint(1, 999)}@example.com"
     if r < 0.72:
-        return "".join(rng.choices("0123456789abcdef", k=8)) + "-" + "".join(
-            rng.choices("0123456789abcdef", k=4)
+        return (
+            "".join(rng.choices("0123456789abcdef", k=8))
+            + "-"
+            + "".join(rng.choices("0123456789abcdef", k=4))
         )
     if r < 0.8:
-        return f"2024-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:00Z"
+        month, day, hour, minute = (
+            rng.randint(1, 12),
+            rng.randint(1, 28),
+            rng.randint(0, 23),
+            rng.randint(0, 59),
+        )
+        return f"2024-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:00Z"
     if r < 0.9:
         return rng.choice(VALUES)
     return " ".join(rng.choices(WORDS, k=rng.randint(2, 8))).capitalize() + "."
@@ -141,16 +203,46 @@ def json_sample(rng: random.Random) -> str:
 def number_line(rng: random.Random) -> str:
     n = rng.randint
     templates = [
-        lambda: f"Order #{n(10000, 99999)} shipped on 2024-{n(1, 12):02d}-{n(1, 28):02d} at {n(0, 23):02d}:{n(0, 59):02d}, total ${n(1, 9)},{n(100, 999)}.{n(0, 99):02d} ({n(1, 12)} items).",
-        lambda: f"Q{n(1, 4)} revenue: {n(1, 999)}.{n(0, 9)}M (+{n(0, 40)}.{n(0, 9)}% YoY), EBITDA margin {n(5, 45)}.{n(0, 9)}%.",
-        lambda: f"Call +1 ({n(200, 999)}) {n(200, 999)}-{n(1000, 9999)} or +49 {n(30, 89)} {n(1000000, 99999999)}.",
-        lambda: f"{n(1, 31)}/{n(1, 12)}/{n(1990, 2030)}  {n(0, 99999)}  {n(0, 9999)}.{n(0, 99):02d}  {n(-50, 50)}",
-        lambda: f"Temperature {n(-30, 45)}.{n(0, 9)} °C, humidity {n(10, 99)}%, pressure {n(950, 1050)} hPa, wind {n(0, 120)} km/h.",
+        lambda: (
+            f"Order #{n(10000, 99999)} shipped on 2024-{n(1, 12):02d}-{n(1, 28):02d} at "
+            f"{n(0, 23):02d}:{n(0, 59):02d}, total ${n(1, 9)},{n(100, 999)}.{n(0, 99):02d} "
+            f"({n(1, 12)} items)."
+        ),
+        lambda: (
+            f"Q{n(1, 4)} revenue: {n(1, 999)}.{n(0, 9)}M (+{n(0, 40)}.{n(0, 9)}% YoY), "
+            f"EBITDA margin {n(5, 45)}.{n(0, 9)}%."
+        ),
+        lambda: (
+            f"Call +1 ({n(200, 999)}) {n(200, 999)}-{n(1000, 9999)} or "
+            f"+49 {n(30, 89)} {n(1000000, 99999999)}."
+        ),
+        lambda: (
+            f"{n(1, 31)}/{n(1, 12)}/{n(1990, 2030)}  {n(0, 99999)}  "
+            f"{n(0, 9999)}.{n(0, 99):02d}  {n(-50, 50)}"
+        ),
+        lambda: (
+            f"Temperature {n(-30, 45)}.{n(0, 9)} °C, humidity {n(10, 99)}%, "
+            f"pressure {n(950, 1050)} hPa, wind {n(0, 120)} km/h."
+        ),
         lambda: ", ".join(str(n(0, 10 ** n(1, 9))) for _ in range(n(3, 12))),
-        lambda: f"Version {n(0, 20)}.{n(0, 30)}.{n(0, 200)} released {n(1, 28)} March {n(2015, 2025)}; build {n(1000, 99999)}.",
-        lambda: f"pi ≈ 3.{n(1000, 9999)}{n(1000, 9999)}, e ≈ 2.{n(10000, 99999)}, 2^{n(10, 64)} = {2 ** n(10, 64)}",
-        lambda: f"Invoice {n(2020, 2025)}-{n(1, 9999):04d}: {n(1, 99)} x {n(1, 999)}.{n(0, 99):02d} EUR = {n(1, 99999)}.{n(0, 99):02d} EUR",
-        lambda: f"{n(100, 255)}.{n(0, 255)}.{n(0, 255)}.{n(0, 255)} - - [{n(1, 28)}/Oct/2024:{n(0, 23):02d}:{n(0, 59):02d}:{n(0, 59):02d} +0000] \"GET /api/v{n(1, 3)}/items/{n(1, 99999)} HTTP/1.1\" {rng.choice([200, 201, 304, 404, 500])} {n(100, 99999)}",
+        lambda: (
+            f"Version {n(0, 20)}.{n(0, 30)}.{n(0, 200)} released {n(1, 28)} March "
+            f"{n(2015, 2025)}; build {n(1000, 99999)}."
+        ),
+        lambda: (
+            f"pi ≈ 3.{n(1000, 9999)}{n(1000, 9999)}, e ≈ 2.{n(10000, 99999)}, "
+            f"2^{n(10, 64)} = {2 ** n(10, 64)}"
+        ),
+        lambda: (
+            f"Invoice {n(2020, 2025)}-{n(1, 9999):04d}: {n(1, 99)} x {n(1, 999)}.{n(0, 99):02d} "
+            f"EUR = {n(1, 99999)}.{n(0, 99):02d} EUR"
+        ),
+        lambda: (
+            f"{n(100, 255)}.{n(0, 255)}.{n(0, 255)}.{n(0, 255)} - - [{n(1, 28)}/Oct/2024:"
+            f"{n(0, 23):02d}:{n(0, 59):02d}:{n(0, 59):02d} +0000] "
+            f'"GET /api/v{n(1, 3)}/items/{n(1, 99999)} HTTP/1.1" '
+            f"{rng.choice([200, 201, 304, 404, 500])} {n(100, 99999)}"
+        ),
     ]
     return rng.choice(templates)()
 
