@@ -352,6 +352,12 @@ fn non_ascii_cat(c: u32) -> Cat {
         0x0430..=0x044F => return Cat::Letter(L_CYRILLIC as u8, Case::Lower),
         0x0410..=0x042F => return Cat::Letter(L_CYRILLIC as u8, Case::Upper),
         0x0621..=0x063A | 0x0641..=0x064A => return Cat::Letter(L_ARABIC as u8, Case::Caseless),
+        0x00C0..=0x00D6 | 0x00D8..=0x00DE => return Cat::Letter(L_LATIN_EXT as u8, Case::Upper),
+        0x00DF..=0x00F6 | 0x00F8..=0x00FF => return Cat::Letter(L_LATIN_EXT as u8, Case::Lower),
+        0x1F3FB..=0x1F3FF => return Cat::Punct(P_JOINER as u8),
+        0x1F300..=0x1F5FF | 0x1F600..=0x1F64F | 0x1F680..=0x1F6FF | 0x1F900..=0x1F9FF => {
+            return Cat::Punct(P_EMOJI as u8)
+        }
         _ => {}
     }
     rare_cat(c)
