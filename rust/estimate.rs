@@ -1,13 +1,26 @@
 //! Token estimation without a tokenizer.
 //!
-//! A single pass over the text classifies characters into runs (ASCII words, digits, whitespace,
-//! punctuation, CJK ideographs, kana, hangul, other scripts, emoji) and charges each run by a
-//! per-encoding rate. The rates are calibrated against tiktoken's `cl100k_base` and
-//! `o200k_base`.
+//! tiktoken first cuts text into pieces with a regex (the pre-tokenizer) and then runs BPE inside
+//! each piece, so a token never spans two pieces. The estimator reproduces the pre-tokenizer of
+//! `cl100k_base` / `o200k_base` exactly (contractions, letter runs with one leading character,
+//! groups of up to three digits, punctuation runs with trailing newlines, whitespace runs), and
+//! replaces BPE by a cost per piece: a sum of calibrated, non-negative per-character costs that
+//! depend on the character's class (ASCII lower/upper, Latin with diacritics, Cyrillic, Han,
+//! kana, Hangul, emoji, ...) and its position in the piece. The costs are fitted against tiktoken
+//! by `scripts/calibrate_estimator.py` and live in `estimate_coef.rs` as fixed-point integers.
+//!
+//! Because every cost is non-negative, a piece never gets cheaper as it grows, and a character
+//! that joins the next piece (a space or a bracket before a word) keeps the cost it had alone,
+//! the estimate never decreases when text is appended.
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+#[path = "estimate_coef.rs"]
+mod coef;
 
 /// Which tokenizer family the estimate imitates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,137 +37,839 @@ impl Encoding {
             _ => None,
         }
     }
+
+    fn costs(self) -> &'static [u32; N_FEATURES] {
+        match self {
+            Self::Cl100k => &coef::CL100K,
+            Self::O200k => &coef::O200K,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Features. Each piece adds the costs of the features it emits; the layout is shared with the
+// calibration script through `_estimate_feature_names()`.
+
+/// Letter classes.
+const L_ASCII_LOWER: usize = 0;
+const L_ASCII_UPPER: usize = 1;
+const L_LATIN_EXT: usize = 2;
+const L_CYRILLIC: usize = 3;
+const L_GREEK: usize = 4;
+const L_ARABIC: usize = 5;
+const L_HEBREW: usize = 6;
+const L_HAN: usize = 7;
+const L_HIRAGANA: usize = 8;
+const L_KATAKANA: usize = 9;
+const L_HANGUL: usize = 10;
+const L_OTHER: usize = 11;
+const N_LETTER: usize = 12;
+const LETTER_NAMES: [&str; N_LETTER] = [
+    "ascii_lower",
+    "ascii_upper",
+    "latin_ext",
+    "cyrillic",
+    "greek",
+    "arabic",
+    "hebrew",
+    "han",
+    "hiragana",
+    "katakana",
+    "hangul",
+    "other_letter",
+];
+
+/// What precedes the letters of a word piece.
+const PREFIX_NONE: usize = 0;
+const PREFIX_SPACE: usize = 1;
+const PREFIX_OTHER: usize = 2;
+const N_PREFIX: usize = 3;
+const PREFIX_NAMES: [&str; N_PREFIX] = ["none", "space", "other"];
+
+/// Punctuation and symbol classes (anything that is not a letter, number or whitespace).
+const P_BRACKET: usize = 0; // ( ) [ ] { } < > " ' `
+const P_SENTENCE: usize = 1; // . , ; : ! ?
+const P_OPERATOR: usize = 2; // other ASCII
+const P_SYM2: usize = 3; // two-byte UTF-8 symbols and marks
+const P_GENERAL: usize = 4; // general punctuation, U+2000-206F
+const P_CJK: usize = 5; // CJK and full-width punctuation
+const P_EMOJI: usize = 6; // four-byte pictographs
+const P_JOINER: usize = 7; // ZWJ, variation selectors, skin tones, keycap, tags
+const P_SYM3: usize = 8; // other three-byte symbols
+const P_SYM4: usize = 9; // other four-byte symbols
+const P_NEWLINE: usize = 10; // newlines ending a punctuation run
+const N_PUNCT: usize = 11;
+const PUNCT_NAMES: [&str; N_PUNCT] = [
+    "bracket", "sentence", "operator", "sym2", "general", "cjk", "emoji", "joiner", "sym3", "sym4",
+    "newline",
+];
+
+/// Whitespace classes.
+const W_SPACE: usize = 0;
+const W_TAB: usize = 1;
+const W_NEWLINE: usize = 2;
+const W_OTHER: usize = 3;
+const N_WS: usize = 4;
+const WS_NAMES: [&str; N_WS] = ["space", "tab", "newline", "other"];
+
+/// Positions kept apart inside a word segment (1..=WORD_POS, the last one for all later ones).
+const WORD_POS: usize = 16;
+/// Positions kept apart inside punctuation and whitespace runs (0..PUNCT_POS).
+const PUNCT_POS: usize = 9;
+const WS_POS: usize = 9;
+
+const F_WORD_FIRST: usize = 0; // [prefix][letter class]
+const F_WORD_INC: usize = F_WORD_FIRST + N_PREFIX * N_LETTER; // [letter class][pos 1..]
+const F_HUMP: usize = F_WORD_INC + N_LETTER * WORD_POS; // lower-to-upper inside a word (cl100k)
+const F_CONTRACTION: usize = F_HUMP + 1; // 's 't 're 've 'm 'll 'd, after the apostrophe
+const F_DIGITS: usize = F_CONTRACTION + 1; // one group of up to three digits
+const F_NUM_OTHER: usize = F_DIGITS + 1; // each non-ASCII numeric character of a group
+const F_PUNCT: usize = F_NUM_OTHER + 1; // [punct class][pos]
+const F_PUNCT_SP: usize = F_PUNCT + N_PUNCT * PUNCT_POS; // [punct class], first after a space
+const F_WS: usize = F_PUNCT_SP + N_PUNCT; // [ws class][pos in segment]
+const F_VOCAB: usize = F_WS + N_WS * WS_POS; // [prefix none/space]: a listed ASCII word
+pub const N_FEATURES: usize = F_VOCAB + 2;
+
+/// Fixed-point scale of the costs: 1 token = 2^SCALE_BITS.
+const SCALE_BITS: u32 = coef::SCALE_BITS;
+
+/// Human-readable feature names, indexed like the cost tables.
+pub fn feature_names() -> Vec<String> {
+    let mut names = Vec::with_capacity(N_FEATURES);
+    for p in PREFIX_NAMES {
+        for l in LETTER_NAMES {
+            names.push(format!("word_first[{p}][{l}]"));
+        }
+    }
+    for l in LETTER_NAMES {
+        for pos in 1..=WORD_POS {
+            names.push(format!("word_inc[{l}][{pos}]"));
+        }
+    }
+    names.push("hump".to_owned());
+    names.push("contraction".to_owned());
+    names.push("digits".to_owned());
+    names.push("num_other".to_owned());
+    for c in PUNCT_NAMES {
+        for pos in 0..PUNCT_POS {
+            names.push(format!("punct[{c}][{pos}]"));
+        }
+    }
+    for c in PUNCT_NAMES {
+        names.push(format!("punct_after_space[{c}]"));
+    }
+    for w in WS_NAMES {
+        for pos in 0..WS_POS {
+            names.push(format!("ws[{w}][{pos}]"));
+        }
+    }
+    names.push("vocab[none]".to_owned());
+    names.push("vocab[space]".to_owned());
+    names
+}
+
+// ---------------------------------------------------------------------------------------------
+// Word lists. Frequent ASCII words are single tokens whatever their length, which per-character
+// costs cannot tell from rare words of the same length. Each encoding ships the ASCII words of
+// its vocabulary with the lowest ranks (estimate_vocab/*.txt, one per line, a leading space
+// when the token starts with one). A word costs `vocab[prefix]` when it is one of them *or a
+// prefix of one*: that set is closed under prefixes, so a growing word can leave it but never
+// come back, and the estimate stays monotone.
+
+const VOCAB_CL100K: &str = include_str!("estimate_vocab/cl100k.txt");
+const VOCAB_O200K: &str = include_str!("estimate_vocab/o200k.txt");
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+const FNV_SEED: [u64; 2] = [0xcbf2_9ce4_8422_2325, 0x8422_2325_cbf2_9ce4];
+
+/// Open-addressing set of 32-bit fingerprints of (prefix kind, word) hashes.
+struct Vocab {
+    mask: usize,
+    slots: Vec<u32>,
+}
+
+impl Vocab {
+    fn build(list: &str) -> Self {
+        let mut keys = Vec::new();
+        for line in list.lines() {
+            let (seed, word) = match line.strip_prefix(' ') {
+                Some(w) => (FNV_SEED[PREFIX_SPACE], w),
+                None => (FNV_SEED[PREFIX_NONE], line),
+            };
+            let mut h = seed;
+            for &byte in word.as_bytes() {
+                h = (h ^ u64::from(byte)).wrapping_mul(FNV_PRIME);
+                keys.push(h);
+            }
+        }
+        let size = (keys.len() * 2).next_power_of_two().max(64);
+        let mut vocab = Self {
+            mask: size - 1,
+            slots: vec![0; size],
+        };
+        for h in keys {
+            let (mut i, fp) = vocab.slot(h);
+            while vocab.slots[i] != 0 && vocab.slots[i] != fp {
+                i = (i + 1) & vocab.mask;
+            }
+            vocab.slots[i] = fp;
+        }
+        vocab
+    }
+
+    #[inline(always)]
+    fn slot(&self, h: u64) -> (usize, u32) {
+        (((h >> 32) as usize) & self.mask, (h as u32) | 1)
+    }
+
+    #[inline]
+    fn contains(&self, h: u64) -> bool {
+        let (mut i, fp) = self.slot(h);
+        loop {
+            match self.slots[i] {
+                0 => return false,
+                x if x == fp => return true,
+                _ => i = (i + 1) & self.mask,
+            }
+        }
+    }
+
+    fn get(enc: Encoding) -> &'static Self {
+        static CL100K: OnceLock<Vocab> = OnceLock::new();
+        static O200K: OnceLock<Vocab> = OnceLock::new();
+        match enc {
+            Encoding::Cl100k => CL100K.get_or_init(|| Self::build(VOCAB_CL100K)),
+            Encoding::O200k => O200K.get_or_init(|| Self::build(VOCAB_O200K)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Character categories, as the tokenizer regexes see them.
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Case {
+    Upper,
+    Lower,
+    Caseless,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Class {
-    Letter,
+enum Cat {
+    /// `\p{L}`: letter class and case.
+    Letter(u8, Case),
+    /// An ASCII digit.
     Digit,
-    Space,
-    Punct,
-    Cjk,
-    Kana,
-    Hangul,
-    OtherLetter,
-    Emoji,
+    /// Another `\p{N}` character.
+    NumOther,
+    /// `\s` other than `\r` and `\n`, with its class.
+    Ws(u8),
+    /// `\r` or `\n`.
+    Newline,
+    /// A combining mark (`\p{M}`): a letter for o200k's word pattern, punctuation otherwise.
+    Mark(u8, u8),
+    /// Anything else, with its class.
+    Punct(u8),
 }
 
-#[inline]
-fn classify(c: char) -> Class {
-    if c.is_ascii() {
-        if c.is_ascii_alphabetic() {
-            Class::Letter
-        } else if c.is_ascii_digit() {
-            Class::Digit
-        } else if c.is_ascii_whitespace() {
-            Class::Space
+const fn ascii_cat(b: u8) -> Cat {
+    match b {
+        b'a'..=b'z' => Cat::Letter(L_ASCII_LOWER as u8, Case::Lower),
+        b'A'..=b'Z' => Cat::Letter(L_ASCII_UPPER as u8, Case::Upper),
+        b'0'..=b'9' => Cat::Digit,
+        b' ' => Cat::Ws(W_SPACE as u8),
+        b'\t' => Cat::Ws(W_TAB as u8),
+        0x0b | 0x0c => Cat::Ws(W_OTHER as u8),
+        b'\r' | b'\n' => Cat::Newline,
+        b'(' | b')' | b'[' | b']' | b'{' | b'}' | b'<' | b'>' | b'"' | b'\'' | b'`' => {
+            Cat::Punct(P_BRACKET as u8)
+        }
+        b'.' | b',' | b';' | b':' | b'!' | b'?' => Cat::Punct(P_SENTENCE as u8),
+        _ => Cat::Punct(P_OPERATOR as u8),
+    }
+}
+
+const ASCII_CATS: [Cat; 128] = {
+    let mut t = [Cat::Digit; 128];
+    let mut i = 0;
+    while i < 128 {
+        t[i] = ascii_cat(i as u8);
+        i += 1;
+    }
+    t
+};
+
+fn letter_class(c: u32) -> usize {
+    match c {
+        0x00C0..=0x024F | 0x1E00..=0x1EFF | 0x00AA | 0x00B5 | 0x00BA => L_LATIN_EXT,
+        0x0370..=0x03FF | 0x1F00..=0x1FFF => L_GREEK,
+        0x0400..=0x052F | 0x1C80..=0x1C8F | 0x2DE0..=0x2DFF | 0xA640..=0xA69F => L_CYRILLIC,
+        0x0590..=0x05FF | 0xFB1D..=0xFB4F => L_HEBREW,
+        0x0600..=0x06FF | 0x0750..=0x077F | 0x08A0..=0x08FF | 0xFB50..=0xFDFF | 0xFE70..=0xFEFF => {
+            L_ARABIC
+        }
+        0x3040..=0x309F => L_HIRAGANA,
+        0x30A0..=0x30FF | 0x31F0..=0x31FF | 0xFF66..=0xFF9F => L_KATAKANA,
+        0x3005..=0x3007 | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xF900..=0xFAFF => L_HAN,
+        0x20000..=0x3FFFF => L_HAN,
+        0xAC00..=0xD7AF | 0x1100..=0x11FF | 0x3130..=0x318F | 0xA960..=0xA97F => L_HANGUL,
+        _ => L_OTHER,
+    }
+}
+
+/// Combining marks of the common scripts (general category M).
+fn is_mark(c: u32) -> bool {
+    matches!(c,
+        0x0300..=0x036F | 0x0483..=0x0489 | 0x0591..=0x05BD | 0x05BF | 0x05C1..=0x05C2
+        | 0x05C4..=0x05C5 | 0x05C7 | 0x0610..=0x061A | 0x064B..=0x065F | 0x0670
+        | 0x06D6..=0x06DC | 0x06DF..=0x06E4 | 0x06E7..=0x06E8 | 0x06EA..=0x06ED
+        | 0x0900..=0x0903 | 0x093A..=0x093C | 0x093E..=0x094F | 0x0951..=0x0957
+        | 0x0962..=0x0963 | 0x0981..=0x0983 | 0x09BC | 0x09BE..=0x09CD | 0x0E31
+        | 0x0E34..=0x0E3A | 0x0E47..=0x0E4E | 0x1AB0..=0x1AFF | 0x1DC0..=0x1DFF
+        | 0x20D0..=0x20FF | 0x3099..=0x309A | 0xFE00..=0xFE0F | 0xFE20..=0xFE2F
+        | 0xE0100..=0xE01EF)
+}
+
+fn punct_class(c: u32) -> usize {
+    match c {
+        0x200D | 0x20E3 | 0xFE00..=0xFE0F | 0x1F3FB..=0x1F3FF | 0xE0000..=0xE007F => P_JOINER,
+        0x0080..=0x07FF => P_SYM2,
+        0x2000..=0x206F => P_GENERAL,
+        0x3000..=0x303F | 0xFF00..=0xFFEF => P_CJK,
+        0x1F000..=0x1FAFF => P_EMOJI,
+        0x0800..=0xFFFF => P_SYM3,
+        _ => P_SYM4,
+    }
+}
+
+#[inline(always)]
+fn non_ascii_cat(c: u32) -> Cat {
+    match c {
+        // The common scripts first, without the Unicode tables.
+        0x4E00..=0x9FFF => return Cat::Letter(L_HAN as u8, Case::Caseless),
+        0xAC00..=0xD7A3 => return Cat::Letter(L_HANGUL as u8, Case::Caseless),
+        0x3041..=0x3096 => return Cat::Letter(L_HIRAGANA as u8, Case::Caseless),
+        0x30A1..=0x30FA => return Cat::Letter(L_KATAKANA as u8, Case::Caseless),
+        0x0430..=0x044F => return Cat::Letter(L_CYRILLIC as u8, Case::Lower),
+        0x0410..=0x042F => return Cat::Letter(L_CYRILLIC as u8, Case::Upper),
+        0x0621..=0x063A | 0x0641..=0x064A => return Cat::Letter(L_ARABIC as u8, Case::Caseless),
+        0x00C0..=0x00D6 | 0x00D8..=0x00DE => return Cat::Letter(L_LATIN_EXT as u8, Case::Upper),
+        0x00DF..=0x00F6 | 0x00F8..=0x00FF => return Cat::Letter(L_LATIN_EXT as u8, Case::Lower),
+        0x1F3FB..=0x1F3FF => return Cat::Punct(P_JOINER as u8),
+        0x1F300..=0x1F5FF | 0x1F600..=0x1F64F | 0x1F680..=0x1F6FF | 0x1F900..=0x1F9FF => {
+            return Cat::Punct(P_EMOJI as u8)
+        }
+        _ => {}
+    }
+    rare_cat(c)
+}
+
+/// Category of the characters outside the common ranges, from the Unicode tables.
+#[inline(never)]
+fn rare_cat(c: u32) -> Cat {
+    let Some(ch) = char::from_u32(c) else {
+        return Cat::Punct(P_SYM4 as u8);
+    };
+    if is_mark(c) {
+        Cat::Mark(letter_class(c) as u8, punct_class(c) as u8)
+    } else if ch.is_whitespace() {
+        Cat::Ws(W_OTHER as u8)
+    } else if ch.is_numeric() {
+        Cat::NumOther
+    } else if ch.is_alphabetic() {
+        let case = if ch.is_uppercase() {
+            Case::Upper
+        } else if ch.is_lowercase() {
+            Case::Lower
         } else {
-            Class::Punct
-        }
+            Case::Caseless
+        };
+        Cat::Letter(letter_class(c) as u8, case)
     } else {
-        let u = c as u32;
-        match u {
-            0x4E00..=0x9FFF | 0x3400..=0x4DBF | 0x20000..=0x2FFFF | 0xF900..=0xFAFF => Class::Cjk,
-            0x3040..=0x30FF | 0x31F0..=0x31FF => Class::Kana,
-            0xAC00..=0xD7AF | 0x1100..=0x11FF | 0x3130..=0x318F => Class::Hangul,
-            0x3000..=0x303F | 0xFF00..=0xFFEF | 0x2000..=0x206F => Class::Punct,
-            0x1F000..=0x1FAFF | 0x2600..=0x27BF => Class::Emoji,
-            _ if c.is_whitespace() => Class::Space,
-            _ if c.is_alphabetic() => Class::OtherLetter,
-            _ => Class::Punct,
+        Cat::Punct(punct_class(c) as u8)
+    }
+}
+
+/// The character starting at byte `i` of valid UTF-8, and its length in bytes.
+#[inline(always)]
+fn decode(b: &[u8], i: usize) -> (u32, usize) {
+    let b0 = b[i] as u32;
+    if b0 < 0x80 {
+        (b0, 1)
+    } else if b0 < 0xE0 {
+        (((b0 & 0x1F) << 6) | (b[i + 1] as u32 & 0x3F), 2)
+    } else if b0 < 0xF0 {
+        (
+            ((b0 & 0x0F) << 12) | ((b[i + 1] as u32 & 0x3F) << 6) | (b[i + 2] as u32 & 0x3F),
+            3,
+        )
+    } else {
+        (
+            ((b0 & 0x07) << 18)
+                | ((b[i + 1] as u32 & 0x3F) << 12)
+                | ((b[i + 2] as u32 & 0x3F) << 6)
+                | (b[i + 3] as u32 & 0x3F),
+            4,
+        )
+    }
+}
+
+/// Category of the character at byte `i`, its code point and its length.
+#[inline(always)]
+fn cat_at(b: &[u8], i: usize) -> (Cat, u32, usize) {
+    let x = b[i];
+    if x < 0x80 {
+        (ASCII_CATS[x as usize], x as u32, 1)
+    } else {
+        let (c, len) = decode(b, i);
+        (non_ascii_cat(c), c, len)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pre-tokenizer. It walks the text piece by piece exactly as tiktoken's regex does and tells
+// a sink which features each piece emits.
+
+trait Sink {
+    fn add(&mut self, feature: usize);
+    fn piece(&mut self, _start: usize, _end: usize) {}
+}
+
+/// Sums the costs of the features: the estimator's hot loop.
+struct Total<'a> {
+    costs: &'a [u32; N_FEATURES],
+    sum: u64,
+}
+
+impl Sink for Total<'_> {
+    #[inline(always)]
+    fn add(&mut self, feature: usize) {
+        self.sum += u64::from(self.costs[feature]);
+    }
+}
+
+/// Records the pieces and their features, for calibration.
+struct Pieces {
+    out: Vec<(usize, usize, Vec<u16>)>,
+    current: Vec<u16>,
+}
+
+impl Sink for Pieces {
+    fn add(&mut self, feature: usize) {
+        self.current.push(feature as u16);
+    }
+    fn piece(&mut self, start: usize, end: usize) {
+        self.out
+            .push((start, end, std::mem::take(&mut self.current)));
+    }
+}
+
+/// Length of a contraction (`s t re ve m ll d`, any case) starting at byte `i`, after an
+/// apostrophe.
+#[inline]
+fn contraction(b: &[u8], i: usize) -> Option<usize> {
+    let lower = |k: usize| b.get(k).map(u8::to_ascii_lowercase);
+    match lower(i)? {
+        b's' | b't' | b'm' | b'd' => Some(1),
+        b'r' | b'v' if lower(i + 1) == Some(b'e') => Some(2),
+        b'l' if lower(i + 1) == Some(b'l') => Some(2),
+        _ => None,
+    }
+}
+
+/// Walks text piece by piece; `O200K` selects o200k's pattern, else cl100k's.
+struct Scanner<'t, const O200K: bool> {
+    b: &'t [u8],
+    vocab: &'static Vocab,
+}
+
+impl<const O200K: bool> Scanner<'_, O200K> {
+    /// Whether `cat` is a letter for the word pattern (`\p{L}`, plus `\p{M}` for o200k).
+    #[inline(always)]
+    fn is_letter(cat: Cat) -> bool {
+        matches!(cat, Cat::Letter(..)) || (O200K && matches!(cat, Cat::Mark(..)))
+    }
+
+    #[inline(always)]
+    fn next_is_letter(&self, i: usize) -> bool {
+        i < self.b.len() && Self::is_letter(cat_at(self.b, i).0)
+    }
+
+    fn run<S: Sink>(&self, sink: &mut S) {
+        let b = self.b;
+        let n = b.len();
+        let mut i = 0;
+        while i < n {
+            let start = i;
+            let (cat, c, len) = cat_at(b, i);
+            i = match cat {
+                Cat::Letter(..) => self.word(i, PREFIX_NONE, sink),
+                Cat::Mark(..) if O200K => self.word(i, PREFIX_NONE, sink),
+                Cat::Digit | Cat::NumOther => self.number(i, sink),
+                Cat::Newline => self.whitespace(i, sink),
+                Cat::Ws(w) => {
+                    if self.next_is_letter(i + len) {
+                        sink.add(F_WS + usize::from(w) * WS_POS);
+                        self.word(i + len, PREFIX_SPACE, sink)
+                    } else if c == u32::from(b' ')
+                        && i + 1 < n
+                        && matches!(cat_at(b, i + 1).0, Cat::Punct(_) | Cat::Mark(..))
+                    {
+                        sink.add(F_WS + W_SPACE * WS_POS);
+                        self.punct(i + 1, true, sink)
+                    } else {
+                        self.whitespace(i, sink)
+                    }
+                }
+                Cat::Punct(p) | Cat::Mark(_, p) => {
+                    let p = usize::from(p);
+                    let contr = if !O200K && c == u32::from(b'\'') {
+                        contraction(b, i + 1)
+                    } else {
+                        None
+                    };
+                    if let Some(k) = contr {
+                        sink.add(F_PUNCT + p * PUNCT_POS);
+                        sink.add(F_CONTRACTION);
+                        i + 1 + k
+                    } else if self.next_is_letter(i + len) {
+                        sink.add(F_PUNCT + p * PUNCT_POS);
+                        self.word(i + len, PREFIX_OTHER, sink)
+                    } else {
+                        self.punct(i, false, sink)
+                    }
+                }
+            };
+            sink.piece(start, i);
         }
+    }
+
+    /// A run of letters starting at `i` (a letter). cl100k takes the whole run; o200k stops where
+    /// an upper-case letter follows a lower-case one and takes a contraction as a suffix.
+    #[inline]
+    fn word<S: Sink>(&self, start: usize, prefix: usize, sink: &mut S) -> usize {
+        let end = match self.listed_word(start, prefix) {
+            Some(end) => {
+                sink.add(F_VOCAB + prefix);
+                end
+            }
+            None => self.letters(start, prefix, sink),
+        };
+        self.contraction_suffix(end, sink)
+    }
+
+    /// The end of the word at `start` when it is all ASCII and in the word list (or a prefix of
+    /// a listed word).
+    #[inline(always)]
+    fn listed_word(&self, start: usize, prefix: usize) -> Option<usize> {
+        if prefix == PREFIX_OTHER {
+            return None;
+        }
+        let b = self.b;
+        let n = b.len();
+        let mut h = FNV_SEED[prefix];
+        let mut i = start;
+        if O200K {
+            while i < n && b[i].is_ascii_uppercase() {
+                h = (h ^ u64::from(b[i])).wrapping_mul(FNV_PRIME);
+                i += 1;
+            }
+            while i < n && b[i].is_ascii_lowercase() {
+                h = (h ^ u64::from(b[i])).wrapping_mul(FNV_PRIME);
+                i += 1;
+            }
+            // An ASCII letter here is an upper-case one after lower-case: the piece ends.
+        } else {
+            while i < n && b[i].is_ascii_alphabetic() {
+                h = (h ^ u64::from(b[i])).wrapping_mul(FNV_PRIME);
+                i += 1;
+            }
+        }
+        // A non-ASCII character may be a letter that continues the word.
+        if i < n && b[i] >= 0x80 {
+            return None;
+        }
+        self.vocab.contains(h).then_some(i)
+    }
+
+    /// The letters of a word not in the list, costed character by character.
+    #[inline]
+    fn letters<S: Sink>(&self, mut i: usize, prefix: usize, sink: &mut S) -> usize {
+        let b = self.b;
+        let n = b.len();
+        let mut pos = 0usize;
+        let mut prev = Case::Caseless;
+        let mut seen_lower = false;
+        let mut first = true;
+        while i < n {
+            let (cat, _, len) = cat_at(b, i);
+            let (class, case) = match cat {
+                Cat::Letter(class, case) => (usize::from(class), case),
+                Cat::Mark(class, _) if O200K => (usize::from(class), Case::Caseless),
+                _ => break,
+            };
+            if O200K {
+                if case == Case::Upper && seen_lower {
+                    break;
+                }
+                seen_lower |= case == Case::Lower;
+            }
+            if first {
+                sink.add(F_WORD_FIRST + prefix * N_LETTER + class);
+                first = false;
+            } else if case == Case::Upper && prev == Case::Lower {
+                sink.add(F_HUMP);
+                pos = 0;
+            } else {
+                pos += 1;
+                sink.add(F_WORD_INC + class * WORD_POS + pos.min(WORD_POS) - 1);
+            }
+            prev = case;
+            i += len;
+        }
+        i
+    }
+
+    /// o200k keeps a contraction after a word in the word's piece.
+    #[inline(always)]
+    fn contraction_suffix<S: Sink>(&self, i: usize, sink: &mut S) -> usize {
+        if O200K && self.b.get(i) == Some(&b'\'') {
+            if let Some(k) = contraction(self.b, i + 1) {
+                sink.add(F_PUNCT + P_BRACKET * PUNCT_POS);
+                sink.add(F_CONTRACTION);
+                return i + 1 + k;
+            }
+        }
+        i
+    }
+
+    /// Up to three numeric characters.
+    #[inline]
+    fn number<S: Sink>(&self, mut i: usize, sink: &mut S) -> usize {
+        let b = self.b;
+        sink.add(F_DIGITS);
+        for _ in 0..3 {
+            if i >= b.len() {
+                break;
+            }
+            let (cat, _, len) = cat_at(b, i);
+            match cat {
+                Cat::Digit => {}
+                Cat::NumOther => sink.add(F_NUM_OTHER),
+                _ => break,
+            }
+            i += len;
+        }
+        i
+    }
+
+    /// A run of punctuation, symbols and marks starting at `i`, then any newlines (and, for
+    /// o200k, slashes). `after_space`: a space before it belongs to the same piece.
+    #[inline]
+    fn punct<S: Sink>(&self, mut i: usize, after_space: bool, sink: &mut S) -> usize {
+        let b = self.b;
+        let n = b.len();
+        let mut pos = 0usize;
+        while i < n {
+            let (cat, _, len) = cat_at(b, i);
+            let (Cat::Punct(p) | Cat::Mark(_, p)) = cat else {
+                break;
+            };
+            let p = usize::from(p);
+            if pos == 0 && after_space {
+                sink.add(F_PUNCT_SP + p);
+            } else {
+                sink.add(F_PUNCT + p * PUNCT_POS + pos.min(PUNCT_POS - 1));
+            }
+            pos += 1;
+            i += len;
+        }
+        while i < n {
+            let class = match b[i] {
+                b'\r' | b'\n' => P_NEWLINE,
+                b'/' if O200K => P_OPERATOR,
+                _ => break,
+            };
+            sink.add(F_PUNCT + class * PUNCT_POS + pos.min(PUNCT_POS - 1));
+            pos += 1;
+            i += 1;
+        }
+        i
+    }
+
+    /// Whitespace at `i` that does not lead a word: up to the last newline of the run
+    /// (`\s*[\r\n]+`), else all but the last character when more text follows (`\s+(?!\S)`), else
+    /// the run (`\s+`). Costs restart at each character that follows a newline.
+    #[inline]
+    fn whitespace<S: Sink>(&self, i: usize, sink: &mut S) -> usize {
+        let b = self.b;
+        let n = b.len();
+        let mut j = i;
+        let mut last_len = 0;
+        let mut newline_end = None;
+        while j < n {
+            let (cat, _, len) = cat_at(b, j);
+            match cat {
+                Cat::Newline => newline_end = Some(j + len),
+                Cat::Ws(_) => {}
+                _ => break,
+            }
+            last_len = len;
+            j += len;
+        }
+        let end = match newline_end {
+            Some(e) => e,
+            None if j < n && j - i > last_len => j - last_len,
+            None => j,
+        };
+        let mut k = i;
+        let mut pos = 0usize;
+        let mut after_newline = false;
+        while k < end {
+            let (cat, _, len) = cat_at(b, k);
+            let (class, is_newline) = match cat {
+                Cat::Newline => (W_NEWLINE, true),
+                Cat::Ws(w) => (usize::from(w), false),
+                _ => (W_OTHER, false),
+            };
+            if after_newline && !is_newline {
+                pos = 0;
+            }
+            sink.add(F_WS + class * WS_POS + pos.min(WS_POS - 1));
+            pos += 1;
+            after_newline = is_newline;
+            k += len;
+        }
+        end
+    }
+}
+
+fn scan<S: Sink>(text: &str, enc: Encoding, sink: &mut S) {
+    let b = text.as_bytes();
+    let vocab = Vocab::get(enc);
+    match enc {
+        Encoding::Cl100k => Scanner::<false> { b, vocab }.run(sink),
+        Encoding::O200k => Scanner::<true> { b, vocab }.run(sink),
     }
 }
 
 /// Estimated token count of `text` for `enc`.
 pub fn estimate_text(text: &str, enc: Encoding) -> u64 {
-    // Rates are tokens per character, in thousandths, per class.
-    let (cjk, kana, hangul, other, emoji) = match enc {
-        Encoding::Cl100k => (1150u64, 1000u64, 1400u64, 450u64, 2500u64),
-        Encoding::O200k => (800, 800, 900, 320, 2000),
+    let mut total = Total {
+        costs: enc.costs(),
+        sum: 0,
     };
-    let mut milli: u64 = 0;
-    let mut word_len: u64 = 0;
-    let mut digit_len: u64 = 0;
-    let mut prev = Class::Space;
-    let flush_word = |len: u64| -> u64 {
-        // Short words are one token; long words split every ~6 characters.
-        if len == 0 {
-            0
-        } else {
-            1000 + (len.saturating_sub(5) * 1000) / 6
-        }
-    };
-    for c in text.chars() {
-        let class = classify(c);
-        if class != Class::Letter && word_len > 0 {
-            milli += flush_word(word_len);
-            word_len = 0;
-        }
-        if class != Class::Digit && digit_len > 0 {
-            milli += digit_len.div_ceil(3) * 1000;
-            digit_len = 0;
-        }
-        match class {
-            Class::Letter => word_len += 1,
-            Class::Digit => digit_len += 1,
-            Class::Space => {
-                // A single space attaches to the next word; runs of whitespace cost a token.
-                if prev == Class::Space {
-                    milli += 250;
-                }
-            }
-            Class::Punct => milli += 700,
-            Class::Cjk => milli += cjk,
-            Class::Kana => milli += kana,
-            Class::Hangul => milli += hangul,
-            Class::OtherLetter => milli += other,
-            Class::Emoji => milli += emoji,
-        }
-        prev = class;
-    }
-    milli += flush_word(word_len);
-    milli += digit_len.div_ceil(3) * 1000;
-    milli.div_ceil(1000)
+    scan(text, enc, &mut total);
+    (total.sum + (1 << (SCALE_BITS - 1))) >> SCALE_BITS
 }
+
+/// The pieces of `text` (byte ranges) and the features each emits, for calibration.
+pub fn pieces(text: &str, enc: Encoding) -> Vec<(usize, usize, Vec<u16>)> {
+    let mut sink = Pieces {
+        out: Vec::new(),
+        current: Vec::new(),
+    };
+    scan(text, enc, &mut sink);
+    sink.out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python boundary.
 
 /// Tokens added per chat message and once per request (OpenAI chat format).
 pub const TOKENS_PER_MESSAGE: u64 = 3;
 pub const TOKENS_PER_NAME: u64 = 1;
 pub const TOKENS_REPLY_PRIMING: u64 = 3;
 
-fn content_tokens(content: &Bound<'_, PyAny>, enc: Encoding) -> PyResult<u64> {
+/// Strings longer than this are estimated with the GIL released.
+const DETACH_BYTES: usize = 8192;
+
+/// The UTF-8 text of a Python string; lone surrogates become U+FFFD instead of failing.
+fn utf8<'a>(s: &'a Bound<'_, PyString>) -> Cow<'a, str> {
+    match s.to_cow() {
+        Ok(text) => text,
+        Err(_) => s.to_string_lossy(),
+    }
+}
+
+fn estimate_py(py: Python<'_>, s: &Bound<'_, PyString>, enc: Encoding) -> u64 {
+    let text = utf8(s);
+    let text: &str = &text;
+    if text.len() > DETACH_BYTES {
+        py.detach(|| estimate_text(text, enc))
+    } else {
+        estimate_text(text, enc)
+    }
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+fn content_tokens(py: Python<'_>, content: &Bound<'_, PyAny>, enc: Encoding) -> PyResult<u64> {
     if let Ok(s) = content.cast::<PyString>() {
-        return Ok(estimate_text(&s.to_cow()?, enc));
+        return Ok(estimate_py(py, s, enc));
     }
     if content.is_none() {
         return Ok(0);
     }
-    if let Ok(parts) = content.cast::<PyList>() {
-        let mut total = 0u64;
-        for part in parts.iter() {
-            if let Ok(s) = part.cast::<PyString>() {
-                total += estimate_text(&s.to_cow()?, enc);
-            } else if let Ok(d) = part.cast::<PyDict>() {
-                if let Some(text) = d.get_item("text")? {
-                    if let Ok(s) = text.cast::<PyString>() {
-                        total += estimate_text(&s.to_cow()?, enc);
-                    }
+    let parts = if let Ok(list) = content.cast::<PyList>() {
+        list.iter().collect::<Vec<_>>()
+    } else if let Ok(tuple) = content.cast::<PyTuple>() {
+        tuple.iter().collect::<Vec<_>>()
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "message content must be str, list or None, not {}",
+            type_name(content)
+        )));
+    };
+    let mut total = 0u64;
+    for part in parts {
+        if let Ok(s) = part.cast::<PyString>() {
+            total += estimate_py(py, s, enc);
+        } else if let Ok(d) = part.cast::<PyDict>() {
+            // Text parts count; images, audio and other parts are not estimated here.
+            if let Some(text) = d.get_item("text")? {
+                if let Ok(s) = text.cast::<PyString>() {
+                    total += estimate_py(py, s, enc);
                 }
             }
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "a content part must be a str or a dict, not {}",
+                type_name(&part)
+            )));
         }
-        return Ok(total);
     }
-    Err(PyTypeError::new_err(format!(
-        "message content must be str, list or None, not {}",
-        content.get_type().name()?
-    )))
+    Ok(total)
+}
+
+fn optional_str_tokens(
+    py: Python<'_>,
+    d: &Bound<'_, PyDict>,
+    key: &str,
+    enc: Encoding,
+) -> PyResult<Option<u64>> {
+    match d.get_item(key)? {
+        None => Ok(None),
+        Some(v) if v.is_none() => Ok(None),
+        Some(v) => match v.cast::<PyString>() {
+            Ok(s) => Ok(Some(estimate_py(py, s, enc))),
+            Err(_) => Err(PyTypeError::new_err(format!(
+                "message '{key}' must be a str, not {}",
+                type_name(&v)
+            ))),
+        },
+    }
 }
 
 fn parse_encoding(encoding: &str) -> PyResult<Encoding> {
     Encoding::parse(encoding).ok_or_else(|| {
         PyValueError::new_err(format!(
-            "unknown encoding {encoding:?}; expected 'cl100k' or 'o200k'"
+            "unknown encoding {encoding:?}; expected 'cl100k', 'o200k', 'cl100k_base' or \
+             'o200k_base'"
         ))
     })
 }
@@ -164,52 +879,61 @@ fn parse_encoding(encoding: &str) -> PyResult<Encoding> {
 #[pyo3(name = "estimate_text", signature = (text, encoding = "cl100k"))]
 fn py_estimate_text(py: Python<'_>, text: &Bound<'_, PyString>, encoding: &str) -> PyResult<u64> {
     let enc = parse_encoding(encoding)?;
-    let s = text.to_cow()?;
-    if s.len() > 4096 {
-        let owned: &str = &s;
-        Ok(py.detach(|| estimate_text(owned, enc)))
-    } else {
-        Ok(estimate_text(&s, enc))
-    }
+    Ok(estimate_py(py, text, enc))
 }
 
 /// Estimate the prompt tokens of a chat message list, with the per-message overhead.
 #[pyfunction]
 #[pyo3(name = "estimate_messages", signature = (messages, encoding = "cl100k"))]
-fn py_estimate_messages(messages: &Bound<'_, PyList>, encoding: &str) -> PyResult<u64> {
+fn py_estimate_messages(
+    py: Python<'_>,
+    messages: &Bound<'_, PyList>,
+    encoding: &str,
+) -> PyResult<u64> {
     let enc = parse_encoding(encoding)?;
-    let mut total = 0u64;
+    let mut total = TOKENS_REPLY_PRIMING;
     for msg in messages.iter() {
         let d = msg.cast::<PyDict>().map_err(|_| {
             PyTypeError::new_err(format!(
                 "each message must be a dict, not {}",
-                msg.get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default()
+                type_name(&msg)
             ))
         })?;
         total += TOKENS_PER_MESSAGE;
         if let Some(content) = d.get_item("content")? {
-            total += content_tokens(&content, enc)?;
+            total += content_tokens(py, &content, enc)?;
         }
-        if let Some(role) = d.get_item("role")? {
-            if let Ok(s) = role.cast::<PyString>() {
-                total += estimate_text(&s.to_cow()?, enc);
-            }
-        }
-        if let Some(name) = d.get_item("name")? {
-            if let Ok(s) = name.cast::<PyString>() {
-                total += TOKENS_PER_NAME + estimate_text(&s.to_cow()?, enc);
-            }
+        total += optional_str_tokens(py, d, "role", enc)?.unwrap_or(0);
+        if let Some(n) = optional_str_tokens(py, d, "name", enc)? {
+            total += TOKENS_PER_NAME + n;
         }
     }
-    Ok(total + TOKENS_REPLY_PRIMING)
+    Ok(total)
+}
+
+/// The pieces of `text` as `(byte_start, byte_end, feature_ids)`, for calibration.
+#[pyfunction]
+#[pyo3(name = "_estimate_pieces", signature = (text, encoding = "cl100k"))]
+fn py_estimate_pieces(
+    text: &Bound<'_, PyString>,
+    encoding: &str,
+) -> PyResult<Vec<(usize, usize, Vec<u16>)>> {
+    let enc = parse_encoding(encoding)?;
+    Ok(pieces(&utf8(text), enc))
+}
+
+/// Names of the estimator's features, indexed like its cost tables.
+#[pyfunction]
+#[pyo3(name = "_estimate_feature_names")]
+fn py_estimate_feature_names() -> Vec<String> {
+    feature_names()
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_estimate_text, m)?)?;
     m.add_function(wrap_pyfunction!(py_estimate_messages, m)?)?;
+    m.add_function(wrap_pyfunction!(py_estimate_pieces, m)?)?;
+    m.add_function(wrap_pyfunction!(py_estimate_feature_names, m)?)?;
     Ok(())
 }
 
@@ -217,25 +941,82 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 mod tests {
     use super::*;
 
+    fn split(text: &str, enc: Encoding) -> Vec<&str> {
+        pieces(text, enc)
+            .into_iter()
+            .map(|(s, e, _)| &text[s..e])
+            .collect()
+    }
+
+    #[test]
+    fn names_match_layout() {
+        assert_eq!(feature_names().len(), N_FEATURES);
+        assert!(N_FEATURES <= usize::from(u16::MAX));
+    }
+
     #[test]
     fn empty_is_zero() {
         assert_eq!(estimate_text("", Encoding::Cl100k), 0);
+        assert_eq!(estimate_text("", Encoding::O200k), 0);
+    }
+
+    #[test]
+    fn pre_tokenizer_matches_cl100k_regex() {
+        let enc = Encoding::Cl100k;
+        assert_eq!(
+            split("Hello, world! I'm here.", enc),
+            ["Hello", ",", " world", "!", " I", "'m", " here", "."]
+        );
+        assert_eq!(
+            split("x = 12345;\n", enc),
+            ["x", " =", " ", "123", "45", ";\n"]
+        );
+        assert_eq!(
+            split("def f():\n    return 1\n\n", enc),
+            ["def", " f", "():\n", "   ", " return", " ", "1", "\n\n"]
+        );
+        assert_eq!(split("((a)) .b", enc), ["((", "a", "))", " .", "b"]);
+        assert_eq!(split("(a  \n  b", enc), ["(a", "  \n", " ", " b"]);
+        assert_eq!(split("getElementById", enc), ["getElementById"]);
+        assert_eq!(split("x  ", enc), ["x", "  "]);
+    }
+
+    #[test]
+    fn pre_tokenizer_matches_o200k_regex() {
+        let enc = Encoding::O200k;
+        assert_eq!(
+            split("getElementById HTMLParser don't", enc),
+            ["get", "Element", "By", "Id", " HTMLParser", " don't"]
+        );
+        assert_eq!(split("a.\n/b", enc), ["a", ".\n/", "b"]);
     }
 
     #[test]
     fn monotone_in_appended_text() {
-        let base = "Hello world, this is a test.";
-        let longer = format!("{base} And some more words here.");
-        assert!(estimate_text(&longer, Encoding::Cl100k) >= estimate_text(base, Encoding::Cl100k));
+        let samples = [
+            "Hello world, this is a test. ",
+            "don't stop (now)  \n\n  x = [1, 2, 3]; // ok",
+            "日本語のテキスト、そして中文。",
+            "'ll 'l x'l \t\t\n \n 🎉👩‍👩‍👧 ❤️ مرحبا Привет",
+        ];
+        for enc in [Encoding::Cl100k, Encoding::O200k] {
+            for text in samples {
+                let mut prev = 0;
+                for (i, _) in text.char_indices().skip(1).chain([(text.len(), ' ')]) {
+                    let n = estimate_text(&text[..i], enc);
+                    assert!(n >= prev, "{enc:?} {:?}: {n} < {prev}", &text[..i]);
+                    prev = n;
+                }
+            }
+        }
     }
 
     #[test]
-    fn english_is_close_to_word_count() {
-        // "The quick brown fox jumps over the lazy dog." is 10 tokens in cl100k_base.
-        let n = estimate_text(
-            "The quick brown fox jumps over the lazy dog.",
-            Encoding::Cl100k,
-        );
-        assert!((9..=11).contains(&n), "{n}");
+    fn english_is_close_to_tiktoken() {
+        // "The quick brown fox jumps over the lazy dog." is 10 tokens in both encodings.
+        for enc in [Encoding::Cl100k, Encoding::O200k] {
+            let n = estimate_text("The quick brown fox jumps over the lazy dog.", enc);
+            assert!((9..=11).contains(&n), "{enc:?}: {n}");
+        }
     }
 }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,6 +9,11 @@ from llmtally import _core
 from llmtally.errors import TokenizerUnavailable
 
 __all__ = ["encoding_for_model", "estimate_tokens"]
+
+# The OpenAI chat format: tokens per message, per name, and once per request for the reply.
+_PER_MESSAGE = 3
+_PER_NAME = 1
+_REPLY_PRIMING = 3
 
 _O200K_PREFIXES = (
     "gpt-4o",
@@ -47,15 +51,33 @@ def estimate_tokens(
 ) -> int:
     """Count the tokens of a string or a chat message list.
 
-    The default is the Rust estimator (no tokenizer needed, script-aware, with the chat format's
-    per-message overhead for message lists). ``exact=True`` counts with tiktoken and raises
+    The default is the Rust estimator: no tokenizer needed, it mirrors how ``cl100k_base`` /
+    ``o200k_base`` split text and is calibrated against them (mean error within 10% on English,
+    other European languages, Chinese, Japanese, Korean, Russian, Arabic, code, JSON and
+    emoji). Message lists add the OpenAI chat format's overhead: 3 tokens per message, 1 per
+    ``name``, 3 for the reply. ``exact=True`` counts with tiktoken instead and raises
     :class:`TokenizerUnavailable` when tiktoken or the model's encoding cannot be loaded.
+
+    Args:
+        text_or_messages: a string, or chat messages (dicts with ``role``, ``content`` as a str
+            or a list of text parts, and optionally ``name``).
+        model: picks the encoding (see :func:`encoding_for_model`); ``None`` means cl100k.
+        exact: count with tiktoken rather than estimate.
+
+    Raises:
+        TypeError: a malformed message list.
+        TokenizerUnavailable: ``exact=True`` and tiktoken or the encoding is not available.
 
     >>> estimate_tokens("")
     0
     >>> estimate_tokens([{"role": "user", "content": "hi"}]) > 3
     True
     """
+    if not isinstance(text_or_messages, str | Sequence):
+        raise TypeError(
+            "estimate_tokens() takes a str or a list of message dicts, "
+            f"not {type(text_or_messages).__name__}"
+        )
     encoding = encoding_for_model(model)
     if exact:
         return _exact(text_or_messages, encoding)
@@ -63,55 +85,76 @@ def estimate_tokens(
         return _core.estimate_text(text_or_messages, encoding)
     if isinstance(text_or_messages, list):
         return _core.estimate_messages(text_or_messages, encoding)
-    if isinstance(text_or_messages, Sequence):
-        return _core.estimate_messages(list(text_or_messages), encoding)
-    raise TypeError(
-        "estimate_tokens() takes a str or a list of message dicts, "
-        f"not {type(text_or_messages).__name__}"
-    )
+    return _core.estimate_messages(list(text_or_messages), encoding)
 
 
-@functools.cache
+_ENCODERS: dict[str, Any] = {}
+_FAILURES: dict[str, str] = {}
+
+
 def _encoder(encoding: str) -> Any:
-    try:
-        import tiktoken
-    except ImportError as exc:
-        raise TokenizerUnavailable(
-            "exact token counts need tiktoken: pip install 'llmtally[tiktoken]'"
-        ) from exc
-    try:
-        return tiktoken.get_encoding(encoding)
-    except Exception as exc:
-        raise TokenizerUnavailable(
-            f"tiktoken encoding {encoding!r} could not be loaded ({exc}); offline machines can "
-            "point TIKTOKEN_CACHE_DIR at a folder holding the encoding file"
-        ) from exc
+    """tiktoken's encoding, loaded once; a failure is remembered and reported the same way."""
+    if encoding in _ENCODERS:
+        return _ENCODERS[encoding]
+    if encoding not in _FAILURES:
+        try:
+            import tiktoken
+        except ImportError:
+            _FAILURES[encoding] = (
+                "exact token counts need tiktoken, which is not installed: "
+                "pip install 'llmtally[tiktoken]'"
+            )
+        else:
+            try:
+                _ENCODERS[encoding] = tiktoken.get_encoding(encoding)
+                return _ENCODERS[encoding]
+            except Exception as exc:
+                _FAILURES[encoding] = (
+                    f"tiktoken is installed but cannot load the {encoding!r} encoding ({exc}); "
+                    "without network access, set TIKTOKEN_CACHE_DIR to a folder holding the "
+                    "encoding file (tiktoken names it by the SHA-1 of its download URL)"
+                )
+    raise TokenizerUnavailable(_FAILURES[encoding])
+
+
+def _count(enc: Any, text: str) -> int:
+    return len(enc.encode(text, disallowed_special=()))
 
 
 def _exact(text_or_messages: str | Sequence[Mapping[str, Any]], encoding: str) -> int:
+    """Exact counts with tiktoken, with the same chat-format overhead as the estimate."""
     enc = _encoder(encoding)
     if isinstance(text_or_messages, str):
-        return len(enc.encode(text_or_messages, disallowed_special=()))
-    total = 0
+        return _count(enc, text_or_messages)
+    total = _REPLY_PRIMING
     for msg in text_or_messages:
         if not isinstance(msg, Mapping):
             raise TypeError(f"each message must be a dict, not {type(msg).__name__}")
-        total += 3
-        for key in ("role", "content", "name"):
+        total += _PER_MESSAGE
+        for key in ("role", "name"):
             value = msg.get(key)
-            if isinstance(value, str):
-                total += len(enc.encode(value, disallowed_special=()))
-                if key == "name":
-                    total += 1
-            elif isinstance(value, list):
-                for part in value:
-                    text = (
-                        part
-                        if isinstance(part, str)
-                        else part.get("text")
-                        if isinstance(part, Mapping)
-                        else None
-                    )
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise TypeError(f"message {key!r} must be a str, not {type(value).__name__}")
+            total += _count(enc, value) + (_PER_NAME if key == "name" else 0)
+        content = msg.get("content")
+        if isinstance(content, str):
+            total += _count(enc, content)
+        elif isinstance(content, list | tuple):
+            for part in content:
+                if isinstance(part, str):
+                    total += _count(enc, part)
+                elif isinstance(part, Mapping):
+                    text = part.get("text")
                     if isinstance(text, str):
-                        total += len(enc.encode(text, disallowed_special=()))
-    return total + 3
+                        total += _count(enc, text)
+                else:
+                    raise TypeError(
+                        f"a content part must be a str or a dict, not {type(part).__name__}"
+                    )
+        elif content is not None:
+            raise TypeError(
+                f"message content must be str, list or None, not {type(content).__name__}"
+            )
+    return total
