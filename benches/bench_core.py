@@ -26,7 +26,7 @@ def test_ledger_add(benchmark: Any, impl: str) -> None:
 
     def run() -> None:
         for i in range(OPS):
-            add(KEYS[i % 1000], 21, 14, 7, 0, 0, 0, 105_000_000, 1, 0)
+            add(KEYS[i % 1000], 21, 14, 7, 0, 0, 0, 105_000_000, 1, 0, 0)
 
     benchmark.pedantic(run, rounds=20, iterations=1)
     record("core-ledger-add", impl, benchmark.stats.stats.median / OPS)
@@ -40,7 +40,7 @@ def test_ledger_drain_to_store_args(benchmark: Any, impl: str) -> None:
 
     def setup() -> None:
         for i in range(10_000):
-            ledger.add(f"user-{i}", 21, 14, 7, 0, 0, 0, 1, 1, 0)
+            ledger.add(f"user-{i}", 21, 14, 7, 0, 0, 0, 1, 1, 0, 0)
 
     def run() -> Any:
         if impl == "rust":

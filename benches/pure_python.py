@@ -6,7 +6,7 @@ import math
 import threading
 from typing import Any
 
-N = 9
+N = 10
 
 
 class PyLedger:
@@ -107,6 +107,7 @@ FIELDS = (
     "cost_pusd",
     "calls",
     "errors",
+    "timeouts",
 )
 
 

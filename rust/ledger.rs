@@ -16,7 +16,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString, PyTuple};
 
 /// The counters kept per key, in this order.
-pub const FIELDS: [&str; 9] = [
+pub const FIELDS: [&str; 10] = [
     "total_tokens",
     "prompt_tokens",
     "completion_tokens",
@@ -26,6 +26,7 @@ pub const FIELDS: [&str; 9] = [
     "cost_pusd",
     "calls",
     "errors",
+    "timeouts",
 ];
 pub const NFIELDS: usize = FIELDS.len();
 
@@ -133,6 +134,16 @@ impl Core {
         rest
     }
 
+    /// Keys with unflushed deltas.
+    pub fn keys(&self) -> Vec<Box<str>> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let guard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(guard.keys().cloned());
+        }
+        out
+    }
+
     pub fn pending(&self) -> u64 {
         self.pending.load(Ordering::Relaxed)
     }
@@ -182,7 +193,7 @@ impl Ledger {
     /// Add one call's usage to `key`. All counts are non-negative except on undo paths.
     #[pyo3(signature = (
         key, total_tokens=0, prompt_tokens=0, completion_tokens=0, cached_tokens=0,
-        cache_write_tokens=0, reasoning_tokens=0, cost_pusd=0, calls=0, errors=0
+        cache_write_tokens=0, reasoning_tokens=0, cost_pusd=0, calls=0, errors=0, timeouts=0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn add(
@@ -197,6 +208,7 @@ impl Ledger {
         cost_pusd: i64,
         calls: i64,
         errors: i64,
+        timeouts: i64,
     ) -> PyResult<()> {
         let delta = [
             total_tokens,
@@ -208,6 +220,7 @@ impl Ledger {
             cost_pusd,
             calls,
             errors,
+            timeouts,
         ];
         self.core.add(key, &delta).map_err(|i| {
             PyOverflowError::new_err(format!(
@@ -217,7 +230,7 @@ impl Ledger {
         })
     }
 
-    /// Add a sequence of 9 counters (in `LEDGER_FIELDS` order) to `key`.
+    /// Add a sequence of counters (in `LEDGER_FIELDS` order) to `key`.
     fn add_counters(&self, key: &str, counters: Vec<i64>) -> PyResult<()> {
         let delta = counters_from(&counters)?;
         self.core.add(key, &delta).map_err(|i| {
@@ -231,6 +244,11 @@ impl Ledger {
     /// The unflushed counters of `key`, as a tuple in `LEDGER_FIELDS` order.
     fn get<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, self.core.get(key))
+    }
+
+    /// Keys with unflushed deltas (a copy; nothing is drained).
+    fn keys(&self) -> Vec<String> {
+        self.core.keys().into_iter().map(String::from).collect()
     }
 
     /// Swap out everything accumulated as one `Batch` (with a fresh batch id).
@@ -319,6 +337,75 @@ impl Batch {
             }
         }
         PyList::new(py, out)
+    }
+
+    /// The batch as Lua calls: `(marker_key, keys, args)` per chunk of at most `max_keys` keys,
+    /// where `args` holds, per key, the number of non-zero fields then `field, value` pairs.
+    /// With `cluster=True` the chunks are grouped by hash slot and each marker key sits in its
+    /// chunk's slot. The split is deterministic, so a retried batch produces the same calls.
+    #[pyo3(signature = (max_keys = 512, cluster = false))]
+    fn lua_chunks<'py>(
+        &self,
+        py: Python<'py>,
+        max_keys: usize,
+        cluster: bool,
+    ) -> PyResult<Bound<'py, PyList>> {
+        if max_keys == 0 {
+            return Err(PyValueError::new_err("max_keys must be at least 1"));
+        }
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (i, (key, _)) in entries.iter().enumerate() {
+            let slot = if cluster {
+                crate::slots::key_slot(key)
+            } else {
+                0
+            };
+            groups.entry(slot).or_default().push(i);
+        }
+        let names: Vec<Bound<'py, PyString>> =
+            FIELDS.iter().map(|f| PyString::intern(py, f)).collect();
+        let out = PyList::empty(py);
+        for (slot, indices) in groups {
+            let marker = if cluster {
+                format!("llmtally:{{{}}}:flushed", crate::slots::slot_tags()[slot])
+            } else {
+                "llmtally:flushed".to_string()
+            };
+            for chunk in indices.chunks(max_keys) {
+                let mut keys: Vec<Bound<'py, PyAny>> = Vec::with_capacity(chunk.len());
+                let mut args: Vec<Bound<'py, PyAny>> = Vec::with_capacity(chunk.len() * 8);
+                for &i in chunk {
+                    let (key, counters) = &entries[i];
+                    keys.push(PyString::new(py, key).into_any());
+                    let nonzero = counters.iter().filter(|v| **v != 0).count();
+                    args.push(nonzero.into_pyobject(py)?.into_any());
+                    for (name, value) in names.iter().zip(counters.iter()) {
+                        if *value != 0 {
+                            args.push(name.clone().into_any());
+                            args.push(value.into_pyobject(py)?.into_any());
+                        }
+                    }
+                }
+                out.append((
+                    marker.as_str(),
+                    PyList::new(py, keys)?,
+                    PyList::new(py, args)?,
+                ))?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The counters of `key` in this batch (zeros when absent).
+    fn get<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyTuple>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let found = entries
+            .iter()
+            .find(|(k, _)| &**k == key)
+            .map(|(_, c)| *c)
+            .unwrap_or([0; NFIELDS]);
+        PyTuple::new(py, found)
     }
 
     /// Sum of every entry's counters (for checks and metrics).

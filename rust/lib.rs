@@ -10,7 +10,15 @@ pub mod estimate;
 pub mod histogram;
 pub mod ledger;
 pub mod response;
+pub mod slots;
 pub mod usage;
+
+/// The Redis Cluster hash slot of a key (hash tags honoured).
+#[pyfunction]
+#[pyo3(name = "key_slot")]
+fn py_key_slot(key: &str) -> usize {
+    slots::key_slot(key)
+}
 
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -21,5 +29,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     ledger::register(m)?;
     histogram::register(m)?;
     cost::register(m)?;
+    m.add_function(wrap_pyfunction!(py_key_slot, m)?)?;
     Ok(())
 }

@@ -63,7 +63,7 @@ def test_concurrent_adders_and_drainers_lose_nothing() -> None:
     def adder(seed: int) -> None:
         rng = random.Random(seed)
         for _ in range(20_000):
-            ledger.add(f"user-{rng.randrange(50)}", 1, 1, 0, 0, 0, 0, 7, 1, 0)
+            ledger.add(f"user-{rng.randrange(50)}", 1, 1, 0, 0, 0, 0, 7, 1, 0, 0)
 
     def drainer() -> None:
         while not stop.is_set():
@@ -82,14 +82,14 @@ def test_concurrent_adders_and_drainers_lose_nothing() -> None:
     totals = [0] * N
     for counters in add_up(batches).values():
         totals = [a + b for a, b in zip(totals, counters, strict=True)]
-    assert totals == [80_000, 80_000, 0, 0, 0, 0, 560_000, 80_000, 0]
+    assert totals == [80_000, 80_000, 0, 0, 0, 0, 560_000, 80_000, 0, 0]
 
 
 def test_ledger_get_and_flat_args() -> None:
     ledger = _core.Ledger()
     ledger.add("k", total_tokens=15, prompt_tokens=10, completion_tokens=5, cost_pusd=99, calls=1)
     ledger.add("k", errors=1)
-    assert ledger.get("k") == (15, 10, 5, 0, 0, 0, 99, 1, 1)
+    assert ledger.get("k") == (15, 10, 5, 0, 0, 0, 99, 1, 1, 0)
     assert ledger.get("absent") == (0,) * N
     batch = ledger.drain()
     assert len(batch.id) == 24 and batch.id != ledger.drain().id
@@ -98,7 +98,7 @@ def test_ledger_get_and_flat_args() -> None:
         "total_tokens", 15, "prompt_tokens", 10, "completion_tokens", 5,
         "cost_pusd", 99, "calls", 1, "errors", 1,
     ]  # fmt: skip
-    assert batch.totals() == (15, 10, 5, 0, 0, 0, 99, 1, 1)
+    assert batch.totals() == (15, 10, 5, 0, 0, 0, 99, 1, 1, 0)
 
 
 def test_ledger_refuses_overflow_and_counts_it() -> None:

@@ -1,0 +1,128 @@
+"""Store keys: ``llmtally:{<user_id>}:<YYYY-MM-DD>``, one hash per user and billing cycle.
+
+User ids matching ``[A-Za-z0-9._@+-]{1,256}`` are kept verbatim. Any other id is escaped
+reversibly as ``~`` + URL-safe base64 of its UTF-8 bytes: ``~`` is outside the verbatim set, so an
+escaped id can never equal a verbatim one, and the escape alphabet has no ``{``, ``}``, ``:``,
+``*`` or whitespace, so no id can reach another user's key or hash slot.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import re
+import time
+
+from llmtally.errors import ConfigError
+
+__all__ = [
+    "KEY_PREFIX",
+    "CycleClock",
+    "current_cycle",
+    "encode_user_id",
+    "decode_user_id",
+    "parse_key",
+    "usage_key",
+    "validate_cycle",
+    "validate_user_id",
+]
+
+KEY_PREFIX = "llmtally:"
+_VERBATIM = re.compile(r"[A-Za-z0-9._@+-]{1,256}")
+_KEY = re.compile(r"llmtally:\{([^{}]+)\}:(\d{4}-\d{2}-\d{2})")
+MAX_USER_ID_BYTES = 64 * 1024
+
+
+def validate_user_id(user_id: object, name: str = "user_id") -> str:
+    """Check a user id given by the caller: a non-empty str (``ValueError`` otherwise)."""
+    if not isinstance(user_id, str):
+        raise ConfigError(f"{name} must be a non-empty str, not {type(user_id).__name__}")
+    if not user_id or not user_id.strip():
+        raise ConfigError(f"{name} must not be empty")
+    if len(user_id.encode("utf-8", "surrogatepass")) > MAX_USER_ID_BYTES:
+        raise ConfigError(f"{name} is longer than {MAX_USER_ID_BYTES} bytes")
+    return user_id
+
+
+def encode_user_id(user_id: str) -> str:
+    """The id as it appears inside the key's hash tag.
+
+    >>> encode_user_id("alice@example.com")
+    'alice@example.com'
+    >>> encode_user_id("a}b")
+    '~YX1i'
+    """
+    if _VERBATIM.fullmatch(user_id):
+        return user_id
+    raw = user_id.encode("utf-8", "surrogatepass")
+    return "~" + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_user_id(encoded: str) -> str:
+    """Inverse of :func:`encode_user_id`."""
+    if not encoded.startswith("~"):
+        return encoded
+    body = encoded[1:]
+    raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    return raw.decode("utf-8", "surrogatepass")
+
+
+def validate_cycle(cycle_start_date: object, name: str = "cycle_start_date") -> str:
+    """Check a cycle start: a valid ``YYYY-MM-DD`` date (any day; a cycle may start mid-month)."""
+    if isinstance(cycle_start_date, _dt.date):
+        return cycle_start_date.isoformat()[:10]
+    if not isinstance(cycle_start_date, str) or not re.fullmatch(
+        r"\d{4}-\d{2}-\d{2}", cycle_start_date
+    ):
+        raise ConfigError(f"{name} must be a 'YYYY-MM-DD' string, not {cycle_start_date!r}")
+    try:
+        _dt.date.fromisoformat(cycle_start_date)
+    except ValueError:
+        raise ConfigError(f"{name}={cycle_start_date!r} is not a valid date") from None
+    return cycle_start_date
+
+
+class CycleClock:
+    """The first day of the current UTC month, recomputed only when the month changes."""
+
+    __slots__ = ("_cycle", "_until")
+
+    def __init__(self) -> None:
+        self._until = 0.0
+        self._cycle = ""
+
+    def now(self) -> str:
+        t = time.time()
+        if t < self._until:
+            return self._cycle
+        today = _dt.datetime.fromtimestamp(t, _dt.UTC).date()
+        start = today.replace(day=1)
+        nxt = (start + _dt.timedelta(days=32)).replace(day=1)
+        self._until = _dt.datetime(nxt.year, nxt.month, 1, tzinfo=_dt.UTC).timestamp()
+        self._cycle = start.isoformat()
+        return self._cycle
+
+
+_clock = CycleClock()
+
+
+def current_cycle() -> str:
+    """The first day of the current UTC month, ``YYYY-MM-DD``."""
+    return _clock.now()
+
+
+def usage_key(user_id: str, cycle_start_date: str) -> str:
+    """The store key of one user's usage in one cycle.
+
+    >>> usage_key("alice", "2026-11-01")
+    'llmtally:{alice}:2026-11-01'
+    """
+    return f"{KEY_PREFIX}{{{encode_user_id(user_id)}}}:{cycle_start_date}"
+
+
+def parse_key(key: str) -> tuple[str, str] | None:
+    """``(user_id, cycle_start_date)`` of a usage key, or ``None`` for other keys."""
+    m = _KEY.fullmatch(key)
+    if m is None:
+        return None
+    return decode_user_id(m.group(1)), m.group(2)
