@@ -40,6 +40,15 @@ from llmtally.errors import (
     TokenizerUnavailable,
 )
 from llmtally.events import AsyncCallbackHandler, Callbacks, CustomAsyncCallbackHandler
+from llmtally.metering import (
+    DetailedRedisTokenCallbackHandler,
+    RedisTokenCallbackHandler,
+    UsageRecorder,
+    create_detailed_token_callback,
+    create_token_callback,
+)
+from llmtally.repository import TokenUsageRepository
+from llmtally.storage import Store, default_store, open_store
 from llmtally.tokens import estimate_tokens
 from llmtally.usage import Usage, extract_usage
 
@@ -57,21 +66,30 @@ __all__ = [
     "CompositeCallbackHandler",
     "ConfigError",
     "CustomAsyncCallbackHandler",
+    "DetailedRedisTokenCallbackHandler",
     "InvalidHandler",
     "LLMCall",
     "LlmtallyError",
     "RateLimited",
+    "RedisTokenCallbackHandler",
     "Retrieval",
+    "Store",
     "StoreError",
     "StoreUnavailable",
     "TokenizerUnavailable",
+    "TokenUsageRepository",
     "ToolCall",
     "Usage",
+    "UsageRecorder",
     "__version__",
     "create_composite_callback",
+    "create_detailed_token_callback",
+    "create_token_callback",
     "current_run",
+    "default_store",
     "estimate_tokens",
     "extract_usage",
     "get_global_callbacks",
+    "open_store",
     "set_global_callbacks",
 ]

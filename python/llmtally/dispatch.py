@@ -49,8 +49,11 @@ __all__ = [
     "Retrieval",
     "ToolCall",
     "create_composite_callback",
+    "RequestWindow",
     "current_run",
+    "generated_by_this_process",
     "get_global_callbacks",
+    "is_timeout",
     "new_id",
     "set_global_callbacks",
 ]
@@ -74,6 +77,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reseed_ids)
 
 
+def generated_by_this_process(request_id: object) -> bool:
+    """Whether ``request_id`` was made by :func:`new_id` in this process (so it is unique)."""
+    return isinstance(request_id, str) and request_id.startswith(_id_prefix)
+
+
 def new_id() -> str:
     """A new request or run id, unique across processes.
 
@@ -86,7 +94,7 @@ def new_id() -> str:
 # ---------------------------------------------------------------------------------------------
 # Handler entries and per-event tables.
 
-_Target = tuple["_Entry", Callable[..., Any], bool]
+_Target = tuple["_Entry", Callable[..., Any], int]
 _NO_TARGETS: Final[tuple[_Target, ...]] = ()
 
 
@@ -113,12 +121,26 @@ class _Entry:
         self.logged: set[tuple[str, type]] = set()
 
 
+# How a target is called: an async method, a plain method (whose result may be awaitable), or
+# the synchronous fast path of a built-in handler, called as ``fn(*args, kwargs)``.
+ASYNC, SYNC, FAST = 0, 1, 2
+
+
 def _targets(entries: Iterable[_Entry], event: str) -> tuple[_Target, ...]:
     found = []
     for entry in entries:
-        if event in entry.events:
-            fn = getattr(entry.handler, event)
-            found.append((entry, fn, inspect.iscoroutinefunction(fn)))
+        if event not in entry.events:
+            continue
+        fast = getattr(entry.handler, "_llmtally_fast", None)
+        if fast is not None and event in fast:
+            # A built-in handler: the manager calls its synchronous recorder directly (same
+            # behaviour as its async method, without a coroutine), or nothing at all.
+            name = fast[event]
+            if name is not None:
+                found.append((entry, getattr(entry.handler, name), FAST))
+            continue
+        fn = getattr(entry.handler, event)
+        found.append((entry, fn, ASYNC if inspect.iscoroutinefunction(fn) else SYNC))
     return tuple(found) if found else _NO_TARGETS
 
 
@@ -190,7 +212,7 @@ class _Dispatcher:
         self,
         entry: _Entry,
         fn: Callable[..., Any],
-        is_async: bool,
+        kind: int,
         event: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -198,8 +220,10 @@ class _Dispatcher:
         """Run one handler; returns the abort it raised, if any. Never raises ``Exception``."""
         timeout = self.timeout
         try:
-            if timeout is None:
-                if is_async:
+            if kind == FAST:
+                fn(*args, kwargs)
+            elif timeout is None:
+                if kind == ASYNC:
                     await fn(*args, **kwargs)
                 else:
                     result = fn(*args, **kwargs)
@@ -210,7 +234,7 @@ class _Dispatcher:
                 try:
                     async with scope:
                         result = fn(*args, **kwargs)
-                        if is_async or inspect.isawaitable(result):
+                        if kind == ASYNC or inspect.isawaitable(result):
                             await result
                 except TimeoutError:
                     if scope.expired():
@@ -240,9 +264,11 @@ class _Dispatcher:
         abort: CallbackAbort | None = None
         if self.timeout is None:
             # The common case, kept tight: no per-handler coroutine wrapper.
-            for index, (entry, fn, is_async) in enumerate(targets):
+            for index, (entry, fn, kind) in enumerate(targets):
                 try:
-                    if is_async:
+                    if kind == FAST:
+                        fn(*args, kwargs)
+                    elif kind == ASYNC:
                         await fn(*args, **kwargs)
                     else:
                         result = fn(*args, **kwargs)
@@ -256,8 +282,8 @@ class _Dispatcher:
                 except Exception as exc:
                     self._failed(entry, event, exc)
         else:
-            for index, (entry, fn, is_async) in enumerate(targets):
-                found = await self._call(entry, fn, is_async, event, args, kwargs)
+            for index, (entry, fn, kind) in enumerate(targets):
+                found = await self._call(entry, fn, kind, event, args, kwargs)
                 if found is not None:
                     if stop_on_abort:
                         _raise_abort(found, [t[0] for t in targets[:index]])
@@ -277,11 +303,11 @@ class _Dispatcher:
         semaphore = self._semaphore
 
         async def run(target: _Target) -> CallbackAbort | None:
-            entry, fn, is_async = target
-            if semaphore is None:
-                return await self._call(entry, fn, is_async, event, args, kwargs)
+            entry, fn, kind = target
+            if semaphore is None or kind == FAST:
+                return await self._call(entry, fn, kind, event, args, kwargs)
             async with semaphore:
-                return await self._call(entry, fn, is_async, event, args, kwargs)
+                return await self._call(entry, fn, kind, event, args, kwargs)
 
         results = await asyncio.gather(*(run(t) for t in targets))
         aborts = [(t[0], r) for t, r in zip(targets, results, strict=True) if r is not None]
@@ -386,7 +412,7 @@ def _close_context(token: contextvars.Token[Any]) -> None:
 # Dedupe of given request ids.
 
 
-class _RequestWindow:
+class RequestWindow:
     """Request ids whose end was counted: the last ``capacity`` ids or ``ttl_s``, whichever is
     smaller. Ids llmtally generates are unique by construction and never enter it."""
 
@@ -397,8 +423,10 @@ class _RequestWindow:
         self.ttl_s = ttl_s
         self._ids: OrderedDict[str, float] = OrderedDict()
 
-    def seen(self, request_id: str, now: float) -> bool:
+    def seen(self, request_id: str, now: float | None = None) -> bool:
         """Record ``request_id``; True when it was already recorded inside the window."""
+        if now is None:
+            now = time.monotonic()
         ids = self._ids
         horizon = now - self.ttl_s
         while ids and next(iter(ids.values())) < horizon:
@@ -466,7 +494,7 @@ class CallbackManager:
         self._table = _Table(())
         self._table_version = -1
         self._stats = _Stats()
-        self._window = _RequestWindow()
+        self._window = RequestWindow()
         self._rebuild()
 
     # -- configuration --------------------------------------------------------------------
@@ -581,6 +609,7 @@ class CallbackManager:
         per_handler = []
         errors = timeouts = 0
         stores: list[dict[str, Any]] = []
+        seen_stores: list[Any] = []
         for entry in entries:
             e, t = entry.errors, entry.timeouts
             handler = entry.handler
@@ -592,10 +621,11 @@ class CallbackManager:
             errors += e
             timeouts += t
             per_handler.append({"name": entry.name, "errors": e, "timeouts": t})
-            store_health = getattr(handler, "store_health", None)
-            if callable(store_health):
+            store = getattr(handler, "_llmtally_store", None)
+            if store is not None and all(store is not s for s in seen_stores):
+                seen_stores.append(store)
                 try:
-                    stores.append(await store_health())
+                    stores.append(await store.health())
                 except Exception as exc:
                     stores.append({"status": "unhealthy", "ok": False, "error": repr(exc)})
         unhealthy = any(not s.get("ok", True) for s in stores)
@@ -624,7 +654,8 @@ class CallbackManager:
 _TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError,)
 
 
-def _is_timeout(exc: BaseException) -> bool:
+def is_timeout(exc: BaseException) -> bool:
+    """Whether an LLM call's error is a timeout (counted in ``timeouts``, not ``errors``)."""
     if isinstance(exc, _TIMEOUT_ERRORS):
         return True
     name = type(exc).__name__
@@ -782,7 +813,7 @@ class LLMCall:
         if isinstance(exc, GeneratorExit | KeyboardInterrupt | SystemExit):
             return None
         stats = manager._stats
-        if _is_timeout(exc):
+        if is_timeout(exc):
             stats.llm_timeouts += 1
         else:
             stats.llm_errors += 1

@@ -491,9 +491,9 @@ async def test_same_request_id_is_counted_once() -> None:
 
 
 def test_request_window_is_bounded_by_count_and_age() -> None:
-    from llmtally.dispatch import _RequestWindow
+    from llmtally.dispatch import RequestWindow
 
-    window = _RequestWindow(capacity=3, ttl_s=10.0)
+    window = RequestWindow(capacity=3, ttl_s=10.0)
     assert [window.seen(r, 0.0) for r in "abc"] == [False, False, False]
     assert window.seen("a", 1.0) is True
     assert window.seen("d", 1.0) is False  # evicts "a", the oldest

@@ -128,7 +128,7 @@ class RedisBackend:
                 raise ConfigError(f"bad Redis URL {url!r}: {exc}") from None
 
     def _make_client(self) -> Any:
-        common = {
+        common: dict[str, Any] = {
             "decode_responses": True,
             "socket_timeout": self._timeout,
             "socket_connect_timeout": min(self._timeout, 2.0),
