@@ -267,13 +267,16 @@ class RedisServer:
             return self
         attempts = 1 if port is not None else 5
         for attempt in range(attempts):
+            log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
             self._spawn(port if port is not None else self._pick_port())
             try:
                 self._wait_ready()
                 return self
             except ServerStartError:
                 self.kill()
-                in_use = "Address already in use" in self.log_tail()
+                with open(self.log_path, "rb") as log:
+                    log.seek(log_start)
+                    in_use = b"Address already in use" in log.read()
                 if port is not None or not in_use or attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")
