@@ -305,10 +305,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    logger = logging.getLogger("llmtally")
+    level = logger.level
     # The demo's buggy handler fails on purpose; its failures are counted, not printed.
-    logging.getLogger("llmtally").setLevel(logging.CRITICAL)
-    if args.command == "demo":
-        return asyncio.run(_demo(args, sys.stdout))
+    logger.setLevel(logging.CRITICAL)
+    try:
+        if args.command == "demo":
+            return asyncio.run(_demo(args, sys.stdout))
+    finally:
+        logger.setLevel(level)
     parser.error(f"unknown command {args.command!r}")
 
 

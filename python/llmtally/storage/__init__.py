@@ -65,7 +65,9 @@ class Store:
         if isinstance(flush_interval_s, bool) or not isinstance(flush_interval_s, int | float):
             raise ConfigError("flush_interval_s must be a number of seconds")
         if not (0 < flush_interval_s < math.inf):
-            raise ConfigError(f"flush_interval_s must be positive and finite, not {flush_interval_s}")
+            raise ConfigError(
+                f"flush_interval_s must be positive and finite, not {flush_interval_s}"
+            )
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ConfigError(f"max_pending must be an int >= 1, not {max_pending!r}")
         self.backend = backend
@@ -272,7 +274,7 @@ class Store:
     async def usage_keys(self, cycle_start_date: str | None = None) -> list[str]:
         """Usage keys in the backend and in this process, of one cycle or all."""
         found = set(await self.backend.keys(cycle_start_date))
-        for key in self.ledger.keys():
+        for key in self.ledger.keys():  # noqa: SIM118 (a method of the ledger)
             if cycle_start_date is None or key.endswith(":" + cycle_start_date):
                 found.add(key)
         return sorted(k for k in found if parse_key(k) is not None)
@@ -392,9 +394,7 @@ def _default_url() -> str:
         password = os.environ.get("REDIS_PASSWORD", "")
         auth = f":{quote(password, safe='')}@" if password else ""
         return f"redis://{auth}{host}:{port}/{db}"
-    data_home = os.environ.get("XDG_DATA_HOME", "").strip() or str(
-        Path.home() / ".local" / "share"
-    )
+    data_home = os.environ.get("XDG_DATA_HOME", "").strip() or str(Path.home() / ".local" / "share")
     return "sqlite:///" + str(Path(data_home) / "llmtally" / "usage.db")
 
 
@@ -500,4 +500,3 @@ def _flush_at_exit() -> None:
         asyncio.run(close_all())
     except Exception as exc:
         logger.error("flushing usage at exit failed: %r", exc)
-

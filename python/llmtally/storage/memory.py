@@ -63,4 +63,3 @@ class MemoryBackend:
 
     async def aclose(self) -> None:
         return None
-

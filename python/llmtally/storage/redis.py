@@ -84,9 +84,11 @@ def _cluster_kwargs(url: str) -> dict[str, Any]:
     auth, _, hosts = netloc.rpartition("@")
     nodes = []
     for hostport in hosts.split(","):
-        host, _, port = hostport.rpartition(":")
-        if not host:
+        host, sep, port = hostport.rpartition(":")
+        if not sep:
             host, port = hostport, "6379"
+        if not host:
+            raise ConfigError(f"Redis Cluster URL {url!r} names no host")
         try:
             nodes.append(ClusterNode(host.strip("[]"), int(port)))
         except ValueError:
@@ -146,8 +148,9 @@ class RedisBackend:
             self._loop = loop
         return self._client
 
-    async def _eval_chunks(self, client: Any, calls: list[tuple[str, list[str], list[Any]]],
-                           flusher_id: str, seq: int) -> list[Any]:
+    async def _eval_chunks(
+        self, client: Any, calls: list[tuple[str, list[str], list[Any]]], flusher_id: str, seq: int
+    ) -> list[Any]:
         if self._sha is None:
             self._sha = await client.script_load(APPLY_LUA)
             if isinstance(self._sha, dict):  # cluster: one answer per node
@@ -159,17 +162,20 @@ class RedisBackend:
             return [flusher_id, seq * 65_536 + index, MARKER_TTL_S, *args]
 
         if self.cluster:
+
             async def one(index: int, marker: str, keys: list[str], args: list[Any]) -> Any:
                 try:
-                    return await client.evalsha(sha, len(keys) + 1, marker, *keys,
-                                                *argv(index, args))
+                    return await client.evalsha(
+                        sha, len(keys) + 1, marker, *keys, *argv(index, args)
+                    )
                 except rexc.NoScriptError:
-                    return await client.eval(APPLY_LUA, len(keys) + 1, marker, *keys,
-                                             *argv(index, args))
+                    return await client.eval(
+                        APPLY_LUA, len(keys) + 1, marker, *keys, *argv(index, args)
+                    )
 
-            return list(await asyncio.gather(
-                *(one(i, m, k, a) for i, (m, k, a) in enumerate(calls))
-            ))
+            return list(
+                await asyncio.gather(*(one(i, m, k, a) for i, (m, k, a) in enumerate(calls)))
+            )
         pipe = client.pipeline(transaction=False)
         for index, (marker, keys, args) in enumerate(calls):
             pipe.evalsha(sha, len(keys) + 1, marker, *keys, *argv(index, args))
@@ -190,7 +196,7 @@ class RedisBackend:
             return []
         try:
             results = await self._eval_chunks(self._get(), calls, flusher_id, seq)
-        except (rexc.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, rexc.RedisError, OSError) as exc:
             raise _translate(exc, "flush") from exc
         refused: list[str] = []
         for r in results:
@@ -200,7 +206,7 @@ class RedisBackend:
     async def read(self, key: str) -> dict[str, int]:
         try:
             raw = await self._get().hgetall(key)
-        except (rexc.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, rexc.RedisError, OSError) as exc:
             raise _translate(exc, "read") from exc
         out = {}
         for field, value in raw.items():
@@ -219,13 +225,13 @@ class RedisBackend:
                 await client.hset(key, mapping=to_set)
             if to_del:
                 await client.hdel(key, *to_del)
-        except (rexc.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, rexc.RedisError, OSError) as exc:
             raise _translate(exc, "write") from exc
 
     async def delete(self, key: str) -> None:
         try:
             await self._get().delete(key)
-        except (rexc.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, rexc.RedisError, OSError) as exc:
             raise _translate(exc, "delete") from exc
 
     async def keys(self, cycle_start_date: str | None = None) -> list[str]:
@@ -235,14 +241,14 @@ class RedisBackend:
         try:
             async for key in client.scan_iter(match=pattern, count=1000):
                 found.add(key)
-        except (rexc.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, rexc.RedisError, OSError) as exc:
             raise _translate(exc, "scan") from exc
         return sorted(k for k in found if not k.endswith(":flushed"))
 
     async def ping(self) -> None:
         try:
             await self._get().ping()
-        except (rexc.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, rexc.RedisError, OSError) as exc:
             raise _translate(exc, "ping") from exc
 
     async def aclose(self) -> None:
