@@ -121,6 +121,7 @@ class RedisBackend:
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sha: str | None = None
+        self._node_clients: dict[str, Any] = {}
         if self.cluster:
             _cluster_kwargs(url)  # validate now
         else:
@@ -146,56 +147,102 @@ class RedisBackend:
             # asyncio.run, interpreter exit) gets a client of its own.
             self._client = self._make_client()
             self._loop = loop
+            self._node_clients = {}
         return self._client
 
     async def _eval_chunks(
-        self, client: Any, calls: list[tuple[str, list[str], list[Any]]], flusher_id: str, seq: int
+        self,
+        client: Any,
+        calls: list[tuple[str, list[str], list[Any]]],
+        flusher_id: str,
+        seq: int,
+        reloaded: bool = False,
+        indices: list[int] | None = None,
     ) -> list[Any]:
-        if self._sha is None:
-            self._sha = await client.script_load(APPLY_LUA)
-            if isinstance(self._sha, dict):  # cluster: one answer per node
-                self._sha = next(iter(self._sha.values()))
+        """One pipeline of EVALSHA calls to one server (``indices``: the chunks' numbers in the
+        whole batch, when this is one node's share of it)."""
         sha = self._sha
+        if sha is None:
+            sha = self._sha = await client.script_load(APPLY_LUA)
+        if indices is None:
+            indices = list(range(len(calls)))
 
         def argv(index: int, args: list[Any]) -> list[Any]:
             # One batch seq per flush, one sub-sequence per chunk, so chunks are applied in order.
             return [flusher_id, seq * 65_536 + index, MARKER_TTL_S, *args]
 
-        if self.cluster:
-
-            async def one(index: int, marker: str, keys: list[str], args: list[Any]) -> Any:
-                try:
-                    return await client.evalsha(
-                        sha, len(keys) + 1, marker, *keys, *argv(index, args)
-                    )
-                except rexc.NoScriptError:
-                    return await client.eval(
-                        APPLY_LUA, len(keys) + 1, marker, *keys, *argv(index, args)
-                    )
-
-            return list(
-                await asyncio.gather(*(one(i, m, k, a) for i, (m, k, a) in enumerate(calls)))
-            )
         pipe = client.pipeline(transaction=False)
-        for index, (marker, keys, args) in enumerate(calls):
+        for index, (marker, keys, args) in zip(indices, calls, strict=True):
             pipe.evalsha(sha, len(keys) + 1, marker, *keys, *argv(index, args))
         results = await pipe.execute(raise_on_error=False)
-        if any(isinstance(r, rexc.NoScriptError) for r in results):
+        if any(isinstance(r, rexc.NoScriptError) for r in results) and not reloaded:
             # The server lost its script cache (restart): load it and run again; chunks that
             # did apply are skipped by their sequence numbers.
-            self._sha = None
-            return await self._eval_chunks(client, calls, flusher_id, seq)
+            self._sha = await client.script_load(APPLY_LUA)
+            return await self._eval_chunks(
+                client, calls, flusher_id, seq, reloaded=True, indices=indices
+            )
         for r in results:
             if isinstance(r, Exception):
                 raise r
         return list(results)
+
+    def _node_client(self, host: str, port: int) -> Any:
+        name = f"{host}:{port}"
+        found = self._node_clients.get(name)
+        if found is None:
+            kwargs = _cluster_kwargs(self.url)
+            kwargs.pop("startup_nodes")
+            found = self._node_clients[name] = aioredis.Redis(
+                host=host,
+                port=port,
+                decode_responses=True,
+                socket_timeout=self._timeout,
+                socket_connect_timeout=min(self._timeout, 2.0),
+                **kwargs,
+            )
+        return found
+
+    async def _eval_cluster(
+        self, client: Any, calls: list[tuple[str, list[str], list[Any]]], flusher_id: str, seq: int
+    ) -> list[Any]:
+        """One pipeline per cluster node: the chunks of the slots it serves, each an EVALSHA
+        whose keys share one slot. A moved slot fails the flush, which is retried with the same
+        sequence numbers after the slot map is refreshed."""
+        await client.initialize()
+        by_node: dict[str, tuple[Any, list[tuple[int, tuple[str, list[str], list[Any]]]]]] = {}
+        for index, call in enumerate(calls):
+            node = client.get_node_from_key(call[0])
+            if node is None:
+                raise rexc.ClusterDownError(f"no node serves the slot of {call[0]}")
+            by_node.setdefault(node.name, (node, []))[1].append((index, call))
+        results: list[Any] = [None] * len(calls)
+
+        async def run(node: Any, items: list[tuple[int, tuple[str, list[str], list[Any]]]]) -> None:
+            node_client = self._node_client(node.host, node.port)
+            out = await self._eval_chunks(
+                node_client, [c for _, c in items], flusher_id, seq, indices=[i for i, _ in items]
+            )
+            for (index, _), result in zip(items, out, strict=True):
+                results[index] = result
+
+        try:
+            await asyncio.gather(*(run(node, items) for node, items in by_node.values()))
+        except rexc.ResponseError as exc:
+            if str(exc).startswith(("MOVED", "ASK")):
+                await client.initialize()  # refresh the slot map; the retry goes to the new owner
+            raise
+        return results
 
     async def apply(self, batch: Batch, flusher_id: str, seq: int) -> list[str]:
         calls = batch.lua_chunks(CHUNK_KEYS, self.cluster)
         if not calls:
             return []
         try:
-            results = await self._eval_chunks(self._get(), calls, flusher_id, seq)
+            if self.cluster:
+                results = await self._eval_cluster(self._get(), calls, flusher_id, seq)
+            else:
+                results = await self._eval_chunks(self._get(), calls, flusher_id, seq)
         except (TimeoutError, rexc.RedisError, OSError) as exc:
             raise _translate(exc, "flush") from exc
         refused: list[str] = []
@@ -252,6 +299,12 @@ class RedisBackend:
             raise _translate(exc, "ping") from exc
 
     async def aclose(self) -> None:
+        nodes, self._node_clients = self._node_clients, {}
+        for node_client in nodes.values():
+            try:
+                await node_client.aclose()
+            except (rexc.RedisError, OSError, RuntimeError) as exc:
+                logger.debug("closing a Redis Cluster node client: %r", exc)
         client, self._client, self._loop = self._client, None, None
         if client is not None:
             try:
