@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +28,7 @@ def test_demo_runs_and_prints_the_per_user_table() -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "600 simulated LLM calls from 12 users" in out
-    rows = re.findall(r"^\s+(user-\d{3})\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", out, re.M)
+    rows = re.findall(r"^\s+(demo-user-\d{3})\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", out, re.M)
     assert len(rows) == 10  # the top 10 of 12 users
     totals = re.search(r"^\s+all\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", out, re.M)
     assert totals is not None
@@ -44,7 +47,7 @@ def test_demo_is_deterministic_for_a_seed(capsys: pytest.CaptureFixture[str]) ->
     second = capsys.readouterr().out
 
     def table(text: str) -> list[str]:
-        return [line for line in text.splitlines() if line.strip().startswith(("user-", "all"))]
+        return [line for line in text.splitlines() if line.strip().startswith(("demo-", "all"))]
 
     assert table(first) == table(second)
     assert len(table(first)) == 6
@@ -66,3 +69,74 @@ def test_no_command_prints_help_and_exits_2() -> None:
     result = run()
     assert result.returncode == 2
     assert "demo" in result.stdout
+
+
+def test_demo_writes_to_the_default_store_and_usage_reads_it_back(tmp_path: Path) -> None:
+    result = run("demo", "--calls", "400", "--users", "5", "--seed", "11")
+    assert result.returncode == 0, result.stderr
+    assert "store check: the 5 users' totals in the store grew by exactly" in result.stdout
+    assert (tmp_path.parent / "xdg0" / "llmtally" / "usage.db").exists() or any(
+        p.name == "usage.db" for p in Path(os.environ["XDG_DATA_HOME"]).rglob("usage.db")
+    )
+    totals = re.search(r"^\s+all\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", result.stdout, re.M)
+    assert totals is not None
+    calls, errors, _, _, total = map(int, totals.groups())
+    listed = run("usage", "--json")
+    assert listed.returncode == 0, listed.stderr
+    records = json.loads(listed.stdout)
+    assert {r["user_id"] for r in records} == {f"demo-user-{i:03d}" for i in range(5)}
+    assert sum(r["total_tokens"] for r in records) == total
+    assert sum(r["calls"] for r in records) == calls
+    assert sum(r["errors"] for r in records) == errors
+    for record in records:
+        assert {"total_tokens", "prompt_tokens", "cost_usd", "calls", "errors", "limit"} <= set(
+            record
+        )
+    # A second run adds to the same store.
+    assert run("demo", "--calls", "400", "--users", "5", "--seed", "11").returncode == 0
+    again = json.loads(run("usage", "--json").stdout)
+    assert sum(r["total_tokens"] for r in again) == 2 * total
+
+
+def test_usage_limit_and_export_commands(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/cli.db"
+    assert run("demo", "--calls", "200", "--users", "3", "--store", store).returncode == 0
+    table = run("usage", "--store", store)
+    assert table.returncode == 0 and "demo-user-000" in table.stdout
+    one = json.loads(run("usage", "demo-user-001", "--json", "--store", store).stdout)
+    assert len(one) == 1 and one[0]["user_id"] == "demo-user-001"
+    set_ = run("limit", "set", "demo-user-001", "5000", "--json", "--store", store)
+    assert set_.returncode == 0, set_.stderr
+    check = json.loads(set_.stdout)
+    assert check["limit"] == 5000 and check["used"] == one[0]["total_tokens"]
+    got = json.loads(run("limit", "get", "demo-user-001", "--json", "--store", store).stdout)
+    assert got["limit"] == 5000
+    assert (
+        json.loads(run("limit", "set", "demo-user-001", "none", "--json", "--store", store).stdout)[
+            "limit"
+        ]
+        is None
+    )
+    csv_out = run("export", "--format", "csv", "--store", store)
+    lines = csv_out.stdout.strip().splitlines()
+    assert lines[0].startswith("user_id,cycle_start_date,total_tokens")
+    assert len(lines) == 4
+    exported = json.loads(run("export", "--format", "json", "--store", store).stdout)
+    assert len(exported) == 3
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["usage", "--store", "bogus"],
+        ["usage", "--cycle", "2026-02-30"],
+        ["limit", "set", "alice", "-5"],
+        ["limit", "frob", "alice"],
+        ["export", "--format", "xml"],
+    ],
+)
+def test_store_commands_reject_bad_arguments_in_one_line(args: list[str]) -> None:
+    result = run(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmtally: error:")

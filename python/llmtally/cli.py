@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
+import json
 import logging
+import os
 import random
 import sys
 import time
@@ -14,7 +17,12 @@ from typing import Any, NoReturn, TextIO
 
 from llmtally import __version__
 from llmtally.dispatch import CallbackManager
+from llmtally.errors import ConfigError, LlmtallyError
 from llmtally.events import AsyncCallbackHandler
+from llmtally.metering import UsageRecorder
+from llmtally.repository import TokenUsageRepository
+from llmtally.storage import _redact, open_store
+from llmtally.storage.keys import current_cycle, validate_cycle
 
 __all__ = ["main"]
 
@@ -108,7 +116,7 @@ def _plans(calls: int, users: int, seed: int) -> list[_Plan]:
         stream = rng.random() < 0.3
         plans.append(
             _Plan(
-                user_id=f"user-{rng.randrange(users):03d}",
+                user_id=f"demo-user-{rng.randrange(users):03d}",
                 prompt_words=rng.randint(5, 120),
                 completion_words=rng.randint(1, 80),
                 stream=stream,
@@ -213,29 +221,34 @@ async def _run_all(
 
 async def _demo(args: argparse.Namespace, out: TextIO) -> int:
     plans = _plans(args.calls, args.users, args.seed)
+    store = open_store(args.store)
+    repo = TokenUsageRepository(store)
+    cycle = current_cycle()
     tally = _DemoTally()
-    flaky = _FlakyHandler()
-    manager = CallbackManager([tally, flaky])
+    manager = CallbackManager([tally, UsageRecorder(store=store), _FlakyHandler()])
     out.write(
         f"llmtally {__version__} demo: {args.calls} simulated LLM calls from {args.users} users, "
         f"{args.concurrency} at a time (30% streamed, 3% failing, one buggy handler)\n"
+        f"  store: {_redact(store.url)}\n"
     )
+    before = {r["user_id"]: r for r in await repo.list_usage(cycle)}
     # The same workload without callbacks first, for the overhead figure.
     bare_s = await _run_all(None, plans, args.concurrency, None)
     progress = _Progress(len(plans), out)
     metered_s = await _run_all(manager, plans, args.concurrency, progress)
     health = await manager.health()
+    flushed = await store.aclose()
 
     rows = sorted(tally.users.items(), key=lambda kv: (-kv[1].total, kv[0]))
     header = (
-        f"  {'user':<10} {'calls':>6} {'errors':>6} {'prompt':>9} {'completion':>10}"
+        f"  {'user':<14} {'calls':>6} {'errors':>6} {'prompt':>9} {'completion':>10}"
         f" {'total':>9} {'estimated':>9}"
     )
     out.write("\n" + header + "\n  " + "-" * (len(header) - 2) + "\n")
     shown = rows if args.all_users else rows[: args.top]
     for user_id, t in shown:
         out.write(
-            f"  {user_id:<10} {t.calls:>6} {t.errors:>6} {t.prompt:>9} {t.completion:>10}"
+            f"  {user_id:<14} {t.calls:>6} {t.errors:>6} {t.prompt:>9} {t.completion:>10}"
             f" {t.total:>9} {t.estimated:>9}\n"
         )
     if len(rows) > len(shown):
@@ -250,7 +263,7 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
         total.estimated += t.estimated
     out.write("  " + "-" * (len(header) - 2) + "\n")
     out.write(
-        f"  {'all':<10} {total.calls:>6} {total.errors:>6} {total.prompt:>9}"
+        f"  {'all':<14} {total.calls:>6} {total.errors:>6} {total.prompt:>9}"
         f" {total.completion:>10} {total.total:>9} {total.estimated:>9}\n\n"
     )
     overhead_us = max(0.0, (metered_s - bare_s) / len(plans) * 1e6)
@@ -262,6 +275,116 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
         f"  handler failures isolated: {health['errors']} (the LLM calls never saw them); "
         f"provider errors recorded: {health['llm_errors']}\n"
     )
+    # Read the store back: what this run added must equal what the handlers saw, exactly.
+    check = open_store(args.store)
+    after = {r["user_id"]: r for r in await TokenUsageRepository(check).list_usage(cycle)}
+    await check.aclose()
+    mismatches = 0
+    for user_id, t in rows:
+        old = before.get(user_id, {})
+        new = after.get(user_id, {})
+        for name, want in (("total_tokens", t.total), ("calls", t.calls), ("errors", t.errors)):
+            if new.get(name, 0) - old.get(name, 0) != want:
+                mismatches += 1
+    if flushed and mismatches == 0:
+        out.write(
+            f"  store check: the {len(rows)} users' totals in the store grew by exactly this run's"
+            f" numbers (see 'llmtally usage --cycle {cycle}')\n"
+        )
+        return 0
+    out.write(f"  store check FAILED: {mismatches} mismatching counters (flushed={flushed})\n")
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# usage, limit, export
+
+
+_COLUMNS = (
+    "total_tokens",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "calls",
+    "errors",
+    "limit",
+)
+
+
+async def _records(args: argparse.Namespace) -> list[dict[str, Any]]:
+    store = open_store(args.store)
+    try:
+        repo = TokenUsageRepository(store)
+        if getattr(args, "user", None):
+            cycle = args.cycle or current_cycle()
+            return [await repo.get_usage_stats(args.user, cycle)]
+        cycle = None if args.all_cycles else (args.cycle or current_cycle())
+        return await repo.list_usage(cycle)
+    finally:
+        await store.aclose()
+
+
+async def _usage(args: argparse.Namespace, out: TextIO) -> int:
+    records = await _records(args)
+    if args.json:
+        out.write(json.dumps(records, indent=2, sort_keys=True) + "\n")
+        return 0
+    if not records:
+        out.write("no usage recorded for this cycle (try --all-cycles)\n")
+        return 0
+    header = f"  {'user':<24} {'cycle':<10} {'calls':>7} {'errors':>6} {'prompt':>10} " + (
+        f"{'completion':>10} {'total':>11} {'cost_usd':>11} {'limit':>11}"
+    )
+    out.write(header + "\n  " + "-" * (len(header) - 2) + "\n")
+    for r in records:
+        limit = "-" if r["limit"] is None else str(r["limit"])
+        out.write(
+            f"  {r['user_id'][:24]:<24} {r['cycle_start_date']:<10} {r['calls']:>7}"
+            f" {r['errors']:>6} {r['prompt_tokens']:>10} {r['completion_tokens']:>10}"
+            f" {r['total_tokens']:>11} {r['cost_usd']:>11.6f} {limit:>11}\n"
+        )
+    return 0
+
+
+async def _limit(args: argparse.Namespace, out: TextIO) -> int:
+    store = open_store(args.store)
+    try:
+        repo = TokenUsageRepository(store)
+        cycle = args.cycle or current_cycle()
+        if args.action == "set":
+            if args.limit is None:
+                raise ConfigError("'limit set' needs a LIMIT (tokens), or 'none' to remove it")
+            await repo.set_usage_limit(
+                args.user, None if args.limit == _NO_LIMIT else args.limit, cycle
+            )
+        check = await repo.check_usage_limit(args.user, cycle)
+    finally:
+        await store.aclose()
+    if args.json:
+        out.write(json.dumps(check, sort_keys=True) + "\n")
+    else:
+        limit = "none" if check["limit"] is None else check["limit"]
+        out.write(
+            f"{args.user} {check['cycle_start_date']}: limit {limit}, used {check['used']}, "
+            f"remaining {'-' if check['remaining'] is None else check['remaining']}\n"
+        )
+    return 0
+
+
+async def _export(args: argparse.Namespace, out: TextIO) -> int:
+    records = await _records(args)
+    if args.format == "json":
+        out.write(json.dumps(records, indent=2, sort_keys=True) + "\n")
+        return 0
+    writer = csv.writer(out)
+    writer.writerow(["user_id", "cycle_start_date", *_COLUMNS])
+    for r in records:
+        writer.writerow(
+            [r["user_id"], r["cycle_start_date"], *("" if r[c] is None else r[c] for c in _COLUMNS)]
+        )
     return 0
 
 
@@ -276,6 +399,8 @@ def _parser() -> _Parser:
     )
     parser.add_argument("--version", action="version", version=f"llmtally {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    store_help = "store URL (default: LLMTALLY_STORE, else REDIS_HOST, else the SQLite file)"
     demo = sub.add_parser("demo", help="simulate concurrent LLM calls through the handlers")
     demo.add_argument("--calls", type=_positive_int, default=3000, help="number of calls (3000)")
     demo.add_argument("--users", type=_positive_int, default=40, help="number of users (40)")
@@ -285,7 +410,51 @@ def _parser() -> _Parser:
     demo.add_argument("--seed", type=int, default=7, help="random seed of the workload (7)")
     demo.add_argument("--top", type=_positive_int, default=10, help="users shown (10)")
     demo.add_argument("--all-users", action="store_true", help="show every user")
+    demo.add_argument("--store", default=None, help=store_help)
+
+    usage = sub.add_parser("usage", help="show usage per user from the store")
+    usage.add_argument("user", nargs="?", help="one user (default: every user)")
+    usage.add_argument("--cycle", type=_cycle_arg, help="cycle start YYYY-MM-DD (default: now)")
+    usage.add_argument("--all-cycles", action="store_true", help="every cycle in the store")
+    usage.add_argument("--json", action="store_true", help="print a JSON list of records")
+    usage.add_argument("--store", default=None, help=store_help)
+
+    limit = sub.add_parser("limit", help="set or show a user's token limit for a cycle")
+    limit.add_argument("action", choices=("set", "get"))
+    limit.add_argument("user")
+    limit.add_argument("limit", nargs="?", type=_limit_arg, help="tokens, or 'none' (set)")
+    limit.add_argument("--cycle", type=_cycle_arg, help="cycle start YYYY-MM-DD (default: now)")
+    limit.add_argument("--json", action="store_true")
+    limit.add_argument("--store", default=None, help=store_help)
+
+    export = sub.add_parser("export", help="export usage records as CSV or JSON")
+    export.add_argument("--format", choices=("csv", "json"), default="csv")
+    export.add_argument("--cycle", type=_cycle_arg, help="cycle start YYYY-MM-DD (default: now)")
+    export.add_argument("--all-cycles", action="store_true", help="every cycle in the store")
+    export.add_argument("--store", default=None, help=store_help)
     return parser
+
+
+def _cycle_arg(text: str) -> str:
+    try:
+        return validate_cycle(text, "--cycle")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_NO_LIMIT = -1
+
+
+def _limit_arg(text: str) -> int:
+    if text.lower() == "none":
+        return _NO_LIMIT
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of tokens") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -307,14 +476,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logger = logging.getLogger("llmtally")
     level = logger.level
-    # The demo's buggy handler fails on purpose; its failures are counted, not printed.
-    logger.setLevel(logging.CRITICAL)
+    if args.command == "demo":
+        # The demo's buggy handler fails on purpose; its failures are counted, not printed.
+        logger.setLevel(logging.CRITICAL)
+    commands = {"demo": _demo, "usage": _usage, "limit": _limit, "export": _export}
     try:
-        if args.command == "demo":
-            return asyncio.run(_demo(args, sys.stdout))
+        return asyncio.run(commands[args.command](args, sys.stdout))
+    except LlmtallyError as exc:
+        # A bad store URL, an unreachable store: one line, no traceback.
+        sys.stderr.write(f"llmtally: error: {exc}\n")
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`llmtally usage | head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     finally:
         logger.setLevel(level)
-    parser.error(f"unknown command {args.command!r}")
 
 
 if __name__ == "__main__":
