@@ -25,6 +25,22 @@ def summary() -> list[str]:
                 if peer in ("empty", "llmtally"):
                     continue
                 lines.append(f"  added-cost ratio {peer}/llmtally: {(t - floor) / ours:.1f}x")
+        if "llmtally-redis" in systems and "naive-hincrby" in systems and "round" not in suite:
+            ours, naive = systems["llmtally-redis"], systems["naive-hincrby"]
+            lines.append(f"  llmtally into Redis: {1 / ours:,.0f} calls/s; naive: {1 / naive:,.0f}")
+            lines.append(f"  llmtally is {naive / ours:.1f}x the one-HINCRBY-per-call handler")
+            if "llmtally-memory" in systems:
+                share = systems["llmtally-memory"] / ours
+                lines.append(f"  Redis store at {share:.0%} of the memory store's calls/s")
+        if "round-trips" in suite:
+            for system, t in systems.items():
+                lines.append(f"  {system}: {t * 1e6:.5f} Redis round trips per call")
+        if "llmtally-flush" in systems and "bare-evalsha" in systems:
+            ours, bare = systems["llmtally-flush"], systems["bare-evalsha"]
+            lines.append(
+                f"  llmtally flush: {1_000_000 / ours:,.0f} deltas/s drained and written,"
+                f" {70_000 / ours:,.0f} fields/s ({bare / ours:.0%} of the bare EVALSHA loop)"
+            )
         if "rust" in systems and "python" in systems:
             lines.append(f"  rust is {systems['python'] / systems['rust']:.1f}x faster than python")
         if "empty" in systems and "llmtally" in systems and "concurrent" in suite:
