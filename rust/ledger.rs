@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use pyo3::exceptions::{PyOverflowError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyString, PyTuple};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 /// The counters kept per key, in this order.
 pub const FIELDS: [&str; 10] = [
@@ -183,6 +184,17 @@ fn counters_from(values: &[i64]) -> PyResult<Counters> {
     Ok(c)
 }
 
+impl Ledger {
+    fn add_checked(&self, key: &str, delta: &Counters) -> PyResult<()> {
+        self.core.add(key, delta).map_err(|i| {
+            PyOverflowError::new_err(format!(
+                "{} of {key:?} would overflow a 64-bit counter; the delta was refused",
+                FIELDS[i]
+            ))
+        })
+    }
+}
+
 #[pymethods]
 impl Ledger {
     #[new]
@@ -228,6 +240,61 @@ impl Ledger {
                 FIELDS[i]
             ))
         })
+    }
+
+    /// Add one call's normalized response dict (`tokens_used`, `prompt_tokens`, ...,
+    /// `cost_estimate` in USD) to `key` as one call, in one crossing. Returns 0 when recorded,
+    /// 1 when the response carries `usage_error` (only the call is counted), 2 when it holds no
+    /// usage at all (nothing is recorded; the caller estimates).
+    fn add_response(&self, key: &str, response: &Bound<'_, PyDict>) -> PyResult<u8> {
+        let py = response.py();
+        if response.contains(intern!(py, "usage_error"))? {
+            let mut delta = [0i64; NFIELDS];
+            delta[7] = 1;
+            self.add_checked(key, &delta)?;
+            return Ok(1);
+        }
+        let get = |name: &Bound<'_, PyString>| -> PyResult<i64> {
+            match response.get_item(name)? {
+                Some(v) if !v.is_none() => v.extract::<i64>(),
+                _ => Ok(0),
+            }
+        };
+        let Some(total) = response.get_item(intern!(py, "tokens_used"))? else {
+            return Ok(2);
+        };
+        let cost_pusd = match response.get_item(intern!(py, "cost_estimate"))? {
+            Some(v) if !v.is_none() => {
+                let usd: f64 = v.extract()?;
+                if !usd.is_finite() || usd < 0.0 || usd * 1e12 >= i64::MAX as f64 {
+                    return Err(PyValueError::new_err(format!(
+                        "cost_estimate {usd} is out of range"
+                    )));
+                }
+                (usd * 1e12).round() as i64
+            }
+            _ => 0,
+        };
+        let delta = [
+            total.extract::<i64>()?,
+            get(intern!(py, "prompt_tokens"))?,
+            get(intern!(py, "completion_tokens"))?,
+            get(intern!(py, "cached_tokens"))?,
+            get(intern!(py, "cache_write_tokens"))?,
+            get(intern!(py, "reasoning_tokens"))?,
+            cost_pusd,
+            1,
+            0,
+            0,
+        ];
+        if delta[..6]
+            .iter()
+            .any(|v| !(0..1_000_000_000_000).contains(v))
+        {
+            return Err(PyValueError::new_err("token counts must be in [0, 10**12)"));
+        }
+        self.add_checked(key, &delta)?;
+        Ok(0)
     }
 
     /// Add a sequence of counters (in `LEDGER_FIELDS` order) to `key`.

@@ -17,8 +17,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from llmtally import dispatch
 from llmtally._core import BadUsage, Usage, extract_text, extract_usage
-from llmtally.dispatch import RequestWindow, generated_by_this_process, is_timeout
+from llmtally.dispatch import RequestWindow, is_timeout
 from llmtally.events import CustomAsyncCallbackHandler
 from llmtally.storage import Store, resolve_store
 from llmtally.storage.keys import CycleClock, usage_key, validate_cycle, validate_user_id
@@ -47,6 +48,8 @@ def _pusd(cost_usd: float | None) -> int:
 class _Meter(CustomAsyncCallbackHandler):
     """Shared machinery: dedupe by request id, usage from any response shape, one ledger add."""
 
+    #: Whether a response without a prompt/completion split takes the slow path (to split it).
+    _needs_split: ClassVar[bool] = False
     #: The manager calls these synchronous recorders directly (see dispatch.FAST); through a
     #: manager the start needs no work (the response always carries usage, estimated if need be).
     _llmtally_fast: ClassVar[dict[str, str | None]] = {
@@ -98,10 +101,13 @@ class _Meter(CustomAsyncCallbackHandler):
             starts.clear()
         starts[kwargs.get("request_id")] = (messages, kwargs.get("model"))
 
-    def _is_duplicate(self, kwargs: Mapping[str, Any]) -> bool:
-        request_id = kwargs.get("request_id")
-        if request_id is None or generated_by_this_process(request_id):
-            return False  # no id: count every end; a generated id is unique by construction
+    def _is_duplicate(self, request_id: Any) -> bool:
+        # No id: count every end. An id made by this process's manager is unique by
+        # construction (and the manager already drops repeated ids given by the caller).
+        if request_id is None or (
+            type(request_id) is str and request_id.startswith(dispatch._id_prefix)
+        ):
+            return False
         window = self._window
         if window is None:
             window = self._window = RequestWindow()
@@ -111,27 +117,37 @@ class _Meter(CustomAsyncCallbackHandler):
         return False
 
     def _meter_end(self, response: Any, kwargs: Mapping[str, Any]) -> None:
-        started = self._starts.pop(kwargs.get("request_id"), None) if self._starts else None
-        if self._is_duplicate(kwargs):
+        request_id = kwargs.get("request_id")
+        started = self._starts.pop(request_id, None) if self._starts else None
+        if self._is_duplicate(request_id):
             return
         key = self._key_for(kwargs)
-        if type(response) is dict and "usage_error" in response:
-            # The manager skipped this response's usage as a whole (bad counts): the call
-            # happened, its tokens are not trusted.
-            self.bad_input += 1
-            self._store.add(key, calls=1)
-            return
+        store = self._store
+        if type(response) is dict and (
+            not self._needs_split
+            or ("prompt_tokens" in response and "completion_tokens" in response)
+        ):
+            # The manager's normalized response: one crossing into the ledger.
+            try:
+                code = store.ledger.add_response(key, response)
+            except (TypeError, ValueError, OverflowError):
+                code = 2  # not trustworthy as given: the general path below decides
+            if code != 2:
+                if code == 1:
+                    self.bad_input += 1  # usage skipped whole by the manager; the call counts
+                store._kick()
+                return
         try:
-            usage = extract_usage(response) if isinstance(response, dict) or response else None
+            usage = extract_usage(response) if response is not None else None
         except BadUsage as exc:
             self.bad_input += 1
             logger.warning("%s skipped bad usage: %s", type(self).__name__, exc)
-            self._store.add(key, calls=1)
+            store.add(key, calls=1)
             return
         if usage is None and (response is None or isinstance(response, _NOT_RESPONSES)):
             self.bad_input += 1
         usage = self._complete(usage, response, started, kwargs)
-        self._store.add(
+        store.add(
             key,
             usage.total_tokens,
             usage.prompt_tokens or 0,
@@ -222,6 +238,7 @@ class DetailedRedisTokenCallbackHandler(RedisTokenCallbackHandler):
     """Like :class:`RedisTokenCallbackHandler`, and always records a prompt/completion split:
     the response's own, else the total minus the estimated prompt, else an estimate of both."""
 
+    _needs_split = True
     # Through a manager too, the prompt is kept: a provider may report only a total.
     _llmtally_fast: ClassVar[dict[str, str | None]] = {
         "on_llm_start": "_meter_start",
@@ -268,20 +285,20 @@ class UsageRecorder(_Meter):
 
     def __init__(self, *, store: Store | str | None = None) -> None:
         self._clock = CycleClock()
-        self._keys: dict[tuple[str, str], str] = {}
+        self._keys: dict[Any, tuple[str, str]] = {}
         super().__init__(store)
 
     def _key_for(self, kwargs: Mapping[str, Any]) -> str:
         user_id = kwargs.get("user_id") or "anonymous"
         cycle = kwargs.get("cycle_start_date") or self._clock.now()
-        found = self._keys.get((user_id, cycle))
-        if found is None:
-            if not isinstance(user_id, str):
-                user_id = str(user_id)
-            if len(self._keys) >= 100_000:
-                self._keys.clear()
-            found = self._keys[(user_id, cycle)] = usage_key(user_id, validate_cycle(cycle))
-        return found
+        found = self._keys.get(user_id)
+        if found is not None and found[0] == cycle:
+            return found[1]
+        if len(self._keys) >= 100_000:
+            self._keys.clear()
+        key = usage_key(str(user_id), validate_cycle(cycle))
+        self._keys[user_id] = (cycle, key)
+        return key
 
 
 def create_token_callback(

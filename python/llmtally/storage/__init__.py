@@ -20,6 +20,7 @@ import random
 import threading
 import time
 import weakref
+from asyncio import _get_running_loop
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -79,6 +80,7 @@ class Store:
         self._seq = 0
         self._retry: tuple[Batch, int] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._alive = False
         self._task_loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
@@ -130,8 +132,8 @@ class Store:
         self._kick()
 
     def _kick(self) -> None:
-        task = self._task
-        if task is None or task.done() or self._task_loop is None or self._task_loop.is_closed():
+        """Make sure a flusher runs in this loop (cheap when it does)."""
+        if not self._alive or self._task_loop is not _get_running_loop():
             self._start()
         elif self.ledger.pending >= _EARLY_FLUSH_KEYS and self._wakeup is not None:
             self._wakeup.set()
@@ -148,6 +150,14 @@ class Store:
         self._wakeup = asyncio.Event()
         self._task_loop = loop
         self._task = loop.create_task(self._run(), name=f"llmtally-flusher {self.backend.name}")
+        self._alive = True
+        self._task.add_done_callback(self._flusher_done)
+
+    def _flusher_done(self, task: asyncio.Task[None]) -> None:
+        if task is self._task:
+            self._alive = False
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("the flusher of %s stopped: %r", self.backend.name, task.exception())
 
     async def _run(self) -> None:
         wakeup = self._wakeup
@@ -325,6 +335,7 @@ class Store:
             except TimeoutError:
                 task.cancel()
         self._task = None
+        self._alive = False
         deadline = time.monotonic() + timeout_s
         delay = 0.05
         ok = await self.flush()
@@ -362,6 +373,7 @@ class Store:
         self._seq = 0
         self._retry = None
         self._task = None
+        self._alive = False
         self._task_loop = None
         self._wakeup = None
         self._lock = None
