@@ -85,7 +85,10 @@ def test_b2_calls_per_second(
             await asyncio.sleep(0)  # the fake LLM
             await client.hincrby(f"usage:{{{user}}}", "total_tokens", 21)
 
-        closer: Any = client.aclose
+        async def closer() -> None:
+            await client.aclose()
+            await pool.disconnect()
+
         store = None
     else:
         store = open_store("memory://" if system == "llmtally-memory" else server.url)
@@ -96,7 +99,7 @@ def test_b2_calls_per_second(
                 await asyncio.sleep(0)  # the fake LLM
                 c.set_response(RESPONSE)
 
-        closer = store.aclose
+        closer = store.aclose  # type: ignore[assignment]
     before = loop.run_until_complete(_script_calls(server.url))
     benchmark.pedantic(lambda: _concurrent(loop, call), rounds=3, iterations=1)
     loop.run_until_complete(closer())
