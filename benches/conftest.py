@@ -7,6 +7,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results import summary
 
 
+def pytest_collection_modifyitems(items: list[Any]) -> None:
+    import pytest
+
+    for item in items:  # whole suites run longer than a unit test's 30 s budget
+        item.add_marker(pytest.mark.timeout(900))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     lines = summary()
     if lines:
