@@ -27,6 +27,7 @@ from llmtally.dispatch import (
     get_global_callbacks,
     set_global_callbacks,
 )
+from llmtally.audit import AuditLogger
 from llmtally.errors import (
     BadInput,
     BudgetExceeded,
@@ -50,12 +51,14 @@ from llmtally.metering import (
 from llmtally.repository import TokenUsageRepository
 from llmtally.storage import Store, default_store, open_store
 from llmtally.tokens import estimate_tokens
+from llmtally.trackers import CostTracker, PerformanceTracker, StreamingProgress, TokenCounter
 from llmtally.usage import Usage, extract_usage
 
 __version__ = _core_version
 
 __all__ = [
     "AgentRun",
+    "AuditLogger",
     "AsyncCallbackHandler",
     "BadInput",
     "BudgetExceeded",
@@ -65,18 +68,22 @@ __all__ = [
     "ChainRun",
     "CompositeCallbackHandler",
     "ConfigError",
+    "CostTracker",
     "CustomAsyncCallbackHandler",
     "DetailedRedisTokenCallbackHandler",
     "InvalidHandler",
     "LLMCall",
     "LlmtallyError",
+    "PerformanceTracker",
     "RateLimited",
     "RedisTokenCallbackHandler",
     "Retrieval",
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "StreamingProgress",
     "TokenizerUnavailable",
+    "TokenCounter",
     "TokenUsageRepository",
     "ToolCall",
     "Usage",
