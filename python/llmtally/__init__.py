@@ -14,6 +14,7 @@
 """
 
 from llmtally._core import __version__ as _core_version
+from llmtally.audit import AuditLogger
 from llmtally.dispatch import (
     AgentRun,
     CallbackManager,
@@ -27,7 +28,6 @@ from llmtally.dispatch import (
     get_global_callbacks,
     set_global_callbacks,
 )
-from llmtally.audit import AuditLogger
 from llmtally.errors import (
     BadInput,
     BudgetExceeded,
