@@ -25,6 +25,9 @@ def summary() -> list[str]:
                 if peer in ("empty", "llmtally"):
                     continue
                 lines.append(f"  added-cost ratio {peer}/llmtally: {(t - floor) / ours:.1f}x")
+        if floor is None and "llmtally" in systems and "litellm" in systems:
+            ratio = systems["litellm"] / systems["llmtally"]
+            lines.append(f"  llmtally is {ratio:.0f}x faster than litellm")
         if "rust" in systems and "python" in systems:
             lines.append(f"  rust is {systems['python'] / systems['rust']:.1f}x faster than python")
         if "empty" in systems and "llmtally" in systems and "concurrent" in suite:
