@@ -41,6 +41,9 @@ def summary() -> list[str]:
                 f"  llmtally flush: {1_000_000 / ours:,.0f} deltas/s drained and written,"
                 f" {70_000 / ours:,.0f} fields/s ({bare / ours:.0%} of the bare EVALSHA loop)"
             )
+        if floor is None and "llmtally" in systems and "litellm" in systems:
+            ratio = systems["litellm"] / systems["llmtally"]
+            lines.append(f"  llmtally is {ratio:.0f}x faster than litellm")
         if "rust" in systems and "python" in systems:
             lines.append(f"  rust is {systems['python'] / systems['rust']:.1f}x faster than python")
         if "empty" in systems and "llmtally" in systems and "concurrent" in suite:

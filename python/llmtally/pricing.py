@@ -1,0 +1,456 @@
+"""Model prices: the bundled table, ``register_model`` and the cost of a call.
+
+Prices are USD per 1M tokens with at most six decimals, so costs are exact integers of pico-USD
+(1e-12 USD) computed in the Rust core (:class:`llmtally._core.Prices`). Cost = uncached prompt x
+input + cache reads x cache-read price + cache writes x cache-write price (1 h writes at their own
+price) + completion x output (reasoning at its own price where the model has one); above a long
+context tier's threshold, that tier's input and output prices apply.
+
+The bundled table (``llmtally/data/prices.json``) is generated from LiteLLM's public price list by
+``scripts/update_prices.py`` (see docs/pricing.md); it is read from the package on first use,
+never from the network. Models registered with :func:`register_model` win over it.
+
+Model names are matched exactly first, then as variants: any case, provider prefixes
+(``openai/``, ``azure/``, ``bedrock/...``, ``vertex_ai/``, ``models/``), Bedrock ids
+(``us.anthropic.claude-...-v2:0``, ARNs), Vertex ``@version`` names, date suffixes
+(``-2024-08-06``, ``-20241022``) and ``-latest``. The result is cached per ``(model, provider)``,
+so a repeated lookup is one dict hit.
+
+An unknown model is not an error: its tokens are counted and its cost is ``None``; the first miss
+of each name logs a warning and every miss is counted (:func:`unpriced_models`).
+
+>>> from llmtally._core import Usage
+>>> usage = Usage(prompt_tokens=1200, completion_tokens=300, cached_tokens=1024)
+>>> cost_pusd(usage, "gpt-4o")  # 176 x 2.50 + 1024 x 1.25 + 300 x 10.00 per 1M tokens
+4720000000
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from importlib import resources
+from typing import Any
+
+from llmtally._core import Prices, Usage
+from llmtally.errors import ConfigError
+
+__all__ = [
+    "Prices",
+    "cost_pusd",
+    "cost_usd",
+    "lookup",
+    "register_model",
+    "unpriced_models",
+]
+
+logger = logging.getLogger("llmtally.pricing")
+
+PUSD_PER_USD = 10**12
+_MAX_CACHED = 50_000  # resolved (model, provider) pairs; a flood of distinct names resets it
+_MAX_UNPRICED_NAMES = 10_000  # names tracked in unpriced_models(); later ones count as "<other>"
+
+# Provider names as callers write them -> the table's names.
+_PROVIDER_ALIASES = {
+    "google": "gemini",
+    "google_genai": "gemini",
+    "google-genai": "gemini",
+    "google_ai_studio": "gemini",
+    "vertex": "vertex_ai",
+    "vertexai": "vertex_ai",
+    "google_vertexai": "vertex_ai",
+    "google-vertex": "vertex_ai",
+    "azure_openai": "azure",
+    "azure-openai": "azure",
+    "azure_text": "azure",
+    "azure-ai": "azure_ai",
+    "aws": "bedrock",
+    "aws_bedrock": "bedrock",
+    "aws-bedrock": "bedrock",
+    "amazon_bedrock": "bedrock",
+    "bedrock_converse": "bedrock",
+    "together": "together_ai",
+    "togetherai": "together_ai",
+    "fireworks": "fireworks_ai",
+    "x-ai": "xai",
+    "grok": "xai",
+    "mistralai": "mistral",
+    "text-completion-openai": "openai",
+}
+# Leading path segments of a model name that name a provider or a route, not the model.
+_PREFIXES = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "gemini": "gemini",
+    "google": "gemini",
+    "vertex_ai": "vertex_ai",
+    "vertex_ai_beta": "vertex_ai",
+    "mistral": "mistral",
+    "deepseek": "deepseek",
+    "groq": "groq",
+    "xai": "xai",
+    "together_ai": "together_ai",
+    "fireworks_ai": "fireworks_ai",
+    "bedrock": "bedrock",
+    "azure": "azure",
+    "azure_ai": "azure_ai",
+    "openrouter": "",
+    "litellm_proxy": "",
+    "converse": "",
+    "invoke": "",
+    "models": "",
+}
+_REGION = re.compile(r"^[a-z]{2}(?:-gov)?-[a-z]+-\d$")
+_CROSS_REGION = re.compile(r"^(?:us|eu|apac|au|jp|ca|global|us-gov)\.(?=[a-z0-9-]+\.)")
+_BEDROCK_VENDOR = re.compile(
+    r"^(?:anthropic|meta|mistral|amazon|cohere|ai21|deepseek|openai|qwen|writer|moonshotai"
+    r"|minimax|zai|nvidia)\.(?=.)"
+)
+_BEDROCK_VERSION = re.compile(r"(?:-v\d+(?::\d+)?|:\d+)$")
+_DATE = re.compile(r"(?:-\d{4}-\d{2}-\d{2}|-\d{8}|-\d{2}-\d{4}|-\d{2}-\d{2}|-\d{3,4})$")
+_FINE_TUNED = re.compile(r"^(ft:[^:]+):.*$")
+
+_lock = threading.Lock()
+_generation = 0  # bumped by register_model; a resolve started before it is not cached
+_cache: dict[tuple[Any, Any], Any] = {}  # (model, provider) -> Prices | None
+_MISSING: Any = object()
+_registered: dict[tuple[str | None, str], Prices] = {}
+_registered_any: dict[str, Prices] = {}  # by name, whatever the provider (last registered)
+_unpriced: dict[str, int] = {}
+_bundled: _Table | None = None
+
+
+class _Table:
+    """The bundled rows, turned into :class:`Prices` on first use of each row."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.source: str = doc.get("source", "")
+        self.models: dict[str, list[Any]] = doc["models"]
+        self.providers: dict[str, dict[str, list[Any]]] = doc["providers"]
+        self._built: dict[int, Prices] = {}
+
+    def get(self, provider: str | None, name: str) -> Prices | None:
+        row = None
+        if provider is not None:
+            rows = self.providers.get(provider)
+            if rows is not None:
+                row = rows.get(name)
+        if row is None:
+            row = self.models.get(name)
+        if row is None:
+            return None
+        prices = self._built.get(id(row))
+        if prices is None:
+            prices = self._built[id(row)] = _prices_of_row(row)
+        return prices
+
+
+def _prices_of_row(row: list[Any]) -> Prices:
+    padded = [*row, None, None, None, None, None, None, None][:7]
+    tiers = padded[6]
+    return Prices(
+        padded[0],
+        padded[1],
+        padded[2],
+        padded[3],
+        padded[4],
+        padded[5],
+        [(int(t[0]), t[1], t[2]) for t in tiers] if tiers else None,
+    )
+
+
+def _table() -> _Table:
+    global _bundled
+    if _bundled is None:
+        text = resources.files("llmtally").joinpath("data/prices.json").read_text("utf-8")
+        table = _Table(json.loads(text))
+        with _lock:
+            if _bundled is None:
+                _bundled = table
+    return _bundled
+
+
+def _provider_name(provider: str | None) -> str | None:
+    if not provider:
+        return None
+    p = provider.strip().lower()
+    if p.startswith("vertex_ai"):
+        return "vertex_ai"
+    return _PROVIDER_ALIASES.get(p, p) or None
+
+
+def _names(model: str) -> tuple[str | None, str, list[str]]:
+    """The provider a model name implies (or ``None``), the name without provider prefixes, and
+    the candidate names, best first.
+
+    The name as given (lower case) comes first, then the name after each provider prefix is
+    removed (``groq/openai/gpt-oss-120b`` -> ``openai/gpt-oss-120b`` -> ``gpt-oss-120b``), then
+    generalizations of those (Vertex versions, Bedrock ids, ``-latest``, dates).
+    """
+    name = model.strip().lower()
+    implied: str | None = None
+    forms = [name]
+    if name.startswith("arn:"):  # Bedrock inference profile / foundation model ARN
+        name = name.rsplit("/", 1)[-1]
+        implied = "bedrock"
+        forms.append(name)
+    while "/" in name:
+        head, rest = name.split("/", 1)
+        if head in _PREFIXES:
+            implied = implied or _PREFIXES[head] or None
+        elif not (implied == "bedrock" and (_REGION.match(head) or head == "*")):
+            break  # bedrock/us-east-1/<model> is skipped; other paths are part of the name
+        name = rest
+        forms.append(name)
+    found = list(dict.fromkeys(forms))
+    i = 0
+    while i < len(found) and len(found) < 32:
+        for variant in _variants(found[i]):
+            if variant and variant not in found:
+                found.append(variant)
+        i += 1
+    return implied, name, found
+
+
+def _variants(name: str) -> Iterable[str]:
+    """One-step generalizations of a model name, most specific first."""
+    m = _FINE_TUNED.match(name)
+    if m:
+        yield m.group(1)
+    if "@" in name:
+        base, _, version = name.partition("@")
+        if version.isdigit():
+            yield f"{base}-{version}"
+        yield base
+    stripped = _CROSS_REGION.sub("", name)
+    if stripped != name:
+        yield stripped
+    unversioned = _BEDROCK_VERSION.sub("", name)
+    if unversioned != name and "." in name:
+        yield unversioned
+    if _BEDROCK_VENDOR.match(name):
+        yield _BEDROCK_VENDOR.sub("", unversioned)
+    if name.endswith("-latest"):
+        yield name[: -len("-latest")]
+    undated = _DATE.sub("", name)
+    if undated != name:
+        yield undated
+
+
+def _resolve(model: Any, provider: Any) -> Prices | None:
+    if not isinstance(model, str) or not (provider is None or isinstance(provider, str)):
+        return None
+    implied, _, names = _names(model)
+    p = _provider_name(provider) or implied
+    registered, registered_any = _registered, _registered_any
+    if registered:
+        for name in names:
+            found = registered.get((p, name)) if p is not None else None
+            if found is None:
+                found = registered.get((None, name))
+            if found is None and p is None:
+                found = registered_any.get(name)
+            if found is not None:
+                return found
+    table = _table()
+    for name in names:
+        found = table.get(p, name)
+        if found is not None:
+            return found
+    return None
+
+
+def lookup(model: str, provider: str | None = None) -> Prices | None:
+    """The prices of ``model`` (served by ``provider`` when given), or ``None`` when unknown.
+
+    A miss is counted (see :func:`unpriced_models`) and logged once per model name.
+
+    >>> lookup("openai/gpt-4o-2024-08-06").input_price
+    2.5
+    >>> lookup("claude-sonnet-4-5@20250929", "vertex_ai").cache_write_1h_price
+    6.0
+    """
+    key = (model, provider)
+    prices: Prices | None = _cache.get(key, _MISSING)
+    if prices is _MISSING:
+        prices = _lookup_slow(key)
+    if prices is None:
+        _count_miss(model, provider)
+    return prices
+
+
+def _lookup_slow(key: tuple[Any, Any]) -> Prices | None:
+    generation = _generation
+    prices = _resolve(*key)
+    with _lock:
+        if generation == _generation:
+            if len(_cache) >= _MAX_CACHED:
+                _cache.clear()
+            _cache[key] = prices
+    return prices
+
+
+def _count_miss(model: Any, provider: Any) -> None:
+    name = model if isinstance(model, str) else repr(model)
+    with _lock:
+        count = _unpriced.get(name)
+        if count is None and len(_unpriced) >= _MAX_UNPRICED_NAMES:
+            name = "<other>"
+            count = _unpriced.get(name)
+        _unpriced[name] = (count or 0) + 1
+    if count is None:
+        logger.warning(
+            "no price for model %r (provider %r): its tokens are counted, its cost is None;"
+            " price it with llmtally.register_model(...)",
+            model,
+            provider,
+        )
+
+
+def unpriced_models() -> dict[str, int]:
+    """Lookups that found no price, per model name (a snapshot).
+
+    >>> _ = lookup("my-own-model-7b")
+    >>> unpriced_models()["my-own-model-7b"] >= 1
+    True
+    """
+    with _lock:
+        return dict(_unpriced)
+
+
+def cost_pusd(usage: Usage, model: str, provider: str | None = None) -> int | None:
+    """The table cost of ``usage`` in pico-USD (1e-12 USD), or ``None`` when unknown.
+
+    ``None`` when the model has no price or the usage lacks its prompt/completion split.
+    Raises ``OverflowError`` past the 64-bit pico-USD range (about 9.2M USD).
+
+    >>> from llmtally._core import Usage
+    >>> cost_pusd(Usage(prompt_tokens=1000, completion_tokens=100), "gpt-4o-mini")
+    210000000
+    """
+    prices = lookup(model, provider)
+    if prices is None:
+        return None
+    return prices.usage_cost_pusd(usage)
+
+
+def cost_usd(usage: Usage, model: str, provider: str | None = None) -> float | None:
+    """The table cost of ``usage`` in USD, or ``None`` when unknown (see :func:`cost_pusd`).
+
+    >>> from llmtally._core import Usage
+    >>> cost_usd(Usage(prompt_tokens=1000, completion_tokens=100), "gpt-4o")
+    0.0035
+    """
+    pusd = cost_pusd(usage, model, provider)
+    return None if pusd is None else pusd / PUSD_PER_USD
+
+
+def _price(arg: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        raise ConfigError(f"{arg} must be a number (USD per 1M tokens), got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(f"{arg} must be a finite number >= 0 (USD per 1M tokens), got {value!r}")
+    return number
+
+
+def _required_price(arg: str, value: Any) -> float:
+    number = _price(arg, value)
+    if number is None:
+        raise ConfigError(f"{arg} is required (USD per 1M tokens)")
+    return number
+
+
+def _tiers(value: Any) -> list[tuple[int, float, float]] | None:
+    if value is None:
+        return None
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ConfigError(
+            "tiers must be a list of (above_prompt_tokens, input_price, output_price)"
+        )
+    out: list[tuple[int, float, float]] = []
+    for i, tier in enumerate(value):
+        if isinstance(tier, str | bytes) or not isinstance(tier, Sequence) or len(tier) != 3:
+            raise ConfigError(
+                f"tiers[{i}] must be (above_prompt_tokens, input_price, output_price), got {tier!r}"
+            )
+        above, inp, out_price = tier
+        if isinstance(above, bool) or not isinstance(above, int) or above < 0:
+            raise ConfigError(f"tiers[{i}] above_prompt_tokens must be an int >= 0, got {above!r}")
+        if any(above == t[0] for t in out):
+            raise ConfigError(f"tiers[{i}] repeats the threshold {above}")
+        in_usd = _required_price(f"tiers[{i}] input_price", inp)
+        out_usd = _required_price(f"tiers[{i}] output_price", out_price)
+        out.append((above, in_usd, out_usd))
+    return out
+
+
+def register_model(
+    name: str,
+    *,
+    provider: str | None = None,
+    input_price: float,
+    output_price: float,
+    cache_read_price: float | None = None,
+    cache_write_price: float | None = None,
+    cache_write_1h_price: float | None = None,
+    reasoning_price: float | None = None,
+    tiers: list[tuple[int, float, float]] | None = None,
+) -> Prices:
+    """Price a custom or self-hosted model, or override the bundled price of a known one.
+
+    Prices are USD per 1M tokens, at most six decimals. ``cache_read_price`` and
+    ``cache_write_price`` default to the input price, ``cache_write_1h_price`` to the cache-write
+    price, ``reasoning_price`` to the output price. ``tiers`` lists long-context prices as
+    ``(above_prompt_tokens, input_price, output_price)``: a call whose prompt is above a
+    threshold is priced at that tier. With ``provider``, the price applies to that provider's
+    calls (and to calls that name no provider); without, to every provider.
+
+    The name matches like the bundled table's names (any case, with or without a provider prefix,
+    with a date suffix), and a registered name wins over the table, for its variants too.
+    Registering a name again replaces its prices.
+
+    Raises:
+        ConfigError: a bad argument (the message names it); also a ``ValueError``.
+
+    >>> register_model("acme-llm-70b", input_price=0.6, output_price=2.4).output_price
+    2.4
+    >>> cost_usd(Usage(prompt_tokens=1_000_000, completion_tokens=0), "openai/ACME-LLM-70B")
+    0.6
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"name must be a non-empty model name, got {name!r}")
+    if provider is not None and (not isinstance(provider, str) or not provider.strip()):
+        raise ConfigError(f"provider must be a non-empty string or None, got {provider!r}")
+    in_usd = _required_price("input_price", input_price)
+    out_usd = _required_price("output_price", output_price)
+    read_usd = _price("cache_read_price", cache_read_price)
+    write_usd = _price("cache_write_price", cache_write_price)
+    write_1h_usd = _price("cache_write_1h_price", cache_write_1h_price)
+    reasoning_usd = _price("reasoning_price", reasoning_price)
+    tier_list = _tiers(tiers)
+    try:
+        prices = Prices(
+            in_usd, out_usd, read_usd, write_usd, write_1h_usd, reasoning_usd, tier_list
+        )
+    except (ValueError, OverflowError) as e:  # more than six decimals, too large
+        message = str(e)
+        if message.startswith("tier "):
+            message = f"tiers: {message[len('tier ') :]}"
+        raise ConfigError(message) from None
+    implied, base, _ = _names(name)
+    key = (_provider_name(provider) or implied, base)
+    global _generation
+    with _lock:
+        _registered[key] = prices
+        _registered_any[key[1]] = prices
+        _generation += 1
+        _cache.clear()
+    return prices
