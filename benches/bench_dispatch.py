@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 
 from harness import Call
-from peers import empty_harness, langchain_one_handler, llmtally_one_handler
+from peers import (
+    empty_harness,
+    langchain_metering_set,
+    langchain_one_handler,
+    llmtally_metering_set,
+    llmtally_one_handler,
+)
 from results import record
 
 BATCH = 1000  # calls per measured round
@@ -55,6 +61,12 @@ SYSTEMS: dict[str, Callable[[bool], Any]] = {
     "llmtally": llmtally_one_handler,
     "langchain": langchain_one_handler,
 }
+# B1 proper: the metering set (seed handler on the memory store, cost, performance).
+METERING: dict[str, Callable[[bool], Any]] = {
+    "empty": lambda concurrent: (empty_harness(concurrent), None),
+    "llmtally": llmtally_metering_set,
+    "langchain": langchain_metering_set,
+}
 
 
 @pytest.mark.benchmark(group="B1-dispatch-sequential")
@@ -77,5 +89,33 @@ def test_concurrent(benchmark: Any, loop: asyncio.AbstractEventLoop, system: str
     call, counter = SYSTEMS[system](True)
     _concurrent(benchmark, loop, call)
     record("B1-concurrent", system, benchmark.stats.stats.median / (WORKERS * PER_WORKER))
+    if counter is not None:
+        assert counter.calls == 5 * WORKERS * PER_WORKER
+
+
+@pytest.mark.benchmark(group="B1-metering-sequential")
+@pytest.mark.parametrize("system", list(METERING))
+def test_metering_set_sequential(
+    benchmark: Any, loop: asyncio.AbstractEventLoop, system: str
+) -> None:
+    if system == "langchain":
+        pytest.importorskip("langchain_core")
+    call, counter = METERING[system](False)
+    _sequential(benchmark, loop, call)
+    record("B1-metering-sequential", system, benchmark.stats.stats.median / BATCH)
+    if counter is not None:
+        assert counter.tokens == 21 * counter.calls
+
+
+@pytest.mark.benchmark(group="B1-metering-concurrent")
+@pytest.mark.parametrize("system", list(METERING))
+def test_metering_set_concurrent(
+    benchmark: Any, loop: asyncio.AbstractEventLoop, system: str
+) -> None:
+    if system == "langchain":
+        pytest.importorskip("langchain_core")
+    call, counter = METERING[system](True)
+    _concurrent(benchmark, loop, call)
+    record("B1-metering-concurrent", system, benchmark.stats.stats.median / (WORKERS * PER_WORKER))
     if counter is not None:
         assert counter.calls == 5 * WORKERS * PER_WORKER
