@@ -243,7 +243,7 @@ impl Ledger {
     }
 
     /// Add one call's normalized response dict (`tokens_used`, `prompt_tokens`, ...,
-    /// `cost_estimate` in USD) to `key` as one call, in one crossing. Returns 0 when recorded,
+    /// `cost_pusd`, else `cost_estimate` in USD) to `key` as one call, in one crossing. Returns 0 when recorded,
     /// 1 when the response carries `usage_error` (only the call is counted), 2 when it holds no
     /// usage at all (nothing is recorded; the caller estimates).
     fn add_response(&self, key: &str, response: &Bound<'_, PyDict>) -> PyResult<u8> {
@@ -263,7 +263,11 @@ impl Ledger {
         let Some(total) = response.get_item(intern!(py, "tokens_used"))? else {
             return Ok(2);
         };
+        let exact = response.get_item(intern!(py, "cost_pusd"))?;
         let cost_pusd = match response.get_item(intern!(py, "cost_estimate"))? {
+            _ if exact.as_ref().is_some_and(|v| !v.is_none()) => {
+                exact.map(|v| v.extract::<i64>()).transpose()?.unwrap_or(0)
+            }
             Some(v) if !v.is_none() => {
                 let usd: f64 = v.extract()?;
                 if !usd.is_finite() || usd < 0.0 || usd * 1e12 >= i64::MAX as f64 {

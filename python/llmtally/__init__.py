@@ -13,6 +13,7 @@
 10
 """
 
+from llmtally import pricing
 from llmtally._core import __version__ as _core_version
 from llmtally.audit import AuditLogger
 from llmtally.dispatch import (
@@ -48,6 +49,7 @@ from llmtally.metering import (
     create_detailed_token_callback,
     create_token_callback,
 )
+from llmtally.pricing import register_model
 from llmtally.repository import TokenUsageRepository
 from llmtally.storage import Store, default_store, open_store
 from llmtally.tokens import estimate_tokens
@@ -98,5 +100,7 @@ __all__ = [
     "extract_usage",
     "get_global_callbacks",
     "open_store",
+    "pricing",
+    "register_model",
     "set_global_callbacks",
 ]

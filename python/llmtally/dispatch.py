@@ -37,6 +37,7 @@ from llmtally._core import (
 from llmtally.config import settings, validate_timeout
 from llmtally.errors import CallbackAbort, InvalidHandler
 from llmtally.events import EVENTS, AsyncCallbackHandler, overridden_events
+from llmtally.pricing import lookup as price_lookup
 from llmtally.tokens import estimate_tokens
 from llmtally.usage import BadUsage, Usage, extract_text, merge_stream_usage
 
@@ -865,6 +866,8 @@ class LLMCall:
                 if message is not None:
                     stats.usage_warnings += 1
                     logger.warning("usage of %s: %s (total kept)", self.request_id, message)
+                assert response is not None
+                self._price(response)
                 self.response = self._add_stream_fields(response)
                 return
             if code == READ_BAD_USAGE:
@@ -894,7 +897,7 @@ class LLMCall:
             logger.warning("usage of %s: %s (total kept)", self.request_id, usage.warning)
         self._usage = usage
         first = self._first_chunk_at
-        self.response = make_response(
+        response = make_response(
             usage,
             None,
             estimated,
@@ -906,6 +909,37 @@ class LLMCall:
             None if first is None else first - self.started_at,
             self._chunks,
         )
+        self._price(response)
+        self.response = response
+
+    def _price(self, response: dict[str, Any]) -> None:
+        """Cost from the price table when the provider reported none (``cost_source: "table"``);
+        an unknown model keeps ``cost_estimate: None``, counted and warned once per model."""
+        if response["cost_estimate"] is not None or "completion_tokens" not in response:
+            return
+        model = response["model"]
+        if "prompt_tokens" not in response or not model or model == "unknown":
+            return
+        provider = self.provider if self.provider != "unknown" else None
+        prices = price_lookup(model, provider)  # one dict hit once seen
+        if prices is None:
+            return
+        try:
+            pusd = prices.cost_pusd(
+                response["prompt_tokens"],
+                response["completion_tokens"],
+                response["cached_tokens"],
+                response["cache_write_tokens"],
+                response.get("cache_write_1h_tokens", 0),
+                response["reasoning_tokens"],
+            )
+        except (ValueError, OverflowError) as exc:
+            self._manager._stats.bad_input += 1
+            logger.warning("cost of %s not computed: %s", self.request_id, exc)
+            return
+        response["cost_estimate"] = pusd / 1e12
+        response["cost_pusd"] = pusd
+        response["cost_source"] = "table"
 
     def _add_stream_fields(self, response: dict[str, Any] | None) -> dict[str, Any]:
         assert response is not None

@@ -103,11 +103,14 @@ async def test_openai_chat_body_keeps_subsets_inside_prompt_and_completion() -> 
     assert response["model"] == "gpt-4o-2024-08-06"
     assert response["provider"] == "p"
     assert response["estimated"] is False
-    assert response["cost_estimate"] is None and response["cost_source"] is None
+    # Priced from the bundled table (gpt-4o: 2.50 in, 1.25 cached reads, 10.00 out per 1M):
+    # 176 x 2.50 + 1024 x 1.25 + 300 x 10.00 = 4,720 micro-USD.
+    assert response["cost_pusd"] == 4_720_000_000
+    assert (response["cost_estimate"], response["cost_source"]) == (0.00472, "table")
     (resp,), kwargs = rec.of("on_llm_end")[0]
     assert resp is response
     assert kwargs["token_count"] == 1500
-    assert kwargs["cost"] is None
+    assert kwargs["cost"] == 0.00472
     assert kwargs["duration_ms"] == pytest.approx(response["response_time"] * 1000)
 
 
@@ -501,3 +504,26 @@ def test_request_window_is_bounded_by_count_and_age() -> None:
     assert window.seen("a", 2.0) is False
     assert window.seen("d", 20.0) is False  # everything older than 10 s has expired
     assert len(window) == 1
+
+
+async def test_provider_cost_wins_and_unknown_models_stay_unpriced() -> None:
+    call, _ = await run(dict(OPENAI_BODY, _hidden_params={"response_cost": 0.01}))
+    assert call.response is not None
+    assert (call.response["cost_estimate"], call.response["cost_source"]) == (0.01, "provider")
+    rec = Recorder()
+    manager = CallbackManager([rec])
+    async with manager.llm_call(MESSAGES, model="my-selfhosted-llama") as c:
+        c.set_response({"prompt_tokens": 10, "completion_tokens": 2})
+    assert c.response is not None
+    assert (c.response["cost_estimate"], c.response["cost_source"]) == (None, None)
+    assert c.response["tokens_used"] == 12  # counted, never dropped
+    assert llmtally.pricing.unpriced_models().get("my-selfhosted-llama", 0) >= 1
+
+
+async def test_registered_model_prices_calls() -> None:
+    llmtally.register_model("acme-7b", input_price=0.2, output_price=0.6)
+    async with CallbackManager([]).llm_call(MESSAGES, model="acme-7b") as c:
+        c.set_response({"prompt_tokens": 1000, "completion_tokens": 500})
+    assert c.response is not None
+    assert c.response["cost_pusd"] == 1000 * 200_000 + 500 * 600_000
+    assert c.response["cost_source"] == "table"
