@@ -23,6 +23,7 @@ from llmtally.metering import UsageRecorder
 from llmtally.repository import TokenUsageRepository
 from llmtally.storage import _redact, open_store
 from llmtally.storage.keys import current_cycle, validate_cycle
+from llmtally.trackers import PerformanceTracker
 
 __all__ = ["main"]
 
@@ -46,6 +47,7 @@ class _UserTotals:
     completion: int = 0
     total: int = 0
     estimated: int = 0
+    cost_pusd: int = 0
 
 
 @dataclass
@@ -69,6 +71,7 @@ class _DemoTally(AsyncCallbackHandler):
         totals.completion += response.get("completion_tokens", 0)
         totals.total += response.get("tokens_used", 0)
         totals.estimated += bool(response.get("estimated"))
+        totals.cost_pusd += response.get("cost_pusd") or 0
 
     async def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
         self._user(kwargs).errors += 1
@@ -225,7 +228,8 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
     repo = TokenUsageRepository(store)
     cycle = current_cycle()
     tally = _DemoTally()
-    manager = CallbackManager([tally, UsageRecorder(store=store), _FlakyHandler()])
+    perf = PerformanceTracker()
+    manager = CallbackManager([tally, UsageRecorder(store=store), perf, _FlakyHandler()])
     out.write(
         f"llmtally {__version__} demo: {args.calls} simulated LLM calls from {args.users} users, "
         f"{args.concurrency} at a time (30% streamed, 3% failing, one buggy handler)\n"
@@ -237,19 +241,19 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
     progress = _Progress(len(plans), out)
     metered_s = await _run_all(manager, plans, args.concurrency, progress)
     health = await manager.health()
-    flushed = await store.aclose()
+    flushed = await store.flush()
 
     rows = sorted(tally.users.items(), key=lambda kv: (-kv[1].total, kv[0]))
     header = (
         f"  {'user':<14} {'calls':>6} {'errors':>6} {'prompt':>9} {'completion':>10}"
-        f" {'total':>9} {'estimated':>9}"
+        f" {'total':>9} {'estimated':>9} {'cost_usd':>10}"
     )
     out.write("\n" + header + "\n  " + "-" * (len(header) - 2) + "\n")
     shown = rows if args.all_users else rows[: args.top]
     for user_id, t in shown:
         out.write(
             f"  {user_id:<14} {t.calls:>6} {t.errors:>6} {t.prompt:>9} {t.completion:>10}"
-            f" {t.total:>9} {t.estimated:>9}\n"
+            f" {t.total:>9} {t.estimated:>9} {t.cost_pusd / 1e12:>10.6f}\n"
         )
     if len(rows) > len(shown):
         out.write(f"  ... {len(rows) - len(shown)} more users (--all-users shows them)\n")
@@ -261,10 +265,18 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
         total.completion += t.completion
         total.total += t.total
         total.estimated += t.estimated
+        total.cost_pusd += t.cost_pusd
     out.write("  " + "-" * (len(header) - 2) + "\n")
     out.write(
         f"  {'all':<14} {total.calls:>6} {total.errors:>6} {total.prompt:>9}"
-        f" {total.completion:>10} {total.total:>9} {total.estimated:>9}\n\n"
+        f" {total.completion:>10} {total.total:>9} {total.estimated:>9}"
+        f" {total.cost_pusd / 1e12:>10.6f}\n\n"
+    )
+    lat = perf.stats()
+    out.write(
+        f"  latency p50 {lat['latency_p50_ms']:.3f} ms, p95 {lat['latency_p95_ms']:.3f} ms,"
+        f" p99 {lat['latency_p99_ms']:.3f} ms; time to first token p50"
+        f" {lat['ttft_p50_ms']:.3f} ms (cost from the bundled price table: gpt-4o-mini)\n"
     )
     overhead_us = max(0.0, (metered_s - bare_s) / len(plans) * 1e6)
     events = 2 * len(plans) + tally.chunks
@@ -276,14 +288,22 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
         f"provider errors recorded: {health['llm_errors']}\n"
     )
     # Read the store back: what this run added must equal what the handlers saw, exactly.
-    check = open_store(args.store)
+    # A persistent store is read back through a store of its own, as another process would.
+    check = store if store.backend.name == "memory" else open_store(args.store)
     after = {r["user_id"]: r for r in await TokenUsageRepository(check).list_usage(cycle)}
-    await check.aclose()
+    if check is not store:
+        await check.aclose()
+    flushed = await store.aclose() and flushed
     mismatches = 0
     for user_id, t in rows:
         old = before.get(user_id, {})
         new = after.get(user_id, {})
-        for name, want in (("total_tokens", t.total), ("calls", t.calls), ("errors", t.errors)):
+        for name, want in (
+            ("total_tokens", t.total),
+            ("calls", t.calls),
+            ("errors", t.errors),
+            ("cost_pusd", t.cost_pusd),
+        ):
             if new.get(name, 0) - old.get(name, 0) != want:
                 mismatches += 1
     if flushed and mismatches == 0:
