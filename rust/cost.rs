@@ -45,8 +45,18 @@ pub struct PriceTable {
     pub cache_write: i64,
     pub cache_write_1h: i64,
     pub reasoning: i64,
-    /// (above_prompt_tokens, input, output), ascending by threshold.
-    pub tiers: Vec<(u64, i64, i64)>,
+    /// Long-context tiers, ascending by threshold.
+    pub tiers: Vec<Tier>,
+}
+
+/// Prices above a prompt-size threshold; cache prices fall back to the base ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tier {
+    pub above: u64,
+    pub input: i64,
+    pub output: i64,
+    pub cache_read: Option<i64>,
+    pub cache_write: Option<i64>,
 }
 
 /// The token counts a cost is computed from (subsets inside their whole).
@@ -82,16 +92,19 @@ impl PriceTable {
             ));
         }
         let (mut input, mut output) = (self.input, self.output);
-        for &(above, i, o) in &self.tiers {
-            if c.prompt > above {
-                input = i;
-                output = o;
+        let (mut cache_read, mut cache_write) = (self.cache_read, self.cache_write);
+        for t in &self.tiers {
+            if c.prompt > t.above {
+                input = t.input;
+                output = t.output;
+                cache_read = t.cache_read.unwrap_or(self.cache_read);
+                cache_write = t.cache_write.unwrap_or(self.cache_write);
             }
         }
         let terms: [(u64, i64); 6] = [
             (c.prompt - c.cache_read - c.cache_write, input),
-            (c.cache_read, self.cache_read),
-            (c.cache_write - c.cache_write_1h, self.cache_write),
+            (c.cache_read, cache_read),
+            (c.cache_write - c.cache_write_1h, cache_write),
             (c.cache_write_1h, self.cache_write_1h),
             (c.completion - c.reasoning, output),
             (c.reasoning, self.reasoning),
@@ -133,21 +146,46 @@ impl Prices {
         cache_write_price: Option<f64>,
         cache_write_1h_price: Option<f64>,
         reasoning_price: Option<f64>,
-        tiers: Option<Vec<(u64, f64, f64)>>,
+        tiers: Option<Vec<Vec<Option<f64>>>>,
     ) -> PyResult<Self> {
         let cache_read_price = cache_read_price.unwrap_or(input_price);
         let cache_write_price = cache_write_price.unwrap_or(input_price);
         let cache_write_1h_price = cache_write_1h_price.unwrap_or(cache_write_price);
         let reasoning_price = reasoning_price.unwrap_or(output_price);
         let mut tier_table = Vec::new();
-        for (above, i, o) in tiers.unwrap_or_default() {
-            tier_table.push((
-                above,
-                price("tier input_price", i)?,
-                price("tier output_price", o)?,
-            ));
+        for t in tiers.unwrap_or_default() {
+            if !(3..=5).contains(&t.len()) {
+                return Err(PyValueError::new_err(
+                    "a tier is (above_prompt_tokens, input_price, output_price[, cache_read_price[, \
+                     cache_write_price]])",
+                ));
+            }
+            let (Some(above), Some(i), Some(o)) = (t[0], t[1], t[2]) else {
+                return Err(PyValueError::new_err(
+                    "a tier's threshold and prices are required",
+                ));
+            };
+            if above < 0.0 || above.fract() != 0.0 || !above.is_finite() {
+                return Err(PyValueError::new_err(
+                    "a tier's threshold must be an int >= 0",
+                ));
+            }
+            let optional = |k: usize, name: &str| -> PyResult<Option<i64>> {
+                t.get(k)
+                    .copied()
+                    .flatten()
+                    .map(|v| price(name, v))
+                    .transpose()
+            };
+            tier_table.push(Tier {
+                above: above as u64,
+                input: price("tier input_price", i)?,
+                output: price("tier output_price", o)?,
+                cache_read: optional(3, "tier cache_read_price")?,
+                cache_write: optional(4, "tier cache_write_price")?,
+            });
         }
-        tier_table.sort_by_key(|t| t.0);
+        tier_table.sort_by_key(|t| t.above);
         Ok(Self {
             table: PriceTable {
                 input: price("input_price", input_price)?,
@@ -299,11 +337,13 @@ mod tests {
     #[test]
     fn tiers_switch_prices_above_the_threshold() {
         let mut t = table(1.25, 10.0);
-        t.tiers = vec![(
-            200_000,
-            pusd_per_token(2.5).unwrap(),
-            pusd_per_token(15.0).unwrap(),
-        )];
+        t.tiers = vec![Tier {
+            above: 200_000,
+            input: pusd_per_token(2.5).unwrap(),
+            output: pusd_per_token(15.0).unwrap(),
+            cache_read: None,
+            cache_write: None,
+        }];
         let small = Counts {
             prompt: 200_000,
             completion: 1,

@@ -1,5 +1,6 @@
 """Type stubs for the compiled hot path, ``llmtally._core`` (internal)."""
 
+from collections.abc import Sequence
 from typing import Any, Final, final
 
 __all__ = [
@@ -223,8 +224,9 @@ class Prices:
         cache_write_price: float | None = None,
         cache_write_1h_price: float | None = None,
         reasoning_price: float | None = None,
-        tiers: list[tuple[int, float, float]] | None = None,
-    ) -> None: ...
+        tiers: Sequence[Sequence[float | None]] | None = None,
+    ) -> None:
+        """``tiers``: ``(above_prompt_tokens, input, output[, cache_read[, cache_write]])``."""
     def cost_pusd(
         self,
         prompt_tokens: int = 0,

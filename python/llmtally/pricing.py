@@ -160,7 +160,7 @@ def _prices_of_row(row: list[Any]) -> Prices:
         padded[3],
         padded[4],
         padded[5],
-        [(int(t[0]), t[1], t[2]) for t in tiers] if tiers else None,
+        [[t[0], *t[1:5]] for t in tiers] if tiers else None,
     )
 
 
@@ -368,27 +368,38 @@ def _required_price(arg: str, value: Any) -> float:
     return number
 
 
-def _tiers(value: Any) -> list[tuple[int, float, float]] | None:
+def _tiers(value: Any) -> list[list[float | None]] | None:
+    """``(above_prompt_tokens, input, output[, cache_read[, cache_write]])`` per tier."""
     if value is None:
         return None
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise ConfigError(
             "tiers must be a list of (above_prompt_tokens, input_price, output_price)"
         )
-    out: list[tuple[int, float, float]] = []
+    out: list[list[float | None]] = []
     for i, tier in enumerate(value):
-        if isinstance(tier, str | bytes) or not isinstance(tier, Sequence) or len(tier) != 3:
+        if (
+            isinstance(tier, str | bytes)
+            or not isinstance(tier, Sequence)
+            or not 3 <= len(tier) <= 5
+        ):
             raise ConfigError(
-                f"tiers[{i}] must be (above_prompt_tokens, input_price, output_price), got {tier!r}"
+                f"tiers[{i}] must be (above_prompt_tokens, input_price, output_price"
+                f"[, cache_read_price[, cache_write_price]]), got {tier!r}"
             )
-        above, inp, out_price = tier
+        above, inp, out_price, *cache = tier
         if isinstance(above, bool) or not isinstance(above, int) or above < 0:
             raise ConfigError(f"tiers[{i}] above_prompt_tokens must be an int >= 0, got {above!r}")
         if any(above == t[0] for t in out):
             raise ConfigError(f"tiers[{i}] repeats the threshold {above}")
-        in_usd = _required_price(f"tiers[{i}] input_price", inp)
-        out_usd = _required_price(f"tiers[{i}] output_price", out_price)
-        out.append((above, in_usd, out_usd))
+        row: list[float | None] = [
+            above,
+            _required_price(f"tiers[{i}] input_price", inp),
+            _required_price(f"tiers[{i}] output_price", out_price),
+        ]
+        for name, price in zip(("cache_read_price", "cache_write_price"), cache, strict=False):
+            row.append(_price(f"tiers[{i}] {name}", price))
+        out.append(row)
     return out
 
 

@@ -374,3 +374,20 @@ def test_update_script_maps_litellm_fields_exactly(tmp_path: Path) -> None:
     assert script.main(["--source", str(src), "--output", str(out)]) == 0
     assert out.read_bytes() == first  # deterministic
     assert json.loads(first)["models"]["claude-x"][1] == 15
+
+
+def test_long_context_tier_switches_cache_prices_too() -> None:
+    prices = pricing.lookup("claude-sonnet-4-20250514")
+    assert prices is not None
+    long = Usage(prompt_tokens=300_000, completion_tokens=10, cached_tokens=100_000)
+    short = Usage(prompt_tokens=200_000, completion_tokens=10, cached_tokens=100_000)
+    # Above 200k: input 6.00, cache reads 0.60, output 22.50 per 1M; at or below: 3.00/0.30/15.00.
+    assert prices.usage_cost_pusd(long) == 200_000 * 6_000_000 + 100_000 * 600_000 + 10 * 22_500_000
+    assert (
+        prices.usage_cost_pusd(short) == 100_000 * 3_000_000 + 100_000 * 300_000 + 10 * 15_000_000
+    )
+    custom = pricing.register_model(
+        "tiered-test-model", input_price=1.0, output_price=2.0, tiers=[(10, 4.0, 8.0, 0.5, 5.0)]
+    )
+    usage = Usage(prompt_tokens=20, completion_tokens=1, cached_tokens=5, cache_write_tokens=5)
+    assert custom.usage_cost_pusd(usage) == 10 * 4_000_000 + 5 * 500_000 + 5 * 5_000_000 + 8_000_000
