@@ -140,3 +140,12 @@ def test_store_commands_reject_bad_arguments_in_one_line(args: list[str]) -> Non
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llmtally: error:")
+
+
+def test_bench_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick"]) == 0
+    out = capsys.readouterr().out
+    row = re.search(r"^\s+llmtally\s+([\d.]+)\s+([\d,]+)$", out, re.M)
+    assert row is not None
+    assert float(row.group(1)) > 0 and int(row.group(2).replace(",", "")) > 0
+    assert re.search(r"^\s+empty\s+[\d,]+$", out, re.M)

@@ -447,6 +447,9 @@ def _parser() -> _Parser:
     limit.add_argument("--json", action="store_true")
     limit.add_argument("--store", default=None, help=store_help)
 
+    bench = sub.add_parser("bench", help="measure the per-call overhead here, next to LangChain")
+    bench.add_argument("--quick", action="store_true", help="a shorter, noisier run")
+
     export = sub.add_parser("export", help="export usage records as CSV or JSON")
     export.add_argument("--format", choices=("csv", "json"), default="csv")
     export.add_argument("--cycle", type=_cycle_arg, help="cycle start YYYY-MM-DD (default: now)")
@@ -499,6 +502,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         # The demo's buggy handler fails on purpose; its failures are counted, not printed.
         logger.setLevel(logging.CRITICAL)
+    if args.command == "bench":
+        from llmtally.bench import run_bench
+
+        return run_bench(sys.stdout, quick=args.quick)
     commands = {"demo": _demo, "usage": _usage, "limit": _limit, "export": _export}
     try:
         return asyncio.run(commands[args.command](args, sys.stdout))
