@@ -42,6 +42,7 @@ from llmtally.errors import (
     TokenizerUnavailable,
 )
 from llmtally.events import AsyncCallbackHandler, Callbacks, CustomAsyncCallbackHandler
+from llmtally.integrations.instrument import instrument
 from llmtally.metering import (
     DetailedRedisTokenCallbackHandler,
     RedisTokenCallbackHandler,
@@ -99,6 +100,7 @@ __all__ = [
     "estimate_tokens",
     "extract_usage",
     "get_global_callbacks",
+    "instrument",
     "open_store",
     "pricing",
     "register_model",

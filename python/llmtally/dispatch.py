@@ -726,8 +726,17 @@ class LLMCall:
         self.duplicate = False
         self.run_id = ""
         self.started_at = 0.0
+        self._token: contextvars.Token[Any] | None = None
 
     # -- inside the block -------------------------------------------------------------------
+
+    def detach_context(self) -> None:
+        """Leave this call open but stop being the current scope of the running task (for a
+        call whose end comes later, like a stream handed back to the caller)."""
+        token = self._token
+        if token is not None:
+            _close_context(token)
+            self._token = None
 
     def set_response(self, response: Any) -> None:
         """Hand over the provider's response: a dict (llmtally's response dict or the provider's
@@ -781,7 +790,7 @@ class LLMCall:
                     targets, "on_llm_start", (self.messages,), self._kwargs, stop_on_abort=True
                 )
             except CallbackAbort as abort:
-                _close_context(self._token)
+                self.detach_context()
                 await self._abort_started(abort)
                 raise
         return self
@@ -804,7 +813,8 @@ class LLMCall:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _close_context(self._token)
+        if self._token is not None:
+            _close_context(self._token)
         ended = time.perf_counter()
         duration_s = ended - self.started_at
         manager = self._manager

@@ -1,0 +1,1 @@
+"""Provider SDK integrations behind :func:`llmtally.instrument` (imported lazily)."""

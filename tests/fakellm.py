@@ -1,0 +1,217 @@
+"""A loopback HTTP server that answers like OpenAI and Anthropic (JSON and SSE), for testing the
+real SDKs without the internet."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+USAGE = {
+    "prompt_tokens": 1200,
+    "completion_tokens": 300,
+    "total_tokens": 1500,
+    "prompt_tokens_details": {"cached_tokens": 1024},
+    "completion_tokens_details": {"reasoning_tokens": 256},
+}
+ANTHROPIC_USAGE = {
+    "input_tokens": 50,
+    "output_tokens": 120,
+    "cache_read_input_tokens": 2000,
+    "cache_creation_input_tokens": 300,
+}
+
+
+def _chat(model: str) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Paris."},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": USAGE,
+    }
+
+
+def _chat_chunks(model: str, include_usage: bool) -> list[dict[str, Any]]:
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model}
+    chunks = [
+        {**base, "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
+        for t in ("Pa", "ris", ".")
+    ]
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": USAGE})
+    return chunks
+
+
+def _message(model: str) -> dict[str, Any]:
+    return {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": "Paris."}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": ANTHROPIC_USAGE,
+    }
+
+
+def _message_events(model: str) -> list[tuple[str, dict[str, Any]]]:
+    start = dict(_message(model), content=[], usage=dict(ANTHROPIC_USAGE, output_tokens=1))
+    return [
+        ("message_start", {"type": "message_start", "message": start}),
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+        (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "Par"},
+            },
+        ),
+        (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "is."},
+            },
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 120},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+
+
+def _response(model: str) -> dict[str, Any]:
+    return {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1,
+        "model": model,
+        "status": "completed",
+        "output": [
+            {
+                "type": "message",
+                "id": "m1",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": "Paris.", "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": 900,
+            "output_tokens": 400,
+            "total_tokens": 1300,
+            "input_tokens_details": {"cached_tokens": 512},
+            "output_tokens_details": {"reasoning_tokens": 320},
+        },
+    }
+
+
+class FakeLLM:
+    """Serves /v1/chat/completions, /v1/responses and /v1/messages on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                server.requests.append((self.path, body))
+                model = body.get("model", "m")
+                if model == "fail":
+                    self._json(500, {"error": {"message": "boom", "type": "server_error"}})
+                    return
+                stream = bool(body.get("stream"))
+                if self.path.endswith("/chat/completions"):
+                    if not stream:
+                        self._json(200, _chat(model))
+                        return
+                    include = bool((body.get("stream_options") or {}).get("include_usage"))
+                    self._sse([(None, c) for c in _chat_chunks(model, include)], done=True)
+                elif self.path.endswith("/responses"):
+                    if not stream:
+                        self._json(200, _response(model))
+                        return
+                    resp = _response(model)
+                    events = [
+                        ("response.output_text.delta",
+                         {"type": "response.output_text.delta", "delta": "Paris.",
+                          "item_id": "m1", "output_index": 0, "content_index": 0,
+                          "sequence_number": 1, "logprobs": []}),
+                        ("response.completed",
+                         {"type": "response.completed", "response": resp,
+                          "sequence_number": 2}),
+                    ]  # fmt: skip
+                    self._sse(events, done=False)
+                elif self.path.endswith("/messages"):
+                    if not stream:
+                        self._json(200, _message(model))
+                        return
+                    self._sse(_message_events(model), done=False)
+                else:
+                    self._json(404, {"error": {"message": "not found"}})
+
+            def _json(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _sse(self, events: list[tuple[str | None, dict[str, Any]]], done: bool) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.end_headers()
+                for name, payload in events:
+                    if name:
+                        self.wfile.write(f"event: {name}\n".encode())
+                    self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
+                if done:
+                    self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
