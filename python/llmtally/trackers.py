@@ -293,11 +293,10 @@ class PerformanceTracker(AsyncCallbackHandler):
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._models: dict[str, _ModelPerf] = {}
-        self._all = _ModelPerf()
         self._clock = clock
 
     def _perf(self, model: Any) -> _ModelPerf:
-        key = str(model or "unknown")
+        key = model if type(model) is str else str(model or "unknown")
         found = self._models.get(key)
         if found is None:
             found = self._models[key] = _ModelPerf()
@@ -307,27 +306,24 @@ class PerformanceTracker(AsyncCallbackHandler):
         duration_ms = kwargs.get("duration_ms")
         if not isinstance(duration_ms, int | float) or not duration_ms >= 0:
             return
-        model = kwargs.get("model")
-        perf = self._perf(model)
-        now = self._clock()
+        # One model's histograms per call; the all-models view is merged when read.
+        perf = self._perf(kwargs.get("model"))
+        perf.latency.record(duration_ms)
+        perf.minute.append(self._clock())
         ttft_ms = kwargs.get("ttft_ms")
+        if ttft_ms is not None and ttft_ms >= 0:
+            perf.ttft.record(ttft_ms)
+        else:
+            ttft_ms = 0.0
         completion = response.get("completion_tokens") if type(response) is dict else None
-        for p in (perf, self._all):
-            p.latency.record(duration_ms)
-            p.minute.append(now)
-            if isinstance(ttft_ms, int | float) and ttft_ms >= 0:
-                p.ttft.record(ttft_ms)
-            if isinstance(completion, int) and completion > 0:
-                # Generation speed: tokens over the time after the first token when streamed.
-                gen_ms = duration_ms - (ttft_ms if isinstance(ttft_ms, int | float) else 0.0)
-                if gen_ms > 0:
-                    p.tps.record(completion * 1000.0 / gen_ms)
+        if type(completion) is int and completion > 0 and duration_ms > ttft_ms:
+            # Generation speed: tokens over the time after the first token when streamed.
+            perf.tps.record(completion * 1000.0 / (duration_ms - ttft_ms))
 
     def _track_error(self, error: BaseException, kwargs: Mapping[str, Any]) -> None:
         if kwargs.get("aborted"):
             return
         self._perf(kwargs.get("model")).errors += 1
-        self._all.errors += 1
 
     async def on_llm_end(self, response: dict[str, Any], **kwargs: Any) -> None:
         """Record the call's latency, time to first token and speed."""
@@ -344,12 +340,21 @@ class PerformanceTracker(AsyncCallbackHandler):
             window.popleft()
         return len(window)
 
+    def _merged(self) -> _ModelPerf:
+        merged = _ModelPerf()
+        for perf in self._models.values():
+            merged.latency.merge(perf.latency)
+            merged.ttft.merge(perf.ttft)
+            merged.tps.merge(perf.tps)
+            merged.errors += perf.errors
+            self._requests_per_min(perf)
+            merged.minute.extend(perf.minute)
+        return merged
+
     def stats(self, model: str | None = None) -> dict[str, Any]:
         """``requests``, ``errors``, ``latency_p50_ms``/``p95``/``p99``/``max``, ``ttft_p50_ms``/
         ``p95``, ``tokens_per_s`` (median), ``requests_per_min``; for one model or all."""
-        perf = self._all if model is None else self._models.get(model)
-        if perf is None:
-            perf = _ModelPerf()
+        perf = self._merged() if model is None else self._models.get(model) or _ModelPerf()
         p50, p95, p99 = perf.latency.percentiles([50, 95, 99])
         t50, t95 = perf.ttft.percentiles([50, 95])
         return {
@@ -425,7 +430,6 @@ class PerformanceTracker(AsyncCallbackHandler):
     def reset(self) -> None:
         """Forget every sample."""
         self._models.clear()
-        self._all = _ModelPerf()
 
 
 def _moved(
