@@ -671,28 +671,20 @@ class LLMCall:
     the normalized response dict given to ``on_llm_end``.
     """
 
-    __slots__ = (
-        "_chunks",
-        "_first_chunk_at",
-        "_id_given",
-        "_kwargs",
-        "_manager",
-        "_response",
-        "_response_set",
-        "_stream_usage",
-        "_table",
-        "_texts",
-        "_token",
-        "_usage",
-        "duplicate",
-        "messages",
-        "model",
-        "provider",
-        "request_id",
-        "response",
-        "run_id",
-        "started_at",
-    )
+    # Defaults on the class: a call sets only what it uses (cheaper than filling every slot).
+    _response: Any = None
+    _response_set = False
+    _texts: list[str] | None = None
+    _chunks = 0
+    _first_chunk_at: float | None = None
+    _stream_usage: Usage | None = None
+    _usage: Usage | None = None
+    _token: contextvars.Token[Any] | None = None
+    _table: _Table
+    response: dict[str, Any] | None = None
+    duplicate = False
+    run_id = ""
+    started_at = 0.0
 
     def __init__(
         self,
@@ -704,29 +696,17 @@ class LLMCall:
     ) -> None:
         self._manager = manager
         self.messages = messages
-        self.provider = provider or "unknown"
-        self.model = model or "unknown"
+        self.provider = provider = provider or "unknown"
+        self.model = model = model or "unknown"
         given = context.get("request_id")
         self._id_given = given is not None
         if given is not None and not isinstance(given, str):
             given = str(given)
             context["request_id"] = given
         self.request_id: str = given if given is not None else ""
-        context["provider"] = self.provider
-        context["model"] = self.model
+        context["provider"] = provider
+        context["model"] = model
         self._kwargs = context
-        self._response: Any = None
-        self._response_set = False
-        self._texts: list[str] | None = None
-        self._chunks = 0
-        self._first_chunk_at: float | None = None
-        self._stream_usage: Usage | None = None
-        self.response: dict[str, Any] | None = None
-        self._usage: Usage | None = None
-        self.duplicate = False
-        self.run_id = ""
-        self.started_at = 0.0
-        self._token: contextvars.Token[Any] | None = None
 
     # -- inside the block -------------------------------------------------------------------
 
