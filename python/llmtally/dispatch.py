@@ -799,7 +799,20 @@ class LLMCall:
         duration_s = ended - self.started_at
         manager = self._manager
         if exc is None:
-            self._end(duration_s)
+            try:
+                self._end(duration_s)
+            except Exception as error:  # a response we cannot read never breaks the call
+                manager._stats.bad_input += 1
+                logger.error(
+                    "response of %s could not be read (%r): usage estimated from the prompt",
+                    self.request_id,
+                    error,
+                )
+                self._usage = usage = self._estimate(None)
+                self.response = make_response(
+                    usage, None, True, None, self.provider, self.model, duration_s,
+                    self.request_id,
+                )  # fmt: skip
             return await self._fire_end(duration_s)
         if isinstance(exc, GeneratorExit | KeyboardInterrupt | SystemExit):
             return None
@@ -958,7 +971,12 @@ class LLMCall:
             except (TypeError, ValueError) as exc:
                 stats.bad_input += 1
                 logger.warning("messages of %s could not be estimated: %s", self.request_id, exc)
-        completion = estimate_tokens(content, model) if content else 0
+        try:
+            completion = estimate_tokens(content, model) if content else 0
+        except (TypeError, ValueError) as exc:
+            stats.bad_input += 1
+            logger.warning("content of %s could not be estimated: %s", self.request_id, exc)
+            completion = 0
         return Usage(
             total_tokens=prompt + completion, prompt_tokens=prompt, completion_tokens=completion
         )

@@ -527,3 +527,20 @@ async def test_registered_model_prices_calls() -> None:
     assert c.response is not None
     assert c.response["cost_pusd"] == 1000 * 200_000 + 500 * 600_000
     assert c.response["cost_source"] == "table"
+
+
+async def test_a_response_that_raises_when_read_never_breaks_the_call() -> None:
+    class Hostile:
+        @property
+        def usage(self) -> Any:
+            raise RuntimeError("lazy attribute exploded")
+
+    rec = Recorder()
+    manager = CallbackManager([rec])
+    async with manager.llm_call(MESSAGES, model="gpt-4o") as call:
+        call.set_response(Hostile())
+    assert call.response is not None
+    assert call.response["estimated"] is True
+    assert call.response["prompt_tokens"] == llmtally.estimate_tokens(MESSAGES, "gpt-4o")
+    assert rec.names() == ["on_llm_start", "on_llm_end"]
+    assert (await manager.health())["bad_input"] == 1
