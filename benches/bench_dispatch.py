@@ -36,6 +36,18 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def any_loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    """The default loop and uvloop (skipped when uvloop is not installed)."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
 def _sequential(benchmark: Any, loop: asyncio.AbstractEventLoop, call: Call) -> None:
     async def batch() -> None:
         for _ in range(BATCH):
@@ -110,12 +122,17 @@ def test_metering_set_sequential(
 @pytest.mark.benchmark(group="B1-metering-concurrent")
 @pytest.mark.parametrize("system", list(METERING))
 def test_metering_set_concurrent(
-    benchmark: Any, loop: asyncio.AbstractEventLoop, system: str
+    benchmark: Any, any_loop: asyncio.AbstractEventLoop, system: str
 ) -> None:
     if system == "langchain":
         pytest.importorskip("langchain_core")
     call, counter = METERING[system](True)
-    _concurrent(benchmark, loop, call)
-    record("B1-metering-concurrent", system, benchmark.stats.stats.median / (WORKERS * PER_WORKER))
+    _concurrent(benchmark, any_loop, call)
+    loop_name = "uvloop" if type(any_loop).__module__.startswith("uvloop") else "asyncio"
+    record(
+        f"B1-metering-concurrent-{loop_name}",
+        system,
+        benchmark.stats.stats.median / (WORKERS * PER_WORKER),
+    )
     if counter is not None:
         assert counter.calls == 5 * WORKERS * PER_WORKER
