@@ -145,8 +145,10 @@ def _token_usage(response: LLMResult) -> Any:
 def _reported_usage(response: LLMResult, message: Any) -> Usage | None:
     """The provider's usage: the message's ``usage_metadata``, else ``llm_output``'s
     ``token_usage``. Raises ``BadUsage`` for counts that cannot be trusted."""
-    if message is not None and getattr(message, "usage_metadata", None):
-        found = extract_usage(message)
+    usage_metadata = getattr(message, "usage_metadata", None) if message is not None else None
+    if usage_metadata:
+        # A plain dict reads in about a tenth of the time of the pydantic message.
+        found = extract_usage({"usage_metadata": usage_metadata})
         if found is not None:
             return found
     token_usage = _token_usage(response)
@@ -400,8 +402,10 @@ class LlmtallyCallbackHandler(_LCAsyncHandler):
             message, text, model = _generation_parts(response)
             if model and call.model == "unknown":
                 call.model = model
-            if message is not None and getattr(message, "usage_metadata", None):
-                call.set_response(message)
+            usage_metadata = getattr(message, "usage_metadata", None)
+            if usage_metadata:
+                # A plain dict reads in about a tenth of the time of the pydantic message.
+                call.set_response({"usage_metadata": usage_metadata, "content": text})
             else:
                 token_usage = _token_usage(response)
                 if token_usage is not None:
