@@ -384,15 +384,17 @@ def _open_context(
     context: dict[str, Any], run_id: str
 ) -> tuple[dict[str, Any], contextvars.Token[Any]]:
     """Build the event kwargs of a new scope (``context`` is ours to change) and make it the
-    current run."""
+    current run. A ``parent_run_id`` given in ``context`` (a framework's own run tree, such as
+    LangChain's) wins over the enclosing scope's."""
     parent = _current.get()
+    given_parent = context.get("parent_run_id")
     if parent is None:
         kwargs = context
-        kwargs["parent_run_id"] = None
+        kwargs["parent_run_id"] = given_parent
     else:
         kwargs = parent.inherited()
         kwargs.update(context)
-        kwargs["parent_run_id"] = parent.run_id
+        kwargs["parent_run_id"] = parent.run_id if given_parent is None else given_parent
     if kwargs.get("trace_id") is None:
         kwargs["trace_id"] = run_id
     kwargs["run_id"] = run_id
@@ -581,7 +583,8 @@ class CallbackManager:
         response (or ``on_llm_error``, re-raising the error).
 
         ``context`` kwargs (``user_id``, ``request_id``, ``trace_id``, anything else) are passed
-        to every event; nested scopes inherit ``user_id``, ``trace_id`` and custom keys.
+        to every event; nested scopes inherit ``user_id``, ``trace_id`` and custom keys. A
+        ``run_id`` and ``parent_run_id`` given here (a framework's run ids) are kept.
         """
         return LLMCall(self, messages, provider, model, context)
 
@@ -756,11 +759,13 @@ class LLMCall:
     async def __aenter__(self) -> LLMCall:
         manager = self._manager
         self._table = manager._current_table()
+        given_run = self._kwargs.get("run_id")
         if self._id_given:
-            self.run_id = new_id()
+            self.run_id = given_run if isinstance(given_run, str) and given_run else new_id()
         else:
             # A generated request id is unique, so it doubles as the run id.
-            self.run_id = self.request_id = self._kwargs["request_id"] = new_id()
+            self.request_id = self._kwargs["request_id"] = new_id()
+            self.run_id = given_run if isinstance(given_run, str) and given_run else self.request_id
         self._kwargs, self._token = _open_context(self._kwargs, self.run_id)
         targets = self._table.by_event["on_llm_start"]
         self.started_at = time.perf_counter()

@@ -119,3 +119,25 @@ async def test_abort_in_scope_start_propagates() -> None:
         async with manager.tool_call("rm", {"path": "/"}):
             pytest.fail("the tool must not run")
     assert llmtally.current_run() is None
+
+
+async def test_llm_call_keeps_a_framework_given_run_id_and_parent_run_id() -> None:
+    rec = Recorder()
+    manager = CallbackManager([rec])
+    async with manager.llm_call(
+        MESSAGES, request_id="lc-run", run_id="lc-run", parent_run_id="lc-chain"
+    ) as call:
+        call.set_response({"prompt_tokens": 5, "completion_tokens": 2})
+    assert call.run_id == "lc-run"
+    for _, _, kwargs in rec.events:
+        assert (kwargs["run_id"], kwargs["parent_run_id"]) == ("lc-run", "lc-chain")
+    # Inside an llmtally scope, a given parent still wins; without one, the scope is the parent.
+    async with manager.chain_run("outer") as chain:
+        async with manager.llm_call(MESSAGES, parent_run_id="p", run_id="r") as inner:
+            inner.set_response({"prompt_tokens": 1, "completion_tokens": 1})
+        async with manager.llm_call(MESSAGES) as plain:
+            plain.set_response({"prompt_tokens": 1, "completion_tokens": 1})
+    ends = [k for _, k in rec.of("on_llm_end")]
+    assert (ends[1]["run_id"], ends[1]["parent_run_id"]) == ("r", "p")
+    assert ends[2]["parent_run_id"] == chain.run_id
+    assert ends[2]["run_id"] == plain.run_id == plain.request_id
