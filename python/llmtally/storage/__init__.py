@@ -277,7 +277,8 @@ class Store:
         await self.backend.set_fields(key, fields)
 
     async def delete(self, key: str) -> None:
-        """Remove ``key`` from the backend (its pending deltas are flushed first, so they go too)."""
+        """Remove ``key`` from the backend (its pending deltas are flushed first, so they go
+        too)."""
         await self.flush()
         await self.backend.delete(key)
 
