@@ -179,6 +179,8 @@ return 1
 """
 
 MARKER_TTL_S = 7 * 86_400
+#: Limit operations one backend runs at once (the rest wait; the default pool holds 100).
+LIMIT_CONCURRENCY = 64
 CHUNK_KEYS = 512
 
 _UNAVAILABLE = (
@@ -243,6 +245,7 @@ class RedisBackend:
         self._sha: str | None = None
         self._node_clients: dict[str, Any] = {}
         self._shas: dict[str, str] = {}
+        self._limit_gate: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         if self.cluster:
             _cluster_kwargs(url)  # validate now
         else:
@@ -415,7 +418,20 @@ class RedisBackend:
 
     # -- limits (see storage/_limits.py for the semantics) ---------------------------------
 
+    def _gate(self) -> asyncio.Semaphore:
+        """Bounds the limit operations in flight, so a burst of calls queues for a connection
+        instead of exhausting the pool (``Too many connections``)."""
+        loop = asyncio.get_running_loop()
+        gate = self._limit_gate
+        if gate is None or gate[0] is not loop:
+            gate = self._limit_gate = (loop, asyncio.Semaphore(LIMIT_CONCURRENCY))
+        return gate[1]
+
     async def _script(self, script: str, keys: list[str], args: list[Any], what: str) -> Any:
+        async with self._gate():
+            return await self._script_now(script, keys, args, what)
+
+    async def _script_now(self, script: str, keys: list[str], args: list[Any], what: str) -> Any:
         client = self._get()
         try:
             sha = self._shas.get(script)
@@ -450,7 +466,8 @@ class RedisBackend:
 
     async def claim_flag(self, key: str, field: str) -> bool:
         try:
-            return bool(await self._get().hsetnx(key, field, 1))
+            async with self._gate():
+                return bool(await self._get().hsetnx(key, field, 1))
         except (TimeoutError, rexc.RedisError, OSError) as exc:
             raise _translate(exc, "write") from exc
 
