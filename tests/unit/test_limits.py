@@ -65,17 +65,17 @@ async def test_1000_concurrent_calls_against_a_limit_of_100(store: Store) -> Non
                 MESSAGES, user_id="alice", cycle_start_date=CYCLE, estimated_tokens=10
             ) as c:
                 passed += 1
+                if passed + refused == 1000:
+                    gate.set()
                 await gate.wait()
                 c.set_response({"prompt_tokens": 10, "completion_tokens": 0})
         except BudgetExceeded as exc:
             refused += 1
             assert (exc.limit, exc.used, exc.requested, exc.unit) == (1000, 1000, 10, "tokens")
+            if passed + refused == 1000:
+                gate.set()
 
-    tasks = [asyncio.create_task(call()) for _ in range(1000)]
-    while passed + refused < 1000:
-        await asyncio.sleep(0.01)
-    gate.set()
-    await asyncio.gather(*tasks)
+    await asyncio.gather(*(call() for _ in range(1000)))
     assert (passed, refused) == (100, 900)
     assert await limiter.remaining("alice", CYCLE) == {
         "user_id": "alice",
@@ -212,17 +212,17 @@ async def test_cost_budget(store: Store) -> None:
                 MESSAGES, user_id="carol", cycle_start_date=CYCLE, estimated_cost_usd=0.3
             ):
                 results.append("ok")
+                if len(results) == 10:
+                    gate.set()
                 await gate.wait()
         except BudgetExceeded as exc:
             assert (exc.unit, exc.limit, exc.requested) == ("usd", 1.0, 0.3)
             assert exc.used == pytest.approx(0.9)
             results.append("refused")
+            if len(results) == 10:
+                gate.set()
 
-    tasks = [asyncio.create_task(call()) for _ in range(10)]
-    while len(results) < 10:
-        await asyncio.sleep(0.01)
-    gate.set()
-    await asyncio.gather(*tasks)
+    await asyncio.gather(*(call() for _ in range(10)))
     assert (results.count("ok"), results.count("refused")) == (3, 7)
     left = await limiter.remaining("carol", CYCLE)
     assert (left["unit"], left["limit"], left["reserved"]) == ("usd", 1.0, 0.0)
