@@ -6,6 +6,7 @@ import fnmatch
 
 from llmtally._core import LEDGER_FIELDS as _FIELDS
 from llmtally._core import Batch
+from llmtally.storage._limits import NO_LIMIT, BudgetState, LocalLimits, RateResult
 
 __all__ = ["MemoryBackend"]
 
@@ -20,6 +21,7 @@ class MemoryBackend:
     def __init__(self) -> None:
         self.data: dict[str, dict[str, int]] = {}
         self.applied: dict[str, int] = {}
+        self.limits = LocalLimits()
 
     async def apply(self, batch: Batch, flusher_id: str, seq: int) -> list[str]:
         if self.applied.get(flusher_id, -1) >= seq:
@@ -63,3 +65,52 @@ class MemoryBackend:
 
     async def aclose(self) -> None:
         return None
+
+    # -- limits (see storage/_limits.py for the semantics) ---------------------------------
+
+    async def budget(
+        self,
+        key: str,
+        *,
+        reserve: tuple[str, int, int, int] | None = None,
+        settle: tuple[str, int, int, int] | None = None,
+        release: list[str] | None = None,
+        limits: tuple[int, int] = (NO_LIMIT, NO_LIMIT),
+        adjust: tuple[int, int] = (0, 0),
+        now_ms: int | None = None,
+    ) -> BudgetState:
+        fields = self.data.get(key, {})
+        state = self.limits.budget(
+            fields,
+            key,
+            reserve=reserve,
+            settle=settle,
+            release=release,
+            limits=limits,
+            adjust=adjust,
+            now=now_ms,
+        )
+        if fields:
+            self.data[key] = fields
+        return state
+
+    async def claim_flag(self, key: str, field: str) -> bool:
+        fields = self.data.setdefault(key, {})
+        if fields.get(field):
+            return False
+        fields[field] = 1
+        return True
+
+    async def rate_acquire(
+        self,
+        keys: list[str],
+        member: str,
+        weights: list[int],
+        limits: list[int],
+        window_ms: int,
+        now_ms: int | None = None,
+    ) -> RateResult:
+        return self.limits.rate_acquire(keys, member, weights, limits, window_ms, now_ms)
+
+    async def rate_update(self, key: str, member: str, old_weight: int, weight: int | None) -> None:
+        self.limits.rate_update(key, member, old_weight, weight)

@@ -20,8 +20,9 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from llmtally._core import Batch
 from llmtally.errors import ConfigError, StoreError, StoreUnavailable
+from llmtally.storage._limits import NO_LIMIT, BudgetState, RateResult
 
-__all__ = ["APPLY_LUA", "RedisBackend"]
+__all__ = ["APPLY_LUA", "BUDGET_LUA", "RATE_LUA", "RedisBackend"]
 
 logger = logging.getLogger("llmtally")
 
@@ -58,7 +59,128 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return out
 """
 
+_NOW_LUA = """
+local now
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+#: KEYS[1]: the usage hash; KEYS[2]: its reservations hash (id -> "expires_ms tokens pusd").
+#: ARGV: now_ms ('' for the server's TIME); reserve id ('' for none), tokens, pusd, ttl_ms;
+#: settle id ('' for none), tokens, pusd, ttl_ms; tokens limit, pusd limit (-1: none);
+#: tokens adjust, pusd adjust; then ids to release.
+#: Returns {ok, total_tokens, reserved_tokens, cost_pusd, reserved_pusd}.
+BUDGET_LUA = (
+    _NOW_LUA
+    + """
+local function fmt(x) return string.format('%.0f', x) end
+for i = 14, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[2], ARGV[6], fmt(now + tonumber(ARGV[9])) .. ' ' .. ARGV[7] .. ' '
+    .. ARGV[8])
+end
+local rt, rp, last = 0, 0, 0
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local e, t, p = string.match(all[i + 1], '^(%d+) (%d+) (%d+)$')
+  local exp = tonumber(e or '0')
+  if exp <= now then
+    redis.call('HDEL', KEYS[2], all[i])
+  else
+    rt = rt + tonumber(t)
+    rp = rp + tonumber(p)
+    if exp > last then last = exp end
+  end
+end
+local ut = redis.call('HGET', KEYS[1], 'total_tokens') or '0'
+local up = redis.call('HGET', KEYS[1], 'cost_pusd') or '0'
+local function fits(used, reserved, adjust, amount, limit)
+  if limit < 0 then return true end
+  local committed = used + reserved + adjust
+  if amount == 0 then return committed < limit end
+  return committed + amount <= limit
+end
+local ok = 1
+if ARGV[2] ~= '' then
+  local at, ap = tonumber(ARGV[3]), tonumber(ARGV[4])
+  if fits(tonumber(ut), rt, tonumber(ARGV[12]), at, tonumber(ARGV[10]))
+      and fits(tonumber(up), rp, tonumber(ARGV[13]), ap, tonumber(ARGV[11])) then
+    local exp = now + tonumber(ARGV[5])
+    redis.call('HSET', KEYS[2], ARGV[2], fmt(exp) .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
+    rt = rt + at
+    rp = rp + ap
+    if exp > last then last = exp end
+  else
+    ok = 0
+  end
+end
+if rt ~= 0 or redis.call('HEXISTS', KEYS[1], 'reserved_tokens') == 1 then
+  redis.call('HSET', KEYS[1], 'reserved_tokens', fmt(rt))
+end
+if rp ~= 0 or redis.call('HEXISTS', KEYS[1], 'reserved_pusd') == 1 then
+  redis.call('HSET', KEYS[1], 'reserved_pusd', fmt(rp))
+end
+if last > 0 then redis.call('PEXPIRE', KEYS[2], fmt(last - now + 60000)) end
+return {ok, ut, fmt(rt), up, fmt(rp)}
+"""
+)
+
+#: KEYS: sliding windows (sorted sets of "weight id" scored by time in ms).
+#: ARGV: now_ms ('' for the server's TIME), window_ms, member id, then per key: weight, limit.
+#: Returns {1, 0, -1} when added everywhere, else {0, retry_after_ms, index of the window}.
+RATE_LUA = (
+    _NOW_LUA
+    + """
+local window = tonumber(ARGV[2])
+local wait, refused = 0, -1
+for i = 1, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  local w, limit = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  local entries = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
+  local total = 0
+  for j = 1, #entries, 2 do total = total + tonumber(string.match(entries[j], '^(%d+) ')) end
+  if total + w > limit then
+    local ms = window
+    if w <= limit then
+      for j = 1, #entries, 2 do
+        total = total - tonumber(string.match(entries[j], '^(%d+) '))
+        if total + w <= limit then
+          ms = math.max(1, tonumber(entries[j + 1]) + window - now)
+          break
+        end
+      end
+    end
+    if ms > wait then
+      wait = ms
+      refused = i - 1
+    end
+  end
+end
+if refused >= 0 then return {0, wait, refused} end
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now, ARGV[2 + 2 * i] .. ' ' .. ARGV[3])
+  redis.call('PEXPIRE', KEYS[i], window + 1000)
+end
+return {1, 0, -1}
+"""
+)
+
+#: KEYS[1]: a sliding window. ARGV: old member, new member ('' removes it).
+RATE_UPDATE_LUA = """
+local at = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not at then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('ZADD', KEYS[1], at, ARGV[2]) end
+return 1
+"""
+
 MARKER_TTL_S = 7 * 86_400
+#: Limit operations one backend runs at once (the rest wait; the default pool holds 100).
+LIMIT_CONCURRENCY = 64
 CHUNK_KEYS = 512
 
 _UNAVAILABLE = (
@@ -122,6 +244,8 @@ class RedisBackend:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sha: str | None = None
         self._node_clients: dict[str, Any] = {}
+        self._shas: dict[str, str] = {}
+        self._limit_gate: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         if self.cluster:
             _cluster_kwargs(url)  # validate now
         else:
@@ -291,6 +415,80 @@ class RedisBackend:
         except (TimeoutError, rexc.RedisError, OSError) as exc:
             raise _translate(exc, "scan") from exc
         return sorted(k for k in found if not k.endswith(":flushed"))
+
+    # -- limits (see storage/_limits.py for the semantics) ---------------------------------
+
+    def _gate(self) -> asyncio.Semaphore:
+        """Bounds the limit operations in flight, so a burst of calls queues for a connection
+        instead of exhausting the pool (``Too many connections``)."""
+        loop = asyncio.get_running_loop()
+        gate = self._limit_gate
+        if gate is None or gate[0] is not loop:
+            gate = self._limit_gate = (loop, asyncio.Semaphore(LIMIT_CONCURRENCY))
+        return gate[1]
+
+    async def _script(self, script: str, keys: list[str], args: list[Any], what: str) -> Any:
+        async with self._gate():
+            return await self._script_now(script, keys, args, what)
+
+    async def _script_now(self, script: str, keys: list[str], args: list[Any], what: str) -> Any:
+        client = self._get()
+        try:
+            sha = self._shas.get(script)
+            if sha is not None:
+                try:
+                    return await client.evalsha(sha, len(keys), *keys, *args)
+                except rexc.NoScriptError:
+                    pass  # the server lost its script cache (restart)
+            self._shas[script] = await client.script_load(script)
+            return await client.evalsha(self._shas[script], len(keys), *keys, *args)
+        except (TimeoutError, rexc.RedisError, OSError) as exc:
+            raise _translate(exc, what) from exc
+
+    async def budget(
+        self,
+        key: str,
+        *,
+        reserve: tuple[str, int, int, int] | None = None,
+        settle: tuple[str, int, int, int] | None = None,
+        release: list[str] | None = None,
+        limits: tuple[int, int] = (NO_LIMIT, NO_LIMIT),
+        adjust: tuple[int, int] = (0, 0),
+        now_ms: int | None = None,
+    ) -> BudgetState:
+        args: list[Any] = ["" if now_ms is None else now_ms]
+        args.extend(reserve if reserve is not None else ("", 0, 0, 0))
+        args.extend(settle if settle is not None else ("", 0, 0, 0))
+        args.extend((*limits, *adjust))
+        args.extend(release or ())
+        r = await self._script(BUDGET_LUA, [key, key + ":reservations"], args, "budget")
+        return BudgetState(bool(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]))
+
+    async def claim_flag(self, key: str, field: str) -> bool:
+        try:
+            async with self._gate():
+                return bool(await self._get().hsetnx(key, field, 1))
+        except (TimeoutError, rexc.RedisError, OSError) as exc:
+            raise _translate(exc, "write") from exc
+
+    async def rate_acquire(
+        self,
+        keys: list[str],
+        member: str,
+        weights: list[int],
+        limits: list[int],
+        window_ms: int,
+        now_ms: int | None = None,
+    ) -> RateResult:
+        args: list[Any] = ["" if now_ms is None else now_ms, window_ms, member]
+        for weight, limit in zip(weights, limits, strict=True):
+            args.extend((weight, limit))
+        r = await self._script(RATE_LUA, keys, args, "rate limit")
+        return RateResult(bool(r[0]), int(r[1]), int(r[2]))
+
+    async def rate_update(self, key: str, member: str, old_weight: int, weight: int | None) -> None:
+        new = "" if weight is None else f"{weight} {member}"
+        await self._script(RATE_UPDATE_LUA, [key], [f"{old_weight} {member}", new], "rate limit")
 
     async def ping(self) -> None:
         try:
