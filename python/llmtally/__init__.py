@@ -43,6 +43,7 @@ from llmtally.errors import (
 )
 from llmtally.events import AsyncCallbackHandler, Callbacks, CustomAsyncCallbackHandler
 from llmtally.integrations.instrument import instrument
+from llmtally.limits import BudgetLimiter, RateLimiter
 from llmtally.metering import (
     DetailedRedisTokenCallbackHandler,
     RedisTokenCallbackHandler,
@@ -65,6 +66,7 @@ __all__ = [
     "AsyncCallbackHandler",
     "BadInput",
     "BudgetExceeded",
+    "BudgetLimiter",
     "CallbackAbort",
     "CallbackManager",
     "Callbacks",
@@ -79,6 +81,7 @@ __all__ = [
     "LlmtallyError",
     "PerformanceTracker",
     "RateLimited",
+    "RateLimiter",
     "RedisTokenCallbackHandler",
     "Retrieval",
     "Store",

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 from llmtally.dispatch import new_id
 from llmtally.errors import BudgetExceeded, ConfigError, RateLimited, StoreError
 from llmtally.events import AsyncCallbackHandler
+from llmtally.pricing import lookup as price_lookup
 from llmtally.storage import Store, resolve_store
 from llmtally.storage._limits import NO_LIMIT, BudgetState, LocalLimits, check_budget
 from llmtally.storage.base import LimitsBackend
@@ -84,6 +85,28 @@ def _estimate(messages: Any, kwargs: Mapping[str, Any]) -> tuple[int, bool]:
     return tokens, bad
 
 
+def _priced_estimate(messages: Any, kwargs: Mapping[str, Any]) -> int:
+    """A cost reservation from the price table: the prompt's estimate at the input price and
+    ``max_tokens`` at the output price (an ``estimated_tokens`` total, having no split, at the
+    output price, the dearer one). 0 for a model without a price."""
+    model = kwargs.get("model")
+    if not isinstance(model, str) or model in ("", "unknown"):
+        return 0
+    provider = kwargs.get("provider")
+    prices = price_lookup(model, provider if provider not in (None, "unknown") else None)
+    if prices is None:
+        return 0
+    given = _count(kwargs.get("estimated_tokens"))
+    try:
+        if given is not None:
+            return int(prices.cost_pusd(0, given))
+        prompt = estimate_tokens(messages, model) if messages is not None else 0
+        completion = _count(kwargs.get("max_tokens")) or 0
+        return int(prices.cost_pusd(prompt, completion))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 def _limits_backend(store: Store) -> LimitsBackend:
     backend = store.backend
     if not hasattr(backend, "budget") or not hasattr(backend, "rate_acquire"):
@@ -115,7 +138,8 @@ class BudgetLimiter(AsyncCallbackHandler):
     The user is the call's ``user_id`` kwarg (``"anonymous"`` without one); the cycle is the
     call's ``cycle_start_date`` kwarg, else the current UTC month. The reservation is the call's
     ``estimated_tokens`` kwarg, else :func:`~llmtally.estimate_tokens` of the messages plus the
-    ``max_tokens`` kwarg; for a cost limit, the ``estimated_cost_usd`` kwarg (0 when not given:
+    ``max_tokens`` kwarg; for a cost limit, the ``estimated_cost_usd`` kwarg, else the same
+    estimate priced from the price table (0 for an unpriced model:
     the call then only needs budget left).
 
     Usage is read from the fields a metering handler (:class:`~llmtally.UsageRecorder`) writes
@@ -252,6 +276,8 @@ class BudgetLimiter(AsyncCallbackHandler):
         if bad:
             self.bad_input += 1
         pusd = _pusd(kwargs.get("estimated_cost_usd"))
+        if not pusd and self.max_cost_usd is not None:
+            pusd = _priced_estimate(messages, kwargs)
         res_id = new_id()
         adjust = self._adjust(key)
         offline = False

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import llmtally
 from llmtally import (
     AsyncCallbackHandler,
     BudgetExceeded,
@@ -344,3 +345,28 @@ async def test_rate_entry_removed_when_another_handler_aborts(store: Store) -> N
     await one_call(manager, 1, 1)  # the aborted call did not use the one request
     with pytest.raises(RateLimited):
         await one_call(manager, 1, 1)
+
+
+async def test_cost_budget_reserves_the_priced_estimate() -> None:
+    store = llmtally.open_store("memory://")
+    limiter = llmtally.BudgetLimiter(max_cost_usd=0.001, store=store)
+    manager = llmtally.CallbackManager([llmtally.UsageRecorder(store=store), limiter])
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = llmtally.estimate_tokens(messages, "gpt-4o")
+    # gpt-4o: 2.50 per 1M input, 10.00 per 1M output; 100 max output tokens.
+    expected_pusd = prompt * 2_500_000 + 100 * 10_000_000
+    with pytest.raises(llmtally.BudgetExceeded) as info:
+        async with manager.llm_call(
+            messages, provider="openai", model="gpt-4o", user_id="u", max_tokens=100
+        ):
+            pass
+    assert info.value.unit == "usd"
+    assert info.value.requested == pytest.approx(expected_pusd / 1e12, abs=1e-12)
+    async with manager.llm_call(
+        messages, provider="openai", model="gpt-4o", user_id="u", max_tokens=10
+    ) as call:
+        call.set_response({"prompt_tokens": 20, "completion_tokens": 10})
+    left = await limiter.remaining("u")
+    assert left["unit"] == "usd"
+    assert left["used"] == pytest.approx((20 * 2_500_000 + 10 * 10_000_000) / 1e12, abs=1e-12)
+    await store.aclose()
