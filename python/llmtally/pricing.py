@@ -34,7 +34,7 @@ import re
 import threading
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from llmtally._core import Prices, Usage
@@ -167,7 +167,7 @@ def _prices_of_row(row: list[Any]) -> Prices:
 def _table() -> _Table:
     global _bundled
     if _bundled is None:
-        text = resources.files("llmtally").joinpath("data/prices.json").read_text("utf-8")
+        text = (Path(__file__).parent / "data" / "prices.json").read_text("utf-8")
         table = _Table(json.loads(text))
         with _lock:
             if _bundled is None:
