@@ -83,8 +83,7 @@ class Store:
         self._alive = False
         self._task_loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
-        self._lock: asyncio.Lock | None = None
-        self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_lock = threading.Lock()
         self._closing = False
         self.closed = False
         self.flush_failures = 0
@@ -179,17 +178,15 @@ class Store:
 
     # -- flushing ----------------------------------------------------------------------------
 
-    def _get_lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()
-        if self._lock is None or self._lock_loop is not loop:
-            self._lock = asyncio.Lock()
-            self._lock_loop = loop
-        return self._lock
-
     async def flush(self) -> bool:
         """Write everything pending now. Returns False (and keeps the deltas for a retry) when the
         backend fails; never raises for a backend error."""
-        async with self._get_lock():
+        # One flush at a time across every loop and thread using this store: batches must reach
+        # the backend in sequence order (a later sequence marks the earlier ones as applied).
+        lock = self._flush_lock
+        while not lock.acquire(blocking=False):  # noqa: ASYNC110 (held across threads and loops)
+            await asyncio.sleep(0.001)
+        try:
             try:
                 if self._retry is not None:
                     batch, seq = self._retry
@@ -212,6 +209,8 @@ class Store:
             self._last_ok = time.monotonic()
             self._last_error = None
             return True
+        finally:
+            lock.release()
 
     async def _apply(self, batch: Batch, seq: int) -> None:
         refused = await self.backend.apply(batch, self._flusher_id, seq)
@@ -376,8 +375,7 @@ class Store:
         self._alive = False
         self._task_loop = None
         self._wakeup = None
-        self._lock = None
-        self._lock_loop = None
+        self._flush_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Store {self.backend.name} {_redact(self.url)} pending={self.ledger.pending}>"
