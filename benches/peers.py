@@ -7,6 +7,10 @@ from typing import Any
 
 import llmtally
 
+# B1's metering set and LangChain's equivalent: the same definitions `llmtally bench` runs.
+from llmtally.bench import langchain_metering_set as _langchain_set
+from llmtally.bench import llmtally_metering_set as llmtally_metering_set
+
 from harness import MESSAGES, USAGE, Call
 
 
@@ -78,90 +82,11 @@ def langchain_one_handler(concurrent: bool) -> tuple[Call, Any]:
     return call, counter
 
 
-def llmtally_metering_set(concurrent: bool) -> tuple[Call, Any]:
-    """B1's metering set: RedisTokenCallbackHandler on the memory store, CostTracker and
-    PerformanceTracker, flusher running."""
-    store = llmtally.open_store("memory://")
-    cost = llmtally.CostTracker()
-    manager = llmtally.CallbackManager(
-        [
-            llmtally.RedisTokenCallbackHandler("alice", store=store),
-            cost,
-            llmtally.PerformanceTracker(),
-        ]
-    )
-    response = {"usage": dict(USAGE, cost=0.000105)}
-    sleep = asyncio.sleep
-
-    async def call() -> None:
-        async with manager.llm_call(MESSAGES, provider="openai", model="gpt-4o") as c:
-            if concurrent:
-                await sleep(0)
-            c.set_response(response)
-
-    class Check:
-        @property
-        def calls(self) -> int:
-            return cost.request_count
-
-        @property
-        def tokens(self) -> int:
-            return cost.total_tokens
-
-    return call, Check()
-
-
 def langchain_metering_set(concurrent: bool) -> tuple[Call, Any]:
-    """The same work through LangChain: token, cost and latency handlers."""
-    import time
+    """The metering set's work through LangChain: token, cost and latency handlers."""
+    made = _langchain_set(concurrent)
+    if made is None:
+        import pytest
 
-    from langchain_core.callbacks import AsyncCallbackHandler, AsyncCallbackManager
-    from langchain_core.outputs import Generation, LLMResult
-
-    class Tokens(AsyncCallbackHandler):
-        def __init__(self) -> None:
-            self.tokens = 0
-            self.calls = 0
-
-        async def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
-            usage = (response.llm_output or {}).get("token_usage", {})
-            self.tokens += usage.get("total_tokens", 0)
-            self.calls += 1
-
-    class Cost(AsyncCallbackHandler):
-        def __init__(self) -> None:
-            self.total = 0.0
-
-        async def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
-            usage = (response.llm_output or {}).get("token_usage", {})
-            self.total += (
-                usage.get("prompt_tokens", 0) * 2.5e-6 + usage.get("completion_tokens", 0) * 10e-6
-            )
-
-    class Latency(AsyncCallbackHandler):
-        def __init__(self) -> None:
-            self.started: dict[Any, float] = {}
-            self.samples: list[float] = []
-
-        async def on_llm_start(self, serialized: Any, prompts: Any, **kwargs: Any) -> None:
-            self.started[kwargs.get("run_id")] = time.perf_counter()
-
-        async def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
-            t0 = self.started.pop(kwargs.get("run_id"), None)
-            if t0 is not None:
-                self.samples.append(time.perf_counter() - t0)
-
-    tokens = Tokens()
-    manager = AsyncCallbackManager(handlers=[tokens, Cost(), Latency()])
-    result = LLMResult(generations=[[Generation(text="Paris")]], llm_output={"token_usage": USAGE})
-    serialized: dict[str, Any] = {"name": "fake"}
-    prompts = [MESSAGES[0]["content"]]
-    sleep = asyncio.sleep
-
-    async def call() -> None:
-        run_managers = await manager.on_llm_start(serialized, prompts)
-        if concurrent:
-            await sleep(0)
-        await run_managers[0].on_llm_end(result)
-
-    return call, tokens
+        pytest.skip("langchain-core is not installed")
+    return made

@@ -19,19 +19,36 @@ from llmtally.metering import RedisTokenCallbackHandler
 from llmtally.storage import open_store
 from llmtally.trackers import CostTracker, PerformanceTracker
 
-__all__ = ["run_bench"]
+__all__ = ["langchain_metering_set", "llmtally_metering_set", "run_bench"]
 
 Call = Callable[[], Awaitable[None]]
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 USAGE = {"prompt_tokens": 14, "completion_tokens": 7, "total_tokens": 21}
 
 
-def _llmtally(concurrent: bool) -> Call:
+class Counts:
+    """What a system counted, so a benchmark can check its figures are for exact work."""
+
+    def __init__(self, calls: Callable[[], int], tokens: Callable[[], int]) -> None:
+        self._calls, self._tokens = calls, tokens
+
+    @property
+    def calls(self) -> int:
+        return self._calls()
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens()
+
+
+def llmtally_metering_set(concurrent: bool) -> tuple[Call, Counts]:
+    """B1's metering set: a seed handler on the memory store, CostTracker, PerformanceTracker."""
     store = open_store("memory://")
+    cost = CostTracker()
     manager = CallbackManager(
-        [RedisTokenCallbackHandler("alice", store=store), CostTracker(), PerformanceTracker()]
+        [RedisTokenCallbackHandler("alice", store=store), cost, PerformanceTracker()]
     )
-    response = {"usage": USAGE}
+    response = {"usage": dict(USAGE, cost=0.000105)}
     sleep = asyncio.sleep
 
     async def call() -> None:
@@ -40,10 +57,12 @@ def _llmtally(concurrent: bool) -> Call:
                 await sleep(0)
             c.set_response(response)
 
-    return call
+    return call, Counts(lambda: cost.request_count, lambda: cost.total_tokens)
 
 
-def _langchain(concurrent: bool) -> Call | None:
+def langchain_metering_set(concurrent: bool) -> tuple[Call, Counts] | None:
+    """The same work through LangChain's ``AsyncCallbackManager``: token, cost and latency
+    handlers (``None`` without langchain-core)."""
     try:
         from langchain_core.callbacks import AsyncCallbackHandler, AsyncCallbackManager
         from langchain_core.outputs import Generation, LLMResult
@@ -51,33 +70,40 @@ def _langchain(concurrent: bool) -> Call | None:
         return None
 
     class Tokens(AsyncCallbackHandler):
-        total = 0
-
-        async def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
-            Tokens.total += (
-                (response.llm_output or {}).get("token_usage", {}).get("total_tokens", 0)
-            )
-
-    class Cost(AsyncCallbackHandler):
-        total = 0.0
+        def __init__(self) -> None:
+            self.tokens = 0
+            self.calls = 0
 
         async def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
             usage = (response.llm_output or {}).get("token_usage", {})
-            Cost.total += (
+            self.tokens += usage.get("total_tokens", 0)
+            self.calls += 1
+
+    class Cost(AsyncCallbackHandler):
+        def __init__(self) -> None:
+            self.total = 0.0
+
+        async def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
+            usage = (response.llm_output or {}).get("token_usage", {})
+            self.total += (
                 usage.get("prompt_tokens", 0) * 2.5e-6 + usage.get("completion_tokens", 0) * 1e-5
             )
 
     class Latency(AsyncCallbackHandler):
         def __init__(self) -> None:
             self.started: dict[Any, float] = {}
+            self.samples: list[float] = []
 
         async def on_llm_start(self, serialized: Any, prompts: Any, **kwargs: Any) -> None:
             self.started[kwargs.get("run_id")] = time.perf_counter()
 
         async def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
-            self.started.pop(kwargs.get("run_id"), None)
+            t0 = self.started.pop(kwargs.get("run_id"), None)
+            if t0 is not None:
+                self.samples.append(time.perf_counter() - t0)
 
-    manager = AsyncCallbackManager(handlers=[Tokens(), Cost(), Latency()])
+    tokens = Tokens()
+    manager = AsyncCallbackManager(handlers=[tokens, Cost(), Latency()])
     result = LLMResult(generations=[[Generation(text="Paris")]], llm_output={"token_usage": USAGE})
     prompts = [MESSAGES[0]["content"]]
     sleep = asyncio.sleep
@@ -88,7 +114,7 @@ def _langchain(concurrent: bool) -> Call | None:
             await sleep(0)
         await runs[0].on_llm_end(result)
 
-    return call
+    return call, Counts(lambda: tokens.calls, lambda: tokens.tokens)
 
 
 def _empty(concurrent: bool) -> Call:
@@ -121,10 +147,16 @@ async def _concurrent(call: Call, workers: int, per_worker: int) -> float:
 async def _measure(quick: bool) -> dict[str, dict[str, float]]:
     n, rounds, per_worker = (500, 5, 5) if quick else (2000, 11, 20)
     out: dict[str, dict[str, float]] = {}
-    for name, make in (("empty", _empty), ("llmtally", _llmtally), ("langchain", _langchain)):
-        seq, conc = make(False), make(True)
-        if seq is None or conc is None:
+    systems: tuple[tuple[str, Callable[[bool], Any]], ...] = (
+        ("empty", lambda concurrent: (_empty(concurrent), None)),
+        ("llmtally", llmtally_metering_set),
+        ("langchain", langchain_metering_set),
+    )
+    for name, make in systems:
+        made_seq, made_conc = make(False), make(True)
+        if made_seq is None or made_conc is None:
             continue
+        seq, conc = made_seq[0], made_conc[0]
         gc.collect()
         await _sequential(seq, n // 5, 1)  # warm-up
         out[name] = {

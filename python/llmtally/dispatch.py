@@ -52,7 +52,6 @@ __all__ = [
     "create_composite_callback",
     "RequestWindow",
     "current_run",
-    "generated_by_this_process",
     "get_global_callbacks",
     "is_timeout",
     "new_id",
@@ -76,11 +75,6 @@ def _reseed_ids() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reseed_ids)
-
-
-def generated_by_this_process(request_id: object) -> bool:
-    """Whether ``request_id`` was made by :func:`new_id` in this process (so it is unique)."""
-    return isinstance(request_id, str) and request_id.startswith(_id_prefix)
 
 
 def new_id() -> str:
