@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from llmtally import _core
-from pure_python import PyHistogram, PyLedger, PyPrices, flat_args
+from pure_python import PyHistogram, PyLedger, PyPrices, lua_chunks
 
 from results import record
 
@@ -44,8 +44,8 @@ def test_ledger_drain_to_store_args(benchmark: Any, impl: str) -> None:
 
     def run() -> Any:
         if impl == "rust":
-            return ledger.drain().flat_args()
-        return flat_args(ledger.drain())
+            return ledger.drain().lua_chunks(512, False)
+        return lua_chunks(ledger.drain())
 
     benchmark.pedantic(run, setup=setup, rounds=20, iterations=1)
     record("core-ledger-drain-10k-keys", impl, benchmark.stats.stats.median)

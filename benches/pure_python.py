@@ -111,13 +111,18 @@ FIELDS = (
 )
 
 
-def flat_args(entries: list[tuple[str, list[int]]]) -> list[Any]:
+def lua_chunks(entries: list[tuple[str, list[int]]], max_keys: int = 512) -> list[Any]:
+    """The same Lua call arguments as ``Batch.lua_chunks`` (single node), in Python."""
     out: list[Any] = []
-    for key, counters in entries:
-        pairs = [(f, v) for f, v in zip(FIELDS, counters, strict=True) if v]
-        out.append(key)
-        out.append(len(pairs))
-        for f, v in pairs:
-            out.append(f)
-            out.append(v)
+    for start in range(0, len(entries), max_keys):
+        keys: list[str] = []
+        args: list[Any] = []
+        for key, counters in entries[start : start + max_keys]:
+            pairs = [(f, v) for f, v in zip(FIELDS, counters, strict=True) if v]
+            keys.append(key)
+            args.append(len(pairs))
+            for f, v in pairs:
+                args.append(f)
+                args.append(v)
+        out.append(("llmtally:flushed", keys, args))
     return out

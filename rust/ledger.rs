@@ -389,27 +389,6 @@ impl Batch {
         PyList::new(py, out)
     }
 
-    /// The batch as flat `[key, n, field, value, field, value, ...]` runs, non-zero fields only:
-    /// the argument list of one Lua call that applies it.
-    fn flat_args<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let names: Vec<Bound<'py, PyString>> =
-            FIELDS.iter().map(|f| PyString::intern(py, f)).collect();
-        let mut out: Vec<Bound<'py, PyAny>> = Vec::with_capacity(entries.len() * 8);
-        for (key, counters) in entries.iter() {
-            let nonzero = counters.iter().filter(|v| **v != 0).count();
-            out.push(PyString::new(py, key).into_any());
-            out.push(nonzero.into_pyobject(py)?.into_any());
-            for (name, value) in names.iter().zip(counters.iter()) {
-                if *value != 0 {
-                    out.push(name.clone().into_any());
-                    out.push(value.into_pyobject(py)?.into_any());
-                }
-            }
-        }
-        PyList::new(py, out)
-    }
-
     /// The batch as Lua calls: `(marker_key, keys, args)` per chunk of at most `max_keys` keys,
     /// where `args` holds, per key, the number of non-zero fields then `field, value` pairs.
     /// With `cluster=True` the chunks are grouped by hash slot and each marker key sits in its

@@ -85,7 +85,7 @@ def test_concurrent_adders_and_drainers_lose_nothing() -> None:
     assert totals == [80_000, 80_000, 0, 0, 0, 0, 560_000, 80_000, 0, 0]
 
 
-def test_ledger_get_and_flat_args() -> None:
+def test_ledger_get_and_lua_chunks() -> None:
     ledger = _core.Ledger()
     ledger.add("k", total_tokens=15, prompt_tokens=10, completion_tokens=5, cost_pusd=99, calls=1)
     ledger.add("k", errors=1)
@@ -93,12 +93,29 @@ def test_ledger_get_and_flat_args() -> None:
     assert ledger.get("absent") == (0,) * N
     batch = ledger.drain()
     assert len(batch.id) == 24 and batch.id != ledger.drain().id
-    assert batch.flat_args() == [
-        "k", 6,
-        "total_tokens", 15, "prompt_tokens", 10, "completion_tokens", 5,
-        "cost_pusd", 99, "calls", 1, "errors", 1,
+    assert batch.lua_chunks() == [
+        ("llmtally:flushed", ["k"], [
+            6, "total_tokens", 15, "prompt_tokens", 10, "completion_tokens", 5,
+            "cost_pusd", 99, "calls", 1, "errors", 1,
+        ]),
     ]  # fmt: skip
     assert batch.totals() == (15, 10, 5, 0, 0, 0, 99, 1, 1, 0)
+
+
+def test_cluster_chunks_keep_one_slot_per_script_call() -> None:
+    ledger = _core.Ledger()
+    keys = [f"llmtally:{{user-{i}}}:2026-11-01" for i in range(300)]
+    for key in keys:
+        ledger.add(key, total_tokens=1)
+    chunks = ledger.drain().lua_chunks(max_keys=2, cluster=True)
+    seen = []
+    for marker, chunk_keys, args in chunks:
+        slot = _core.key_slot(marker)
+        assert 1 <= len(chunk_keys) <= 2
+        assert all(_core.key_slot(k) == slot for k in chunk_keys)  # marker and keys share a slot
+        assert args == [1, "total_tokens", 1] * len(chunk_keys)
+        seen += chunk_keys
+    assert sorted(seen) == sorted(keys)  # every key exactly once
 
 
 def test_ledger_refuses_overflow_and_counts_it() -> None:
