@@ -149,6 +149,30 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    pub(crate) fn with_scale(scale: f64) -> Self {
+        Self {
+            core: Core::new(),
+            scale,
+        }
+    }
+
+    /// Record a value already known to be valid (finite, >= 0); others are ignored.
+    pub(crate) fn record_value(&self, value: f64) {
+        if let Ok(v) = self.to_units(value) {
+            self.core.record(v);
+        }
+    }
+
+    pub(crate) fn merge_from(&self, other: &Histogram) -> PyResult<()> {
+        if (self.scale - other.scale).abs() > f64::EPSILON * self.scale {
+            return Err(PyValueError::new_err(
+                "cannot merge histograms of different scales",
+            ));
+        }
+        self.core.merge_from(&other.core);
+        Ok(())
+    }
+
     fn to_units(&self, value: f64) -> PyResult<u64> {
         if value.is_nan() || value < 0.0 || value.is_infinite() {
             return Err(PyValueError::new_err(format!(
@@ -221,13 +245,7 @@ impl Histogram {
 
     /// Add another histogram's samples (same scale required).
     fn merge(&self, other: &Histogram) -> PyResult<()> {
-        if (self.scale - other.scale).abs() > f64::EPSILON * self.scale {
-            return Err(PyValueError::new_err(
-                "cannot merge histograms of different scales",
-            ));
-        }
-        self.core.merge_from(&other.core);
-        Ok(())
+        self.merge_from(other)
     }
 
     fn reset(&self) {

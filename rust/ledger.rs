@@ -171,6 +171,12 @@ pub struct Ledger {
     core: Core,
 }
 
+impl Ledger {
+    pub(crate) fn core(&self) -> &Core {
+        &self.core
+    }
+}
+
 fn counters_from(values: &[i64]) -> PyResult<Counters> {
     if values.len() != NFIELDS {
         return Err(PyValueError::new_err(format!(

@@ -9,6 +9,7 @@ pub mod cost;
 pub mod estimate;
 pub mod histogram;
 pub mod ledger;
+pub mod recorder;
 pub mod response;
 pub mod slots;
 pub mod usage;
@@ -29,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     ledger::register(m)?;
     histogram::register(m)?;
     cost::register(m)?;
+    recorder::register(m)?;
     m.add_function(wrap_pyfunction!(py_key_slot, m)?)?;
     Ok(())
 }

@@ -212,6 +212,44 @@ class Histogram:
     def __len__(self) -> int: ...
 
 @final
+class PerfModel:
+    """One model's performance accumulators: latency, time to first token and tokens/s
+    histograms, errors, and calls per minute (per-second buckets, fixed memory)."""
+
+    def __init__(self) -> None: ...
+    @property
+    def latency(self) -> Histogram: ...
+    @property
+    def ttft(self) -> Histogram: ...
+    @property
+    def tps(self) -> Histogram: ...
+    @property
+    def errors(self) -> int: ...
+    def record(
+        self,
+        duration_ms: float,
+        ttft_ms: float | None = None,
+        completion_tokens: int | None = None,
+        now: float | None = None,
+    ) -> None: ...
+    def record_error(self) -> None: ...
+    def requests_per_min(self, now: float | None = None) -> int: ...
+    def merge(self, other: PerfModel) -> None: ...
+
+RECORDED: Final[int]
+DECLINED: Final[int]
+
+@final
+class Recorder:
+    """Every built-in accumulator of one end event, updated in one crossing."""
+
+    def __init__(self, sinks: list[tuple[Any, ...]], flush_at: int) -> None: ...
+    def end(
+        self, response: object, kwargs: dict[str, Any], id_prefix: str
+    ) -> tuple[int, bool]: ...
+    def __len__(self) -> int: ...
+
+@final
 class Prices:
     """A model's prices in USD per 1M tokens (at most six decimals), as exact integers."""
 

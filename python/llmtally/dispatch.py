@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from llmtally._core import (
+    DECLINED,
     READ_BAD_USAGE,
     READ_NOT_A_RESPONSE,
     READ_OK,
@@ -34,6 +35,8 @@ from llmtally._core import (
     make_response,
     read_response,
 )
+from llmtally._core import RECORDED as _RECORDED
+from llmtally._core import Recorder as _Recorder
 from llmtally.config import settings, validate_timeout
 from llmtally.errors import CallbackAbort, InvalidHandler
 from llmtally.events import EVENTS, AsyncCallbackHandler, overridden_events
@@ -89,7 +92,8 @@ def new_id() -> str:
 # ---------------------------------------------------------------------------------------------
 # Handler entries and per-event tables.
 
-_Target = tuple["_Entry", Callable[..., Any], int]
+# (entry, callable or _FastGroup, kind)
+_Target = tuple["_Entry", Any, int]
 _NO_TARGETS: Final[tuple[_Target, ...]] = ()
 
 
@@ -116,13 +120,37 @@ class _Entry:
         self.logged: set[tuple[str, type]] = set()
 
 
-# How a target is called: an async method, a plain method (whose result may be awaitable), or
-# the synchronous fast path of a built-in handler, called as ``fn(*args, kwargs)``.
-ASYNC, SYNC, FAST = 0, 1, 2
+# How a target is called: an async method, a plain method (whose result may be awaitable), the
+# synchronous fast path of a built-in handler, called as ``fn(*args, kwargs)``, or a group of
+# built-in handlers recorded in one crossing into the core (see _FastGroup).
+ASYNC, SYNC, FAST, GROUP = 0, 1, 2, 3
+
+
+class _FastGroup:
+    """The built-in handlers of one event whose accumulators the core updates in one call.
+
+    The core records the common case; when it declines a call (nothing written), each member's
+    own recorder runs instead, with the same result."""
+
+    __slots__ = ("members", "recorder", "stores")
+
+    def __init__(self) -> None:
+        self.members: list[tuple[_Entry, Callable[..., Any]]] = []
+        self.stores: list[Any] = []
+        self.recorder: _Recorder | None = None
+
+    def add(self, entry: _Entry, fn: Callable[..., Any], sink: tuple[Any, ...]) -> tuple[Any, ...]:
+        self.members.append((entry, fn))
+        store = getattr(entry.handler, "_llmtally_store", None)
+        if sink[0] in ("user_key", "call_user") and all(store is not s for s in self.stores):
+            self.stores.append(store)
+        return sink
 
 
 def _targets(entries: Iterable[_Entry], event: str) -> tuple[_Target, ...]:
-    found = []
+    found: list[_Target] = []
+    group: _FastGroup | None = None
+    sinks: list[tuple[Any, ...]] = []
     for entry in entries:
         if event not in entry.events:
             continue
@@ -131,11 +159,25 @@ def _targets(entries: Iterable[_Entry], event: str) -> tuple[_Target, ...]:
             # A built-in handler: the manager calls its synchronous recorder directly (same
             # behaviour as its async method, without a coroutine), or nothing at all.
             name = fast[event]
-            if name is not None:
-                found.append((entry, getattr(entry.handler, name), FAST))
+            if name is None:
+                continue
+            fn = getattr(entry.handler, name)
+            sink_of = getattr(entry.handler, "_llmtally_sink", None)
+            sink = sink_of() if event == "on_llm_end" and sink_of is not None else None
+            if sink is None:
+                found.append((entry, fn, FAST))
+                continue
+            if group is None:
+                group = _FastGroup()
+                found.append((entry, group, GROUP))  # at the first member's place
+            sinks.append(group.add(entry, fn, sink))
             continue
         fn = getattr(entry.handler, event)
         found.append((entry, fn, ASYNC if inspect.iscoroutinefunction(fn) else SYNC))
+    if group is not None:
+        from llmtally.storage import EARLY_FLUSH_KEYS
+
+        group.recorder = _Recorder(sinks, EARLY_FLUSH_KEYS)
     return tuple(found) if found else _NO_TARGETS
 
 
@@ -203,10 +245,37 @@ class _Dispatcher:
         entry.logged.add(key)
         logger.log(level, "callback %s.%s timed out after %ss", entry.name, event, self.timeout)
 
+    def _group(
+        self, group: _FastGroup, event: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Record an end event for every member of ``group`` in one crossing (or, when the core
+        declines the call, through each member's own recorder, isolated)."""
+        assert group.recorder is not None
+        try:
+            code, flush = group.recorder.end(args[0], kwargs, _id_prefix)
+        except Exception as exc:  # nothing was written: the members' own path decides
+            logger.debug("core recorder declined %s: %r", event, exc)
+            code, flush = DECLINED, False
+        if code == DECLINED:
+            for entry, fn in group.members:
+                try:
+                    fn(*args, kwargs)
+                except Exception as exc:
+                    self._failed(entry, event, exc)
+            return
+        if code != _RECORDED:
+            self._failed(
+                group.members[code][0],
+                event,
+                OverflowError("a usage counter would overflow: the delta was refused"),
+            )
+        for store in group.stores:
+            store._kicked(flush)
+
     async def _call(
         self,
         entry: _Entry,
-        fn: Callable[..., Any],
+        fn: Any,
         kind: int,
         event: str,
         args: tuple[Any, ...],
@@ -217,6 +286,8 @@ class _Dispatcher:
         try:
             if kind == FAST:
                 fn(*args, kwargs)
+            elif kind == GROUP:
+                self._group(fn, event, args, kwargs)
             elif timeout is None:
                 if kind == ASYNC:
                     await fn(*args, **kwargs)
@@ -263,6 +334,8 @@ class _Dispatcher:
                 try:
                     if kind == FAST:
                         fn(*args, kwargs)
+                    elif kind == GROUP:
+                        self._group(fn, event, args, kwargs)
                     elif kind == ASYNC:
                         await fn(*args, **kwargs)
                     else:
@@ -299,7 +372,7 @@ class _Dispatcher:
 
         async def run(target: _Target) -> CallbackAbort | None:
             entry, fn, kind = target
-            if semaphore is None or kind == FAST:
+            if semaphore is None or kind >= FAST:
                 return await self._call(entry, fn, kind, event, args, kwargs)
             async with semaphore:
                 return await self._call(entry, fn, kind, event, args, kwargs)

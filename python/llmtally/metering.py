@@ -78,6 +78,11 @@ class _Meter(CustomAsyncCallbackHandler):
     def _key_for(self, kwargs: Mapping[str, Any]) -> str:
         raise NotImplementedError
 
+    def _llmtally_sink(self) -> tuple[Any, ...] | None:
+        """What the manager's one-crossing recorder writes for this handler (``None``: this
+        handler's own recorder runs)."""
+        return None
+
     # -- async API (the seed's), same behaviour as the fast path -----------------------------
 
     async def on_llm_start(self, messages: list[dict[str, Any]], **kwargs: Any) -> None:
@@ -226,6 +231,13 @@ class RedisTokenCallbackHandler(_Meter):
         """The cycle being charged."""
         return self._fixed_cycle or self._clock.now()
 
+    def _llmtally_sink(self) -> tuple[Any, ...] | None:
+        if self._needs_split:
+            return None  # may need the prompt to split a bare total
+        sample = "0000-00-00"
+        prefix = usage_key(self.user_id, sample)[: -len(sample)]
+        return ("user_key", self._store.ledger, prefix, self._fixed_cycle)
+
     def _key_for(self, kwargs: Mapping[str, Any]) -> str:
         cycle = self._fixed_cycle or self._clock.now()
         cached = self._cycle_key
@@ -287,6 +299,9 @@ class UsageRecorder(_Meter):
         self._clock = CycleClock()
         self._keys: dict[Any, tuple[str, str]] = {}
         super().__init__(store)
+
+    def _llmtally_sink(self) -> tuple[Any, ...] | None:
+        return ("call_user", self._store.ledger, usage_key)
 
     def _key_for(self, kwargs: Mapping[str, Any]) -> str:
         user_id = kwargs.get("user_id") or "anonymous"

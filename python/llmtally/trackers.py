@@ -13,12 +13,11 @@ import json
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from llmtally._core import LEDGER_FIELDS, Histogram, Ledger
+from llmtally._core import LEDGER_FIELDS, Ledger, PerfModel
 from llmtally.dispatch import is_timeout
 from llmtally.events import AsyncCallbackHandler
 
@@ -82,6 +81,9 @@ class _LedgerTracker(AsyncCallbackHandler):
         self._ledger = Ledger()
         self._keys: dict[tuple[Any, Any, Any], str] = {}
         self.bad_input = 0
+
+    def _llmtally_sink(self) -> tuple[Any, ...] | None:
+        return ("per_call", self._ledger)
 
     def _key(self, kwargs: Mapping[str, Any], response: Any = None) -> str:
         provider = kwargs.get("provider") or "unknown"
@@ -263,17 +265,6 @@ class CostTracker(_LedgerTracker):
 # Performance.
 
 
-class _ModelPerf:
-    __slots__ = ("errors", "latency", "minute", "tps", "ttft")
-
-    def __init__(self) -> None:
-        self.latency = Histogram(scale=1000.0)  # ms, microsecond resolution
-        self.ttft = Histogram(scale=1000.0)
-        self.tps = Histogram(scale=100.0)  # tokens/s, 0.01 resolution
-        self.errors = 0
-        self.minute: deque[float] = deque()
-
-
 _PERCENTILES = ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p50_ms", "ttft_p95_ms")
 
 
@@ -291,39 +282,44 @@ class PerformanceTracker(AsyncCallbackHandler):
         "on_llm_error": "_track_error",
     }
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._models: dict[str, _ModelPerf] = {}
+    def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
+        # Per model: latency, ttft and tokens/s histograms, errors, requests per minute.
+        self._models: dict[str, PerfModel] = {}
+        # Without a clock, requests/min counts on the core's own monotonic clock.
         self._clock = clock
 
-    def _perf(self, model: Any) -> _ModelPerf:
+    def _llmtally_sink(self) -> tuple[Any, ...] | None:
+        # The manager's one-crossing recorder keeps time on the core's clock: only then.
+        return ("perf", self._models) if self._clock is None else None
+
+    def _now(self) -> float | None:
+        return None if self._clock is None else self._clock()
+
+    def _perf(self, model: Any) -> PerfModel:
         key = model if type(model) is str else str(model or "unknown")
         found = self._models.get(key)
         if found is None:
-            found = self._models[key] = _ModelPerf()
+            found = self._models[key] = PerfModel()
         return found
 
     def _track_end(self, response: Any, kwargs: Mapping[str, Any]) -> None:
         duration_ms = kwargs.get("duration_ms")
         if not isinstance(duration_ms, int | float) or not duration_ms >= 0:
             return
-        # One model's histograms per call; the all-models view is merged when read.
-        perf = self._perf(kwargs.get("model"))
-        perf.latency.record(duration_ms)
-        perf.minute.append(self._clock())
+        # One model's accumulators per call; the all-models view is merged when read.
         ttft_ms = kwargs.get("ttft_ms")
-        if ttft_ms is not None and ttft_ms >= 0:
-            perf.ttft.record(ttft_ms)
-        else:
-            ttft_ms = 0.0
         completion = response.get("completion_tokens") if type(response) is dict else None
-        if type(completion) is int and completion > 0 and duration_ms > ttft_ms:
-            # Generation speed: tokens over the time after the first token when streamed.
-            perf.tps.record(completion * 1000.0 / (duration_ms - ttft_ms))
+        self._perf(kwargs.get("model")).record(
+            float(duration_ms),
+            ttft_ms if isinstance(ttft_ms, int | float) else None,
+            completion if type(completion) is int else None,
+            self._now(),
+        )
 
     def _track_error(self, error: BaseException, kwargs: Mapping[str, Any]) -> None:
         if kwargs.get("aborted"):
             return
-        self._perf(kwargs.get("model")).errors += 1
+        self._perf(kwargs.get("model")).record_error()
 
     async def on_llm_end(self, response: dict[str, Any], **kwargs: Any) -> None:
         """Record the call's latency, time to first token and speed."""
@@ -333,28 +329,16 @@ class PerformanceTracker(AsyncCallbackHandler):
         """Count the failure."""
         self._track_error(error, kwargs)
 
-    def _requests_per_min(self, perf: _ModelPerf) -> int:
-        horizon = self._clock() - 60.0
-        window = perf.minute
-        while window and window[0] < horizon:
-            window.popleft()
-        return len(window)
-
-    def _merged(self) -> _ModelPerf:
-        merged = _ModelPerf()
-        for perf in self._models.values():
-            merged.latency.merge(perf.latency)
-            merged.ttft.merge(perf.ttft)
-            merged.tps.merge(perf.tps)
-            merged.errors += perf.errors
-            self._requests_per_min(perf)
-            merged.minute.extend(perf.minute)
+    def _merged(self) -> PerfModel:
+        merged = PerfModel()
+        for perf in list(self._models.values()):
+            merged.merge(perf)
         return merged
 
     def stats(self, model: str | None = None) -> dict[str, Any]:
         """``requests``, ``errors``, ``latency_p50_ms``/``p95``/``p99``/``max``, ``ttft_p50_ms``/
         ``p95``, ``tokens_per_s`` (median), ``requests_per_min``; for one model or all."""
-        perf = self._merged() if model is None else self._models.get(model) or _ModelPerf()
+        perf = self._merged() if model is None else self._models.get(model) or PerfModel()
         p50, p95, p99 = perf.latency.percentiles([50, 95, 99])
         t50, t95 = perf.ttft.percentiles([50, 95])
         return {
@@ -369,7 +353,7 @@ class PerformanceTracker(AsyncCallbackHandler):
             "ttft_p50_ms": t50,
             "ttft_p95_ms": t95,
             "tokens_per_s": perf.tps.percentile(50),
-            "requests_per_min": self._requests_per_min(perf),
+            "requests_per_min": perf.requests_per_min(self._now()),
         }
 
     def models(self) -> list[str]:

@@ -42,7 +42,7 @@ __all__ = [
 
 logger = logging.getLogger("llmtally")
 
-_EARLY_FLUSH_KEYS = 20_000
+EARLY_FLUSH_KEYS = _EARLY_FLUSH_KEYS = 20_000
 _ACLOSE_TIMEOUT_S = 10.0
 _MAX_BACKOFF_S = 30.0
 
@@ -135,6 +135,14 @@ class Store:
         if not self._alive or self._task_loop is not _get_running_loop():
             self._start()
         elif self.ledger.pending >= _EARLY_FLUSH_KEYS and self._wakeup is not None:
+            self._wakeup.set()
+
+    def _kicked(self, flush_wanted: bool) -> None:
+        """:meth:`_kick` after a write by the core's recorder, which said whether the ledger
+        reached the early-flush size."""
+        if not self._alive or self._task_loop is not _get_running_loop():
+            self._start()
+        elif flush_wanted and self._wakeup is not None:
             self._wakeup.set()
 
     def _start(self) -> None:

@@ -1,0 +1,666 @@
+//! The fast path of the built-in metering handlers: one crossing per LLM call end.
+//!
+//! A manager groups the built-in handlers of an event (seed handlers, `UsageRecorder`,
+//! `TokenCounter`/`CostTracker`, `PerformanceTracker`) into one `Recorder`, which reads the
+//! normalized response once and updates every accumulator they need: ledgers, histograms,
+//! request-rate windows. Only the common case is handled here; anything unusual (a usage
+//! error, an unpriced call, a caller-given request id that needs a handler's dedupe window,
+//! a non-string user id) is declined before anything is written, and the manager calls each
+//! handler's own Python recorder instead, so behaviour is the same on both paths.
+//!
+//! `PerfModel` holds one model's performance accumulators (latency, time to first token,
+//! tokens/s histograms, errors, requests per minute); `PerformanceTracker` uses it on both
+//! paths.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+
+use crate::histogram::Histogram;
+use crate::ledger::{Counters, Ledger, NFIELDS};
+
+// ---------------------------------------------------------------------------------------------
+// Requests per minute: per-second buckets, fixed memory whatever the rate.
+
+const SLOTS: usize = 64;
+
+struct Window {
+    slots: [(i64, u64); SLOTS],
+}
+
+impl Window {
+    fn new() -> Self {
+        Self {
+            slots: [(i64::MIN, 0); SLOTS],
+        }
+    }
+
+    fn record(&mut self, sec: i64) {
+        let slot = &mut self.slots[sec.rem_euclid(SLOTS as i64) as usize];
+        if slot.0 != sec {
+            *slot = (sec, 0);
+        }
+        slot.1 += 1;
+    }
+
+    /// Events in the 60 seconds up to `now` (at one-second resolution).
+    fn last_minute(&self, now: f64) -> u64 {
+        let now_sec = now.floor() as i64;
+        let from = (now - 60.0).floor() as i64;
+        self.slots
+            .iter()
+            .filter(|(sec, _)| *sec >= from && *sec <= now_sec)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// Seconds on the process's own monotonic clock (used when no clock is given).
+fn mono_now() -> f64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    // Offset so the first reading is well above zero (a window slot starts at i64::MIN).
+    BASE.get_or_init(Instant::now).elapsed().as_secs_f64() + 1_000_000.0
+}
+
+/// One model's performance accumulators.
+#[pyclass(frozen, module = "llmtally._core", name = "PerfModel")]
+pub struct PerfModel {
+    #[pyo3(get)]
+    latency: Py<Histogram>,
+    #[pyo3(get)]
+    ttft: Py<Histogram>,
+    #[pyo3(get)]
+    tps: Py<Histogram>,
+    errors: AtomicU64,
+    window: Mutex<Window>,
+}
+
+impl PerfModel {
+    fn create(py: Python<'_>) -> PyResult<Self> {
+        Ok(Self {
+            latency: Py::new(py, Histogram::with_scale(1000.0))?, // ms, microsecond resolution
+            ttft: Py::new(py, Histogram::with_scale(1000.0))?,
+            tps: Py::new(py, Histogram::with_scale(100.0))?, // tokens/s, 0.01 resolution
+            errors: AtomicU64::new(0),
+            window: Mutex::new(Window::new()),
+        })
+    }
+
+    /// The same rules as the Python tracker: latency always; time to first token when
+    /// streamed; tokens/s over the time after the first token.
+    fn add(&self, duration_ms: f64, ttft_ms: Option<f64>, completion: Option<i64>, now: f64) {
+        self.latency.get().record_value(duration_ms);
+        self.window
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(now.floor() as i64);
+        let mut since = 0.0;
+        if let Some(t) = ttft_ms.filter(|t| *t >= 0.0 && t.is_finite()) {
+            self.ttft.get().record_value(t);
+            since = t;
+        }
+        if let Some(c) = completion.filter(|c| *c > 0) {
+            if duration_ms > since {
+                self.tps
+                    .get()
+                    .record_value(c as f64 * 1000.0 / (duration_ms - since));
+            }
+        }
+    }
+}
+
+fn valid_duration(duration_ms: f64) -> bool {
+    duration_ms >= 0.0 && duration_ms.is_finite()
+}
+
+#[pymethods]
+impl PerfModel {
+    #[new]
+    fn py_new(py: Python<'_>) -> PyResult<Self> {
+        Self::create(py)
+    }
+
+    /// Record one ended call. `now` is the tracker's clock in seconds (`None`: the process's
+    /// monotonic clock, the one :meth:`requests_per_min` reads without a `now`).
+    #[pyo3(signature = (duration_ms, ttft_ms=None, completion_tokens=None, now=None))]
+    fn record(
+        &self,
+        duration_ms: f64,
+        ttft_ms: Option<f64>,
+        completion_tokens: Option<i64>,
+        now: Option<f64>,
+    ) -> PyResult<()> {
+        if !valid_duration(duration_ms) {
+            return Err(PyValueError::new_err(format!(
+                "duration_ms must be finite and >= 0, not {duration_ms}"
+            )));
+        }
+        self.add(
+            duration_ms,
+            ttft_ms,
+            completion_tokens,
+            now.unwrap_or_else(mono_now),
+        );
+        Ok(())
+    }
+
+    fn record_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[getter]
+    fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// Calls recorded in the last 60 seconds up to `now` (default: the monotonic clock).
+    #[pyo3(signature = (now=None))]
+    fn requests_per_min(&self, now: Option<f64>) -> u64 {
+        let now = now.unwrap_or_else(mono_now);
+        self.window
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_minute(now)
+    }
+
+    /// Add another model's accumulators (for the all-models view).
+    fn merge(&self, py: Python<'_>, other: &PerfModel) -> PyResult<()> {
+        self.latency.get().merge_from(other.latency.get())?;
+        self.ttft.get().merge_from(other.ttft.get())?;
+        self.tps.get().merge_from(other.tps.get())?;
+        let _ = py;
+        self.errors
+            .fetch_add(other.errors.load(Ordering::Relaxed), Ordering::Relaxed);
+        let theirs = other.window.lock().unwrap_or_else(|p| p.into_inner()).slots;
+        let mut mine = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        for (sec, n) in theirs {
+            if sec == i64::MIN || n == 0 {
+                continue;
+            }
+            let slot = &mut mine.slots[sec.rem_euclid(SLOTS as i64) as usize];
+            if slot.0 == sec {
+                slot.1 += n;
+            } else if slot.0 < sec {
+                *slot = (sec, n);
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The billing cycle: the first day of the current UTC month, recomputed when the month ends.
+
+/// Civil date of a day count since 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Days since 1970-01-01 of a civil date.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = m as i64;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `YYYY-MM-01` of the month holding `unix_s`, and the unix second the next month starts.
+fn month_of(unix_s: i64) -> (String, i64) {
+    let (y, m, _) = civil_from_days(unix_s.div_euclid(86_400));
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    (
+        format!("{y:04}-{m:02}-01"),
+        days_from_civil(ny, nm, 1) * 86_400,
+    )
+}
+
+struct CycleClock {
+    until: AtomicI64,
+    cycle: Mutex<String>,
+}
+
+impl CycleClock {
+    fn new() -> Self {
+        Self {
+            until: AtomicI64::new(i64::MIN),
+            cycle: Mutex::new(String::new()),
+        }
+    }
+
+    fn with_current<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let mut cycle = self.cycle.lock().unwrap_or_else(|p| p.into_inner());
+        if now >= self.until.load(Ordering::Relaxed) {
+            let (c, until) = month_of(now);
+            *cycle = c;
+            self.until.store(until, Ordering::Relaxed);
+        }
+        f(&cycle)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The recorder.
+
+enum Sink {
+    /// A seed handler: one user's key, `prefix` + the cycle (fixed, or the current month).
+    UserKey {
+        ledger: Py<Ledger>,
+        prefix: String,
+        cycle: Option<String>,
+    },
+    /// `UsageRecorder`: the call's user; keys made by `key_for(user_id, cycle)`, cached.
+    CallUser {
+        ledger: Py<Ledger>,
+        key_for: Py<PyAny>,
+        keys: Mutex<HashMap<String, (String, Py<PyString>)>>,
+    },
+    /// `TokenCounter` / `CostTracker`: `provider \x1f model \x1f user`.
+    PerCall { ledger: Py<Ledger> },
+    /// `PerformanceTracker`: per-model accumulators in the tracker's dict.
+    Perf { models: Py<PyDict> },
+}
+
+const MAX_CACHED_USERS: usize = 100_000;
+/// Outcomes of `Recorder.end`.
+pub const DECLINED: i64 = -2;
+pub const RECORDED: i64 = -1;
+
+/// Every built-in accumulator of one manager's end event, updated in one crossing.
+#[pyclass(frozen, module = "llmtally._core", name = "Recorder")]
+pub struct Recorder {
+    sinks: Vec<Sink>,
+    clock: CycleClock,
+    flush_at: u64,
+}
+
+struct Call<'py> {
+    counts: Counters,
+    provider: Bound<'py, PyString>,
+    /// The model the response reports (the trackers' key), and the call's (per-model latency).
+    model: Bound<'py, PyString>,
+    call_model: Bound<'py, PyString>,
+    user: Option<Bound<'py, PyString>>,
+    duration_ms: f64,
+    ttft_ms: Option<f64>,
+    /// Completion tokens when the response states them (tokens/s).
+    completion: Option<i64>,
+}
+
+fn count(response: &Bound<'_, PyDict>, name: &Bound<'_, PyString>) -> PyResult<Option<i64>> {
+    match response.get_item(name)? {
+        None => Ok(Some(0)),
+        Some(v) if v.is_none() => Ok(Some(0)),
+        Some(v) => Ok(v
+            .extract::<i64>()
+            .ok()
+            .filter(|n| (0..1_000_000_000_000).contains(n))),
+    }
+}
+
+fn opt_str<'py>(v: Option<Bound<'py, PyAny>>) -> Option<Option<Bound<'py, PyString>>> {
+    match v {
+        None => Some(None),
+        Some(v) if v.is_none() => Some(None),
+        Some(v) => v.cast_into::<PyString>().ok().map(Some),
+    }
+}
+
+impl Recorder {
+    /// Read the call; `None` when it must take the handlers' own path.
+    fn read<'py>(
+        response: &Bound<'py, PyDict>,
+        kwargs: &Bound<'py, PyDict>,
+        id_prefix: &str,
+    ) -> PyResult<Option<Call<'py>>> {
+        let py = response.py();
+        // A caller-given request id: the handlers' dedupe windows decide.
+        let Some(rid) = kwargs.get_item(intern!(py, "request_id"))? else {
+            return Ok(None);
+        };
+        let Ok(rid) = rid.cast_into::<PyString>() else {
+            return Ok(None);
+        };
+        if !rid.to_str()?.starts_with(id_prefix) {
+            return Ok(None);
+        }
+        if response.contains(intern!(py, "usage_error"))? {
+            return Ok(None);
+        }
+        match response.get_item(intern!(py, "cost_estimate"))? {
+            Some(v) if !v.is_none() => {}
+            _ => return Ok(None), // unpriced: CostTracker counts it
+        }
+        let Some(total) = count(response, intern!(py, "tokens_used"))? else {
+            return Ok(None);
+        };
+        if !response.contains(intern!(py, "tokens_used"))? {
+            return Ok(None);
+        }
+        let cost_pusd = match response.get_item(intern!(py, "cost_pusd"))? {
+            Some(v) if !v.is_none() => match v.extract::<i64>() {
+                Ok(n) if n >= 0 => n,
+                _ => return Ok(None),
+            },
+            _ => {
+                let usd: f64 = match response.get_item(intern!(py, "cost_estimate"))? {
+                    Some(v) => match v.extract() {
+                        Ok(f) => f,
+                        Err(_) => return Ok(None),
+                    },
+                    None => return Ok(None),
+                };
+                if !usd.is_finite() || usd < 0.0 || usd * 1e12 >= i64::MAX as f64 {
+                    return Ok(None);
+                }
+                (usd * 1e12).round() as i64
+            }
+        };
+        let mut counts = [0i64; NFIELDS];
+        counts[0] = total;
+        for (i, name) in [
+            intern!(py, "prompt_tokens"),
+            intern!(py, "completion_tokens"),
+            intern!(py, "cached_tokens"),
+            intern!(py, "cache_write_tokens"),
+            intern!(py, "reasoning_tokens"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            match count(response, name)? {
+                Some(n) => counts[i + 1] = n,
+                None => return Ok(None),
+            }
+        }
+        counts[6] = cost_pusd;
+        counts[7] = 1;
+        let Some(Some(provider)) = opt_str(kwargs.get_item(intern!(py, "provider"))?) else {
+            return Ok(None);
+        };
+        let Some(Some(call_model)) = opt_str(kwargs.get_item(intern!(py, "model"))?) else {
+            return Ok(None);
+        };
+        // The model the response reports, else the call's.
+        let model = match opt_str(response.get_item(intern!(py, "model"))?) {
+            Some(Some(m)) if !m.to_str()?.is_empty() => m,
+            Some(_) => call_model.clone(),
+            None => return Ok(None),
+        };
+        let Some(user) = opt_str(kwargs.get_item(intern!(py, "user_id"))?) else {
+            return Ok(None);
+        };
+        if !matches!(
+            opt_str(kwargs.get_item(intern!(py, "cycle_start_date"))?),
+            Some(None)
+        ) {
+            return Ok(None); // a per-call cycle: UsageRecorder validates it
+        }
+        let duration_ms = match kwargs.get_item(intern!(py, "duration_ms"))? {
+            Some(v) => match v.extract::<f64>() {
+                Ok(d) if valid_duration(d) => d,
+                _ => return Ok(None),
+            },
+            None => return Ok(None),
+        };
+        let ttft_ms = match kwargs.get_item(intern!(py, "ttft_ms"))? {
+            Some(v) if !v.is_none() => match v.extract::<f64>() {
+                Ok(t) => Some(t),
+                Err(_) => return Ok(None),
+            },
+            _ => None,
+        };
+        let completion = response
+            .contains(intern!(py, "completion_tokens"))?
+            .then_some(counts[2]);
+        Ok(Some(Call {
+            counts,
+            provider,
+            model,
+            call_model,
+            user: match user {
+                Some(u) if !u.to_str()?.is_empty() => Some(u),
+                _ => None,
+            },
+            duration_ms,
+            ttft_ms,
+            completion,
+        }))
+    }
+}
+
+#[pymethods]
+impl Recorder {
+    /// `sinks`: tuples `("user_key", ledger, prefix, cycle_or_None)`,
+    /// `("call_user", ledger, key_for)`, `("per_call", ledger)`, `("perf", models_dict)`.
+    /// `flush_at`: pending keys at which `end` asks for an early flush.
+    #[new]
+    fn py_new(sinks: Vec<Bound<'_, PyAny>>, flush_at: u64) -> PyResult<Self> {
+        let mut out = Vec::with_capacity(sinks.len());
+        for spec in sinks {
+            let kind: String = spec.get_item(0)?.extract()?;
+            out.push(match kind.as_str() {
+                "user_key" => Sink::UserKey {
+                    ledger: spec.get_item(1)?.extract()?,
+                    prefix: spec.get_item(2)?.extract()?,
+                    cycle: spec.get_item(3)?.extract()?,
+                },
+                "call_user" => Sink::CallUser {
+                    ledger: spec.get_item(1)?.extract()?,
+                    key_for: spec.get_item(2)?.unbind(),
+                    keys: Mutex::new(HashMap::new()),
+                },
+                "per_call" => Sink::PerCall {
+                    ledger: spec.get_item(1)?.extract()?,
+                },
+                "perf" => Sink::Perf {
+                    models: spec.get_item(1)?.cast_into::<PyDict>()?.unbind(),
+                },
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "unknown sink kind {other:?}"
+                    )));
+                }
+            });
+        }
+        Ok(Self {
+            sinks: out,
+            clock: CycleClock::new(),
+            flush_at,
+        })
+    }
+
+    /// Record one ended call into every sink. Returns `RECORDED` (-1), `DECLINED` (-2: nothing
+    /// was written; the caller runs each handler's own recorder), or the index of the first
+    /// sink that refused the delta because a counter would overflow (the others recorded it).
+    /// `flush_wanted` is set to whether a ledger holds `flush_at` pending keys or more.
+    fn end(
+        &self,
+        response: &Bound<'_, PyAny>,
+        kwargs: &Bound<'_, PyDict>,
+        id_prefix: &str,
+    ) -> PyResult<(i64, bool)> {
+        let Ok(response) = response.cast::<PyDict>() else {
+            return Ok((DECLINED, false));
+        };
+        let Some(call) = Self::read(response, kwargs, id_prefix)? else {
+            return Ok((DECLINED, false));
+        };
+        let py = response.py();
+        let user = match &call.user {
+            Some(u) => u.to_str()?,
+            None => "anonymous",
+        };
+        let cycle = self.clock.with_current(str::to_owned);
+        // Keys that need Python are made before anything is written.
+        let mut made: Vec<Option<String>> = Vec::with_capacity(self.sinks.len());
+        for sink in &self.sinks {
+            let Sink::CallUser { key_for, keys, .. } = sink else {
+                made.push(None);
+                continue;
+            };
+            let cached = {
+                let keys = keys.lock().unwrap_or_else(|p| p.into_inner());
+                match keys.get(user) {
+                    Some((c, k)) if *c == cycle => Some(k.clone_ref(py)),
+                    _ => None,
+                }
+            };
+            let key = match cached {
+                Some(k) => k,
+                None => {
+                    let Ok(k) = key_for.bind(py).call1((user, cycle.as_str())) else {
+                        return Ok((DECLINED, false)); // the handler's own path reports it
+                    };
+                    let k = k.cast_into::<PyString>()?.unbind();
+                    let mut keys = keys.lock().unwrap_or_else(|p| p.into_inner());
+                    if keys.len() >= MAX_CACHED_USERS {
+                        keys.clear();
+                    }
+                    keys.insert(user.to_owned(), (cycle.clone(), k.clone_ref(py)));
+                    k
+                }
+            };
+            made.push(Some(key.bind(py).to_str()?.to_owned()));
+        }
+        // Per-model accumulators, found or made.
+        let mut perfs: Vec<Option<Bound<'_, PerfModel>>> = Vec::with_capacity(self.sinks.len());
+        for sink in &self.sinks {
+            let Sink::Perf { models } = sink else {
+                perfs.push(None);
+                continue;
+            };
+            let models = models.bind(py);
+            perfs.push(Some(match models.get_item(&call.call_model)? {
+                Some(p) => p.cast_into::<PerfModel>()?,
+                None => {
+                    let p = Bound::new(py, PerfModel::create(py)?)?;
+                    models.set_item(&call.call_model, &p)?;
+                    p
+                }
+            }));
+        }
+        // Everything that can fail is done: from here on, every sink is written.
+        let provider = call.provider.to_str()?;
+        let model = call.model.to_str()?;
+        let mut failed = RECORDED;
+        let mut flush = false;
+        let mut key = String::new();
+        for (i, sink) in self.sinks.iter().enumerate() {
+            let (ledger, written, store) = match sink {
+                Sink::UserKey {
+                    ledger,
+                    prefix,
+                    cycle: fixed,
+                } => {
+                    key.clear();
+                    key.push_str(prefix);
+                    key.push_str(fixed.as_deref().unwrap_or(&cycle));
+                    (ledger, ledger.get().core().add(&key, &call.counts), true)
+                }
+                Sink::CallUser { ledger, .. } => {
+                    let k = made[i].as_deref().unwrap_or_default();
+                    (ledger, ledger.get().core().add(k, &call.counts), true)
+                }
+                Sink::PerCall { ledger } => {
+                    key.clear();
+                    let _ = write!(key, "{provider}\x1f{model}\x1f{user}");
+                    (ledger, ledger.get().core().add(&key, &call.counts), false)
+                }
+                Sink::Perf { .. } => {
+                    let Some(perf) = &perfs[i] else { continue };
+                    perf.get()
+                        .add(call.duration_ms, call.ttft_ms, call.completion, mono_now());
+                    continue;
+                }
+            };
+            if written.is_err() && failed == RECORDED {
+                failed = i as i64;
+            }
+            if store && ledger.get().core().pending() >= self.flush_at {
+                flush = true;
+            }
+        }
+        Ok((failed, flush))
+    }
+
+    fn __len__(&self) -> usize {
+        self.sinks.len()
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PerfModel>()?;
+    m.add_class::<Recorder>()?;
+    m.add("RECORDED", RECORDED)?;
+    m.add("DECLINED", DECLINED)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_start_on_the_first_utc_day() {
+        assert_eq!(month_of(0), ("1970-01-01".to_owned(), 31 * 86_400));
+        // 2026-11-23T13:00:00Z
+        let (cycle, until) = month_of(1_795_438_800);
+        assert_eq!(cycle, "2026-11-01");
+        assert_eq!(until, days_from_civil(2026, 12, 1) * 86_400);
+        // Leap February and the year boundary.
+        assert_eq!(
+            month_of(days_from_civil(2028, 2, 29) * 86_400).0,
+            "2028-02-01"
+        );
+        assert_eq!(
+            month_of(days_from_civil(2026, 12, 31) * 86_400 + 86_399),
+            (
+                "2026-12-01".to_owned(),
+                days_from_civil(2027, 1, 1) * 86_400
+            )
+        );
+        for days in -800_000..800_000 {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+    }
+
+    #[test]
+    fn the_window_keeps_the_last_minute() {
+        let mut w = Window::new();
+        for _ in 0..100 {
+            w.record(1000);
+        }
+        w.record(1030);
+        assert_eq!(w.last_minute(1000.0), 100);
+        assert_eq!(w.last_minute(1060.0), 101);
+        assert_eq!(w.last_minute(1061.0), 1);
+        assert_eq!(w.last_minute(1091.0), 0);
+        // A slot reused 64 seconds later starts again.
+        w.record(1064);
+        assert_eq!(w.last_minute(1064.0), 2);
+    }
+}
