@@ -184,13 +184,23 @@ def _targets(entries: Iterable[_Entry], event: str) -> tuple[_Target, ...]:
 class _Table:
     """Immutable per-event handler lists."""
 
-    __slots__ = ("by_event", "entries")
+    __slots__ = ("by_event", "entries", "native_end", "native_llm")
 
     def __init__(self, entries: Sequence[_Entry]) -> None:
         self.entries = tuple(entries)
         self.by_event: dict[str, tuple[_Target, ...]] = {
             event: _targets(self.entries, event) for event in EVENTS
         }
+
+        def native(event: str) -> bool:
+            return all(kind >= FAST for _, _, kind in self.by_event[event])
+
+        # Only built-in recorders at the end: fired without a coroutine.
+        self.native_end = native("on_llm_end")
+        # No user code sees an LLM call's kwargs: the end may reuse the call's dict.
+        self.native_llm = all(
+            native(e) for e in ("on_llm_start", "on_llm_end", "on_llm_error", "on_llm_stream_chunk")
+        )
 
 
 class _Stats:
@@ -271,6 +281,26 @@ class _Dispatcher:
             )
         for store in group.stores:
             store._kicked(flush)
+
+    def fire_native(
+        self, targets: tuple[_Target, ...], event: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """:meth:`fire` for targets that are all built-in recorders (synchronous: no coroutine,
+        nothing to time out); same isolation and abort rules."""
+        abort: CallbackAbort | None = None
+        for entry, fn, kind in targets:
+            try:
+                if kind == FAST:
+                    fn(*args, kwargs)
+                else:
+                    self._group(fn, event, args, kwargs)
+            except CallbackAbort as exc:
+                if abort is None:
+                    abort = exc
+            except Exception as exc:
+                self._failed(entry, event, exc)
+        if abort is not None:
+            raise abort
 
     async def _call(
         self,
@@ -903,23 +933,27 @@ class LLMCall:
         return None
 
     async def _fire_end(self, duration_s: float) -> None:
-        manager = self._manager
         if self.duplicate:
             return
-        targets = self._table.by_event["on_llm_end"]
+        table = self._table
+        targets = table.by_event["on_llm_end"]
         if not targets:
             return
         response = self.response
         assert response is not None
-        kwargs = {
-            **self._kwargs,
-            "token_count": response.get("tokens_used"),
-            "cost": response["cost_estimate"],
-            "duration_ms": duration_s * 1000.0,
-        }
+        # A fresh dict for user handlers (they may keep what they were given); when only
+        # built-in recorders see this call, its own dict.
+        kwargs = self._kwargs if table.native_llm else {**self._kwargs}
+        kwargs["token_count"] = response.get("tokens_used")
+        kwargs["cost"] = response["cost_estimate"]
+        kwargs["duration_ms"] = duration_s * 1000.0
         if self._first_chunk_at is not None:
             kwargs["ttft_ms"] = (self._first_chunk_at - self.started_at) * 1000.0
-        await manager._dispatcher.fire(targets, "on_llm_end", (response,), kwargs)
+        dispatcher = self._manager._dispatcher
+        if table.native_end:
+            dispatcher.fire_native(targets, "on_llm_end", (response,), kwargs)
+        else:
+            await dispatcher.fire(targets, "on_llm_end", (response,), kwargs)
 
     def _end(self, duration_s: float) -> None:
         """Normalize the usage and build the response dict (no await, no I/O)."""
