@@ -270,9 +270,7 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
         attributes: dict[str, Any],
         kwargs: Mapping[str, Any],
     ) -> None:
-        run_id = kwargs.get("run_id")
-        if run_id is None:
-            run_id = kwargs.get("request_id")
+        run_id = _run_key(kwargs)
         if run_id is None:
             return  # nothing to find it by at the end: the end event makes the whole span
         now = time.monotonic()
@@ -280,7 +278,7 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
         if opened:
             self._evict(now)
         context = None
-        parent_id = kwargs.get("parent_run_id")
+        parent_id = _key(kwargs.get("parent_run_id"))
         if parent_id is not None:
             parent = opened.get(parent_id)
             if parent is not None:
@@ -298,9 +296,7 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
         opened[run_id] = _Open(span, kind, now)
 
     def _take(self, kwargs: Mapping[str, Any]) -> _Open | None:
-        run_id = kwargs.get("run_id")
-        if run_id is None:
-            run_id = kwargs.get("request_id")
+        run_id = _run_key(kwargs)
         return None if run_id is None else self._open.pop(run_id, None)
 
     def _late_span(
@@ -372,6 +368,14 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
         else:
             span = entry.span
             started = entry.started
+        try:
+            self._llm_end_span(span, response, kwargs, started)
+        finally:
+            span.end()
+
+    def _llm_end_span(
+        self, span: trace.Span, response: Any, kwargs: Mapping[str, Any], started: float | None
+    ) -> None:
         if not isinstance(response, Mapping):
             response = {}
         attrs: dict[str, Any] = {}
@@ -427,7 +431,6 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
                     content, reasons[0] if reasons else None
                 )
         span.set_attributes(attrs)
-        span.end()
         # Metrics.
         base, inputs, outputs = self._attrs_for(kwargs, response_model)
         self._duration.record(_duration_s(kwargs, started), base)
@@ -475,8 +478,10 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
                 started = None
             else:
                 span, started = entry.span, entry.started
-            error_type = self._error(span, error, kwargs)
-            span.end()
+            try:
+                error_type = self._error(span, error, kwargs)
+            finally:
+                span.end()
             base = self._attrs_for(kwargs, None)[0]
             self._duration.record(_duration_s(kwargs, started), {**base, "error.type": error_type})
         except Exception as exc:
@@ -492,15 +497,17 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
             steps = 0
         else:
             span, steps = entry.span, entry.steps
-        if steps:
-            span.set_attribute("llmtally.agent.steps", steps)
-        if self.capture_content and output is not None:
-            key = _OUTPUT_KEYS[kind]
-            if key == "gen_ai.output.messages":
-                span.set_attribute(key, _output_messages(_text(output), None))
-            else:
-                span.set_attribute(key, _json(output))
-        span.end()
+        try:
+            if steps:
+                span.set_attribute("llmtally.agent.steps", steps)
+            if self.capture_content and output is not None:
+                key = _OUTPUT_KEYS[kind]
+                if key == "gen_ai.output.messages":
+                    span.set_attribute(key, _output_messages(_text(output), None))
+                else:
+                    span.set_attribute(key, _json(output))
+        finally:
+            span.end()
 
     def _scope_error(
         self, kind: int, name_arg: Any, error: BaseException, kwargs: Mapping[str, Any]
@@ -511,8 +518,10 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
             span = self._late_span(name, span_kind, attributes, kwargs)
         else:
             span = entry.span
-        self._error(span, error, kwargs)
-        span.end()
+        try:
+            self._error(span, error, kwargs)
+        finally:
+            span.end()
 
     def _scope_span(
         self, kind: int, name_arg: Any, kwargs: Mapping[str, Any]
@@ -580,7 +589,7 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
     async def on_agent_step(self, step: Any, **kwargs: Any) -> None:
         """Count the step (``llmtally.agent.steps`` on the agent's span)."""
         try:
-            run_id = kwargs.get("run_id")
+            run_id = _key(kwargs.get("run_id"))
             entry = self._open.get(run_id) if run_id is not None else None
             if entry is not None:
                 entry.steps += 1
@@ -676,6 +685,26 @@ _OUTPUT_KEYS: Final = {
     _CHAIN: "gen_ai.output.messages",
     _RETRIEVAL: "gen_ai.retrieval.documents",
 }
+
+
+def _key(run_id: Any) -> Any:
+    """A run id usable as a dict key (framework ids are str or UUID; anything else by repr)."""
+    if run_id is None or type(run_id) is str:
+        return run_id
+    try:
+        hash(run_id)
+    except TypeError:
+        return repr(run_id)
+    return run_id
+
+
+def _run_key(kwargs: Mapping[str, Any]) -> Any:
+    """The key of a scope's span: its ``run_id``, else its ``request_id`` (a handler called
+    directly), else ``None``."""
+    run_id = kwargs.get("run_id")
+    if run_id is None:
+        run_id = kwargs.get("request_id")
+    return _key(run_id)
 
 
 def _text(value: Any) -> str:
