@@ -34,7 +34,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -71,7 +71,7 @@ PROVIDERS: Final[dict[str, str]] = {
     "watsonx": "ibm.watsonx.ai",
 }
 
-_LLM, _AGENT, _TOOL, _CHAIN, _RETRIEVAL = range(5)
+_AGENT, _TOOL, _CHAIN, _RETRIEVAL = range(4)
 
 
 def provider_name(provider: Any) -> str:
@@ -137,11 +137,10 @@ def _finish_reasons(response: Mapping[str, Any]) -> list[str] | None:
 class _Open:
     """A span waiting for its end event."""
 
-    __slots__ = ("kind", "span", "started", "steps")
+    __slots__ = ("span", "started", "steps")
 
-    def __init__(self, span: trace.Span, kind: int, started: float) -> None:
+    def __init__(self, span: trace.Span, started: float) -> None:
         self.span = span
-        self.kind = kind
         self.started = started
         self.steps = 0
 
@@ -263,12 +262,7 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
     # -- spans ---------------------------------------------------------------------------------
 
     def _start(
-        self,
-        name: str,
-        span_kind: SpanKind,
-        kind: int,
-        attributes: dict[str, Any],
-        kwargs: Mapping[str, Any],
+        self, name: str, span_kind: SpanKind, attributes: dict[str, Any], kwargs: Mapping[str, Any]
     ) -> None:
         run_id = _run_key(kwargs)
         if run_id is None:
@@ -293,7 +287,7 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
         previous = opened.pop(run_id, None)
         if previous is not None:  # a run id started twice: the first can never end now
             self._end_incomplete(previous)
-        opened[run_id] = _Open(span, kind, now)
+        opened[run_id] = _Open(span, now)
 
     def _take(self, kwargs: Mapping[str, Any]) -> _Open | None:
         run_id = _run_key(kwargs)
@@ -306,7 +300,7 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
         added mid-call): started ``duration_ms`` before now when known."""
         duration_ms = kwargs.get("duration_ms")
         start_ns = None
-        if isinstance(duration_ms, int | float) and duration_ms >= 0:
+        if _is_ms(duration_ms):
             start_ns = time.time_ns() - int(duration_ms * 1e6)
         user = kwargs.get("user_id")
         if isinstance(user, str) and user:
@@ -348,7 +342,7 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
             name, attributes = self._llm_attributes(kwargs)
             if self.capture_content:
                 attributes["gen_ai.input.messages"] = _input_messages(messages)
-            self._start(name, SpanKind.CLIENT, _LLM, attributes, kwargs)
+            self._start(name, SpanKind.CLIENT, attributes, kwargs)
         except Exception as exc:
             self._failed("on_llm_start", exc)
 
@@ -416,11 +410,11 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
             attrs["llmtally.usage_error"] = usage_error
         ttft_s: float | None = None
         ttft_ms = kwargs.get("ttft_ms")
-        if isinstance(ttft_ms, int | float) and not isinstance(ttft_ms, bool):
+        if _is_ms(ttft_ms):
             ttft_s = ttft_ms / 1000.0
         else:
             found = response.get("time_to_first_token")
-            if isinstance(found, int | float) and not isinstance(found, bool):
+            if _is_ms(found):
                 ttft_s = float(found)
         if ttft_s is not None:
             attrs["gen_ai.response.time_to_first_chunk"] = ttft_s
@@ -567,7 +561,9 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
             name = f"retrieval {source}"
         return name, SpanKind.CLIENT, attributes
 
-    def _scope_start(self, kind: int, name_arg: Any, content: Any, kwargs: Any) -> None:
+    def _scope_start(
+        self, kind: int, name_arg: Any, content: Any, kwargs: Mapping[str, Any]
+    ) -> None:
         name, span_kind, attributes = self._scope_span(kind, name_arg, kwargs)
         if self.capture_content and content is not None:
             key = _INPUT_KEYS[kind]
@@ -577,7 +573,7 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
                 attributes[key] = _text(content)
             else:
                 attributes[key] = _json(content)
-        self._start(name, span_kind, kind, attributes, kwargs)
+        self._start(name, span_kind, attributes, kwargs)
 
     async def on_agent_start(self, goal: Any, **kwargs: Any) -> None:
         """Start an ``invoke_agent`` span."""
@@ -711,10 +707,15 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else _json(value)
 
 
+def _is_ms(value: Any) -> TypeGuard[float]:
+    """A finite, non-negative duration (of at most about 30 years)."""
+    return type(value) in (int, float) and 0 <= value < 1e12
+
+
 def _duration_s(kwargs: Mapping[str, Any], started: float | None) -> float:
     duration_ms = kwargs.get("duration_ms")
-    if isinstance(duration_ms, int | float) and not isinstance(duration_ms, bool):
-        return max(duration_ms, 0.0) / 1000.0
+    if _is_ms(duration_ms):
+        return float(duration_ms) / 1000.0
     if started is not None:
         return time.monotonic() - started
     return 0.0

@@ -574,7 +574,10 @@ async def test_bad_input_never_raises(otel: Otel) -> None:
     await handler.on_llm_error(ValueError("x"), run_id=["unhashable"])
     await handler.on_tool_end(None, None, run_id=None)  # type: ignore[arg-type]
     await handler.on_llm_end(
-        {"prompt_tokens": -1, "completion_tokens": "3", "model": 7, "estimated": True}, run_id="y"
+        {"prompt_tokens": -1, "completion_tokens": "3", "model": 7, "time_to_first_token": -1.0},
+        run_id="y",
+        duration_ms=float("inf"),
+        ttft_ms=float("nan"),
     )
     assert handler.errors == 0
     assert handler.open_spans == 0
@@ -583,6 +586,8 @@ async def test_bad_input_never_raises(otel: Otel) -> None:
     assert spans[1].status.status_code is StatusCode.ERROR  # the unhashable run id, by repr
     assert "gen_ai.usage.input_tokens" not in (spans[3].attributes or {})
     assert "gen_ai.response.model" not in (spans[3].attributes or {})
+    assert "gen_ai.response.time_to_first_chunk" not in (spans[3].attributes or {})
+    assert otel.points("gen_ai.client.operation.time_to_first_chunk") == []
 
 
 async def test_a_failure_inside_the_handler_is_counted_not_raised(
