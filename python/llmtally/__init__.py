@@ -13,6 +13,8 @@
 10
 """
 
+from typing import TYPE_CHECKING
+
 from llmtally import pricing
 from llmtally._core import __version__ as _core_version
 from llmtally.audit import AuditLogger
@@ -58,7 +60,21 @@ from llmtally.tokens import estimate_tokens
 from llmtally.trackers import CostTracker, PerformanceTracker, StreamingProgress, TokenCounter
 from llmtally.usage import Usage, extract_usage
 
+if TYPE_CHECKING:
+    from llmtally.otel import OpenTelemetryHandler as OpenTelemetryHandler
+
 __version__ = _core_version
+
+
+def __getattr__(name: str) -> object:
+    # ``OpenTelemetryHandler`` loads on first use, so ``import llmtally`` never imports
+    # opentelemetry (an optional extra, ``llmtally[otel]``).
+    if name == "OpenTelemetryHandler":
+        from llmtally.otel import OpenTelemetryHandler
+
+        return OpenTelemetryHandler
+    raise AttributeError(f"module 'llmtally' has no attribute {name!r}")
+
 
 __all__ = [
     "AgentRun",
