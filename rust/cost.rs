@@ -275,6 +275,24 @@ impl Prices {
 }
 
 impl Prices {
+    /// Cost of a usage with a known split; `None` when the split is unknown or the counts
+    /// are inconsistent (the Python side reports that).
+    pub(crate) fn usage_cost(&self, u: &Usage) -> Option<i64> {
+        let (Some(prompt), Some(completion)) = (u.prompt_tokens, u.completion_tokens) else {
+            return None;
+        };
+        self.table
+            .cost_pusd(&Counts {
+                prompt,
+                completion,
+                cache_read: u.cached_tokens,
+                cache_write: u.cache_write_tokens,
+                cache_write_1h: u.cache_write_1h_tokens,
+                reasoning: u.reasoning_tokens,
+            })
+            .ok()
+    }
+
     fn compute(&self, c: &Counts) -> PyResult<i64> {
         self.table.cost_pusd(c).map_err(|e| match e {
             CostError::Inconsistent(m) => PyValueError::new_err(m),

@@ -25,6 +25,7 @@ use pyo3::types::{PyDict, PyString};
 
 use crate::histogram::Histogram;
 use crate::ledger::{Counters, Ledger, NFIELDS};
+use crate::usage::Usage;
 
 // ---------------------------------------------------------------------------------------------
 // Requests per minute: per-second buckets, fixed memory whatever the rate.
@@ -328,6 +329,36 @@ fn opt_str<'py>(v: Option<Bound<'py, PyAny>>) -> Option<Option<Bound<'py, PyStri
     }
 }
 
+/// The response's cost in pico-USD (`cost_pusd`, else `cost_estimate`); `None` when there is
+/// none or it is out of range.
+fn response_cost(response: &Bound<'_, PyDict>) -> PyResult<Option<i64>> {
+    let py = response.py();
+    if let Some(v) = response.get_item(intern!(py, "cost_pusd"))? {
+        if !v.is_none() {
+            return Ok(v.extract::<i64>().ok().filter(|n| *n >= 0));
+        }
+    }
+    let Some(v) = response.get_item(intern!(py, "cost_estimate"))? else {
+        return Ok(None);
+    };
+    let Ok(usd) = v.extract::<f64>() else {
+        return Ok(None);
+    };
+    if !usd.is_finite() || usd < 0.0 || usd * 1e12 >= i64::MAX as f64 {
+        return Ok(None);
+    }
+    Ok(Some((usd * 1e12).round() as i64))
+}
+
+/// A user id kwarg: `Some(None)` for none (or empty), `None` when it is not a string.
+fn user_of<'py>(v: Option<Bound<'py, PyAny>>) -> PyResult<Option<Option<Bound<'py, PyString>>>> {
+    Ok(match opt_str(v) {
+        None => None,
+        Some(Some(u)) if u.to_str()?.is_empty() => Some(None),
+        Some(u) => Some(u),
+    })
+}
+
 impl Recorder {
     /// Read the call; `None` when it must take the handlers' own path.
     fn read<'py>(
@@ -359,24 +390,8 @@ impl Recorder {
         if !response.contains(intern!(py, "tokens_used"))? {
             return Ok(None);
         }
-        let cost_pusd = match response.get_item(intern!(py, "cost_pusd"))? {
-            Some(v) if !v.is_none() => match v.extract::<i64>() {
-                Ok(n) if n >= 0 => n,
-                _ => return Ok(None),
-            },
-            _ => {
-                let usd: f64 = match response.get_item(intern!(py, "cost_estimate"))? {
-                    Some(v) => match v.extract() {
-                        Ok(f) => f,
-                        Err(_) => return Ok(None),
-                    },
-                    None => return Ok(None),
-                };
-                if !usd.is_finite() || usd < 0.0 || usd * 1e12 >= i64::MAX as f64 {
-                    return Ok(None);
-                }
-                (usd * 1e12).round() as i64
-            }
+        let Some(cost_pusd) = response_cost(response)? else {
+            return Ok(None);
         };
         let mut counts = [0i64; NFIELDS];
         counts[0] = total;
@@ -409,7 +424,7 @@ impl Recorder {
             Some(_) => call_model.clone(),
             None => return Ok(None),
         };
-        let Some(user) = opt_str(kwargs.get_item(intern!(py, "user_id"))?) else {
+        let Some(user) = user_of(kwargs.get_item(intern!(py, "user_id"))?)? else {
             return Ok(None);
         };
         if !matches!(
@@ -440,10 +455,7 @@ impl Recorder {
             provider,
             model,
             call_model,
-            user: match user {
-                Some(u) if !u.to_str()?.is_empty() => Some(u),
-                _ => None,
-            },
+            user,
             duration_ms,
             ttft_ms,
             completion,
@@ -508,7 +520,76 @@ impl Recorder {
         let Some(call) = Self::read(response, kwargs, id_prefix)? else {
             return Ok((DECLINED, false));
         };
+        self.apply(response.py(), &call)
+    }
+
+    /// `end` for a manager that holds the call's parts already: the normalized `usage` (from
+    /// `finish_response`), the response dict (for its cost), and the call's context.
+    #[pyo3(signature = (
+        usage, response, provider, call_model, user_id, cycle_start_date, duration_ms, ttft_ms
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn record<'py>(
+        &self,
+        usage: &Bound<'py, Usage>,
+        response: &Bound<'py, PyDict>,
+        provider: Bound<'py, PyString>,
+        call_model: Bound<'py, PyString>,
+        user_id: Option<Bound<'py, PyAny>>,
+        cycle_start_date: Option<Bound<'py, PyAny>>,
+        duration_ms: f64,
+        ttft_ms: Option<f64>,
+    ) -> PyResult<(i64, bool)> {
         let py = response.py();
+        let u = usage.get();
+        let decline = Ok((DECLINED, false));
+        if u.cost_usd.is_none() && !response.contains(intern!(py, "cost_pusd"))? {
+            return decline; // unpriced (CostTracker counts it)
+        }
+        let Some(cost_pusd) = response_cost(response)? else {
+            return decline;
+        };
+        let Some(user) = user_of(user_id)? else {
+            return decline;
+        };
+        if cycle_start_date.is_some_and(|c| !c.is_none()) || !valid_duration(duration_ms) {
+            return decline;
+        }
+        let model = match opt_str(response.get_item(intern!(py, "model"))?) {
+            Some(Some(m)) if !m.to_str()?.is_empty() => m,
+            Some(_) => call_model.clone(),
+            None => return decline,
+        };
+        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let mut counts = [0i64; NFIELDS];
+        counts[0] = as_i64(u.total_tokens);
+        counts[1] = as_i64(u.prompt_tokens.unwrap_or(0));
+        counts[2] = as_i64(u.completion_tokens.unwrap_or(0));
+        counts[3] = as_i64(u.cached_tokens);
+        counts[4] = as_i64(u.cache_write_tokens);
+        counts[5] = as_i64(u.reasoning_tokens);
+        counts[6] = cost_pusd;
+        counts[7] = 1;
+        let call = Call {
+            counts,
+            provider,
+            model,
+            call_model,
+            user,
+            duration_ms,
+            ttft_ms,
+            completion: u.completion_tokens.map(as_i64),
+        };
+        self.apply(py, &call)
+    }
+
+    fn __len__(&self) -> usize {
+        self.sinks.len()
+    }
+}
+
+impl Recorder {
+    fn apply(&self, py: Python<'_>, call: &Call<'_>) -> PyResult<(i64, bool)> {
         let user = match &call.user {
             Some(u) => u.to_str()?,
             None => "anonymous",
@@ -604,10 +685,6 @@ impl Recorder {
             }
         }
         Ok((failed, flush))
-    }
-
-    fn __len__(&self) -> usize {
-        self.sinks.len()
     }
 }
 

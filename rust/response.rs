@@ -5,6 +5,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
+use crate::cost::Prices;
 use crate::usage::{extract_any, get, Usage};
 
 /// Text of a list of content parts (strings or `{"text": ...}` blocks), or `None`.
@@ -140,6 +141,7 @@ fn fill<'py>(
     model: &Bound<'py, PyAny>,
     duration_s: f64,
     request_id: &Bound<'py, PyAny>,
+    table_cost: Option<i64>,
 ) -> PyResult<()> {
     let py = d.py();
     match usage {
@@ -161,11 +163,20 @@ fn fill<'py>(
                     u.cache_write_1h_tokens,
                 )?;
             }
-            d.set_item(intern!(py, "cost_estimate"), u.cost_usd)?;
-            d.set_item(
-                intern!(py, "cost_source"),
-                u.cost_usd.map(|_| intern!(py, "provider")),
-            )?;
+            match (u.cost_usd, table_cost) {
+                (None, Some(pusd)) => {
+                    d.set_item(intern!(py, "cost_estimate"), pusd as f64 / 1e12)?;
+                    d.set_item(intern!(py, "cost_pusd"), pusd)?;
+                    d.set_item(intern!(py, "cost_source"), intern!(py, "table"))?;
+                }
+                (cost, _) => {
+                    d.set_item(intern!(py, "cost_estimate"), cost)?;
+                    d.set_item(
+                        intern!(py, "cost_source"),
+                        cost.map(|_| intern!(py, "provider")),
+                    )?;
+                }
+            }
         }
         None => {
             d.set_item(intern!(py, "usage_error"), usage_error)?;
@@ -215,6 +226,7 @@ pub fn py_make_response<'py>(
         model,
         duration_s,
         request_id,
+        None,
     )?;
     if let Some(t) = ttft_s {
         d.set_item(intern!(py, "time_to_first_token"), t)?;
@@ -224,37 +236,55 @@ pub fn py_make_response<'py>(
 }
 
 /// Read the response set on a call and build the response dict in one crossing:
-/// `(code, response, message)`.
+/// `(code, response, message, usage)`.
 ///
-/// `READ_OK`: `response` is complete; `message` is a usage warning or `None`.
+/// `READ_OK`: `response` is complete; `message` is a usage warning or `None`; `usage` is the
+/// normalized `Usage`. When `prices` (the call model's) are given, the provider reported no
+/// cost and the response names no other model, the cost is priced here (`cost_source`
+/// `"table"`, exact `cost_pusd`).
 /// `READ_BAD_USAGE`: usage skipped whole (`message` says why); `response` has `usage_error`.
 /// `READ_NO_USAGE`: the response carries no usage; `response` is `None` (the caller estimates).
 /// `READ_NOT_A_RESPONSE`: neither a dict nor an SDK object; `response` is `None`.
 #[pyfunction]
-#[pyo3(name = "finish_response")]
+#[pyo3(name = "finish_response", signature = (obj, provider, model, duration_s, request_id, prices=None))]
+#[allow(clippy::type_complexity)]
 pub fn py_finish_response<'py>(
     obj: &Bound<'py, PyAny>,
     provider: &Bound<'py, PyAny>,
     model: &Bound<'py, PyAny>,
     duration_s: f64,
     request_id: &Bound<'py, PyAny>,
-) -> PyResult<(u8, Option<Bound<'py, PyDict>>, Option<String>)> {
+    prices: Option<&Bound<'py, Prices>>,
+) -> PyResult<(
+    u8,
+    Option<Bound<'py, PyDict>>,
+    Option<String>,
+    Option<Bound<'py, Usage>>,
+)> {
     let py = obj.py();
     if !obj.is_instance_of::<PyDict>() && !looks_like_sdk_response(obj)? {
-        return Ok((NOT_A_RESPONSE, None, None));
+        return Ok((NOT_A_RESPONSE, None, None, None));
     }
     let usage = match extract_any(obj) {
         Ok(Some(u)) => Ok(u),
-        Ok(None) => return Ok((NO_USAGE, None, None)),
+        Ok(None) => return Ok((NO_USAGE, None, None, None)),
         Err(Ok(message)) => Err(message),
         Err(Err(e)) => return Err(e),
     };
     let found_model = response_model(obj)?;
+    let same_model = match &found_model {
+        None => true,
+        Some(m) => m.eq(model)?,
+    };
     let model = found_model.as_ref().unwrap_or(model);
     let content = extract_text(obj)?;
     let d = PyDict::new(py);
     match usage {
         Ok(u) => {
+            let table_cost = match prices {
+                Some(p) if same_model && u.cost_usd.is_none() => p.get().usage_cost(&u),
+                _ => None,
+            };
             fill(
                 &d,
                 Some(&u),
@@ -265,8 +295,11 @@ pub fn py_finish_response<'py>(
                 model,
                 duration_s,
                 request_id,
+                table_cost,
             )?;
-            Ok((OK, Some(d), u.warning))
+            let warning = u.warning.clone();
+            let usage = Bound::new(py, u)?;
+            Ok((OK, Some(d), warning, Some(usage)))
         }
         Err(message) => {
             let err = PyString::new(py, &message).into_any();
@@ -280,8 +313,9 @@ pub fn py_finish_response<'py>(
                 model,
                 duration_s,
                 request_id,
+                None,
             )?;
-            Ok((BAD_USAGE, Some(d), Some(message)))
+            Ok((BAD_USAGE, Some(d), Some(message), None))
         }
     }
 }

@@ -131,10 +131,16 @@ def make_response(
 READ_NO_USAGE: Final[int]
 
 def finish_response(
-    obj: Any, provider: str, model: str, duration_s: float, request_id: str
-) -> tuple[int, dict[str, Any] | None, str | None]:
+    obj: Any,
+    provider: str,
+    model: str,
+    duration_s: float,
+    request_id: str,
+    prices: Prices | None = None,
+) -> tuple[int, dict[str, Any] | None, str | None, Usage | None]:
     """Read a response and build the response dict in one crossing: ``(code, response,
-    message)``; ``response`` is ``None`` for ``READ_NO_USAGE`` and ``READ_NOT_A_RESPONSE``."""
+    message, usage)``; ``response`` is ``None`` for ``READ_NO_USAGE`` and
+    ``READ_NOT_A_RESPONSE``; with ``prices``, a response without a provider cost is priced."""
 
 LEDGER_FIELDS: Final[tuple[str, ...]]
 
@@ -244,8 +250,17 @@ class Recorder:
     """Every built-in accumulator of one end event, updated in one crossing."""
 
     def __init__(self, sinks: list[tuple[Any, ...]], flush_at: int) -> None: ...
-    def end(
-        self, response: object, kwargs: dict[str, Any], id_prefix: str
+    def end(self, response: object, kwargs: dict[str, Any], id_prefix: str) -> tuple[int, bool]: ...
+    def record(
+        self,
+        usage: Usage,
+        response: dict[str, Any],
+        provider: str,
+        call_model: str,
+        user_id: object,
+        cycle_start_date: object,
+        duration_ms: float,
+        ttft_ms: float | None,
     ) -> tuple[int, bool]: ...
     def __len__(self) -> int: ...
 

@@ -40,6 +40,7 @@ from llmtally._core import Recorder as _Recorder
 from llmtally.config import settings, validate_timeout
 from llmtally.errors import CallbackAbort, InvalidHandler
 from llmtally.events import EVENTS, AsyncCallbackHandler, overridden_events
+from llmtally.pricing import cached as cached_prices
 from llmtally.pricing import lookup as price_lookup
 from llmtally.tokens import estimate_tokens
 from llmtally.usage import BadUsage, Usage, extract_text, merge_stream_usage
@@ -139,6 +140,11 @@ class _FastGroup:
         self.stores: list[Any] = []
         self.recorder: _Recorder | None = None
 
+    def kick(self, flush_wanted: bool, now: float) -> None:
+        """Make sure each written store's flusher runs (see ``Store._kicked``)."""
+        for store in self.stores:
+            store._kicked(flush_wanted, now)
+
     def add(self, entry: _Entry, fn: Callable[..., Any], sink: tuple[Any, ...]) -> tuple[Any, ...]:
         self.members.append((entry, fn))
         store = getattr(entry.handler, "_llmtally_store", None)
@@ -184,7 +190,7 @@ def _targets(entries: Iterable[_Entry], event: str) -> tuple[_Target, ...]:
 class _Table:
     """Immutable per-event handler lists."""
 
-    __slots__ = ("by_event", "entries", "native_end", "native_llm")
+    __slots__ = ("by_event", "end_group", "entries", "native_end", "native_llm")
 
     def __init__(self, entries: Sequence[_Entry]) -> None:
         self.entries = tuple(entries)
@@ -197,6 +203,11 @@ class _Table:
 
         # Only built-in recorders at the end: fired without a coroutine.
         self.native_end = native("on_llm_end")
+        # The end is one group of built-in recorders: the call hands it its parts directly.
+        end = self.by_event["on_llm_end"]
+        self.end_group: _FastGroup | None = (
+            end[0][1] if len(end) == 1 and end[0][2] == GROUP else None
+        )
         # No user code sees an LLM call's kwargs: the end may reuse the call's dict.
         self.native_llm = all(
             native(e) for e in ("on_llm_start", "on_llm_end", "on_llm_error", "on_llm_stream_chunk")
@@ -279,11 +290,14 @@ class _Dispatcher:
                 event,
                 OverflowError("a usage counter would overflow: the delta was refused"),
             )
-        for store in group.stores:
-            store._kicked(flush)
+        group.kick(flush, time.perf_counter())
 
     def fire_native(
-        self, targets: tuple[_Target, ...], event: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        targets: tuple[_Target, ...],
+        event: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
         """:meth:`fire` for targets that are all built-in recorders (synchronous: no coroutine,
         nothing to time out); same isolation and abort rules."""
@@ -941,6 +955,35 @@ class LLMCall:
             return
         response = self.response
         assert response is not None
+        group = table.end_group
+        if group is not None and not self._id_given and self._usage is not None:
+            # Only built-in recorders, and an id made here: one crossing with the call's parts.
+            kwargs = self._kwargs
+            ttft = self._first_chunk_at
+            assert group.recorder is not None
+            try:
+                code, flush = group.recorder.record(
+                    self._usage,
+                    response,
+                    self.provider,
+                    self.model,
+                    kwargs.get("user_id"),
+                    kwargs.get("cycle_start_date"),
+                    duration_s * 1000.0,
+                    None if ttft is None else (ttft - self.started_at) * 1000.0,
+                )
+            except Exception as exc:  # nothing written: the general path below decides
+                logger.debug("core recorder declined %s: %r", self.request_id, exc)
+                code, flush = DECLINED, False
+            if code != DECLINED:
+                if code != _RECORDED:
+                    self._manager._dispatcher._failed(
+                        group.members[code][0],
+                        "on_llm_end",
+                        OverflowError("a usage counter would overflow: the delta was refused"),
+                    )
+                group.kick(flush, time.perf_counter())
+                return
         # A fresh dict for user handlers (they may keep what they were given); when only
         # built-in recorders see this call, its own dict.
         kwargs = self._kwargs if table.native_llm else {**self._kwargs}
@@ -968,16 +1011,24 @@ class LLMCall:
         content: str | None = None
         if self._response_set:
             # The common case in one crossing: read the response, build the dict.
-            code, response, message = finish_response(
-                self._response, self.provider, self.model, duration_s, self.request_id
+            code, response, message, self._usage = finish_response(
+                self._response,
+                self.provider,
+                self.model,
+                duration_s,
+                self.request_id,
+                cached_prices(self.model, self.provider),
             )
             if code == READ_OK:
                 if message is not None:
                     stats.usage_warnings += 1
                     logger.warning("usage of %s: %s (total kept)", self.request_id, message)
                 assert response is not None
-                self._price(response)
-                self.response = self._add_stream_fields(response)
+                if response["cost_estimate"] is None:
+                    self._price(response)
+                self.response = (
+                    response if self._first_chunk_at is None else self._add_stream_fields(response)
+                )
                 return
             if code == READ_BAD_USAGE:
                 stats.bad_input += 1

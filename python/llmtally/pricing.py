@@ -284,6 +284,13 @@ def lookup(model: str, provider: str | None = None) -> Prices | None:
     return prices
 
 
+def cached(model: str, provider: str | None) -> Prices | None:
+    """The prices of a model already looked up (``provider`` ``"unknown"`` counts as none);
+    ``None`` when not looked up yet or unknown. Never counts a miss: for the hot path, which
+    falls back to :func:`lookup`."""
+    return _cache.get((model, None if provider == "unknown" else provider))
+
+
 def _lookup_slow(key: tuple[Any, Any]) -> Prices | None:
     generation = _generation
     prices = _resolve(*key)

@@ -43,6 +43,7 @@ __all__ = [
 logger = logging.getLogger("llmtally")
 
 EARLY_FLUSH_KEYS = _EARLY_FLUSH_KEYS = 20_000
+_LOOP_CHECK_S = 0.01
 _ACLOSE_TIMEOUT_S = 10.0
 _MAX_BACKOFF_S = 30.0
 
@@ -81,6 +82,7 @@ class Store:
         self._retry: tuple[Batch, int] | None = None
         self._task: asyncio.Task[None] | None = None
         self._alive = False
+        self._loop_checked_at = 0.0
         self._task_loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._flush_lock = threading.Lock()
@@ -132,17 +134,23 @@ class Store:
 
     def _kick(self) -> None:
         """Make sure a flusher runs in this loop (cheap when it does)."""
-        if not self._alive or self._task_loop is not _get_running_loop():
-            self._start()
-        elif self.ledger.pending >= _EARLY_FLUSH_KEYS and self._wakeup is not None:
-            self._wakeup.set()
+        self._kicked(self.ledger.pending >= _EARLY_FLUSH_KEYS, time.perf_counter())
 
-    def _kicked(self, flush_wanted: bool) -> None:
-        """:meth:`_kick` after a write by the core's recorder, which said whether the ledger
-        reached the early-flush size."""
-        if not self._alive or self._task_loop is not _get_running_loop():
+    def _kicked(self, flush_wanted: bool, now: float) -> None:
+        """After a write: make sure a flusher runs, in this loop, and wake it when the ledger
+        reached the early-flush size (``flush_wanted``). ``now`` is ``time.perf_counter()``.
+
+        Which loop is running costs a ``getpid()`` system call in asyncio, so a live flusher's
+        loop is checked at most every 10 ms (a loop closed without cancelling its tasks leaves
+        its flusher looking alive; the next check starts one here)."""
+        if not self._alive:
             self._start()
-        elif flush_wanted and self._wakeup is not None:
+        elif now >= self._loop_checked_at:
+            self._loop_checked_at = now + _LOOP_CHECK_S
+            if self._task_loop is not _get_running_loop():
+                self._start()
+                return
+        if flush_wanted and self._wakeup is not None:
             self._wakeup.set()
 
     def _start(self) -> None:
