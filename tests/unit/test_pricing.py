@@ -391,3 +391,38 @@ def test_long_context_tier_switches_cache_prices_too() -> None:
     )
     usage = Usage(prompt_tokens=20, completion_tokens=1, cached_tokens=5, cache_write_tokens=5)
     assert custom.usage_cost_pusd(usage) == 10 * 4_000_000 + 5 * 500_000 + 5 * 5_000_000 + 8_000_000
+
+
+async def test_a_call_is_priced_the_same_before_and_after_its_model_is_cached() -> None:
+    """The first call of a model is priced by the lookup; later ones from the cached prices
+    inside the response read: the same exact cost, source and fields."""
+    from llmtally import CallbackManager
+
+    pricing._cache.clear()
+    manager = CallbackManager()
+    body = {
+        "model": "claude-sonnet-4-5",
+        "usage": {
+            "input_tokens": 100,
+            "cache_read_input_tokens": 2000,
+            "cache_creation_input_tokens": 1000,
+            "cache_creation": {"ephemeral_5m_input_tokens": 600, "ephemeral_1h_input_tokens": 400},
+            "output_tokens": 500,
+        },
+        "content": [{"type": "text", "text": "Paris."}],
+    }
+    responses = []
+    for _ in range(2):
+        async with manager.llm_call(None, provider="anthropic", model="claude-sonnet-4-5") as c:
+            c.set_response(body)
+        assert c.response is not None
+        responses.append({k: v for k, v in c.response.items() if k not in ("request_id",)})
+        assert pricing.cached("claude-sonnet-4-5", "anthropic") is not None
+    first, second = responses
+    assert first["cost_pusd"] == second["cost_pusd"] == 13_050_000_000
+    assert first["cost_source"] == second["cost_source"] == "table"
+    assert first["cost_estimate"] == second["cost_estimate"] == 0.01305
+    assert first.keys() == second.keys()
+    assert {k: v for k, v in first.items() if k != "response_time"} == {
+        k: v for k, v in second.items() if k != "response_time"
+    }
