@@ -252,6 +252,37 @@ impl Histogram {
         self.core.reset();
     }
 
+    /// Cumulative counts of values at or below each bound (in the recorded unit), for
+    /// fixed-bucket exports such as Prometheus histograms; `(counts, total, sum)`. A sample is
+    /// placed by its bucket's low edge, so a count is exact to within one bucket's width (1.6%).
+    fn cumulative(&self, bounds: Vec<f64>) -> (Vec<u64>, u64, f64) {
+        let mut out = Vec::with_capacity(bounds.len());
+        let mut seen = 0u64;
+        let mut i = 0usize;
+        for bound in bounds {
+            let limit = if bound.is_finite() && bound >= 0.0 {
+                (bound * self.scale).floor() as u64
+            } else if bound < 0.0 {
+                out.push(0);
+                continue;
+            } else {
+                u64::MAX
+            };
+            while i < BUCKETS {
+                let (low, _) = crate::histogram::bounds(i);
+                if low > limit {
+                    break;
+                }
+                seen += self.core.buckets[i].load(Ordering::Relaxed);
+                i += 1;
+            }
+            out.push(seen);
+        }
+        let total = self.core.count();
+        let sum = self.core.sum.load(Ordering::Relaxed) as f64 / self.scale;
+        (out, total, sum)
+    }
+
     fn __len__(&self) -> usize {
         self.core.count() as usize
     }

@@ -53,6 +53,7 @@ from llmtally.metering import (
     create_detailed_token_callback,
     create_token_callback,
 )
+from llmtally.metrics import _auto_enable, disable_metrics, enable_metrics
 from llmtally.pricing import register_model
 from llmtally.repository import TokenUsageRepository
 from llmtally.storage import Store, default_store, open_store
@@ -64,6 +65,11 @@ if TYPE_CHECKING:
     from llmtally.otel import OpenTelemetryHandler as OpenTelemetryHandler
 
 __version__ = _core_version
+
+
+# Prometheus: the collector registers in the default registry when prometheus_client is
+# installed (LLMTALLY_METRICS=0 turns that off).
+_auto_enable()
 
 
 def __getattr__(name: str) -> object:
@@ -116,6 +122,8 @@ __all__ = [
     "create_token_callback",
     "current_run",
     "default_store",
+    "disable_metrics",
+    "enable_metrics",
     "estimate_tokens",
     "extract_usage",
     "get_global_callbacks",

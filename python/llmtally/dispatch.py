@@ -37,6 +37,8 @@ from llmtally._core import (
 )
 from llmtally._core import RECORDED as _RECORDED
 from llmtally._core import Recorder as _Recorder
+from llmtally._observe import state as _observed
+from llmtally._observe import stats_for
 from llmtally.config import settings, validate_timeout
 from llmtally.errors import CallbackAbort, InvalidHandler
 from llmtally.events import EVENTS, AsyncCallbackHandler, overridden_events
@@ -101,7 +103,17 @@ _NO_TARGETS: Final[tuple[_Target, ...]] = ()
 class _Entry:
     """One registered handler with its failure counters."""
 
-    __slots__ = ("errors", "events", "handler", "logged", "name", "priority", "seq", "timeouts")
+    __slots__ = (
+        "errors",
+        "events",
+        "handler",
+        "logged",
+        "name",
+        "priority",
+        "seq",
+        "stats",
+        "timeouts",
+    )
 
     def __init__(self, handler: object, priority: int, seq: int) -> None:
         if isinstance(handler, type) or handler is None or isinstance(handler, str | bytes | int):
@@ -113,6 +125,7 @@ class _Entry:
             )
         self.handler = handler
         self.name = type(handler).__name__
+        self.stats = stats_for(self.name)  # process-wide, per handler class (metrics)
         self.priority = priority
         self.seq = seq
         self.events = events
@@ -245,6 +258,7 @@ class _Dispatcher:
 
     def _failed(self, entry: _Entry, event: str, exc: BaseException) -> None:
         entry.errors += 1
+        entry.stats.failed(exc)
         key = (event, type(exc))
         if key in entry.logged:
             logger.debug("callback %s.%s failed again: %r", entry.name, event, exc)
@@ -261,6 +275,7 @@ class _Dispatcher:
 
     def _timed_out(self, entry: _Entry, event: str) -> None:
         entry.timeouts += 1
+        entry.stats.timeouts += 1
         key = (event, TimeoutError)
         level = logging.DEBUG if key in entry.logged else logging.WARNING
         entry.logged.add(key)
@@ -292,6 +307,67 @@ class _Dispatcher:
             )
         group.kick(flush, time.perf_counter())
 
+    @staticmethod
+    def _observe(entry: _Entry, fn: Any, kind: int, seconds: float) -> None:
+        """Count one execution and its duration (metrics on); a group's members share its
+        one crossing evenly."""
+        if kind == GROUP:
+            members = fn.members
+            share = seconds / len(members)
+            for member, _ in members:
+                stats = member.stats
+                stats.executions += 1
+                stats.durations.record(share)
+            return
+        stats = entry.stats
+        stats.executions += 1
+        stats.durations.record(seconds)
+
+    async def _fire_observed(
+        self,
+        targets: tuple[_Target, ...],
+        event: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        stop_on_abort: bool,
+    ) -> None:
+        """:meth:`fire` while metrics are on: every handler call timed and counted."""
+        clock = time.perf_counter
+        observe = self._observe
+        if self.parallel and len(targets) > 1:
+            semaphore = self._semaphore
+
+            async def run(target: _Target) -> CallbackAbort | None:
+                entry, fn, kind = target
+                t0 = clock()
+                try:
+                    if semaphore is None or kind >= FAST:
+                        return await self._call(entry, fn, kind, event, args, kwargs)
+                    async with semaphore:
+                        return await self._call(entry, fn, kind, event, args, kwargs)
+                finally:
+                    observe(entry, fn, kind, clock() - t0)
+
+            results = await asyncio.gather(*(run(t) for t in targets))
+            aborts = [(t[0], r) for t, r in zip(targets, results, strict=True) if r is not None]
+            if aborts:
+                aborters = {id(e) for e, _ in aborts}
+                completed = [t[0] for t in targets if id(t[0]) not in aborters]
+                _raise_abort(aborts[0][1], completed if stop_on_abort else [])
+            return
+        abort: CallbackAbort | None = None
+        for index, (entry, fn, kind) in enumerate(targets):
+            t0 = clock()
+            found = await self._call(entry, fn, kind, event, args, kwargs)
+            observe(entry, fn, kind, clock() - t0)
+            if found is not None:
+                if stop_on_abort:
+                    _raise_abort(found, [t[0] for t in targets[:index]])
+                if abort is None:
+                    abort = found
+        if abort is not None:
+            raise abort
+
     def fire_native(
         self,
         targets: tuple[_Target, ...],
@@ -302,7 +378,9 @@ class _Dispatcher:
         """:meth:`fire` for targets that are all built-in recorders (synchronous: no coroutine,
         nothing to time out); same isolation and abort rules."""
         abort: CallbackAbort | None = None
+        observed = _observed.on
         for entry, fn, kind in targets:
+            t0 = time.perf_counter() if observed else 0.0
             try:
                 if kind == FAST:
                     fn(*args, kwargs)
@@ -313,6 +391,8 @@ class _Dispatcher:
                     abort = exc
             except Exception as exc:
                 self._failed(entry, event, exc)
+            if observed:
+                self._observe(entry, fn, kind, time.perf_counter() - t0)
         if abort is not None:
             raise abort
 
@@ -368,6 +448,9 @@ class _Dispatcher:
     ) -> None:
         """Fire ``event`` on every target; raise the first ``CallbackAbort`` after the others ran
         (or at once with ``stop_on_abort``, then with ``.completed`` naming who ran before)."""
+        if _observed.on:
+            await self._fire_observed(targets, event, args, kwargs, stop_on_abort)
+            return
         if self.parallel and len(targets) > 1:
             await self._fire_parallel(targets, event, args, kwargs, stop_on_abort)
             return
@@ -610,6 +693,7 @@ class CallbackManager:
         self._stats = _Stats()
         self._window = RequestWindow()
         self._rebuild()
+        _observed.managers.add(self)
 
     # -- configuration --------------------------------------------------------------------
 
@@ -929,14 +1013,20 @@ class LLMCall:
                     usage, None, True, None, self.provider, self.model, duration_s,
                     self.request_id,
                 )  # fmt: skip
+            if _observed.on and not self.duplicate:
+                assert self.response is not None
+                _observed.llm_end(self._kwargs, self.response)
             return await self._fire_end(duration_s)
         if isinstance(exc, GeneratorExit | KeyboardInterrupt | SystemExit):
             return None
         stats = manager._stats
-        if is_timeout(exc):
+        timed_out = is_timeout(exc)
+        if timed_out:
             stats.llm_timeouts += 1
         else:
             stats.llm_errors += 1
+        if _observed.on:
+            _observed.llm_failed(self._kwargs, timed_out)
         targets = self._table.by_event["on_llm_error"]
         if targets:
             kwargs = {**self._kwargs, "duration_ms": duration_s * 1000.0}
@@ -961,6 +1051,8 @@ class LLMCall:
             kwargs = self._kwargs
             ttft = self._first_chunk_at
             assert group.recorder is not None
+            observed = _observed.on
+            t0 = time.perf_counter() if observed else 0.0
             try:
                 code, flush = group.recorder.record(
                     self._usage,
@@ -982,7 +1074,11 @@ class LLMCall:
                         "on_llm_end",
                         OverflowError("a usage counter would overflow: the delta was refused"),
                     )
-                group.kick(flush, time.perf_counter())
+                group.kick(flush, self.started_at + duration_s)
+                if observed:
+                    self._manager._dispatcher._observe(
+                        group.members[0][0], group, GROUP, time.perf_counter() - t0
+                    )
                 return
         # A fresh dict for user handlers (they may keep what they were given); when only
         # built-in recorders see this call, its own dict.

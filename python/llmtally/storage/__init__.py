@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from llmtally._core import LEDGER_FIELDS, Batch, Ledger
+from llmtally._observe import state as _observed
 from llmtally.errors import ConfigError, StoreError, StoreUnavailable
 from llmtally.storage.base import Backend
 from llmtally.storage.keys import parse_key
@@ -90,6 +91,7 @@ class Store:
         self.closed = False
         self.flush_failures = 0
         self.batches_written = 0
+        _observed.stores.add(self)
         self.refused_writes = 0
         self._consecutive_failures = 0
         self._last_ok: float | None = None
@@ -231,6 +233,7 @@ class Store:
     async def _apply(self, batch: Batch, seq: int) -> None:
         refused = await self.backend.apply(batch, self._flusher_id, seq)
         self.batches_written += 1
+        _observed.flushed(self.backend.name, True)
         if refused:
             self.refused_writes += len(refused)
             logger.error(
@@ -243,6 +246,7 @@ class Store:
 
     def _failed(self, exc: StoreError) -> None:
         self.flush_failures += 1
+        _observed.flushed(self.backend.name, False)
         self._consecutive_failures += 1
         first = self._last_error is None
         self._last_error = str(exc)

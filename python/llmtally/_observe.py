@@ -1,0 +1,125 @@
+"""In-process operational counters behind the Prometheus metrics (no dependency).
+
+Failures of handlers are always counted here, per handler class and exception class. Handler
+executions and durations, and LLM usage per provider and model, are recorded only while a
+metrics exporter is enabled (:func:`llmtally.metrics.enable_metrics`): with none, the hot path
+pays nothing for them. Counters only grow, so an exporter can serve them as Prometheus counters.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from llmtally._core import Histogram, Ledger
+
+__all__ = ["HandlerStats", "state", "stats_for"]
+
+_SEP = "\x1f"
+#: Users given their own ``token_usage_total`` series; later users count under ``"<other>"``.
+MAX_USERS = 10_000
+
+
+class HandlerStats:
+    """Counters of every handler of one class (``callback_type``)."""
+
+    __slots__ = ("durations", "error_types", "errors", "executions", "name", "timeouts")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.executions = 0
+        self.errors = 0
+        self.timeouts = 0
+        self.error_types: dict[str, int] = {}
+        self.durations = Histogram(scale=1e9)  # seconds, nanosecond resolution
+
+    def failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        name = type(exc).__name__
+        self.error_types[name] = self.error_types.get(name, 0) + 1
+
+
+class _State:
+    """Process-wide: per handler class stats, LLM usage, flushes, live managers and stores."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.lock = threading.Lock()
+        self.handlers: dict[str, HandlerStats] = {}
+        # provider \x1f model \x1f user -> counters (tokens, cost, calls, errors, timeouts)
+        self.llm = Ledger()
+        self.llm_totals: dict[str, list[int]] = {}
+        self.users: set[str] = set()
+        self.flush_batches: dict[tuple[str, str], int] = {}
+        self.managers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.stores: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def user_label(self, user: Any) -> str:
+        name = user if type(user) is str and user else ("anonymous" if not user else str(user))
+        if name in self.users:
+            return name
+        if len(self.users) >= MAX_USERS:
+            return "<other>"
+        self.users.add(name)
+        return name
+
+    def llm_end(self, kwargs: dict[str, Any], response: dict[str, Any]) -> None:
+        """Count one ended LLM call's usage (called only while metrics are on)."""
+        key = _SEP.join(
+            (
+                str(response.get("provider") or kwargs.get("provider") or "unknown"),
+                str(response.get("model") or kwargs.get("model") or "unknown"),
+                self.user_label(kwargs.get("user_id")),
+            )
+        )
+        try:
+            if self.llm.add_response(key, response) == 2:
+                self.llm.add(key, calls=1)
+        except (TypeError, ValueError, OverflowError):
+            self.llm.add(key, calls=1)
+
+    def llm_failed(self, kwargs: dict[str, Any], timeout: bool) -> None:
+        key = _SEP.join(
+            (
+                str(kwargs.get("provider") or "unknown"),
+                str(kwargs.get("model") or "unknown"),
+                self.user_label(kwargs.get("user_id")),
+            )
+        )
+        if timeout:
+            self.llm.add(key, timeouts=1)
+        else:
+            self.llm.add(key, errors=1)
+
+    def llm_usage(self) -> dict[tuple[str, str, str], list[int]]:
+        """Totals so far per (provider, model, user): drained from the ledger into Python
+        integers, so they only grow."""
+        with self.lock:
+            for key, counters in self.llm.drain().items():
+                acc = self.llm_totals.get(key)
+                if acc is None:
+                    self.llm_totals[key] = list(counters)
+                else:
+                    for i, v in enumerate(counters):
+                        acc[i] += v
+            return {
+                tuple(k.split(_SEP, 2)): list(v)  # type: ignore[misc]
+                for k, v in self.llm_totals.items()
+            }
+
+    def flushed(self, backend: str, ok: bool) -> None:
+        key = (backend, "success" if ok else "error")
+        self.flush_batches[key] = self.flush_batches.get(key, 0) + 1
+
+
+state = _State()
+
+
+def stats_for(name: str) -> HandlerStats:
+    """The stats of handler class ``name`` (made on first use)."""
+    found = state.handlers.get(name)
+    if found is None:
+        with state.lock:
+            found = state.handlers.setdefault(name, HandlerStats(name))
+    return found

@@ -1,0 +1,218 @@
+"""Prometheus metrics: the seed's callback series with the prefix, usage, flushes, scraped from
+a real ``prometheus_client`` registry. Counters are process-wide, so each test uses its own
+handler classes and model names, or compares before and after."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+prometheus_client = pytest.importorskip("prometheus_client")
+
+from llmtally import (  # noqa: E402
+    AsyncCallbackHandler,
+    CallbackManager,
+    ConfigError,
+    CostTracker,
+    PerformanceTracker,
+    RedisTokenCallbackHandler,
+    open_store,
+    pricing,
+    register_model,
+)
+from llmtally.metrics import disable_metrics, enable_metrics  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def registry() -> Iterator[Any]:
+    registry = prometheus_client.CollectorRegistry()
+    enable_metrics(registry)
+    yield registry
+    disable_metrics(registry)
+
+
+def value(registry: Any, name: str, **labels: str) -> float:
+    found = registry.get_sample_value(name, labels)
+    return 0.0 if found is None else float(found)
+
+
+class MetricsCounted(AsyncCallbackHandler):
+    async def on_llm_start(self, messages: Any, **kwargs: Any) -> None:
+        pass
+
+    async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        pass
+
+
+class MetricsFails(AsyncCallbackHandler):
+    async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        raise KeyError("boom")
+
+
+class MetricsHangs(AsyncCallbackHandler):
+    async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(10)
+
+
+async def test_callback_executions_errors_timeouts_and_durations(registry: Any) -> None:
+    manager = CallbackManager([MetricsCounted(), MetricsFails(), MetricsHangs()], timeout=0.01)
+    for _ in range(4):
+        async with manager.llm_call(MESSAGES, model="gpt-4o") as call:
+            call.set_response({"usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+    ex = "llmtally_callback_executions_total"
+    # start and end of 4 calls
+    assert value(registry, ex, callback_type="MetricsCounted", status="success") == 8
+    assert value(registry, ex, callback_type="MetricsCounted", status="error") == 0
+    assert value(registry, ex, callback_type="MetricsFails", status="error") == 4
+    assert value(registry, ex, callback_type="MetricsFails", status="success") == 0
+    assert value(registry, ex, callback_type="MetricsHangs", status="timeout") == 4
+    assert value(registry, ex, callback_type="MetricsHangs", status="success") == 0
+    assert (
+        value(
+            registry,
+            "llmtally_callback_errors_total",
+            callback_type="MetricsFails",
+            error_type="KeyError",
+        )
+        == 4
+    )
+    hist = "llmtally_callback_duration_seconds"
+    assert value(registry, f"{hist}_count", callback_type="MetricsCounted") == 8
+    assert value(registry, f"{hist}_count", callback_type="MetricsHangs") == 4
+    # The hang was cut at the 10 ms timeout: each took at least that, well under a second.
+    hangs = value(registry, f"{hist}_sum", callback_type="MetricsHangs")
+    assert 4 * 0.01 <= hangs < 4 * 1.0
+    assert value(registry, f"{hist}_bucket", callback_type="MetricsHangs", le="0.005") == 0
+    assert value(registry, f"{hist}_bucket", callback_type="MetricsHangs", le="+Inf") == 4
+    health = await manager.health()
+    assert health["errors"] == 4 and health["timeouts"] == 4
+
+
+async def test_built_in_handlers_on_the_fast_path_are_counted(registry: Any) -> None:
+    ex = "llmtally_callback_executions_total"
+    before = value(registry, ex, callback_type="PerformanceTracker", status="success")
+    store = open_store("memory://")
+    manager = CallbackManager(
+        [RedisTokenCallbackHandler("alice", store=store), CostTracker(), PerformanceTracker()]
+    )
+    for _ in range(5):
+        async with manager.llm_call(MESSAGES, provider="openai", model="gpt-4o") as call:
+            call.set_response({"usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+    after = value(registry, ex, callback_type="PerformanceTracker", status="success")
+    assert after - before == 5  # one end event each; the start needs no work
+    count = value(
+        registry, "llmtally_callback_duration_seconds_count", callback_type="PerformanceTracker"
+    )
+    assert count >= 5
+    assert value(registry, "llmtally_active_callbacks") >= 3
+    await store.aclose()
+
+
+async def test_tokens_cost_requests_and_per_user_usage(registry: Any) -> None:
+    register_model("metrics-test-model", provider="acme", input_price=2.0, output_price=8.0)
+    try:
+        manager = CallbackManager([CostTracker()])
+        for user in ("metrics-u1", "metrics-u1", "metrics-u2"):
+            async with manager.llm_call(
+                MESSAGES, provider="acme", model="metrics-test-model", user_id=user
+            ) as call:
+                call.set_response(
+                    {
+                        "usage": {
+                            "prompt_tokens": 1000,
+                            "completion_tokens": 300,
+                            "prompt_tokens_details": {"cached_tokens": 200},
+                            "completion_tokens_details": {"reasoning_tokens": 100},
+                        }
+                    }
+                )
+        with pytest.raises(RuntimeError):
+            async with manager.llm_call(MESSAGES, provider="acme", model="metrics-test-model"):
+                raise RuntimeError("provider down")
+        with pytest.raises(TimeoutError):
+            async with manager.llm_call(MESSAGES, provider="acme", model="metrics-test-model"):
+                raise TimeoutError
+    finally:
+        with pricing._lock:
+            pricing._registered.pop(("metrics-test-model", "acme"), None)
+            pricing._generation += 1
+            pricing._cache.clear()
+    labels = {"provider": "acme", "model": "metrics-test-model"}
+    tokens = "llmtally_tokens_total"
+    assert value(registry, tokens, type="prompt", **labels) == 3000
+    assert value(registry, tokens, type="completion", **labels) == 900
+    assert value(registry, tokens, type="cache_read", **labels) == 600
+    assert value(registry, tokens, type="cache_write", **labels) == 0
+    assert value(registry, tokens, type="reasoning", **labels) == 300
+    # 1000 prompt tokens (200 cached at the input price: no cache price given) at 2 USD/1M,
+    # 300 completion tokens at 8 USD/1M, three times.
+    assert value(registry, "llmtally_cost_usd_total", **labels) == pytest.approx(
+        3 * (1000 * 2 + 300 * 8) / 1e6
+    )
+    requests = "llmtally_llm_requests_total"
+    assert value(registry, requests, status="success", **labels) == 3
+    assert value(registry, requests, status="error", **labels) == 1
+    assert value(registry, requests, status="timeout", **labels) == 1
+    per_user = "llmtally_token_usage_total"
+    assert value(registry, per_user, user_id="metrics-u1", type="prompt") == 2000
+    assert value(registry, per_user, user_id="metrics-u1", type="completion") == 600
+    assert value(registry, per_user, user_id="metrics-u2", type="prompt") == 1000
+
+
+async def test_flush_batches_and_pending_deltas(registry: Any) -> None:
+    flushes = "llmtally_flush_batches_total"
+    before = value(registry, flushes, backend="memory", status="success")
+    store = open_store("memory://", flush_interval_s=60)
+    manager = CallbackManager([RedisTokenCallbackHandler("metrics-flush", store=store)])
+    async with manager.llm_call(MESSAGES, model="gpt-4o") as call:
+        call.set_response({"usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+    assert value(registry, "llmtally_pending_deltas") >= 1
+    await store.flush()
+    assert value(registry, flushes, backend="memory", status="success") == before + 1
+    await store.aclose()
+
+
+def test_the_prefix_is_configurable() -> None:
+    registry = prometheus_client.CollectorRegistry()
+    enable_metrics(registry, prefix="gateway_")
+    try:
+        names = {m.name for m in registry.collect()}
+        assert "gateway_callback_executions" in names
+        assert "gateway_pending_deltas" in names
+        assert not any(n.startswith("llmtally_") for n in names)
+    finally:
+        disable_metrics(registry)
+    with pytest.raises(ConfigError):
+        enable_metrics(prometheus_client.CollectorRegistry(), prefix="bad prefix")
+
+
+def test_registered_in_the_default_registry_at_import_unless_turned_off() -> None:
+    code = (
+        "import llmtally, prometheus_client as p;"
+        "print(p.REGISTRY.get_sample_value('llmtally_pending_deltas'))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTALLY_METRICS")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert float(out.stdout) == 0
+    env["LLMTALLY_METRICS"] = "0"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.strip() == "None"
+    env["LLMTALLY_METRICS"] = "1"
+    env["LLMTALLY_METRICS_PREFIX"] = "edge_"
+    code = code.replace("llmtally_pending", "edge_pending")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert float(out.stdout) == 0
