@@ -118,20 +118,20 @@ class LlmtallyCollector:
         for name, stats in sorted(state.handlers.items()):
             failed = stats.errors + stats.timeouts
             ran = max(stats.executions, failed)
-            executions.add_metric([name, "success"], ran - failed)
-            executions.add_metric([name, "error"], stats.errors)
-            executions.add_metric([name, "timeout"], stats.timeouts)
+            executions.add_metric([name, "success"], float(ran - failed))
+            executions.add_metric([name, "error"], float(stats.errors))
+            executions.add_metric([name, "timeout"], float(stats.timeouts))
             for error_type, n in sorted(stats.error_types.items()):
-                errors.add_metric([name, error_type], n)
+                errors.add_metric([name, error_type], float(n))
             counts, total, seconds = stats.durations.cumulative(bounds)
-            buckets = [(_le(b), c) for b, c in zip(bounds, counts, strict=True)]
-            buckets.append(("+Inf", total))
+            buckets = [(_le(b), float(c)) for b, c in zip(bounds, counts, strict=True)]
+            buckets.append(("+Inf", float(total)))
             durations.add_metric([name], buckets, seconds)
         yield executions
         yield errors
         yield durations
         active = GaugeMetricFamily(f"{p}active_callbacks", "Callback handlers registered")
-        active.add_metric([], sum(len(m.handlers) for m in list(state.managers)))
+        active.add_metric([], float(sum(len(m.handlers) for m in list(state.managers))))
         yield active
 
         tokens = CounterMetricFamily(
@@ -155,14 +155,14 @@ class LlmtallyCollector:
                     acc[i] += v
         for (provider, model), c in sorted(by_model.items()):
             for label, field in _TOKEN_TYPES:
-                tokens.add_metric([label, provider, model], c[_F[field]])
-            cost.add_metric([provider, model], c[_F["cost_pusd"]] / 1e12)
-            requests.add_metric([provider, model, "success"], c[_F["calls"]])
-            requests.add_metric([provider, model, "error"], c[_F["errors"]])
-            requests.add_metric([provider, model, "timeout"], c[_F["timeouts"]])
+                tokens.add_metric([label, provider, model], float(c[_F[field]]))
+            cost.add_metric([provider, model], float(c[_F["cost_pusd"]] / 1e12))
+            requests.add_metric([provider, model, "success"], float(c[_F["calls"]]))
+            requests.add_metric([provider, model, "error"], float(c[_F["errors"]]))
+            requests.add_metric([provider, model, "timeout"], float(c[_F["timeouts"]]))
         for user, c in sorted(by_user.items()):
-            per_user.add_metric([user, "prompt"], c[_F["prompt_tokens"]])
-            per_user.add_metric([user, "completion"], c[_F["completion_tokens"]])
+            per_user.add_metric([user, "prompt"], float(c[_F["prompt_tokens"]]))
+            per_user.add_metric([user, "completion"], float(c[_F["completion_tokens"]]))
         yield tokens
         yield cost
         yield requests
@@ -172,10 +172,10 @@ class LlmtallyCollector:
             f"{p}flush_batches", "Batches written to stores", labels=["backend", "status"]
         )
         for (backend, status), n in sorted(state.flush_batches.items()):
-            flushes.add_metric([backend, status], n)
+            flushes.add_metric([backend, status], float(n))
         yield flushes
         pending = GaugeMetricFamily(f"{p}pending_deltas", "Keys with deltas not yet flushed")
-        pending.add_metric([], sum(s.ledger.pending for s in list(state.stores)))
+        pending.add_metric([], float(sum(s.ledger.pending for s in list(state.stores))))
         yield pending
 
 
