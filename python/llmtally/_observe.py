@@ -51,6 +51,7 @@ class _State:
         self.llm = Ledger()
         self.llm_totals: dict[str, list[int]] = {}
         self.users: set[str] = set()
+        self._keys: dict[tuple[Any, Any, Any], str] = {}
         self.flush_batches: dict[tuple[str, str], int] = {}
         self.managers: weakref.WeakSet[Any] = weakref.WeakSet()
         self.stores: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -64,14 +65,26 @@ class _State:
         self.users.add(name)
         return name
 
+    def _key(self, provider: Any, model: Any, user: Any) -> str:
+        parts = (provider, model, user)
+        try:
+            key = self._keys.get(parts)
+        except TypeError:  # an unhashable id: labelled by its text, not cached
+            return _SEP.join((str(provider), str(model), self.user_label(str(user))))
+        if key is None:
+            if len(self._keys) >= 100_000:
+                self._keys.clear()
+            key = self._keys[parts] = _SEP.join(
+                (str(provider or "unknown"), str(model or "unknown"), self.user_label(user))
+            )
+        return key
+
     def llm_end(self, kwargs: dict[str, Any], response: dict[str, Any]) -> None:
         """Count one ended LLM call's usage (called only while metrics are on)."""
-        key = _SEP.join(
-            (
-                str(response.get("provider") or kwargs.get("provider") or "unknown"),
-                str(response.get("model") or kwargs.get("model") or "unknown"),
-                self.user_label(kwargs.get("user_id")),
-            )
+        key = self._key(
+            response.get("provider") or kwargs.get("provider"),
+            response.get("model") or kwargs.get("model"),
+            kwargs.get("user_id"),
         )
         try:
             if self.llm.add_response(key, response) == 2:
@@ -80,13 +93,7 @@ class _State:
             self.llm.add(key, calls=1)
 
     def llm_failed(self, kwargs: dict[str, Any], timeout: bool) -> None:
-        key = _SEP.join(
-            (
-                str(kwargs.get("provider") or "unknown"),
-                str(kwargs.get("model") or "unknown"),
-                self.user_label(kwargs.get("user_id")),
-            )
-        )
+        key = self._key(kwargs.get("provider"), kwargs.get("model"), kwargs.get("user_id"))
         if timeout:
             self.llm.add(key, timeouts=1)
         else:

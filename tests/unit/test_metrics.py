@@ -216,3 +216,14 @@ def test_registered_in_the_default_registry_at_import_unless_turned_off() -> Non
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert float(out.stdout) == 0
+
+
+async def test_odd_user_ids_never_break_a_call(registry: Any) -> None:
+    manager = CallbackManager([CostTracker()])
+    for user in (["not", "hashable"], 42, "", "ü"):
+        async with manager.llm_call(MESSAGES, model="gpt-4o", user_id=user) as call:
+            call.set_response({"usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+    per_user = "llmtally_token_usage_total"
+    assert value(registry, per_user, user_id="['not', 'hashable']", type="prompt") >= 3
+    assert value(registry, per_user, user_id="42", type="prompt") >= 3
+    assert value(registry, per_user, user_id="ü", type="completion") >= 2
