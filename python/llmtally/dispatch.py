@@ -227,6 +227,9 @@ class _Table:
         )
 
 
+_EMPTY_TABLE = _Table(())
+
+
 class _Stats:
     __slots__ = (
         "bad_input",
@@ -635,6 +638,11 @@ class RequestWindow:
         ids[request_id] = now
         return False
 
+    def __contains__(self, request_id: object) -> bool:
+        """Whether ``request_id`` was recorded within the window (nothing is recorded)."""
+        at = self._ids.get(request_id) if type(request_id) is str else None
+        return at is not None and at >= time.monotonic() - self.ttl_s
+
     def __len__(self) -> int:
         return len(self._ids)
 
@@ -953,7 +961,11 @@ class LLMCall:
 
     async def __aenter__(self) -> LLMCall:
         manager = self._manager
-        self._table = manager._current_table()
+        if self._id_given and self.request_id in manager._window:
+            # Already counted (a retry of a request that ended): no handler sees it again.
+            self._table = _EMPTY_TABLE
+        else:
+            self._table = manager._current_table()
         given_run = self._kwargs.get("run_id")
         if self._id_given:
             self.run_id = given_run if isinstance(given_run, str) and given_run else new_id()
@@ -1272,10 +1284,25 @@ class _Scope:
                     targets, self.START, self._args, self._kwargs, stop_on_abort=True
                 )
             except CallbackAbort as abort:
-                abort.__dict__.pop("_llmtally_completed", None)
+                completed: list[_Entry] = abort.__dict__.pop("_llmtally_completed", [])
                 _close_context(self._token)
+                await self._abort_started(abort, completed)
                 raise
         return self
+
+    async def _abort_started(self, abort: CallbackAbort, completed: list[_Entry]) -> None:
+        """A handler refused the scope: the error event (``aborted=True``) for the handlers
+        that already saw its start."""
+        if not completed:
+            return
+        wanted = {id(e) for e in completed}
+        targets = tuple(t for t in self._table.by_event[self.ERROR] if id(t[0]) in wanted)
+        if targets:
+            kwargs = {**self._kwargs, "aborted": True}
+            with contextlib.suppress(CallbackAbort):  # already aborting
+                await self._manager._dispatcher.fire(
+                    targets, self.ERROR, (*self._args[: self.PREFIX], abort), kwargs
+                )
 
     async def __aexit__(
         self,

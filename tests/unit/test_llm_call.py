@@ -485,12 +485,29 @@ async def test_same_request_id_is_counted_once() -> None:
     ends = rec.of("on_llm_end")
     assert len(ends) == 1
     assert ends[0][1]["request_id"] == "req-1"
+    # A request already counted is not started again either: no handler waits for an end
+    # (a budget reservation, an open span) that never comes.
+    assert len(rec.of("on_llm_start")) == 1
     assert call.duplicate is True
     health = await manager.health()
     assert (health["llm_calls"], health["duplicates"]) == (1, 2)
     async with manager.llm_call(MESSAGES, request_id="req-2") as call:
         call.set_response(OPENAI_BODY)
     assert len(rec.of("on_llm_end")) == 2
+    assert len(rec.of("on_llm_start")) == 2
+
+
+async def test_a_failed_request_retried_with_its_id_is_counted() -> None:
+    rec = Recorder()
+    manager = CallbackManager([rec])
+    with pytest.raises(RuntimeError):
+        async with manager.llm_call(MESSAGES, request_id="retry-1"):
+            raise RuntimeError("provider down")
+    async with manager.llm_call(MESSAGES, request_id="retry-1") as call:
+        call.set_response(OPENAI_BODY)
+    assert len(rec.of("on_llm_start")) == 2
+    assert len(rec.of("on_llm_error")) == 1 and len(rec.of("on_llm_end")) == 1
+    assert call.duplicate is False
 
 
 def test_request_window_is_bounded_by_count_and_age() -> None:

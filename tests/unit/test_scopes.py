@@ -114,11 +114,17 @@ async def test_abort_in_scope_start_propagates() -> None:
         async def on_tool_start(self, tool_name: str, args: Any, **kwargs: Any) -> None:
             raise llmtally.CallbackAbort("tool not allowed")
 
-    manager = CallbackManager([Refuse()])
+    seen = Recorder()
+    manager = CallbackManager([seen, Refuse()])
     with pytest.raises(llmtally.CallbackAbort):
         async with manager.tool_call("rm", {"path": "/"}):
             pytest.fail("the tool must not run")
     assert llmtally.current_run() is None
+    # The handler that saw the start hears of the refusal (as it would for an LLM call).
+    assert len(seen.of("on_tool_start")) == 1
+    (((tool_name, error), kwargs),) = seen.of("on_tool_error")
+    assert tool_name == "rm" and isinstance(error, llmtally.CallbackAbort)
+    assert kwargs["aborted"] is True
 
 
 async def test_llm_call_keeps_a_framework_given_run_id_and_parent_run_id() -> None:
