@@ -474,10 +474,13 @@ async def test_starts_without_ends_never_leak(otel: Otel) -> None:
 async def test_a_span_whose_end_never_comes_is_ended_after_its_ttl(otel: Otel) -> None:
     handler = otel.handler(span_ttl_s=0.05)
     manager = CallbackManager([handler])
-    # the second end of a request id is ignored by the manager: its span never gets an end
+    # a request counted already is not started again: no span waits for it
     for _ in range(2):
         async with manager.llm_call(MESSAGES, model="gpt-4o", request_id="same") as call:
             call.set_response(USAGE)
+    assert handler.open_spans == 0
+    # a start whose end never comes (a process that lost the call)
+    await handler.on_llm_start(MESSAGES, model="gpt-4o", run_id="lost", request_id="lost")
     assert handler.open_spans == 1
     await asyncio.sleep(0.06)
     async with manager.llm_call(MESSAGES, model="gpt-4o") as call:
