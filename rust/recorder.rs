@@ -23,8 +23,14 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
+use crate::cost::Prices;
 use crate::histogram::Histogram;
 use crate::ledger::{Counters, Ledger, NFIELDS};
+use crate::response::{
+    extract_text, looks_like_sdk_response, response_model, BAD_USAGE, NOT_A_RESPONSE, NO_USAGE,
+    OK as READ_OK,
+};
+use crate::usage::extract_any;
 use crate::usage::Usage;
 
 // ---------------------------------------------------------------------------------------------
@@ -541,25 +547,141 @@ impl Recorder {
         ttft_ms: Option<f64>,
     ) -> PyResult<(i64, bool)> {
         let py = response.py();
-        let u = usage.get();
-        let decline = Ok((DECLINED, false));
-        if u.cost_usd.is_none() && !response.contains(intern!(py, "cost_pusd"))? {
-            return decline; // unpriced (CostTracker counts it)
-        }
         let Some(cost_pusd) = response_cost(response)? else {
-            return decline;
+            return Ok((DECLINED, false)); // unpriced (CostTracker counts it)
         };
-        let Some(user) = user_of(user_id)? else {
-            return decline;
-        };
-        if cycle_start_date.is_some_and(|c| !c.is_none()) || !valid_duration(duration_ms) {
-            return decline;
-        }
         let model = match opt_str(response.get_item(intern!(py, "model"))?) {
             Some(Some(m)) if !m.to_str()?.is_empty() => m,
             Some(_) => call_model.clone(),
-            None => return decline,
+            None => return Ok((DECLINED, false)),
         };
+        self.record_usage(
+            py,
+            usage.get(),
+            cost_pusd,
+            provider,
+            model,
+            call_model,
+            user_id,
+            cycle_start_date,
+            duration_ms,
+            ttft_ms,
+        )
+    }
+
+    /// Read a call's response and record it in one crossing, for a call whose end goes only to
+    /// this recorder. Returns `(code, usage, found_model, content, table_cost_pusd, warning,
+    /// outcome, flush_wanted)`: the parts `make_response` builds the response dict from, when
+    /// it is wanted. `outcome` is `record`'s; anything but `READ_OK` with a recorded outcome
+    /// means nothing was written and the caller takes its general path.
+    #[pyo3(signature = (obj, provider, model, duration_s, prices, user_id, cycle_start_date))]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn finish<'py>(
+        &self,
+        obj: &Bound<'py, PyAny>,
+        provider: Bound<'py, PyString>,
+        model: Bound<'py, PyString>,
+        duration_s: f64,
+        prices: Option<&Bound<'py, Prices>>,
+        user_id: Option<Bound<'py, PyAny>>,
+        cycle_start_date: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<(
+        u8,
+        Option<Bound<'py, Usage>>,
+        Option<Bound<'py, PyAny>>,
+        Option<Bound<'py, PyAny>>,
+        Option<i64>,
+        Option<String>,
+        i64,
+        bool,
+    )> {
+        let py = obj.py();
+        let nothing = |code| Ok((code, None, None, None, None, None, DECLINED, false));
+        if !obj.is_instance_of::<PyDict>() && !looks_like_sdk_response(obj)? {
+            return nothing(NOT_A_RESPONSE);
+        }
+        let u = match extract_any(obj) {
+            Ok(Some(u)) => u,
+            Ok(None) => return nothing(NO_USAGE),
+            Err(Ok(_)) => return nothing(BAD_USAGE),
+            Err(Err(e)) => return Err(e),
+        };
+        let found_model = response_model(obj)?;
+        let same_model = match &found_model {
+            None => true,
+            Some(m) => m.eq(&model)?,
+        };
+        let content = extract_text(obj)?;
+        let table_cost = match prices {
+            Some(p) if same_model && u.cost_usd.is_none() => p.get().usage_cost(&u),
+            _ => None,
+        };
+        let cost_pusd = match u.cost_usd {
+            Some(usd) if usd.is_finite() && usd >= 0.0 && usd * 1e12 < i64::MAX as f64 => {
+                Some((usd * 1e12).round() as i64)
+            }
+            Some(_) => None,
+            None => table_cost,
+        };
+        let tracker_model = match &found_model {
+            Some(m) => m.cast::<PyString>()?.clone(),
+            None => model.clone(),
+        };
+        let (outcome, flush) = match cost_pusd {
+            Some(cost) => self.record_usage(
+                py,
+                &u,
+                cost,
+                provider,
+                tracker_model,
+                model,
+                user_id,
+                cycle_start_date,
+                duration_s * 1000.0,
+                None,
+            )?,
+            None => (DECLINED, false), // unpriced (CostTracker counts it)
+        };
+        let warning = u.warning.clone();
+        let usage = Bound::new(py, u)?;
+        Ok((
+            READ_OK,
+            Some(usage),
+            found_model,
+            content,
+            table_cost,
+            warning,
+            outcome,
+            flush,
+        ))
+    }
+
+    fn __len__(&self) -> usize {
+        self.sinks.len()
+    }
+}
+
+impl Recorder {
+    #[allow(clippy::too_many_arguments)]
+    fn record_usage<'py>(
+        &self,
+        py: Python<'py>,
+        u: &Usage,
+        cost_pusd: i64,
+        provider: Bound<'py, PyString>,
+        model: Bound<'py, PyString>,
+        call_model: Bound<'py, PyString>,
+        user_id: Option<Bound<'py, PyAny>>,
+        cycle_start_date: Option<Bound<'py, PyAny>>,
+        duration_ms: f64,
+        ttft_ms: Option<f64>,
+    ) -> PyResult<(i64, bool)> {
+        let Some(user) = user_of(user_id)? else {
+            return Ok((DECLINED, false));
+        };
+        if cycle_start_date.is_some_and(|c| !c.is_none()) || !valid_duration(duration_ms) {
+            return Ok((DECLINED, false));
+        }
         let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let mut counts = [0i64; NFIELDS];
         counts[0] = as_i64(u.total_tokens);
@@ -583,12 +705,6 @@ impl Recorder {
         self.apply(py, &call)
     }
 
-    fn __len__(&self) -> usize {
-        self.sinks.len()
-    }
-}
-
-impl Recorder {
     fn apply(&self, py: Python<'_>, call: &Call<'_>) -> PyResult<(i64, bool)> {
         let user = match &call.user {
             Some(u) => u.to_str()?,
@@ -688,7 +804,40 @@ impl Recorder {
     }
 }
 
+/// Request and run ids: a per-process prefix and a counter, `"<prefix>-<hex counter>"`.
+#[pyclass(frozen, module = "llmtally._core", name = "IdMaker")]
+pub struct IdMaker {
+    prefix: String,
+    next: AtomicU64,
+}
+
+#[pymethods]
+impl IdMaker {
+    #[new]
+    fn py_new(prefix: String) -> Self {
+        Self {
+            prefix,
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// The next id.
+    fn next(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut out = String::with_capacity(self.prefix.len() + 17);
+        out.push_str(&self.prefix);
+        let _ = write!(out, "-{n:x}");
+        out
+    }
+
+    #[getter]
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<IdMaker>()?;
     m.add_class::<PerfModel>()?;
     m.add_class::<Recorder>()?;
     m.add("RECORDED", RECORDED)?;

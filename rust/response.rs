@@ -165,8 +165,9 @@ fn fill<'py>(
             }
             match (u.cost_usd, table_cost) {
                 (None, Some(pusd)) => {
+                    // `cost_pusd` goes last (see `add_table_cost`), where pricing after the
+                    // read puts it too: the same dict either way, key order included.
                     d.set_item(intern!(py, "cost_estimate"), pusd as f64 / 1e12)?;
-                    d.set_item(intern!(py, "cost_pusd"), pusd)?;
                     d.set_item(intern!(py, "cost_source"), intern!(py, "table"))?;
                 }
                 (cost, _) => {
@@ -195,11 +196,24 @@ fn fill<'py>(
     Ok(())
 }
 
+fn add_table_cost(
+    d: &Bound<'_, PyDict>,
+    usage: Option<&Usage>,
+    table_cost: Option<i64>,
+) -> PyResult<()> {
+    if let (Some(u), Some(pusd)) = (usage, table_cost) {
+        if u.cost_usd.is_none() {
+            d.set_item(intern!(d.py(), "cost_pusd"), pusd)?;
+        }
+    }
+    Ok(())
+}
+
 /// Build the normalized response dict from a `Usage` (or a usage error).
 #[pyfunction]
 #[pyo3(name = "make_response", signature = (
     usage, usage_error, estimated, content, provider, model, duration_s, request_id,
-    ttft_s=None, chunks=0
+    ttft_s=None, chunks=0, table_cost_pusd=None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn py_make_response<'py>(
@@ -214,6 +228,7 @@ pub fn py_make_response<'py>(
     request_id: &Bound<'py, PyAny>,
     ttft_s: Option<f64>,
     chunks: u64,
+    table_cost_pusd: Option<i64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     fill(
@@ -226,12 +241,13 @@ pub fn py_make_response<'py>(
         model,
         duration_s,
         request_id,
-        None,
+        table_cost_pusd,
     )?;
     if let Some(t) = ttft_s {
         d.set_item(intern!(py, "time_to_first_token"), t)?;
         d.set_item(intern!(py, "chunks"), chunks)?;
     }
+    add_table_cost(&d, usage.map(|u| u.get()), table_cost_pusd)?;
     Ok(d)
 }
 
@@ -297,6 +313,7 @@ pub fn py_finish_response<'py>(
                 request_id,
                 table_cost,
             )?;
+            add_table_cost(&d, Some(&u), table_cost)?;
             let warning = u.warning.clone();
             let usage = Bound::new(py, u)?;
             Ok((OK, Some(d), warning, Some(usage)))
@@ -320,7 +337,7 @@ pub fn py_finish_response<'py>(
     }
 }
 
-fn response_model<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+pub(crate) fn response_model<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
     Ok(get(obj, intern!(obj.py(), "model"))?.filter(|m| {
         m.cast::<PyString>()
             .map(|s| s.to_cow().map(|c| !c.is_empty()).unwrap_or(false))
@@ -363,7 +380,7 @@ pub fn py_read_response<'py>(
     }
 }
 
-fn looks_like_sdk_response(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+pub(crate) fn looks_like_sdk_response(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
     use pyo3::types::{PyBytes, PyFloat, PyInt, PyTuple};
     if obj.is_none()
         || obj.is_instance_of::<PyString>()

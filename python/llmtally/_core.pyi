@@ -125,6 +125,7 @@ def make_response(
     request_id: str,
     ttft_s: float | None = None,
     chunks: int = 0,
+    table_cost_pusd: int | None = None,
 ) -> dict[str, Any]:
     """The normalized response dict given to ``on_llm_end``."""
 
@@ -219,6 +220,15 @@ class Histogram:
     def __len__(self) -> int: ...
 
 @final
+class IdMaker:
+    """Ids ``"<prefix>-<hex counter>"``, from 1."""
+
+    def __init__(self, prefix: str) -> None: ...
+    def next(self) -> str: ...
+    @property
+    def prefix(self) -> str: ...
+
+@final
 class PerfModel:
     """One model's performance accumulators: latency, time to first token and tokens/s
     histograms, errors, and calls per minute (per-second buckets, fixed memory)."""
@@ -263,6 +273,16 @@ class Recorder:
         duration_ms: float,
         ttft_ms: float | None,
     ) -> tuple[int, bool]: ...
+    def finish(
+        self,
+        obj: Any,
+        provider: str,
+        model: str,
+        duration_s: float,
+        prices: Prices | None,
+        user_id: object,
+        cycle_start_date: object,
+    ) -> tuple[int, Usage | None, str | None, str | None, int | None, str | None, int, bool]: ...
     def __len__(self) -> int: ...
 
 @final

@@ -36,6 +36,7 @@ from llmtally._core import (
     read_response,
 )
 from llmtally._core import RECORDED as _RECORDED
+from llmtally._core import IdMaker as _IdMaker
 from llmtally._core import Recorder as _Recorder
 from llmtally._observe import state as _observed
 from llmtally._observe import stats_for
@@ -70,13 +71,15 @@ logger = logging.getLogger("llmtally")
 # Ids: a random per-process prefix and a counter (unique across processes, re-seeded after fork).
 
 _id_prefix = os.urandom(6).hex()
-_id_counter = itertools.count(1)
+_ids = _IdMaker(_id_prefix)
+_next_id = _ids.next
 
 
 def _reseed_ids() -> None:
-    global _id_prefix, _id_counter
+    global _id_prefix, _ids, _next_id
     _id_prefix = os.urandom(6).hex()
-    _id_counter = itertools.count(1)
+    _ids = _IdMaker(_id_prefix)
+    _next_id = _ids.next
 
 
 if hasattr(os, "register_at_fork"):
@@ -89,7 +92,7 @@ def new_id() -> str:
     >>> new_id() != new_id()
     True
     """
-    return f"{_id_prefix}-{next(_id_counter):x}"
+    return _next_id()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,20 +551,8 @@ def get_global_callbacks() -> list[object]:
 # Run context (nesting through contextvars).
 
 
-class _RunContext:
-    """An open scope: its run id and event kwargs (children inherit part of them)."""
-
-    __slots__ = ("kwargs", "run_id")
-
-    def __init__(self, run_id: str, kwargs: dict[str, Any]) -> None:
-        self.run_id = run_id
-        self.kwargs = kwargs
-
-    def inherited(self) -> dict[str, Any]:
-        return {k: v for k, v in self.kwargs.items() if k not in _NOT_INHERITED}
-
-
-_current: contextvars.ContextVar[_RunContext | None] = contextvars.ContextVar(
+# The innermost open scope: its event kwargs (with its ``run_id``); children inherit part.
+_current: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "llmtally_run", default=None
 )
 _NOT_INHERITED = frozenset(
@@ -569,12 +560,16 @@ _NOT_INHERITED = frozenset(
 )
 
 
+def _inherited(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k not in _NOT_INHERITED}
+
+
 def current_run() -> dict[str, Any] | None:
     """The innermost open scope's ``run_id`` and inheritable context, or ``None``."""
     ctx = _current.get()
     if ctx is None:
         return None
-    return {"run_id": ctx.run_id, **ctx.inherited()}
+    return {"run_id": ctx["run_id"], **_inherited(ctx)}
 
 
 def _open_context(
@@ -589,15 +584,15 @@ def _open_context(
         kwargs = context
         kwargs["parent_run_id"] = given_parent
     else:
-        kwargs = parent.inherited()
+        kwargs = _inherited(parent)
         kwargs.update(context)
-        kwargs["parent_run_id"] = parent.run_id if given_parent is None else given_parent
+        kwargs["parent_run_id"] = parent["run_id"] if given_parent is None else given_parent
     if kwargs.get("trace_id") is None:
         kwargs["trace_id"] = run_id
     kwargs["run_id"] = run_id
     if "user_id" in kwargs and kwargs["user_id"] is None:
         del kwargs["user_id"]
-    return kwargs, _current.set(_RunContext(run_id, kwargs))
+    return kwargs, _current.set(kwargs)
 
 
 def _close_context(token: contextvars.Token[Any]) -> None:
@@ -887,7 +882,9 @@ class LLMCall:
     _usage: Usage | None = None
     _token: contextvars.Token[Any] | None = None
     _table: _Table
-    response: dict[str, Any] | None = None
+    _response_dict: dict[str, Any] | None = None
+    # The parts of a response recorded by the core and not built yet (see ``response``).
+    _parts: tuple[Any, ...] | None = None
     duplicate = False
     run_id = ""
     started_at = 0.0
@@ -964,14 +961,16 @@ class LLMCall:
         if self._id_given and self.request_id in manager._window:
             # Already counted (a retry of a request that ended): no handler sees it again.
             self._table = _EMPTY_TABLE
+        elif manager._table_version == _global_version:
+            self._table = manager._table
         else:
             self._table = manager._current_table()
         given_run = self._kwargs.get("run_id")
         if self._id_given:
-            self.run_id = given_run if isinstance(given_run, str) and given_run else new_id()
+            self.run_id = given_run if isinstance(given_run, str) and given_run else _next_id()
         else:
             # A generated request id is unique, so it doubles as the run id.
-            self.request_id = self._kwargs["request_id"] = new_id()
+            self.request_id = self._kwargs["request_id"] = _next_id()
             self.run_id = given_run if isinstance(given_run, str) and given_run else self.request_id
         self._kwargs, self._token = _open_context(self._kwargs, self.run_id)
         targets = self._table.by_event["on_llm_start"]
@@ -1011,6 +1010,15 @@ class LLMCall:
         duration_s = ended - self.started_at
         manager = self._manager
         if exc is None:
+            group = self._table.end_group
+            if (
+                group is not None
+                and self._response_set
+                and not self._id_given
+                and self._first_chunk_at is None
+                and self._end_recorded(group, duration_s, ended)
+            ):
+                return None
             try:
                 self._end(duration_s)
             except Exception as error:  # a response we cannot read never breaks the call
@@ -1105,6 +1113,81 @@ class LLMCall:
             dispatcher.fire_native(targets, "on_llm_end", (response,), kwargs)
         else:
             await dispatcher.fire(targets, "on_llm_end", (response,), kwargs)
+
+    def _end_recorded(self, group: _FastGroup, duration_s: float, ended: float) -> bool:
+        """The common metered call, whose end goes only to built-in recorders: read the
+        response, price it and record it in one crossing; the response dict is built only if
+        someone reads :attr:`response`. False when the core declined (nothing was recorded):
+        the general path takes the call from the start."""
+        kwargs = self._kwargs
+        assert group.recorder is not None
+        observed = _observed.on
+        t0 = time.perf_counter() if observed else 0.0
+        try:
+            code, usage, found_model, content, table_cost, message, outcome, flush = (
+                group.recorder.finish(
+                    self._response,
+                    self.provider,
+                    self.model,
+                    duration_s,
+                    cached_prices(self.model, self.provider),
+                    kwargs.get("user_id"),
+                    kwargs.get("cycle_start_date"),
+                )
+            )
+        except Exception:
+            return False
+        if code != READ_OK or outcome == DECLINED:
+            return False
+        stats = self._manager._stats
+        stats.llm_calls += 1
+        if message is not None:
+            stats.usage_warnings += 1
+            logger.warning("usage of %s: %s (total kept)", self.request_id, message)
+        self._usage = usage
+        self._parts = (found_model, content, table_cost, duration_s)
+        if outcome != _RECORDED:
+            self._manager._dispatcher._failed(
+                group.members[outcome][0],
+                "on_llm_end",
+                OverflowError("a usage counter would overflow: the delta was refused"),
+            )
+        group.kick(flush, ended)
+        if observed:
+            self._manager._dispatcher._observe(
+                group.members[0][0], group, GROUP, time.perf_counter() - t0
+            )
+            response = self.response
+            assert response is not None
+            _observed.llm_end(kwargs, response)
+        return True
+
+    @property
+    def response(self) -> dict[str, Any] | None:
+        """The normalized response dict given to ``on_llm_end`` (``None`` before the end)."""
+        found = self._response_dict
+        if found is None and self._parts is not None:
+            found_model, content, table_cost, duration_s = self._parts
+            found = self._response_dict = make_response(
+                self._usage,
+                None,
+                False,
+                content,
+                self.provider,
+                found_model or self.model,
+                duration_s,
+                self.request_id,
+                None,
+                0,
+                table_cost,
+            )
+            self._parts = None
+        return found
+
+    @response.setter
+    def response(self, value: dict[str, Any] | None) -> None:
+        self._response_dict = value
+        self._parts = None
 
     def _end(self, duration_s: float) -> None:
         """Normalize the usage and build the response dict (no await, no I/O)."""
@@ -1275,7 +1358,7 @@ class _Scope:
     async def __aenter__(self) -> Any:
         manager = self._manager
         self._table = manager._current_table()
-        self.run_id = new_id()
+        self.run_id = _next_id()
         self._kwargs, self._token = _open_context(self._kwargs, self.run_id)
         targets = self._table.by_event[self.START]
         if targets:

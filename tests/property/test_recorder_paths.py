@@ -4,6 +4,7 @@ own recorder: for any call, both paths leave every accumulator with the same num
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,6 +24,18 @@ from llmtally.dispatch import GROUP
 from llmtally.storage import Store
 
 from helpers import Recorder as Spy
+
+
+@pytest.fixture(autouse=True, params=["metrics off", "metrics on"])
+def metrics(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Both ways: with Prometheus metrics on, the manager also times and counts each end."""
+    from llmtally._observe import state as observed
+
+    was = observed.on
+    observed.on = request.param == "metrics on"
+    yield
+    observed.on = was
+
 
 counts = st.one_of(
     st.integers(min_value=0, max_value=10**6),
@@ -71,7 +84,7 @@ def handlers(store: Store, perf_clock: bool) -> list[Any]:
     ]
 
 
-def state(store: Store, hs: list[Any]) -> dict[str, Any]:
+def state(store: Store, hs: list[Any], *, timings: bool = True) -> dict[str, Any]:
     ledger = store.ledger
     perf: PerformanceTracker = hs[5]
     out: dict[str, Any] = {"store": {k: ledger.get(k) for k in ledger.keys()}}  # noqa: SIM118
@@ -81,20 +94,12 @@ def state(store: Store, hs: list[Any]) -> dict[str, Any]:
     out["unpriced"] = (hs[3].unpriced_requests, hs[3].unpriced_models)
     out["bad_input"] = [getattr(h, "bad_input", None) for h in hs]
     out["duplicates"] = [getattr(h, "duplicates", None) for h in hs[:3]]
+    keys = ["requests", "errors", "requests_per_min"]
+    if timings:  # the same events fed to both: the same durations
+        keys += ["latency_max_ms", "latency_p50_ms", "ttft_p50_ms", "tokens_per_s"]
     for model in perf.models():
         s = perf.stats(model)
-        out[f"perf:{model}"] = {
-            k: s[k]
-            for k in (
-                "requests",
-                "errors",
-                "latency_max_ms",
-                "latency_p50_ms",
-                "ttft_p50_ms",
-                "tokens_per_s",
-                "requests_per_min",
-            )
-        }
+        out[f"perf:{model}"] = {k: s[k] for k in keys}
     return out
 
 
@@ -198,3 +203,60 @@ async def test_an_overflow_is_counted_on_its_handler_and_the_others_still_record
     assert cost.request_count == 1 and cost.total_tokens == 15
     store.ledger.drain()
     await store.aclose()
+
+
+bodies = st.fixed_dictionaries(
+    {"usage": usage},
+    optional={
+        "model": st.sampled_from(["gpt-4o", "gpt-4o-mini", "", None, 5]),
+        "choices": st.just([{"message": {"content": "Paris."}}]),
+    },
+)
+
+
+async def run_lazy(spec: list[tuple[dict[str, Any], str | None, str | None]]) -> None:
+    """A manager with only built-in recorders builds the response dict only when read; it is
+    the same dict, and the same numbers, as a manager whose user handler needs it at once."""
+    lazy_store, eager_store = open_store("memory://"), open_store("memory://")
+    lazy_hs, eager_hs = handlers(lazy_store, False), handlers(eager_store, False)
+    lazy = CallbackManager(lazy_hs)
+    eager = CallbackManager([*eager_hs, Spy()])
+    assert lazy._current_table().end_group is not None
+    assert eager._current_table().end_group is None
+    for body, model, user in spec:
+        context = {} if user is None else {"user_id": user}
+        calls = []
+        for manager in (lazy, eager):
+            async with manager.llm_call(None, provider="openai", model=model, **context) as c:
+                c.set_response(body)
+            calls.append(c)
+        a, b = (dict(c.response or {}) for c in calls)
+        for d in (a, b):
+            d.pop("request_id", None)
+            d.pop("response_time", None)
+        assert a == b
+        assert list(a) == list(b)  # same keys in the same order
+        assert calls[0].usage == calls[1].usage
+    # Two managers time their own calls: the counts agree, not the latencies.
+    assert state(lazy_store, lazy_hs, timings=False) == state(eager_store, eager_hs, timings=False)
+    assert (await lazy.health())["llm_calls"] == (await eager.health())["llm_calls"]
+    await lazy_store.aclose()
+    await eager_store.aclose()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            bodies,
+            st.sampled_from(["gpt-4o", "claude-sonnet-4-5", "no-such-model", None]),
+            st.sampled_from(["alice", None, ""]),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_the_lazy_response_is_the_eager_one(
+    spec: list[tuple[dict[str, Any], str | None, str | None]],
+) -> None:
+    asyncio.run(run_lazy(spec))
