@@ -45,12 +45,15 @@ fn checked_add(into: &mut Counters, delta: &Counters) -> Result<(), usize> {
     Ok(())
 }
 
-type Shard = HashMap<Box<str>, Counters>;
+/// Keys are user ids, so the hash is seeded per process (no precomputed collisions), and fast:
+/// foldhash, the quality-checked hasher behind hashbrown's default.
+type KeyHasher = foldhash::fast::RandomState;
+type Shard = HashMap<Box<str>, Counters, KeyHasher>;
 
 /// The pure-Rust ledger (tested without Python).
 pub struct Core {
     shards: Vec<Mutex<Shard>>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: KeyHasher,
     pending: AtomicU64,
     overflows: AtomicU64,
 }
@@ -64,8 +67,10 @@ impl Default for Core {
 impl Core {
     pub fn new() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(KeyHasher::default())))
+                .collect(),
+            hasher: KeyHasher::default(),
             pending: AtomicU64::new(0),
             overflows: AtomicU64::new(0),
         }
@@ -105,7 +110,10 @@ impl Core {
             let taken = {
                 let mut guard = shard.lock().unwrap_or_else(|p| p.into_inner());
                 let cap = guard.len();
-                std::mem::replace(&mut *guard, HashMap::with_capacity(cap / 2))
+                std::mem::replace(
+                    &mut *guard,
+                    HashMap::with_capacity_and_hasher(cap / 2, KeyHasher::default()),
+                )
             };
             self.pending
                 .fetch_sub(taken.len() as u64, Ordering::Relaxed);

@@ -710,7 +710,15 @@ impl Recorder {
             Some(u) => u.to_str()?,
             None => "anonymous",
         };
-        let cycle = self.clock.with_current(str::to_owned);
+        let needs_cycle = self
+            .sinks
+            .iter()
+            .any(|s| matches!(s, Sink::CallUser { .. } | Sink::UserKey { cycle: None, .. }));
+        let cycle = if needs_cycle {
+            self.clock.with_current(str::to_owned)
+        } else {
+            String::new()
+        };
         // Keys that need Python are made before anything is written.
         let mut made: Vec<Option<String>> = Vec::with_capacity(self.sinks.len());
         for sink in &self.sinks {

@@ -159,7 +159,8 @@ class _FastGroup:
     def kick(self, flush_wanted: bool, now: float) -> None:
         """Make sure each written store's flusher runs (see ``Store._kicked``)."""
         for store in self.stores:
-            store._kicked(flush_wanted, now)
+            if flush_wanted or not store._alive or now >= store._loop_checked_at:
+                store._kicked(flush_wanted, now)
 
     def add(self, entry: _Entry, fn: Callable[..., Any], sink: tuple[Any, ...]) -> tuple[Any, ...]:
         self.members.append((entry, fn))
