@@ -216,13 +216,20 @@ def _content_of(response: Any) -> str | None:
 
 
 def _provider_cost(kwargs: Mapping[str, Any], response: Any) -> Any:
-    """LiteLLM's ``response_cost`` (USD), from the log kwargs, the standard logging payload or
-    the response's hidden params."""
-    cost = kwargs.get("response_cost")
+    """LiteLLM's ``response_cost`` (USD), from the log kwargs, else the response's hidden
+    params, else the standard logging payload.
+
+    A model LiteLLM cannot price has ``response_cost: None`` in the kwargs but ``0.0`` in the
+    standard logging payload (with ``response_cost_failure_debug_info``): that 0.0 is not a
+    cost, so the kwargs' ``None`` is final and the price table is used instead.
+    """
+    if "response_cost" in kwargs:
+        return kwargs["response_cost"]
+    cost = _get(_get(response, "_hidden_params"), "response_cost")
     if cost is None:
-        cost = _get(kwargs.get("standard_logging_object"), "response_cost")
-    if cost is None:
-        cost = _get(_get(response, "_hidden_params"), "response_cost")
+        slo = kwargs.get("standard_logging_object")
+        if _get(slo, "response_cost_failure_debug_info") is None:
+            cost = _get(slo, "response_cost")
     return cost
 
 
@@ -406,6 +413,7 @@ class LlmtallyLogger(CustomLogger):
         self.duplicates = 0
         self.evicted_calls = 0
         self.unstoppable_aborts = 0
+        self._ending = 0  # end events being handled (their call is no longer in _open)
         self._logged: set[tuple[str, type]] = set()
 
     # -- bookkeeping ------------------------------------------------------------------------
@@ -456,10 +464,25 @@ class LlmtallyLogger(CustomLogger):
                 ended.popitem(last=False)
             return run, False
 
+    def _busy(self, delta: int) -> None:
+        with self._lock:
+            self._ending += delta
+
     @property
     def open_calls(self) -> int:
         """LiteLLM calls started and not yet ended."""
         return len(self._open)
+
+    async def drain(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every call seen starting has ended (LiteLLM logs success in a task, or
+        on a thread for sync calls, after the call has returned): ``False`` past
+        ``timeout_s``. Use it before reading totals right after a call, or at shutdown."""
+        deadline = time.monotonic() + timeout_s
+        while self._open or self._ending:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.001)
+        return True
 
     def _context_of(self, kwargs: Mapping[str, Any], key: str) -> dict[str, Any]:
         context = dict(self._context)
@@ -614,23 +637,29 @@ class LlmtallyLogger(CustomLogger):
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         """End of an async call (streams: once, with the assembled response)."""
+        self._busy(1)
         try:
             await self._succeed(kwargs, response_obj, start_time, end_time)
         except CallbackAbort as abort:
             logger.debug("abort %r at the end of a LiteLLM call ignored: it is over", abort)
         except Exception as exc:
             self._failed("async_log_success_event", exc)
+        finally:
+            self._busy(-1)
 
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         """A failed async call: ``on_llm_error`` (``errors``, or ``timeouts``)."""
+        self._busy(1)
         try:
             await self._fail(kwargs, response_obj, start_time, end_time)
         except CallbackAbort as abort:
             logger.debug("abort %r after a failed LiteLLM call ignored", abort)
         except Exception as exc:
             self._failed("async_log_failure_event", exc)
+        finally:
+            self._busy(-1)
 
     def log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
