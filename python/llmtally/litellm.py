@@ -1,11 +1,12 @@
 """LiteLLM integration: :class:`LlmtallyLogger`, a LiteLLM ``CustomLogger`` that feeds llmtally
-handlers from ``litellm.completion`` / ``litellm.acompletion`` calls (and embeddings, text
-completions, responses).
+handlers from ``litellm.completion`` / ``litellm.acompletion`` calls (text completions,
+embeddings and the Responses API take the same path; chat completions are what the tests
+cover).
 
 Install with the ``[litellm]`` extra; this module imports ``litellm`` and is never imported by
 ``llmtally`` itself.
 
-How LiteLLM's hooks are used (checked against LiteLLM 1.5x to 1.10x):
+How LiteLLM's hooks are used (as read in, and tested against, LiteLLM 1.106):
 
 - **Start.** Async calls (``acompletion``, ...): ``async_pre_call_deployment_hook``, which LiteLLM
   awaits in the caller's task before the request, for every ``CustomLogger`` in
