@@ -1,4 +1,4 @@
-"""B8: the cost of metering a LiteLLM call.
+"""B7 (LiteLLM adapter): the cost of metering a LiteLLM call.
 
 Same run, same LiteLLM offline reply (``mock_response=``: usage 10 + 20 tokens, no network),
 ``await litellm.acompletion(...)`` each time; a round ends when the system's success hook (run
@@ -124,7 +124,7 @@ SYSTEMS: dict[str, Callable[[], System]] = {
 }
 
 
-@pytest.mark.benchmark(group="B8-litellm")
+@pytest.mark.benchmark(group="B7-litellm")
 @pytest.mark.parametrize("system", list(SYSTEMS))
 def test_litellm_acompletion(benchmark: Any, loop: asyncio.AbstractEventLoop, system: str) -> None:
     callbacks, counted, check = SYSTEMS[system]()
@@ -146,5 +146,5 @@ def test_litellm_acompletion(benchmark: Any, loop: asyncio.AbstractEventLoop, sy
 
     loop.run_until_complete(batch())  # warm-up
     benchmark.pedantic(lambda: loop.run_until_complete(batch()), rounds=10, iterations=1)
-    record("B8-litellm", system, benchmark.stats.stats.median / BATCH)
+    record("B7-litellm", system, benchmark.stats.stats.median / BATCH)
     check()

@@ -12,9 +12,10 @@ How LiteLLM's hooks are used (as read in, and tested against, LiteLLM 1.106):
   awaits in the caller's task before the request, for every ``CustomLogger`` in
   ``litellm.callbacks``; an exception raised there propagates to the caller, so a
   ``CallbackAbort`` (``BudgetExceeded``, ``RateLimited``) stops the call. Sync calls
-  (``completion``): ``log_pre_api_call``, in the caller's thread, just before the request.
-  LiteLLM catches and logs whatever that hook raises, so a sync call cannot be stopped: the
-  abort is logged and the call's usage is still counted when it ends. (LiteLLM never calls
+  (``completion``) start at their end: LiteLLM catches whatever its sync start hook
+  (``log_pre_api_call``) raises, so nothing can stop a sync call, and handling that hook would
+  cost every call a hop to the handlers' thread. A refusal at that start is logged and counted
+  in ``unstoppable_aborts``, and the call's usage is counted. (LiteLLM never calls
   ``async_log_pre_api_call`` in these versions.)
 - **End.** ``async_log_success_event`` / ``async_log_failure_event`` for async calls;
   ``log_success_event`` (on a LiteLLM logging thread) / ``log_failure_event`` for sync ones.
@@ -563,25 +564,6 @@ class LlmtallyLogger(CustomLogger):
         except Exception as exc:
             self._failed("async_pre_call_deployment_hook", exc)
         return None
-
-    def log_pre_api_call(self, model: Any, messages: Any, kwargs: dict[str, Any]) -> None:
-        """Start of a sync call (in the caller's thread, just before the request)."""
-        try:
-            if _is_async_request(kwargs):
-                return  # started by async_pre_call_deployment_hook, else at its end
-            key = _call_id(kwargs)
-            if key is None:
-                return
-            with self._lock:
-                if key in self._open:
-                    return
-            run = _runner.run(
-                self._begin_unstoppable(kwargs, key, messages, model), self.sync_timeout_s
-            )
-            if run is not None:
-                self._put(key, run)
-        except Exception as exc:
-            self._failed("log_pre_api_call", exc)
 
     # -- end --------------------------------------------------------------------------------
 

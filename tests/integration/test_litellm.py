@@ -373,8 +373,8 @@ async def test_a_budget_abort_stops_an_async_call_before_the_request(
 
 
 def test_a_sync_call_cannot_be_stopped_so_its_usage_is_still_counted() -> None:
-    """LiteLLM swallows what log_pre_api_call raises: the abort is logged and counted, the call
-    goes on, and its usage is metered."""
+    """LiteLLM swallows what its sync start hook raises, so a sync call starts at its end: the
+    refusal is logged and counted, the call went on, and its usage is metered."""
     server = FakeLLM()
     try:
 
