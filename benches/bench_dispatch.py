@@ -136,3 +136,28 @@ def test_metering_set_concurrent(
     )
     if counter is not None:
         assert counter.calls == 5 * WORKERS * PER_WORKER
+
+
+@pytest.mark.benchmark(group="B1-metering-sequential")
+def test_metering_set_sequential_with_prometheus(
+    benchmark: Any, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The metering set with Prometheus metrics on (every handler execution timed and counted,
+    usage per provider, model and user), recorded as its own system next to the others."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from llmtally.metrics import disable_metrics, enable_metrics
+
+    registry = prometheus_client.CollectorRegistry()
+    enable_metrics(registry)
+    try:
+        call, counter = llmtally_metering_set(False)
+        _sequential(benchmark, loop, call)
+        executions = registry.get_sample_value(
+            "llmtally_callback_executions_total",
+            {"callback_type": "CostTracker", "status": "success"},
+        )
+    finally:
+        disable_metrics(registry)
+    record("B1-metering-sequential", "llmtally+prometheus", benchmark.stats.stats.median / BATCH)
+    assert counter.tokens == 21 * counter.calls
+    assert executions is not None and executions >= counter.calls

@@ -63,6 +63,12 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     saved = {name: list(getattr(litellm, name)) for name in _GLOBAL_LISTS}
     loop = asyncio.new_event_loop()
     yield loop
+    # LiteLLM's logging worker runs as a task of this loop: end it and any leftover task
+    # before the loop closes (else they are destroyed pending, in a later test).
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
     for name, value in saved.items():
         setattr(litellm, name, value)

@@ -1,5 +1,11 @@
+import os
 import sys
 from pathlib import Path
+
+# The suites measure llmtally as installed without the [prometheus] extra (metrics off), even
+# where prometheus_client is installed; bench_dispatch also measures the metering set with
+# Prometheus metrics on, as its own line.
+os.environ.setdefault("LLMTALLY_METRICS", "0")
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -105,11 +105,26 @@ _T = TypeVar("_T")
 
 
 def _get(obj: Any, key: str) -> Any:
-    """``obj[key]`` for a mapping, else ``obj.key``; ``None`` when absent."""
+    """``obj[key]`` for a mapping, else ``obj.key``; ``None`` when absent.
+
+    LiteLLM's responses are pydantic models: a field is read from the instance's ``__dict__``
+    (or its extras), and a name the class does not have is absent at once, without pydantic's
+    ``__getattr__`` raising and catching (which cost most of this module's time per call)."""
     if obj is None:
         return None
+    if isinstance(obj, dict):
+        return obj.get(key)
+    fields = getattr(obj, "__dict__", None)
+    if fields is not None and key in fields:
+        return fields[key]
     if isinstance(obj, Mapping):
         return obj.get(key)
+    if fields is not None:
+        extra = getattr(obj, "__pydantic_extra__", None)
+        if extra is not None and key in extra:
+            return extra[key]
+        if not hasattr(type(obj), key) and hasattr(type(obj), "__pydantic_fields__"):
+            return None
     try:
         return getattr(obj, key, None)
     except Exception:  # a pydantic model may raise on an odd attribute
