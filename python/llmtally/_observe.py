@@ -92,6 +92,23 @@ class _State:
         except (TypeError, ValueError, OverflowError):
             self.llm.add(key, calls=1)
 
+    def llm_usage_end(
+        self, kwargs: dict[str, Any], model: Any, usage: Any, cost_pusd: int | None
+    ) -> None:
+        """:meth:`llm_end` from a call's normalized ``Usage`` (no response dict needed)."""
+        key = self._key(kwargs.get("provider"), model or kwargs.get("model"), kwargs.get("user_id"))
+        self.llm.add(
+            key,
+            usage.total_tokens,
+            usage.prompt_tokens or 0,
+            usage.completion_tokens or 0,
+            usage.cached_tokens,
+            usage.cache_write_tokens,
+            usage.reasoning_tokens,
+            cost_pusd or 0,
+            1,
+        )
+
     def llm_failed(self, kwargs: dict[str, Any], timeout: bool) -> None:
         key = self._key(kwargs.get("provider"), kwargs.get("model"), kwargs.get("user_id"))
         if timeout:

@@ -1158,9 +1158,10 @@ class LLMCall:
             self._manager._dispatcher._observe(
                 group.members[0][0], group, GROUP, time.perf_counter() - t0
             )
-            response = self.response
-            assert response is not None
-            _observed.llm_end(kwargs, response)
+            cost = table_cost
+            if cost is None and usage is not None and usage.cost_usd is not None:
+                cost = round(usage.cost_usd * 1e12)
+            _observed.llm_usage_end(kwargs, found_model, usage, cost)
         return True
 
     @property
