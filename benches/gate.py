@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("LLMTALLY_METRICS", "0")  # as installed without the [prometheus] extra
 
 from llmtally.bench import _measure
 
