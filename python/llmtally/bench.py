@@ -192,4 +192,11 @@ def run_bench(out: TextIO, *, quick: bool = False) -> int:
         )
     else:
         out.write("  (pip install langchain-core to see LangChain in the same run)\n")
+    from llmtally._observe import state
+
+    if state.on:
+        out.write(
+            "  Prometheus metrics were on (every handler execution timed and counted);"
+            " LLMTALLY_METRICS=0 measures without them\n"
+        )
     return 0
