@@ -123,6 +123,56 @@ pub fn extract_text<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, 
     Ok(None)
 }
 
+fn first_of<'py>(list: Option<Bound<'py, PyAny>>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    match list {
+        Some(l) => match l.cast::<PyList>() {
+            Ok(l) if !l.is_empty() => Ok(Some(l.get_item(0)?)),
+            _ => Ok(None),
+        },
+        None => Ok(None),
+    }
+}
+
+fn text_of(value: Option<Bound<'_, PyAny>>) -> Option<Bound<'_, PyAny>> {
+    value.filter(|v| v.is_instance_of::<PyString>())
+}
+
+/// The provider's response id and finish reason (OpenAI chat: `id`,
+/// `choices[0].finish_reason`; Anthropic: `id`, `stop_reason`; Gemini: `responseId`,
+/// `candidates[0].finishReason`), each `None` when absent or not a string.
+pub fn response_meta<'py>(
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<(Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>)> {
+    let py = obj.py();
+    if !obj.is_instance_of::<PyDict>() && !looks_like_sdk_response(obj)? {
+        return Ok((None, None));
+    }
+    let mut id = text_of(get(obj, intern!(py, "id"))?);
+    if let Some(choice) = first_of(get(obj, intern!(py, "choices"))?)? {
+        return Ok((id, text_of(get(&choice, intern!(py, "finish_reason"))?)));
+    }
+    if let Some(reason) = text_of(get(obj, intern!(py, "stop_reason"))?) {
+        return Ok((id, Some(reason)));
+    }
+    if obj.is_instance_of::<PyDict>() {
+        if let Some(candidate) = first_of(get(obj, intern!(py, "candidates"))?)? {
+            if id.is_none() {
+                id = text_of(get(obj, intern!(py, "responseId"))?);
+            }
+            return Ok((id, text_of(get(&candidate, intern!(py, "finishReason"))?)));
+        }
+    }
+    Ok((id, None))
+}
+
+#[pyfunction]
+#[pyo3(name = "response_meta")]
+fn py_response_meta<'py>(
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<(Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>)> {
+    response_meta(obj)
+}
+
 #[pyfunction]
 #[pyo3(name = "extract_text")]
 fn py_extract_text<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
@@ -142,6 +192,7 @@ fn fill<'py>(
     duration_s: f64,
     request_id: &Bound<'py, PyAny>,
     table_cost: Option<i64>,
+    meta: (Option<&Bound<'py, PyAny>>, Option<&Bound<'py, PyAny>>),
 ) -> PyResult<()> {
     let py = d.py();
     match usage {
@@ -193,6 +244,12 @@ fn fill<'py>(
     if let Some(c) = content {
         d.set_item(intern!(py, "content"), c)?;
     }
+    if let Some(id) = meta.0 {
+        d.set_item(intern!(py, "response_id"), id)?;
+    }
+    if let Some(reason) = meta.1 {
+        d.set_item(intern!(py, "finish_reason"), reason)?;
+    }
     Ok(())
 }
 
@@ -213,7 +270,7 @@ fn add_table_cost(
 #[pyfunction]
 #[pyo3(name = "make_response", signature = (
     usage, usage_error, estimated, content, provider, model, duration_s, request_id,
-    ttft_s=None, chunks=0, table_cost_pusd=None
+    ttft_s=None, chunks=0, table_cost_pusd=None, response_id=None, finish_reason=None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn py_make_response<'py>(
@@ -229,6 +286,8 @@ pub fn py_make_response<'py>(
     ttft_s: Option<f64>,
     chunks: u64,
     table_cost_pusd: Option<i64>,
+    response_id: Option<&Bound<'py, PyAny>>,
+    finish_reason: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     fill(
@@ -242,6 +301,7 @@ pub fn py_make_response<'py>(
         duration_s,
         request_id,
         table_cost_pusd,
+        (response_id, finish_reason),
     )?;
     if let Some(t) = ttft_s {
         d.set_item(intern!(py, "time_to_first_token"), t)?;
@@ -294,6 +354,8 @@ pub fn py_finish_response<'py>(
     };
     let model = found_model.as_ref().unwrap_or(model);
     let content = extract_text(obj)?;
+    let (response_id, finish_reason) = response_meta(obj)?;
+    let meta = (response_id.as_ref(), finish_reason.as_ref());
     let d = PyDict::new(py);
     match usage {
         Ok(u) => {
@@ -312,6 +374,7 @@ pub fn py_finish_response<'py>(
                 duration_s,
                 request_id,
                 table_cost,
+                meta,
             )?;
             add_table_cost(&d, Some(&u), table_cost)?;
             let warning = u.warning.clone();
@@ -331,6 +394,7 @@ pub fn py_finish_response<'py>(
                 duration_s,
                 request_id,
                 None,
+                meta,
             )?;
             Ok((BAD_USAGE, Some(d), Some(message), None))
         }
@@ -409,6 +473,7 @@ pub(crate) fn looks_like_sdk_response(obj: &Bound<'_, PyAny>) -> PyResult<bool> 
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_extract_text, m)?)?;
+    m.add_function(wrap_pyfunction!(py_response_meta, m)?)?;
     m.add_function(wrap_pyfunction!(py_make_response, m)?)?;
     m.add_function(wrap_pyfunction!(py_read_response, m)?)?;
     m.add_function(wrap_pyfunction!(py_finish_response, m)?)?;

@@ -126,10 +126,15 @@ def make_response(
     ttft_s: float | None = None,
     chunks: int = 0,
     table_cost_pusd: int | None = None,
+    response_id: str | None = None,
+    finish_reason: str | None = None,
 ) -> dict[str, Any]:
     """The normalized response dict given to ``on_llm_end``."""
 
 READ_NO_USAGE: Final[int]
+
+def response_meta(obj: Any) -> tuple[str | None, str | None]:
+    """The provider's response id and finish reason, each ``None`` when absent."""
 
 def finish_response(
     obj: Any,

@@ -34,6 +34,7 @@ from llmtally._core import (
     finish_response,
     make_response,
     read_response,
+    response_meta,
 )
 from llmtally._core import RECORDED as _RECORDED
 from llmtally._core import IdMaker as _IdMaker
@@ -1182,6 +1183,7 @@ class LLMCall:
                 None,
                 0,
                 table_cost,
+                *response_meta(self._response),
             )
             self._parts = None
         return found
@@ -1202,6 +1204,7 @@ class LLMCall:
             stats.llm_calls += 1
         model: Any = self.model
         content: str | None = None
+        meta: tuple[Any, Any] = (None, None)
         if self._response_set:
             # The common case in one crossing: read the response, build the dict.
             code, response, message, self._usage = finish_response(
@@ -1239,6 +1242,7 @@ class LLMCall:
                 _, _, content, found_model, _ = read_response(self._response)
                 if found_model is not None:
                     model = found_model
+                meta = response_meta(self._response)
         usage = self._stream_usage
         if content is None and self._texts:
             content = "".join(self._texts)
@@ -1261,6 +1265,8 @@ class LLMCall:
             self.request_id,
             None if first is None else first - self.started_at,
             self._chunks,
+            None,
+            *meta,
         )
         self._price(response)
         self.response = response

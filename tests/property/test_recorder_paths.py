@@ -209,7 +209,15 @@ bodies = st.fixed_dictionaries(
     {"usage": usage},
     optional={
         "model": st.sampled_from(["gpt-4o", "gpt-4o-mini", "", None, 5]),
-        "choices": st.just([{"message": {"content": "Paris."}}]),
+        "choices": st.sampled_from(
+            [
+                [{"message": {"content": "Paris."}}],
+                [{"message": {"content": "Paris."}, "finish_reason": "stop"}],
+                [],
+            ]
+        ),
+        "id": st.sampled_from(["chatcmpl-9", 5, None]),
+        "stop_reason": st.sampled_from(["end_turn", None]),
     },
 )
 

@@ -561,3 +561,40 @@ async def test_a_response_that_raises_when_read_never_breaks_the_call() -> None:
     assert call.response["prompt_tokens"] == llmtally.estimate_tokens(MESSAGES, "gpt-4o")
     assert rec.names() == ["on_llm_start", "on_llm_end"]
     assert (await manager.health())["bad_input"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (OPENAI_BODY, ("chatcmpl-1", "stop")),
+        (ANTHROPIC_BODY, ("msg_1", "end_turn")),
+        (
+            {
+                "responseId": "g-1",
+                "candidates": [{"finishReason": "STOP"}],
+                "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 2},
+            },
+            ("g-1", "STOP"),
+        ),
+        ({"usage": {"prompt_tokens": 4, "completion_tokens": 2}}, (None, None)),
+    ],
+)
+async def test_the_response_id_and_finish_reason_are_carried(
+    body: dict[str, Any], expected: tuple[str | None, str | None]
+) -> None:
+    """As dicts and SDK objects, through a user handler (eager dict) and through built-in
+    handlers only (the dict built when read): the same ``response_id`` and ``finish_reason``."""
+    objects: list[Any] = [body]
+    if body is OPENAI_BODY:
+        objects.append(ChatCompletion.model_validate(body))
+    if body is ANTHROPIC_BODY:
+        objects.append(Message.model_validate(body))
+    for obj in objects:
+        for handlers in ([Recorder()], [llmtally.TokenCounter()]):
+            manager = CallbackManager(handlers)
+            async with manager.llm_call(MESSAGES, model="gpt-4o") as call:
+                call.set_response(obj)
+            assert call.response is not None
+            assert (call.response.get("response_id"), call.response.get("finish_reason")) == (
+                expected
+            )

@@ -188,6 +188,24 @@ async def test_a_stream_records_time_to_first_chunk_and_marks_estimates(otel: Ot
     }
 
 
+async def test_a_provider_body_through_the_manager_gives_the_response_id_and_reason(
+    otel: Otel,
+) -> None:
+    manager = CallbackManager([otel.handler()])
+    body = {
+        "id": "chatcmpl-7",
+        "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"content": "Paris."}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 3},
+    }
+    async with manager.llm_call(MESSAGES, provider="openai", model="gpt-4o") as call:
+        call.set_response(body)
+    [span] = otel.finished()
+    attrs = dict(span.attributes or {})
+    assert attrs["gen_ai.response.id"] == "chatcmpl-7"
+    assert attrs["gen_ai.response.finish_reasons"] == ("length",)
+
+
 async def test_response_id_finish_reasons_and_cache_writes_when_the_response_has_them(
     otel: Otel,
 ) -> None:
