@@ -137,12 +137,13 @@ fn text_of(value: Option<Bound<'_, PyAny>>) -> Option<Bound<'_, PyAny>> {
     value.filter(|v| v.is_instance_of::<PyString>())
 }
 
+/// A response id and a finish reason, each when known.
+type Meta<'py> = (Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
+
 /// The provider's response id and finish reason (OpenAI chat: `id`,
 /// `choices[0].finish_reason`; Anthropic: `id`, `stop_reason`; Gemini: `responseId`,
 /// `candidates[0].finishReason`), each `None` when absent or not a string.
-pub fn response_meta<'py>(
-    obj: &Bound<'py, PyAny>,
-) -> PyResult<(Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>)> {
+pub fn response_meta<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Meta<'py>> {
     let py = obj.py();
     if !obj.is_instance_of::<PyDict>() && !looks_like_sdk_response(obj)? {
         return Ok((None, None));
@@ -167,9 +168,7 @@ pub fn response_meta<'py>(
 
 #[pyfunction]
 #[pyo3(name = "response_meta")]
-fn py_response_meta<'py>(
-    obj: &Bound<'py, PyAny>,
-) -> PyResult<(Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>)> {
+fn py_response_meta<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Meta<'py>> {
     response_meta(obj)
 }
 
