@@ -340,29 +340,11 @@ class _Dispatcher:
         stop_on_abort: bool,
     ) -> None:
         """:meth:`fire` while metrics are on: every handler call timed and counted."""
+        if self.parallel and len(targets) > 1:
+            await self._fire_parallel(targets, event, args, kwargs, stop_on_abort, observed=True)
+            return
         clock = time.perf_counter
         observe = self._observe
-        if self.parallel and len(targets) > 1:
-            semaphore = self._semaphore
-
-            async def run(target: _Target) -> CallbackAbort | None:
-                entry, fn, kind = target
-                t0 = clock()
-                try:
-                    if semaphore is None or kind >= FAST:
-                        return await self._call(entry, fn, kind, event, args, kwargs)
-                    async with semaphore:
-                        return await self._call(entry, fn, kind, event, args, kwargs)
-                finally:
-                    observe(entry, fn, kind, clock() - t0)
-
-            results = await asyncio.gather(*(run(t) for t in targets))
-            aborts = [(t[0], r) for t, r in zip(targets, results, strict=True) if r is not None]
-            if aborts:
-                aborters = {id(e) for e, _ in aborts}
-                completed = [t[0] for t in targets if id(t[0]) not in aborters]
-                _raise_abort(aborts[0][1], completed if stop_on_abort else [])
-            return
         abort: CallbackAbort | None = None
         for index, (entry, fn, kind) in enumerate(targets):
             t0 = clock()
@@ -502,15 +484,26 @@ class _Dispatcher:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         stop_on_abort: bool,
+        observed: bool = False,
     ) -> None:
         semaphore = self._semaphore
+        clock = time.perf_counter
 
-        async def run(target: _Target) -> CallbackAbort | None:
+        async def call(target: _Target) -> CallbackAbort | None:
             entry, fn, kind = target
             if semaphore is None or kind >= FAST:
                 return await self._call(entry, fn, kind, event, args, kwargs)
             async with semaphore:
                 return await self._call(entry, fn, kind, event, args, kwargs)
+
+        async def timed(target: _Target) -> CallbackAbort | None:
+            t0 = clock()
+            try:
+                return await call(target)
+            finally:
+                self._observe(target[0], target[1], target[2], clock() - t0)
+
+        run = timed if observed else call
 
         results = await asyncio.gather(*(run(t) for t in targets))
         aborts = [(t[0], r) for t, r in zip(targets, results, strict=True) if r is not None]

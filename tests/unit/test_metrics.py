@@ -227,3 +227,26 @@ async def test_odd_user_ids_never_break_a_call(registry: Any) -> None:
     assert value(registry, per_user, user_id="['not', 'hashable']", type="prompt") >= 3
     assert value(registry, per_user, user_id="42", type="prompt") >= 3
     assert value(registry, per_user, user_id="ü", type="completion") >= 2
+
+
+class MetricsParallelA(AsyncCallbackHandler):
+    async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.002)
+
+
+class MetricsParallelB(AsyncCallbackHandler):
+    async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        raise ValueError("b")
+
+
+async def test_parallel_handlers_are_timed_and_counted_each(registry: Any) -> None:
+    manager = CallbackManager([MetricsParallelA(), MetricsParallelB()], parallel=True)
+    for _ in range(3):
+        async with manager.llm_call(MESSAGES, model="gpt-4o") as call:
+            call.set_response({"usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+    ex = "llmtally_callback_executions_total"
+    assert value(registry, ex, callback_type="MetricsParallelA", status="success") == 3
+    assert value(registry, ex, callback_type="MetricsParallelB", status="error") == 3
+    hist = "llmtally_callback_duration_seconds"
+    assert value(registry, f"{hist}_sum", callback_type="MetricsParallelA") >= 3 * 0.002
+    assert value(registry, f"{hist}_count", callback_type="MetricsParallelB") == 3
