@@ -208,7 +208,7 @@ def _targets(entries: Iterable[_Entry], event: str) -> tuple[_Target, ...]:
 class _Table:
     """Immutable per-event handler lists."""
 
-    __slots__ = ("by_event", "end_group", "entries", "native_end", "native_llm")
+    __slots__ = ("by_event", "end_group", "entries", "native_end")
 
     def __init__(self, entries: Sequence[_Entry]) -> None:
         self.entries = tuple(entries)
@@ -225,10 +225,6 @@ class _Table:
         end = self.by_event["on_llm_end"]
         self.end_group: _FastGroup | None = (
             end[0][1] if len(end) == 1 and end[0][2] == GROUP else None
-        )
-        # No user code sees an LLM call's kwargs: the end may reuse the call's dict.
-        self.native_llm = all(
-            native(e) for e in ("on_llm_start", "on_llm_end", "on_llm_error", "on_llm_stream_chunk")
         )
 
 
@@ -1095,9 +1091,9 @@ class LLMCall:
                         group.members[0][0], group, GROUP, time.perf_counter() - t0
                     )
                 return
-        # A fresh dict for user handlers (they may keep what they were given); when only
-        # built-in recorders see this call, its own dict.
-        kwargs = self._kwargs if table.native_llm else {**self._kwargs}
+        # The call's own dict: handlers written in Python get a copy anyway (``**kwargs``), the
+        # built-in recorders read it and keep nothing.
+        kwargs = self._kwargs
         kwargs["token_count"] = response.get("tokens_used")
         kwargs["cost"] = response["cost_estimate"]
         kwargs["duration_ms"] = duration_s * 1000.0
