@@ -76,15 +76,19 @@ _ids = _IdMaker(_id_prefix)
 _next_id = _ids.next
 
 
-def _reseed_ids() -> None:
-    global _id_prefix, _ids, _next_id
+def _after_fork() -> None:
+    """In a forked child: new ids, and every manager rebuilds its handler tables on its next
+    event, so the core's recorders write to the child's store ledgers (a store starts the
+    child with a fresh ledger), not to the parent's copy that nothing flushes."""
+    global _id_prefix, _ids, _next_id, _global_version
     _id_prefix = os.urandom(6).hex()
     _ids = _IdMaker(_id_prefix)
     _next_id = _ids.next
+    _global_version += 1
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reseed_ids)
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def new_id() -> str:

@@ -325,6 +325,48 @@ async def test_forked_child_does_not_flush_the_parents_deltas(tmp_path: Path) ->
     await store.aclose()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+async def test_a_manager_built_before_a_fork_meters_into_the_childs_store(tmp_path: Path) -> None:
+    """Pre-fork servers build their handlers once: calls a forked worker meters through them
+    reach the store (the child's ledger, not the parent's copy it no longer flushes)."""
+    from llmtally import CallbackManager, CostTracker, RedisTokenCallbackHandler, UsageRecorder
+
+    url = f"sqlite:///{tmp_path}/prefork.db"
+    store = open_store(url, flush_interval_s=3600)
+    manager = CallbackManager(
+        [
+            RedisTokenCallbackHandler("fork-seed", "2026-11-01", store=store),
+            UsageRecorder(store=store),
+            CostTracker(),
+        ]
+    )
+    response = {"usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+    messages = [{"role": "user", "content": "hi"}]
+    async with manager.llm_call(messages, model="gpt-4o", user_id="fork-u") as call:
+        call.set_response(response)  # the parent's call: pending, not flushed
+    pid = os.fork()
+    if pid == 0:  # child: two calls of its own through the same manager
+        code = 0
+        try:
+
+            async def child() -> None:
+                for _ in range(2):
+                    async with manager.llm_call(messages, model="gpt-4o", user_id="fork-u") as c:
+                        c.set_response(response)
+                await store.aclose()
+
+            asyncio.run(child())
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    await store.flush()
+    seed = await store.read("llmtally:{fork-seed}:2026-11-01")
+    assert (seed["total_tokens"], seed["calls"]) == (30, 3)  # 1 call here, 2 in the child
+    await store.aclose()
+
+
 def test_one_store_shared_by_loops_in_several_threads_is_exact(tmp_path: Path) -> None:
     """Each thread runs its own event loop (asyncio.run per request, as sync apps do); flushes
     from all of them reach the backend in sequence, none lost or applied twice."""
