@@ -11,11 +11,13 @@ recording costs a few counter increments per handler call and nothing else:
   the seed's names and labels with the prefix, so its dashboards port by adding it.
   ``callback_type`` is the handler's class name, ``error_type`` the exception's.
 - ``llmtally_tokens_total{type, provider, model}`` (``type``: ``prompt``, ``completion``,
-  ``cache_read``, ``cache_write``, ``reasoning``), ``llmtally_cost_usd_total{provider, model}``,
+  ``cache_read``, ``cache_write``, ``reasoning``), ``llmtally_cost_usd_total`` (all priced
+  calls) and ``llmtally_model_cost_usd_total{provider, model}``,
   ``llmtally_llm_requests_total{provider, model, status}`` and the seed's per-user
   ``llmtally_token_usage_total{user_id, type}`` (``prompt``/``completion``; the first 10,000 users
   get their own series, later ones count under ``"<other>"``).
-- ``llmtally_flush_batches_total{backend, status}`` and ``llmtally_pending_deltas``.
+- ``llmtally_flush_batches_total`` (batches written), ``llmtally_flush_failures_total``,
+  ``llmtally_store_flushes_total{backend, status}`` and ``llmtally_pending_deltas``.
 
 >>> import prometheus_client
 >>> from llmtally.metrics import enable_metrics
@@ -137,8 +139,9 @@ class LlmtallyCollector:
         tokens = CounterMetricFamily(
             f"{p}tokens", "LLM tokens by type", labels=["type", "provider", "model"]
         )
-        cost = CounterMetricFamily(
-            f"{p}cost_usd", "LLM cost in USD (priced calls)", labels=["provider", "model"]
+        cost = CounterMetricFamily(f"{p}cost_usd", "LLM cost in USD (priced calls)")
+        model_cost = CounterMetricFamily(
+            f"{p}model_cost_usd", "LLM cost in USD per model", labels=["provider", "model"]
         )
         requests = CounterMetricFamily(
             f"{p}llm_requests", "LLM calls by outcome", labels=["provider", "model", "status"]
@@ -156,7 +159,7 @@ class LlmtallyCollector:
         for (provider, model), c in sorted(by_model.items()):
             for label, field in _TOKEN_TYPES:
                 tokens.add_metric([label, provider, model], float(c[_F[field]]))
-            cost.add_metric([provider, model], float(c[_F["cost_pusd"]] / 1e12))
+            model_cost.add_metric([provider, model], float(c[_F["cost_pusd"]] / 1e12))
             requests.add_metric([provider, model, "success"], float(c[_F["calls"]]))
             requests.add_metric([provider, model, "error"], float(c[_F["errors"]]))
             requests.add_metric([provider, model, "timeout"], float(c[_F["timeouts"]]))
@@ -164,16 +167,29 @@ class LlmtallyCollector:
             per_user.add_metric([user, "prompt"], float(c[_F["prompt_tokens"]]))
             per_user.add_metric([user, "completion"], float(c[_F["completion_tokens"]]))
         yield tokens
+        cost.add_metric([], float(sum(c[_F["cost_pusd"]] for c in by_model.values()) / 1e12))
         yield cost
+        yield model_cost
         yield requests
         yield per_user
 
-        flushes = CounterMetricFamily(
-            f"{p}flush_batches", "Batches written to stores", labels=["backend", "status"]
+        flushes = CounterMetricFamily(f"{p}flush_batches", "Batches written to stores")
+        failures = CounterMetricFamily(f"{p}flush_failures", "Store writes that failed (retried)")
+        by_backend = CounterMetricFamily(
+            f"{p}store_flushes", "Store writes by backend and outcome", labels=["backend", "status"]
         )
+        written = failed = 0
         for (backend, status), n in sorted(state.flush_batches.items()):
-            flushes.add_metric([backend, status], float(n))
+            by_backend.add_metric([backend, status], float(n))
+            if status == "success":
+                written += n
+            else:
+                failed += n
+        flushes.add_metric([], float(written))
+        failures.add_metric([], float(failed))
         yield flushes
+        yield failures
+        yield by_backend
         pending = GaugeMetricFamily(f"{p}pending_deltas", "Keys with deltas not yet flushed")
         pending.add_metric([], float(sum(s.ledger.pending for s in list(state.stores))))
         yield pending

@@ -154,9 +154,10 @@ async def test_tokens_cost_requests_and_per_user_usage(registry: Any) -> None:
     assert value(registry, tokens, type="reasoning", **labels) == 300
     # 1000 prompt tokens (200 cached at the input price: no cache price given) at 2 USD/1M,
     # 300 completion tokens at 8 USD/1M, three times.
-    assert value(registry, "llmtally_cost_usd_total", **labels) == pytest.approx(
+    assert value(registry, "llmtally_model_cost_usd_total", **labels) == pytest.approx(
         3 * (1000 * 2 + 300 * 8) / 1e6
     )
+    assert value(registry, "llmtally_cost_usd_total") >= 3 * (1000 * 2 + 300 * 8) / 1e6
     requests = "llmtally_llm_requests_total"
     assert value(registry, requests, status="success", **labels) == 3
     assert value(registry, requests, status="error", **labels) == 1
@@ -168,8 +169,9 @@ async def test_tokens_cost_requests_and_per_user_usage(registry: Any) -> None:
 
 
 async def test_flush_batches_and_pending_deltas(registry: Any) -> None:
-    flushes = "llmtally_flush_batches_total"
+    flushes = "llmtally_store_flushes_total"
     before = value(registry, flushes, backend="memory", status="success")
+    batches = value(registry, "llmtally_flush_batches_total")
     store = open_store("memory://", flush_interval_s=60)
     manager = CallbackManager([RedisTokenCallbackHandler("metrics-flush", store=store)])
     async with manager.llm_call(MESSAGES, model="gpt-4o") as call:
@@ -177,6 +179,8 @@ async def test_flush_batches_and_pending_deltas(registry: Any) -> None:
     assert value(registry, "llmtally_pending_deltas") >= 1
     await store.flush()
     assert value(registry, flushes, backend="memory", status="success") == before + 1
+    assert value(registry, "llmtally_flush_batches_total") == batches + 1
+    assert value(registry, "llmtally_flush_failures_total") >= 0
     await store.aclose()
 
 
