@@ -27,8 +27,8 @@ use crate::cost::Prices;
 use crate::histogram::Histogram;
 use crate::ledger::{Counters, Ledger, NFIELDS};
 use crate::response::{
-    extract_text, looks_like_sdk_response, response_model, BAD_USAGE, NOT_A_RESPONSE, NO_USAGE,
-    OK as READ_OK,
+    extract_text, looks_like_sdk_response, response_meta, response_model, BAD_USAGE,
+    NOT_A_RESPONSE, NO_USAGE, OK as READ_OK,
 };
 use crate::usage::extract_any;
 use crate::usage::Usage;
@@ -273,14 +273,15 @@ impl CycleClock {
 
 enum Sink {
     /// A seed handler: one user's key, `prefix` + the cycle (fixed, or the current month).
+    /// Stores are held, not their ledgers: a store may start a new ledger (in a forked child).
     UserKey {
-        ledger: Py<Ledger>,
+        store: Py<PyAny>,
         prefix: String,
         cycle: Option<String>,
     },
     /// `UsageRecorder`: the call's user; keys made by `key_for(user_id, cycle)`, cached.
     CallUser {
-        ledger: Py<Ledger>,
+        store: Py<PyAny>,
         key_for: Py<PyAny>,
         keys: Mutex<HashMap<String, (String, Py<PyString>)>>,
     },
@@ -481,12 +482,12 @@ impl Recorder {
             let kind: String = spec.get_item(0)?.extract()?;
             out.push(match kind.as_str() {
                 "user_key" => Sink::UserKey {
-                    ledger: spec.get_item(1)?.extract()?,
+                    store: spec.get_item(1)?.unbind(),
                     prefix: spec.get_item(2)?.extract()?,
                     cycle: spec.get_item(3)?.extract()?,
                 },
                 "call_user" => Sink::CallUser {
-                    ledger: spec.get_item(1)?.extract()?,
+                    store: spec.get_item(1)?.unbind(),
                     key_for: spec.get_item(2)?.unbind(),
                     keys: Mutex::new(HashMap::new()),
                 },
@@ -571,8 +572,8 @@ impl Recorder {
 
     /// Read a call's response and record it in one crossing, for a call whose end goes only to
     /// this recorder. Returns `(code, usage, found_model, content, table_cost_pusd, warning,
-    /// outcome, flush_wanted)`: the parts `make_response` builds the response dict from, when
-    /// it is wanted. `outcome` is `record`'s; anything but `READ_OK` with a recorded outcome
+    /// outcome, flush_wanted, response_id, finish_reason)`: the parts `make_response` builds the
+    /// response dict from, when it is wanted. `outcome` is `record`'s; anything but `READ_OK` with a recorded outcome
     /// means nothing was written and the caller takes its general path.
     #[pyo3(signature = (obj, provider, model, duration_s, prices, user_id, cycle_start_date))]
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
@@ -594,9 +595,15 @@ impl Recorder {
         Option<String>,
         i64,
         bool,
+        Option<Bound<'py, PyAny>>,
+        Option<Bound<'py, PyAny>>,
     )> {
         let py = obj.py();
-        let nothing = |code| Ok((code, None, None, None, None, None, DECLINED, false));
+        let nothing = |code| {
+            Ok((
+                code, None, None, None, None, None, DECLINED, false, None, None,
+            ))
+        };
         if !obj.is_instance_of::<PyDict>() && !looks_like_sdk_response(obj)? {
             return nothing(NOT_A_RESPONSE);
         }
@@ -644,6 +651,7 @@ impl Recorder {
         };
         let warning = u.warning.clone();
         let usage = Bound::new(py, u)?;
+        let (response_id, finish_reason) = response_meta(obj);
         Ok((
             READ_OK,
             Some(usage),
@@ -653,6 +661,8 @@ impl Recorder {
             warning,
             outcome,
             flush,
+            response_id,
+            finish_reason,
         ))
     }
 
@@ -767,6 +777,19 @@ impl Recorder {
                 }
             }));
         }
+        // The stores' current ledgers.
+        let mut ledgers: Vec<Option<Bound<'_, Ledger>>> = Vec::with_capacity(self.sinks.len());
+        for sink in &self.sinks {
+            ledgers.push(match sink {
+                Sink::UserKey { store, .. } | Sink::CallUser { store, .. } => Some(
+                    store
+                        .bind(py)
+                        .getattr(intern!(py, "ledger"))?
+                        .cast_into::<Ledger>()?,
+                ),
+                _ => None,
+            });
+        }
         // Everything that can fail is done: from here on, every sink is written.
         let provider = call.provider.to_str()?;
         let model = call.model.to_str()?;
@@ -774,37 +797,43 @@ impl Recorder {
         let mut flush = false;
         let mut key = String::new();
         for (i, sink) in self.sinks.iter().enumerate() {
-            let (ledger, written, store) = match sink {
-                Sink::UserKey {
-                    ledger,
-                    prefix,
-                    cycle: fixed,
-                } => {
+            let (core, store) = match (sink, &ledgers[i]) {
+                (
+                    Sink::UserKey {
+                        prefix,
+                        cycle: fixed,
+                        ..
+                    },
+                    Some(ledger),
+                ) => {
                     key.clear();
                     key.push_str(prefix);
                     key.push_str(fixed.as_deref().unwrap_or(&cycle));
-                    (ledger, ledger.get().core().add(&key, &call.counts), true)
+                    (ledger.get().core(), true)
                 }
-                Sink::CallUser { ledger, .. } => {
-                    let k = made[i].as_deref().unwrap_or_default();
-                    (ledger, ledger.get().core().add(k, &call.counts), true)
+                (Sink::CallUser { .. }, Some(ledger)) => {
+                    key.clear();
+                    key.push_str(made[i].as_deref().unwrap_or_default());
+                    (ledger.get().core(), true)
                 }
-                Sink::PerCall { ledger } => {
+                (Sink::PerCall { ledger }, _) => {
                     key.clear();
                     let _ = write!(key, "{provider}\x1f{model}\x1f{user}");
-                    (ledger, ledger.get().core().add(&key, &call.counts), false)
+                    (ledger.get().core(), false)
                 }
-                Sink::Perf { .. } => {
-                    let Some(perf) = &perfs[i] else { continue };
-                    perf.get()
-                        .add(call.duration_ms, call.ttft_ms, call.completion, mono_now());
+                (Sink::Perf { .. }, _) => {
+                    if let Some(perf) = &perfs[i] {
+                        perf.get()
+                            .add(call.duration_ms, call.ttft_ms, call.completion, mono_now());
+                    }
                     continue;
                 }
+                _ => continue, // a store sink always has its ledger (resolved above)
             };
-            if written.is_err() && failed == RECORDED {
+            if core.add(&key, &call.counts).is_err() && failed == RECORDED {
                 failed = i as i64;
             }
-            if store && ledger.get().core().pending() >= self.flush_at {
+            if store && core.pending() >= self.flush_at {
                 flush = true;
             }
         }

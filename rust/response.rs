@@ -123,14 +123,18 @@ pub fn extract_text<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, 
     Ok(None)
 }
 
-fn first_of<'py>(list: Option<Bound<'py, PyAny>>) -> PyResult<Option<Bound<'py, PyAny>>> {
-    match list {
-        Some(l) => match l.cast::<PyList>() {
-            Ok(l) if !l.is_empty() => Ok(Some(l.get_item(0)?)),
-            _ => Ok(None),
-        },
-        None => Ok(None),
+/// An optional field: a value, else `None`, whatever the object raises on the way.
+fn lenient<'py>(obj: &Bound<'py, PyAny>, key: &Bound<'py, PyString>) -> Option<Bound<'py, PyAny>> {
+    get(obj, key).ok().flatten()
+}
+
+fn first_of(list: Option<Bound<'_, PyAny>>) -> Option<Bound<'_, PyAny>> {
+    let list = list?;
+    let list = list.cast::<PyList>().ok()?;
+    if list.is_empty() {
+        return None;
     }
+    list.get_item(0).ok()
 }
 
 fn text_of(value: Option<Bound<'_, PyAny>>) -> Option<Bound<'_, PyAny>> {
@@ -142,33 +146,38 @@ type Meta<'py> = (Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
 
 /// The provider's response id and finish reason (OpenAI chat: `id`,
 /// `choices[0].finish_reason`; Anthropic: `id`, `stop_reason`; Gemini: `responseId`,
-/// `candidates[0].finishReason`), each `None` when absent or not a string.
-pub fn response_meta<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Meta<'py>> {
+/// `candidates[0].finishReason`), each `None` when absent, not a string, or when reading it
+/// raises: they are optional, and never cost the call its usage.
+pub fn response_meta<'py>(obj: &Bound<'py, PyAny>) -> Meta<'py> {
     let py = obj.py();
-    if !obj.is_instance_of::<PyDict>() && !looks_like_sdk_response(obj)? {
-        return Ok((None, None));
+    let is_dict = obj.is_instance_of::<PyDict>();
+    if !is_dict && !looks_like_sdk_response(obj).unwrap_or(false) {
+        return (None, None);
     }
-    let mut id = text_of(get(obj, intern!(py, "id"))?);
-    if let Some(choice) = first_of(get(obj, intern!(py, "choices"))?)? {
-        return Ok((id, text_of(get(&choice, intern!(py, "finish_reason"))?)));
+    let mut id = text_of(lenient(obj, intern!(py, "id")));
+    if let Some(choice) = first_of(lenient(obj, intern!(py, "choices"))) {
+        return (id, text_of(lenient(&choice, intern!(py, "finish_reason"))));
     }
-    if let Some(reason) = text_of(get(obj, intern!(py, "stop_reason"))?) {
-        return Ok((id, Some(reason)));
+    if let Some(reason) = text_of(lenient(obj, intern!(py, "stop_reason"))) {
+        return (id, Some(reason));
     }
-    if obj.is_instance_of::<PyDict>() {
-        if let Some(candidate) = first_of(get(obj, intern!(py, "candidates"))?)? {
+    if is_dict {
+        if let Some(candidate) = first_of(lenient(obj, intern!(py, "candidates"))) {
             if id.is_none() {
-                id = text_of(get(obj, intern!(py, "responseId"))?);
+                id = text_of(lenient(obj, intern!(py, "responseId")));
             }
-            return Ok((id, text_of(get(&candidate, intern!(py, "finishReason"))?)));
+            return (
+                id,
+                text_of(lenient(&candidate, intern!(py, "finishReason"))),
+            );
         }
     }
-    Ok((id, None))
+    (id, None)
 }
 
 #[pyfunction]
 #[pyo3(name = "response_meta")]
-fn py_response_meta<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Meta<'py>> {
+fn py_response_meta<'py>(obj: &Bound<'py, PyAny>) -> Meta<'py> {
     response_meta(obj)
 }
 
@@ -353,7 +362,7 @@ pub fn py_finish_response<'py>(
     };
     let model = found_model.as_ref().unwrap_or(model);
     let content = extract_text(obj)?;
-    let (response_id, finish_reason) = response_meta(obj)?;
+    let (response_id, finish_reason) = response_meta(obj);
     let meta = (response_id.as_ref(), finish_reason.as_ref());
     let d = PyDict::new(py);
     match usage {

@@ -287,7 +287,18 @@ class Recorder:
         prices: Prices | None,
         user_id: object,
         cycle_start_date: object,
-    ) -> tuple[int, Usage | None, str | None, str | None, int | None, str | None, int, bool]: ...
+    ) -> tuple[
+        int,
+        Usage | None,
+        str | None,
+        str | None,
+        int | None,
+        str | None,
+        int,
+        bool,
+        str | None,
+        str | None,
+    ]: ...
     def __len__(self) -> int: ...
 
 @final

@@ -8,6 +8,7 @@ pays nothing for them. Counters only grow, so an exporter can serve them as Prom
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from llmtally._core import Histogram, Ledger
 
 __all__ = ["HandlerStats", "state", "stats_for"]
+
+logger = logging.getLogger("llmtally")
 
 _SEP = "\x1f"
 #: Users given their own ``token_usage_total`` series; later users count under ``"<other>"``.
@@ -24,11 +27,20 @@ MAX_USERS = 10_000
 class HandlerStats:
     """Counters of every handler of one class (``callback_type``)."""
 
-    __slots__ = ("durations", "error_types", "errors", "executions", "name", "timeouts")
+    __slots__ = (
+        "durations",
+        "error_types",
+        "errors",
+        "executions",
+        "name",
+        "successes",
+        "timeouts",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.executions = 0
+        self.successes = 0
         self.errors = 0
         self.timeouts = 0
         self.error_types: dict[str, int] = {}
@@ -51,13 +63,14 @@ class _State:
         self.llm = Ledger()
         self.llm_totals: dict[str, list[int]] = {}
         self.users: set[str] = set()
+        self.errors = 0  # calls left out of the metrics (a label that cannot be made)
         self._keys: dict[tuple[Any, Any, Any], str] = {}
         self.flush_batches: dict[tuple[str, str], int] = {}
         self.managers: weakref.WeakSet[Any] = weakref.WeakSet()
         self.stores: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def user_label(self, user: Any) -> str:
-        name = user if type(user) is str and user else ("anonymous" if not user else str(user))
+        name = user if type(user) is str and user else ("anonymous" if not user else _label(user))
         if name in self.users:
             return name
         if len(self.users) >= MAX_USERS:
@@ -70,51 +83,78 @@ class _State:
         try:
             key = self._keys.get(parts)
         except TypeError:  # an unhashable id: labelled by its text, not cached
-            return _SEP.join((str(provider), str(model), self.user_label(str(user))))
+            return _SEP.join((_label(provider), _label(model), self.user_label(_label(user))))
         if key is None:
             if len(self._keys) >= 100_000:
                 self._keys.clear()
             key = self._keys[parts] = _SEP.join(
-                (str(provider or "unknown"), str(model or "unknown"), self.user_label(user))
+                (_label(provider or "unknown"), _label(model or "unknown"), self.user_label(user))
             )
         return key
 
-    def llm_end(self, kwargs: dict[str, Any], response: dict[str, Any]) -> None:
-        """Count one ended LLM call's usage (called only while metrics are on)."""
-        key = self._key(
-            response.get("provider") or kwargs.get("provider"),
-            response.get("model") or kwargs.get("model"),
-            kwargs.get("user_id"),
-        )
+    def _add(self, key: str, *counts: int, **named: int) -> None:
         try:
-            if self.llm.add_response(key, response) == 2:
-                self.llm.add(key, calls=1)
-        except (TypeError, ValueError, OverflowError):
-            self.llm.add(key, calls=1)
+            self.llm.add(key, *counts, **named)
+        except OverflowError:  # the in-process ledger is full: move it to the totals first
+            self.llm_usage()
+            self.llm.add(key, *counts, **named)
+
+    def llm_end(self, kwargs: dict[str, Any], response: dict[str, Any]) -> None:
+        """Count one ended LLM call's usage (called only while metrics are on; never raises:
+        metrics never break a call)."""
+        try:
+            key = self._key(
+                response.get("provider") or kwargs.get("provider"),
+                response.get("model") or kwargs.get("model"),
+                kwargs.get("user_id"),
+            )
+            try:
+                code = self.llm.add_response(key, response)
+            except (TypeError, ValueError, OverflowError):
+                code = 2
+            if code == 2:
+                self._add(key, calls=1)
+        except Exception as exc:
+            self._failed(exc)
 
     def llm_usage_end(
         self, kwargs: dict[str, Any], model: Any, usage: Any, cost_pusd: int | None
     ) -> None:
         """:meth:`llm_end` from a call's normalized ``Usage`` (no response dict needed)."""
-        key = self._key(kwargs.get("provider"), model or kwargs.get("model"), kwargs.get("user_id"))
-        self.llm.add(
-            key,
-            usage.total_tokens,
-            usage.prompt_tokens or 0,
-            usage.completion_tokens or 0,
-            usage.cached_tokens,
-            usage.cache_write_tokens,
-            usage.reasoning_tokens,
-            cost_pusd or 0,
-            1,
-        )
+        try:
+            key = self._key(
+                kwargs.get("provider"), model or kwargs.get("model"), kwargs.get("user_id")
+            )
+            self._add(
+                key,
+                usage.total_tokens,
+                usage.prompt_tokens or 0,
+                usage.completion_tokens or 0,
+                usage.cached_tokens,
+                usage.cache_write_tokens,
+                usage.reasoning_tokens,
+                cost_pusd or 0,
+                1,
+            )
+        except Exception as exc:
+            self._failed(exc)
 
     def llm_failed(self, kwargs: dict[str, Any], timeout: bool) -> None:
-        key = self._key(kwargs.get("provider"), kwargs.get("model"), kwargs.get("user_id"))
-        if timeout:
-            self.llm.add(key, timeouts=1)
+        try:
+            key = self._key(kwargs.get("provider"), kwargs.get("model"), kwargs.get("user_id"))
+            if timeout:
+                self._add(key, timeouts=1)
+            else:
+                self._add(key, errors=1)
+        except Exception as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        self.errors += 1
+        if self.errors == 1:
+            logger.warning("a call's usage was left out of the metrics: %r", exc, exc_info=exc)
         else:
-            self.llm.add(key, errors=1)
+            logger.debug("a call's usage was left out of the metrics: %r", exc)
 
     def llm_usage(self) -> dict[tuple[str, str, str], list[int]]:
         """Totals so far per (provider, model, user): drained from the ledger into Python
@@ -135,6 +175,16 @@ class _State:
     def flushed(self, backend: str, ok: bool) -> None:
         key = (backend, "success" if ok else "error")
         self.flush_batches[key] = self.flush_batches.get(key, 0) + 1
+
+
+def _label(value: Any) -> str:
+    """A label value: the text, with anything not encodable as UTF-8 replaced."""
+    text = value if type(value) is str else str(value)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode()
+    return text
 
 
 state = _State()

@@ -164,8 +164,7 @@ class _FastGroup:
     def kick(self, flush_wanted: bool, now: float) -> None:
         """Make sure each written store's flusher runs (see ``Store._kicked``)."""
         for store in self.stores:
-            if flush_wanted or not store._alive or now >= store._loop_checked_at:
-                store._kicked(flush_wanted, now)
+            store._kicked(flush_wanted, now)
 
     def add(self, entry: _Entry, fn: Callable[..., Any], sink: tuple[Any, ...]) -> tuple[Any, ...]:
         self.members.append((entry, fn))
@@ -175,6 +174,34 @@ class _FastGroup:
         return sink
 
 
+def _owner(handler: object) -> type | None:
+    """The built-in class that declares ``handler``'s fast path."""
+    for cls in type(handler).__mro__:
+        if "_llmtally_fast" in cls.__dict__:
+            return cls
+    return None
+
+
+def _overrides(handler: object, name: str) -> bool:
+    """Whether a subclass replaced the built-in ``name`` of ``handler``."""
+    owner = _owner(handler)
+    return owner is not None and getattr(type(handler), name, None) is not getattr(
+        owner, name, None
+    )
+
+
+def _fast_map(handler: object) -> dict[str, str | None] | None:
+    """The events a built-in handler records synchronously, less those a subclass overrides
+    (a subclass's own ``on_llm_end`` is awaited like any handler's)."""
+    fast: dict[str, str | None] | None = getattr(handler, "_llmtally_fast", None)
+    if fast is None:
+        return None
+    overridden = [event for event in fast if _overrides(handler, event)]
+    if not overridden:
+        return fast
+    return {event: name for event, name in fast.items() if event not in overridden}
+
+
 def _targets(entries: Iterable[_Entry], event: str) -> tuple[_Target, ...]:
     found: list[_Target] = []
     group: _FastGroup | None = None
@@ -182,7 +209,7 @@ def _targets(entries: Iterable[_Entry], event: str) -> tuple[_Target, ...]:
     for entry in entries:
         if event not in entry.events:
             continue
-        fast = getattr(entry.handler, "_llmtally_fast", None)
+        fast = _fast_map(entry.handler)
         if fast is not None and event in fast:
             # A built-in handler: the manager calls its synchronous recorder directly (same
             # behaviour as its async method, without a coroutine), or nothing at all.
@@ -191,7 +218,13 @@ def _targets(entries: Iterable[_Entry], event: str) -> tuple[_Target, ...]:
                 continue
             fn = getattr(entry.handler, name)
             sink_of = getattr(entry.handler, "_llmtally_sink", None)
-            sink = sink_of() if event == "on_llm_end" and sink_of is not None else None
+            sink = None
+            if (
+                event == "on_llm_end"
+                and sink_of is not None
+                and not _overrides(entry.handler, name)
+            ):
+                sink = sink_of()
             if sink is None:
                 found.append((entry, fn, FAST))
                 continue
@@ -316,19 +349,31 @@ class _Dispatcher:
         group.kick(flush, time.perf_counter())
 
     @staticmethod
-    def _observe(entry: _Entry, fn: Any, kind: int, seconds: float) -> None:
-        """Count one execution and its duration (metrics on); a group's members share its
+    def _failures(entry: _Entry, fn: Any, kind: int) -> Any:
+        """Failure counts before a handler call (a group: each member's), for _observe."""
+        if kind == GROUP:
+            return tuple(m.errors + m.timeouts for m, _ in fn.members)
+        return entry.errors + entry.timeouts
+
+    @staticmethod
+    def _observe(entry: _Entry, fn: Any, kind: int, seconds: float, before: Any) -> None:
+        """Count one execution, its outcome (a success when the handler's failure counts did
+        not move since ``before``) and its duration (metrics on); a group's members share its
         one crossing evenly."""
         if kind == GROUP:
             members = fn.members
             share = seconds / len(members)
-            for member, _ in members:
+            for (member, _), was in zip(members, before, strict=True):
                 stats = member.stats
                 stats.executions += 1
+                if member.errors + member.timeouts == was:
+                    stats.successes += 1
                 stats.durations.record(share)
             return
         stats = entry.stats
         stats.executions += 1
+        if entry.errors + entry.timeouts == before:
+            stats.successes += 1
         stats.durations.record(seconds)
 
     async def _fire_observed(
@@ -347,9 +392,10 @@ class _Dispatcher:
         observe = self._observe
         abort: CallbackAbort | None = None
         for index, (entry, fn, kind) in enumerate(targets):
+            before = self._failures(entry, fn, kind)
             t0 = clock()
             found = await self._call(entry, fn, kind, event, args, kwargs)
-            observe(entry, fn, kind, clock() - t0)
+            observe(entry, fn, kind, clock() - t0, before)
             if found is not None:
                 if stop_on_abort:
                     _raise_abort(found, [t[0] for t in targets[:index]])
@@ -370,7 +416,9 @@ class _Dispatcher:
         abort: CallbackAbort | None = None
         observed = _observed.on
         for entry, fn, kind in targets:
-            t0 = time.perf_counter() if observed else 0.0
+            if observed:
+                before = self._failures(entry, fn, kind)
+                t0 = time.perf_counter()
             try:
                 if kind == FAST:
                     fn(*args, kwargs)
@@ -382,7 +430,7 @@ class _Dispatcher:
             except Exception as exc:
                 self._failed(entry, event, exc)
             if observed:
-                self._observe(entry, fn, kind, time.perf_counter() - t0)
+                self._observe(entry, fn, kind, time.perf_counter() - t0, before)
         if abort is not None:
             raise abort
 
@@ -497,11 +545,12 @@ class _Dispatcher:
                 return await self._call(entry, fn, kind, event, args, kwargs)
 
         async def timed(target: _Target) -> CallbackAbort | None:
+            before = self._failures(*target)
             t0 = clock()
             try:
                 return await call(target)
             finally:
-                self._observe(target[0], target[1], target[2], clock() - t0)
+                self._observe(target[0], target[1], target[2], clock() - t0, before)
 
         run = timed if observed else call
 
@@ -550,8 +599,21 @@ def get_global_callbacks() -> list[object]:
 _current: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "llmtally_run", default=None
 )
+# A scope's own keys, and the ones its end adds, never pass to the scopes opened inside it.
 _NOT_INHERITED = frozenset(
-    {"request_id", "run_id", "parent_run_id", "provider", "model", "estimated_tokens"}
+    {
+        "request_id",
+        "run_id",
+        "parent_run_id",
+        "provider",
+        "model",
+        "estimated_tokens",
+        "token_count",
+        "cost",
+        "duration_ms",
+        "ttft_ms",
+        "aborted",
+    }
 )
 
 
@@ -851,6 +913,26 @@ class CallbackManager:
 _TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError,)
 
 
+def _names(manager: CallbackManager, provider: Any, model: Any) -> tuple[str, str]:
+    """A provider or model given as something else than a string (an enum, a list by mistake)
+    is counted under its text, never raised into the call; anything but an enum is bad input."""
+    out = []
+    for value in (provider, model):
+        if value is None or type(value) is str:
+            out.append(value or "")
+            continue
+        text = getattr(value, "value", None)
+        if not isinstance(text, str):
+            manager._stats.bad_input += 1
+            logger.warning("provider/model %r is not a string: counted as its text", value)
+            try:
+                text = str(value)
+            except Exception:
+                text = type(value).__name__
+        out.append(text)
+    return out[0], out[1]
+
+
 def is_timeout(exc: BaseException) -> bool:
     """Whether an LLM call's error is a timeout (counted in ``timeouts``, not ``errors``)."""
     if isinstance(exc, _TIMEOUT_ERRORS):
@@ -894,6 +976,8 @@ class LLMCall:
     ) -> None:
         self._manager = manager
         self.messages = messages
+        if type(provider) is not str or type(model) is not str:
+            provider, model = _names(manager, provider, model)
         self.provider = provider = provider or "unknown"
         self.model = model = model or "unknown"
         given = context.get("request_id")
@@ -1030,7 +1114,7 @@ class LLMCall:
                 )  # fmt: skip
             if _observed.on and not self.duplicate:
                 assert self.response is not None
-                _observed.llm_end(self._kwargs, self.response)
+                _observed.llm_end(self._kwargs, self.response)  # never raises
             return await self._fire_end(duration_s)
         if isinstance(exc, GeneratorExit | KeyboardInterrupt | SystemExit):
             return None
@@ -1067,7 +1151,9 @@ class LLMCall:
             ttft = self._first_chunk_at
             assert group.recorder is not None
             observed = _observed.on
-            t0 = time.perf_counter() if observed else 0.0
+            if observed:
+                before = _Dispatcher._failures(group.members[0][0], group, GROUP)
+                t0 = time.perf_counter()
             try:
                 code, flush = group.recorder.record(
                     self._usage,
@@ -1092,7 +1178,7 @@ class LLMCall:
                 group.kick(flush, self.started_at + duration_s)
                 if observed:
                     self._manager._dispatcher._observe(
-                        group.members[0][0], group, GROUP, time.perf_counter() - t0
+                        group.members[0][0], group, GROUP, time.perf_counter() - t0, before
                     )
                 return
         # The call's own dict: handlers written in Python get a copy anyway (``**kwargs``), the
@@ -1117,9 +1203,11 @@ class LLMCall:
         kwargs = self._kwargs
         assert group.recorder is not None
         observed = _observed.on
-        t0 = time.perf_counter() if observed else 0.0
+        if observed:
+            before = _Dispatcher._failures(group.members[0][0], group, GROUP)
+            t0 = time.perf_counter()
         try:
-            code, usage, found_model, content, table_cost, message, outcome, flush = (
+            code, usage, found_model, content, table_cost, message, outcome, flush, rid, reason = (
                 group.recorder.finish(
                     self._response,
                     self.provider,
@@ -1140,7 +1228,7 @@ class LLMCall:
             stats.usage_warnings += 1
             logger.warning("usage of %s: %s (total kept)", self.request_id, message)
         self._usage = usage
-        self._parts = (found_model, content, table_cost, duration_s)
+        self._parts = (found_model, content, table_cost, duration_s, rid, reason)
         if outcome != _RECORDED:
             self._manager._dispatcher._failed(
                 group.members[outcome][0],
@@ -1150,7 +1238,7 @@ class LLMCall:
         group.kick(flush, ended)
         if observed:
             self._manager._dispatcher._observe(
-                group.members[0][0], group, GROUP, time.perf_counter() - t0
+                group.members[0][0], group, GROUP, time.perf_counter() - t0, before
             )
             cost = table_cost
             if cost is None and usage is not None and usage.cost_usd is not None:
@@ -1163,7 +1251,7 @@ class LLMCall:
         """The normalized response dict given to ``on_llm_end`` (``None`` before the end)."""
         found = self._response_dict
         if found is None and self._parts is not None:
-            found_model, content, table_cost, duration_s = self._parts
+            found_model, content, table_cost, duration_s, rid, reason = self._parts
             found = self._response_dict = make_response(
                 self._usage,
                 None,
@@ -1176,7 +1264,8 @@ class LLMCall:
                 None,
                 0,
                 table_cost,
-                *response_meta(self._response),
+                rid,
+                reason,
             )
             self._parts = None
         return found

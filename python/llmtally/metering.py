@@ -236,7 +236,7 @@ class RedisTokenCallbackHandler(_Meter):
             return None  # may need the prompt to split a bare total
         sample = "0000-00-00"
         prefix = usage_key(self.user_id, sample)[: -len(sample)]
-        return ("user_key", self._store.ledger, prefix, self._fixed_cycle)
+        return ("user_key", self._store, prefix, self._fixed_cycle)
 
     def _key_for(self, kwargs: Mapping[str, Any]) -> str:
         cycle = self._fixed_cycle or self._clock.now()
@@ -301,7 +301,7 @@ class UsageRecorder(_Meter):
         super().__init__(store)
 
     def _llmtally_sink(self) -> tuple[Any, ...] | None:
-        return ("call_user", self._store.ledger, usage_key)
+        return ("call_user", self._store, usage_key)
 
     def _key_for(self, kwargs: Mapping[str, Any]) -> str:
         user_id = kwargs.get("user_id") or "anonymous"

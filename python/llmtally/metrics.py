@@ -118,9 +118,7 @@ class LlmtallyCollector:
         )
         bounds = list(DURATION_BUCKETS)
         for name, stats in sorted(state.handlers.items()):
-            failed = stats.errors + stats.timeouts
-            ran = max(stats.executions, failed)
-            executions.add_metric([name, "success"], float(ran - failed))
+            executions.add_metric([name, "success"], float(stats.successes))
             executions.add_metric([name, "error"], float(stats.errors))
             executions.add_metric([name, "timeout"], float(stats.timeouts))
             for error_type, n in sorted(stats.error_types.items()):

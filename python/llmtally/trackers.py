@@ -104,10 +104,14 @@ class _LedgerTracker(AsyncCallbackHandler):
         key = self._key(kwargs, response)
         if type(response) is dict:
             try:
-                if self._ledger.add_response(key, response) == 0:
-                    return
+                code = self._ledger.add_response(key, response)
             except (TypeError, ValueError, OverflowError):
-                pass
+                code = 2
+            if code == 0:
+                return
+            if code == 1:  # usage skipped as bad input: the call itself is counted already
+                self.bad_input += 1
+                return
         self.bad_input += 1
         self._ledger.add(key, calls=1)
 
@@ -188,6 +192,9 @@ class CostTracker(_LedgerTracker):
     ``total_cost`` (USD) sums the priced calls only (exact: kept in integer pico-USD); calls of a
     model without a price are counted in ``unpriced_requests``, never dropped.
     """
+
+    # Declared again: CostTracker's own _track_end is the built-in recorder of this class.
+    _llmtally_fast: ClassVar[dict[str, str | None]] = _LedgerTracker._llmtally_fast
 
     def __init__(self) -> None:
         super().__init__()

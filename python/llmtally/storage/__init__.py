@@ -144,12 +144,14 @@ class Store:
 
         Which loop is running costs a ``getpid()`` system call in asyncio, so a live flusher's
         loop is checked at most every 10 ms (a loop closed without cancelling its tasks leaves
-        its flusher looking alive; the next check starts one here)."""
-        if not self._alive:
+        its flusher looking alive: a closed loop is seen at once, another thread's live loop at
+        the next check)."""
+        loop = self._task_loop
+        if not self._alive or loop is None or loop.is_closed():
             self._start()
         elif now >= self._loop_checked_at:
             self._loop_checked_at = now + _LOOP_CHECK_S
-            if self._task_loop is not _get_running_loop():
+            if loop is not _get_running_loop():
                 self._start()
                 return
         if flush_wanted and self._wakeup is not None:
