@@ -841,11 +841,35 @@ impl Recorder {
     }
 }
 
-/// Request and run ids: a per-process prefix and a counter, `"<prefix>-<hex counter>"`.
+/// Ids remembered as counted: the last 2^20 (about a million) ids made, one bit each.
+const ENDED_BITS: u64 = 1 << 20;
+
+/// Request and run ids: a per-process prefix and a counter, `"<prefix>-<hex counter>"`; and
+/// which of the last 2^20 ids made here were counted, so a caller who hands one back as its
+/// own `request_id` (a retry) is not counted twice.
 #[pyclass(frozen, module = "llmtally._core", name = "IdMaker")]
 pub struct IdMaker {
     prefix: String,
     next: AtomicU64,
+    ended: Box<[AtomicU64]>,
+}
+
+impl IdMaker {
+    /// The counter of one of this maker's ids, when it is one of the last 2^20 made.
+    fn counter(&self, id: &str) -> Option<u64> {
+        let hex = id.strip_prefix(self.prefix.as_str())?.strip_prefix('-')?;
+        if hex.is_empty() || hex.len() > 16 {
+            return None;
+        }
+        let n = u64::from_str_radix(hex, 16).ok()?;
+        let made = self.next.load(Ordering::Relaxed);
+        (n >= 1 && n < made && made - n <= ENDED_BITS).then_some(n)
+    }
+
+    fn bit(&self, n: u64) -> (&AtomicU64, u64) {
+        let i = n % ENDED_BITS;
+        (&self.ended[(i / 64) as usize], 1u64 << (i % 64))
+    }
 }
 
 #[pymethods]
@@ -855,16 +879,35 @@ impl IdMaker {
         Self {
             prefix,
             next: AtomicU64::new(1),
+            ended: (0..ENDED_BITS / 64).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
     /// The next id.
     fn next(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let (word, mask) = self.bit(n);
+        word.fetch_and(!mask, Ordering::Relaxed); // a slot reused after 2^20 ids starts clear
         let mut out = String::with_capacity(self.prefix.len() + 17);
         out.push_str(&self.prefix);
         let _ = write!(out, "-{n:x}");
         out
+    }
+
+    /// Remember that the call with this id was counted (ids of other makers are ignored).
+    fn mark(&self, id: &str) {
+        if let Some(n) = self.counter(id) {
+            let (word, mask) = self.bit(n);
+            word.fetch_or(mask, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether this id was made here, recently, and its call counted.
+    fn counted(&self, id: &str) -> bool {
+        self.counter(id).is_some_and(|n| {
+            let (word, mask) = self.bit(n);
+            word.load(Ordering::Relaxed) & mask != 0
+        })
     }
 
     #[getter]
@@ -909,6 +952,25 @@ mod tests {
             let (y, m, d) = civil_from_days(days);
             assert_eq!(days_from_civil(y, m, d), days);
         }
+    }
+
+    #[test]
+    fn ids_handed_back_are_known_once_counted() {
+        let ids = IdMaker::py_new("abc".to_owned());
+        let a = ids.next();
+        let b = ids.next();
+        assert_eq!(a, "abc-1");
+        assert!(!ids.counted(&a));
+        ids.mark(&a);
+        assert!(ids.counted(&a) && !ids.counted(&b));
+        assert!(!ids.counted("abd-1") && !ids.counted("abc-") && !ids.counted("abc-zz"));
+        // Not made yet.
+        assert!(!ids.counted("abc-99"));
+        // After 2^20 more ids, the slot is reused and starts clear.
+        for _ in 0..ENDED_BITS {
+            ids.next();
+        }
+        assert!(!ids.counted(&a));
     }
 
     #[test]

@@ -1037,7 +1037,7 @@ class LLMCall:
 
     async def __aenter__(self) -> LLMCall:
         manager = self._manager
-        if self._id_given and self.request_id in manager._window:
+        if self._id_given and (self.request_id in manager._window or _ids.counted(self.request_id)):
             # Already counted (a retry of a request that ended): no handler sees it again.
             self._table = _EMPTY_TABLE
         elif manager._table_version == _global_version:
@@ -1224,6 +1224,7 @@ class LLMCall:
             return False
         stats = self._manager._stats
         stats.llm_calls += 1
+        _ids.mark(self.request_id)  # a caller handing this id back is a duplicate
         if message is not None:
             stats.usage_warnings += 1
             logger.warning("usage of %s: %s (total kept)", self.request_id, message)
@@ -1278,12 +1279,17 @@ class LLMCall:
     def _end(self, duration_s: float) -> None:
         """Normalize the usage and build the response dict (no await, no I/O)."""
         stats = self._manager._stats
-        if self._id_given and self._manager._window.seen(self.request_id, time.monotonic()):
+        request_id = self.request_id
+        if self._id_given and (
+            _ids.counted(request_id) or self._manager._window.seen(request_id, time.monotonic())
+        ):
             self.duplicate = True
             stats.duplicates += 1
             logger.info("duplicate end for request_id %r ignored", self.request_id)
         else:
             stats.llm_calls += 1
+            if not self._id_given:
+                _ids.mark(request_id)  # a caller handing this id back is a duplicate
         model: Any = self.model
         content: str | None = None
         meta: tuple[Any, Any] = (None, None)

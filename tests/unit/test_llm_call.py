@@ -598,3 +598,25 @@ async def test_the_response_id_and_finish_reason_are_carried(
             assert (call.response.get("response_id"), call.response.get("finish_reason")) == (
                 expected
             )
+
+
+async def test_an_id_llmtally_made_handed_back_is_counted_once() -> None:
+    """A retry that reuses the request id llmtally generated for a counted call is a
+    duplicate; one that reuses the id of a failed call is counted."""
+    counter = llmtally.TokenCounter()
+    rec = Recorder()
+    for handlers in ([counter], [counter, rec]):  # the core path and the general one
+        manager = CallbackManager(handlers)
+        async with manager.llm_call(MESSAGES, model="gpt-4o") as first:
+            first.set_response({"prompt_tokens": 4, "completion_tokens": 1})
+        async with manager.llm_call(MESSAGES, model="gpt-4o", request_id=first.request_id) as again:
+            again.set_response({"prompt_tokens": 4, "completion_tokens": 1})
+        assert again.duplicate is True
+        with pytest.raises(RuntimeError):
+            async with manager.llm_call(MESSAGES, model="gpt-4o") as failed:
+                raise RuntimeError("provider down")
+        async with manager.llm_call(MESSAGES, model="gpt-4o", request_id=failed.request_id) as r:
+            r.set_response({"prompt_tokens": 4, "completion_tokens": 1})
+        assert r.duplicate is False
+    assert counter.requests == 4 and counter.total_tokens == 20
+    assert len(rec.of("on_llm_start")) == 3  # the handed-back counted id was not started
