@@ -22,6 +22,8 @@ logger = logging.getLogger("llmtally")
 _SEP = "\x1f"
 #: Users given their own ``token_usage_total`` series; later users count under ``"<other>"``.
 MAX_USERS = 10_000
+#: (provider, model) pairs given their own series; later ones count under model ``"<other>"``.
+MAX_MODELS = 1_000
 
 
 class HandlerStats:
@@ -63,11 +65,23 @@ class _State:
         self.llm = Ledger()
         self.llm_totals: dict[str, list[int]] = {}
         self.users: set[str] = set()
+        self.models: set[tuple[str, str]] = set()
         self.errors = 0  # calls left out of the metrics (a label that cannot be made)
         self._keys: dict[tuple[Any, Any, Any], str] = {}
         self.flush_batches: dict[tuple[str, str], int] = {}
         self.managers: weakref.WeakSet[Any] = weakref.WeakSet()
         self.stores: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def model_label(self, provider: Any, model: Any) -> tuple[str, str]:
+        """``(provider, model)`` labels; past ``MAX_MODELS`` pairs, ``"<other>"`` (model names
+        come from callers and providers: the series must stay bounded)."""
+        pair = (_label(provider or "unknown"), _label(model or "unknown"))
+        if pair in self.models:
+            return pair
+        if len(self.models) >= MAX_MODELS:
+            return pair[0], "<other>"
+        self.models.add(pair)
+        return pair
 
     def user_label(self, user: Any) -> str:
         name = user if type(user) is str and user else ("anonymous" if not user else _label(user))
@@ -83,12 +97,12 @@ class _State:
         try:
             key = self._keys.get(parts)
         except TypeError:  # an unhashable id: labelled by its text, not cached
-            return _SEP.join((_label(provider), _label(model), self.user_label(_label(user))))
+            return _SEP.join((*self.model_label(provider, model), self.user_label(_label(user))))
         if key is None:
             if len(self._keys) >= 100_000:
                 self._keys.clear()
             key = self._keys[parts] = _SEP.join(
-                (_label(provider or "unknown"), _label(model or "unknown"), self.user_label(user))
+                (*self.model_label(provider, model), self.user_label(user))
             )
         return key
 

@@ -15,7 +15,8 @@ recording costs a few counter increments per handler call and nothing else:
   calls) and ``llmtally_model_cost_usd_total{provider, model}``,
   ``llmtally_llm_requests_total{provider, model, status}`` and the seed's per-user
   ``llmtally_token_usage_total{user_id, type}`` (``prompt``/``completion``; the first 10,000 users
-  get their own series, later ones count under ``"<other>"``).
+  get their own series, later ones count under ``"<other>"``, and past 1,000 provider and model
+  pairs a new model counts under ``"<other>"``).
 - ``llmtally_flush_batches_total`` (batches written), ``llmtally_flush_failures_total``,
   ``llmtally_store_flushes_total{backend, status}`` and ``llmtally_pending_deltas``.
 

@@ -254,3 +254,17 @@ async def test_parallel_handlers_are_timed_and_counted_each(registry: Any) -> No
     hist = "llmtally_callback_duration_seconds"
     assert value(registry, f"{hist}_sum", callback_type="MetricsParallelA") >= 3 * 0.002
     assert value(registry, f"{hist}_count", callback_type="MetricsParallelB") == 3
+
+
+async def test_model_labels_are_bounded(registry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmtally import _observe
+
+    monkeypatch.setattr(_observe, "MAX_MODELS", len(_observe.state.models) + 2)
+    manager = CallbackManager([CostTracker()])
+    for i in range(5):
+        async with manager.llm_call(MESSAGES, provider="bounded", model=f"m{i}") as call:
+            call.set_response({"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    tokens = "llmtally_tokens_total"
+    assert value(registry, tokens, type="prompt", provider="bounded", model="m0") == 1
+    assert value(registry, tokens, type="prompt", provider="bounded", model="m1") == 1
+    assert value(registry, tokens, type="prompt", provider="bounded", model="<other>") == 3
