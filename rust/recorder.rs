@@ -530,52 +530,15 @@ impl Recorder {
         self.apply(response.py(), &call)
     }
 
-    /// `end` for a manager that holds the call's parts already: the normalized `usage` (from
-    /// `finish_response`), the response dict (for its cost), and the call's context.
-    #[pyo3(signature = (
-        usage, response, provider, call_model, user_id, cycle_start_date, duration_ms, ttft_ms
-    ))]
-    #[allow(clippy::too_many_arguments)]
-    fn record<'py>(
-        &self,
-        usage: &Bound<'py, Usage>,
-        response: &Bound<'py, PyDict>,
-        provider: Bound<'py, PyString>,
-        call_model: Bound<'py, PyString>,
-        user_id: Option<Bound<'py, PyAny>>,
-        cycle_start_date: Option<Bound<'py, PyAny>>,
-        duration_ms: f64,
-        ttft_ms: Option<f64>,
-    ) -> PyResult<(i64, bool)> {
-        let py = response.py();
-        let Some(cost_pusd) = response_cost(response)? else {
-            return Ok((DECLINED, false)); // unpriced (CostTracker counts it)
-        };
-        let model = match opt_str(response.get_item(intern!(py, "model"))?) {
-            Some(Some(m)) if !m.to_str()?.is_empty() => m,
-            Some(_) => call_model.clone(),
-            None => return Ok((DECLINED, false)),
-        };
-        self.record_usage(
-            py,
-            usage.get(),
-            cost_pusd,
-            provider,
-            model,
-            call_model,
-            user_id,
-            cycle_start_date,
-            duration_ms,
-            ttft_ms,
-        )
-    }
-
     /// Read a call's response and record it in one crossing, for a call whose end goes only to
     /// this recorder. Returns `(code, usage, found_model, content, table_cost_pusd, warning,
     /// outcome, flush_wanted, response_id, finish_reason)`: the parts `make_response` builds the
-    /// response dict from, when it is wanted. `outcome` is `record`'s; anything but `READ_OK` with a recorded outcome
+    /// response dict from, when it is wanted. A recorded call's `request_id` is marked counted
+    /// in `ids`. `outcome` is `record`'s; anything but `READ_OK` with a recorded outcome
     /// means nothing was written and the caller takes its general path.
-    #[pyo3(signature = (obj, provider, model, duration_s, prices, user_id, cycle_start_date))]
+    #[pyo3(signature = (
+        obj, provider, model, duration_s, prices, user_id, cycle_start_date, ids, request_id
+    ))]
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn finish<'py>(
         &self,
@@ -586,6 +549,8 @@ impl Recorder {
         prices: Option<&Bound<'py, Prices>>,
         user_id: Option<Bound<'py, PyAny>>,
         cycle_start_date: Option<Bound<'py, PyAny>>,
+        ids: &IdMaker,
+        request_id: &str,
     ) -> PyResult<(
         u8,
         Option<Bound<'py, Usage>>,
@@ -645,10 +610,12 @@ impl Recorder {
                 user_id,
                 cycle_start_date,
                 duration_s * 1000.0,
-                None,
             )?,
             None => (DECLINED, false), // unpriced (CostTracker counts it)
         };
+        if outcome != DECLINED {
+            ids.mark(request_id); // counted: the id handed back later is a duplicate
+        }
         let warning = u.warning.clone();
         let usage = Bound::new(py, u)?;
         let (response_id, finish_reason) = response_meta(obj);
@@ -684,8 +651,8 @@ impl Recorder {
         user_id: Option<Bound<'py, PyAny>>,
         cycle_start_date: Option<Bound<'py, PyAny>>,
         duration_ms: f64,
-        ttft_ms: Option<f64>,
     ) -> PyResult<(i64, bool)> {
+        // `finish` reads whole responses, not streams: no time to first token.
         let Some(user) = user_of(user_id)? else {
             return Ok((DECLINED, false));
         };
@@ -709,7 +676,7 @@ impl Recorder {
             call_model,
             user,
             duration_ms,
-            ttft_ms,
+            ttft_ms: None,
             completion: u.completion_tokens.map(as_i64),
         };
         self.apply(py, &call)

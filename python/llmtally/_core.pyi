@@ -269,17 +269,6 @@ class Recorder:
 
     def __init__(self, sinks: list[tuple[Any, ...]], flush_at: int) -> None: ...
     def end(self, response: object, kwargs: dict[str, Any], id_prefix: str) -> tuple[int, bool]: ...
-    def record(
-        self,
-        usage: Usage,
-        response: dict[str, Any],
-        provider: str,
-        call_model: str,
-        user_id: object,
-        cycle_start_date: object,
-        duration_ms: float,
-        ttft_ms: float | None,
-    ) -> tuple[int, bool]: ...
     def finish(
         self,
         obj: Any,
@@ -289,6 +278,8 @@ class Recorder:
         prices: Prices | None,
         user_id: object,
         cycle_start_date: object,
+        ids: IdMaker,
+        request_id: str,
     ) -> tuple[
         int,
         Usage | None,

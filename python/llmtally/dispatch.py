@@ -161,6 +161,15 @@ class _FastGroup:
         self.stores: list[Any] = []
         self.recorder: _Recorder | None = None
 
+    def refused(self, dispatcher: _Dispatcher, event: str, index: int) -> None:
+        """The core recorded a call but member ``index``'s counters refused it (a 64-bit
+        overflow): that member's failure, counted and logged."""
+        dispatcher._failed(
+            self.members[index][0],
+            event,
+            OverflowError("a usage counter would overflow: the delta was refused"),
+        )
+
     def kick(self, flush_wanted: bool, now: float) -> None:
         """Make sure each written store's flusher runs (see ``Store._kicked``)."""
         for store in self.stores:
@@ -341,11 +350,7 @@ class _Dispatcher:
                     self._failed(entry, event, exc)
             return
         if code != _RECORDED:
-            self._failed(
-                group.members[code][0],
-                event,
-                OverflowError("a usage counter would overflow: the delta was refused"),
-            )
+            group.refused(self, event, code)
         group.kick(flush, time.perf_counter())
 
     @staticmethod
@@ -1144,43 +1149,6 @@ class LLMCall:
             return
         response = self.response
         assert response is not None
-        group = table.end_group
-        if group is not None and not self._id_given and self._usage is not None:
-            # Only built-in recorders, and an id made here: one crossing with the call's parts.
-            kwargs = self._kwargs
-            ttft = self._first_chunk_at
-            assert group.recorder is not None
-            observed = _observed.on
-            if observed:
-                before = _Dispatcher._failures(group.members[0][0], group, GROUP)
-                t0 = time.perf_counter()
-            try:
-                code, flush = group.recorder.record(
-                    self._usage,
-                    response,
-                    self.provider,
-                    self.model,
-                    kwargs.get("user_id"),
-                    kwargs.get("cycle_start_date"),
-                    duration_s * 1000.0,
-                    None if ttft is None else (ttft - self.started_at) * 1000.0,
-                )
-            except Exception as exc:  # nothing written: the general path below decides
-                logger.debug("core recorder declined %s: %r", self.request_id, exc)
-                code, flush = DECLINED, False
-            if code != DECLINED:
-                if code != _RECORDED:
-                    self._manager._dispatcher._failed(
-                        group.members[code][0],
-                        "on_llm_end",
-                        OverflowError("a usage counter would overflow: the delta was refused"),
-                    )
-                group.kick(flush, self.started_at + duration_s)
-                if observed:
-                    self._manager._dispatcher._observe(
-                        group.members[0][0], group, GROUP, time.perf_counter() - t0, before
-                    )
-                return
         # The call's own dict: handlers written in Python get a copy anyway (``**kwargs``), the
         # built-in recorders read it and keep nothing.
         kwargs = self._kwargs
@@ -1216,6 +1184,8 @@ class LLMCall:
                     cached_prices(self.model, self.provider),
                     kwargs.get("user_id"),
                     kwargs.get("cycle_start_date"),
+                    _ids,  # the core marks the id counted (a caller handing it back: duplicate)
+                    self.request_id,
                 )
             )
         except Exception:
@@ -1224,18 +1194,13 @@ class LLMCall:
             return False
         stats = self._manager._stats
         stats.llm_calls += 1
-        _ids.mark(self.request_id)  # a caller handing this id back is a duplicate
         if message is not None:
             stats.usage_warnings += 1
             logger.warning("usage of %s: %s (total kept)", self.request_id, message)
         self._usage = usage
         self._parts = (found_model, content, table_cost, duration_s, rid, reason)
         if outcome != _RECORDED:
-            self._manager._dispatcher._failed(
-                group.members[outcome][0],
-                "on_llm_end",
-                OverflowError("a usage counter would overflow: the delta was refused"),
-            )
+            group.refused(self._manager._dispatcher, "on_llm_end", outcome)
         group.kick(flush, ended)
         if observed:
             self._manager._dispatcher._observe(
