@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from harness import Call
+from harness import BATCH, PER_WORKER, WORKERS, bench_concurrent, bench_sequential
 from peers import (
     empty_harness,
     langchain_metering_set,
@@ -24,9 +24,6 @@ from peers import (
     llmtally_one_handler,
 )
 from results import record
-
-BATCH = 1000  # calls per measured round
-WORKERS, PER_WORKER = 1000, 20
 
 
 @pytest.fixture
@@ -48,26 +45,6 @@ def any_loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLo
     loop.close()
 
 
-def _sequential(benchmark: Any, loop: asyncio.AbstractEventLoop, call: Call) -> None:
-    async def batch() -> None:
-        for _ in range(BATCH):
-            await call()
-
-    loop.run_until_complete(batch())  # warm-up
-    benchmark.pedantic(lambda: loop.run_until_complete(batch()), rounds=30, iterations=1)
-
-
-def _concurrent(benchmark: Any, loop: asyncio.AbstractEventLoop, call: Call) -> None:
-    async def worker() -> None:
-        for _ in range(PER_WORKER):
-            await call()
-
-    async def run() -> None:
-        await asyncio.gather(*(worker() for _ in range(WORKERS)))
-
-    benchmark.pedantic(lambda: loop.run_until_complete(run()), rounds=5, iterations=1)
-
-
 SYSTEMS: dict[str, Callable[[bool], Any]] = {
     "empty": lambda concurrent: (empty_harness(concurrent), None),
     "llmtally": llmtally_one_handler,
@@ -87,7 +64,7 @@ def test_sequential(benchmark: Any, loop: asyncio.AbstractEventLoop, system: str
     if system == "langchain":
         pytest.importorskip("langchain_core")
     call, counter = SYSTEMS[system](False)
-    _sequential(benchmark, loop, call)
+    bench_sequential(benchmark, loop, call)
     record("B1-sequential", system, benchmark.stats.stats.median / BATCH)
     if counter is not None:
         assert counter.tokens == 21 * counter.calls  # every call counted, exactly
@@ -99,7 +76,7 @@ def test_concurrent(benchmark: Any, loop: asyncio.AbstractEventLoop, system: str
     if system == "langchain":
         pytest.importorskip("langchain_core")
     call, counter = SYSTEMS[system](True)
-    _concurrent(benchmark, loop, call)
+    bench_concurrent(benchmark, loop, call)
     record("B1-concurrent", system, benchmark.stats.stats.median / (WORKERS * PER_WORKER))
     if counter is not None:
         assert counter.calls == 5 * WORKERS * PER_WORKER
@@ -113,7 +90,7 @@ def test_metering_set_sequential(
     if system == "langchain":
         pytest.importorskip("langchain_core")
     call, counter = METERING[system](False)
-    _sequential(benchmark, loop, call)
+    bench_sequential(benchmark, loop, call)
     record("B1-metering-sequential", system, benchmark.stats.stats.median / BATCH)
     if counter is not None:
         assert counter.tokens == 21 * counter.calls
@@ -127,7 +104,7 @@ def test_metering_set_concurrent(
     if system == "langchain":
         pytest.importorskip("langchain_core")
     call, counter = METERING[system](True)
-    _concurrent(benchmark, any_loop, call)
+    bench_concurrent(benchmark, any_loop, call)
     loop_name = "uvloop" if type(any_loop).__module__.startswith("uvloop") else "asyncio"
     record(
         f"B1-metering-concurrent-{loop_name}",
@@ -151,7 +128,7 @@ def test_metering_set_sequential_with_prometheus(
     enable_metrics(registry)
     try:
         call, counter = llmtally_metering_set(False)
-        _sequential(benchmark, loop, call)
+        bench_sequential(benchmark, loop, call)
         executions = registry.get_sample_value(
             "llmtally_callback_executions_total",
             {"callback_type": "CostTracker", "status": "success"},

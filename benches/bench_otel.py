@@ -18,7 +18,16 @@ from typing import Any
 
 import pytest
 
-from harness import MESSAGES, USAGE, Call
+from harness import (
+    BATCH,
+    PER_WORKER,
+    USAGE,
+    WORKERS,
+    Call,
+    bench_concurrent,
+    bench_sequential,
+    llm_call,
+)
 from peers import empty_harness
 from results import record
 
@@ -36,9 +45,6 @@ from opentelemetry.trace import SpanKind
 
 import llmtally
 from llmtally.otel import OpenTelemetryHandler
-
-BATCH = 1000
-WORKERS, PER_WORKER = 1000, 20
 
 
 class _Drop(SpanExporter):
@@ -60,27 +66,14 @@ def _providers() -> tuple[TracerProvider, MeterProvider, _Drop]:
     return tracer_provider, meter_provider, exporter
 
 
-def _llm_call(manager: llmtally.CallbackManager, concurrent: bool) -> Call:
-    response = {"usage": USAGE}
-    sleep = asyncio.sleep
-
-    async def call() -> None:
-        async with manager.llm_call(MESSAGES, provider="openai", model="gpt-4o") as c:
-            if concurrent:
-                await sleep(0)
-            c.set_response(response)
-
-    return call
-
-
 def no_handler(concurrent: bool) -> tuple[Call, Any]:
-    return _llm_call(llmtally.CallbackManager([]), concurrent), None
+    return llm_call(llmtally.CallbackManager([]), concurrent), None
 
 
 def with_otel_handler(concurrent: bool) -> tuple[Call, Any]:
     tracer_provider, meter_provider, exporter = _providers()
     handler = OpenTelemetryHandler(tracer_provider, meter_provider)
-    return _llm_call(llmtally.CallbackManager([handler]), concurrent), exporter
+    return llm_call(llmtally.CallbackManager([handler]), concurrent), exporter
 
 
 def sdk_by_hand(concurrent: bool) -> tuple[Call, Any]:
@@ -147,13 +140,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 @pytest.mark.parametrize("system", list(SYSTEMS))
 def test_otel_sequential(benchmark: Any, loop: asyncio.AbstractEventLoop, system: str) -> None:
     call, exporter = SYSTEMS[system](False)
-
-    async def batch() -> None:
-        for _ in range(BATCH):
-            await call()
-
-    loop.run_until_complete(batch())  # warm-up
-    benchmark.pedantic(lambda: loop.run_until_complete(batch()), rounds=20, iterations=1)
+    bench_sequential(benchmark, loop, call, rounds=20)
     record("OTel-sequential", system, benchmark.stats.stats.median / BATCH)
     if exporter is not None:
         assert exporter.spans == 21 * BATCH  # warm-up + 20 rounds, one span per call
@@ -163,15 +150,7 @@ def test_otel_sequential(benchmark: Any, loop: asyncio.AbstractEventLoop, system
 @pytest.mark.parametrize("system", list(SYSTEMS))
 def test_otel_concurrent(benchmark: Any, loop: asyncio.AbstractEventLoop, system: str) -> None:
     call, exporter = SYSTEMS[system](True)
-
-    async def worker() -> None:
-        for _ in range(PER_WORKER):
-            await call()
-
-    async def run() -> None:
-        await asyncio.gather(*(worker() for _ in range(WORKERS)))
-
-    benchmark.pedantic(lambda: loop.run_until_complete(run()), rounds=5, iterations=1)
+    bench_concurrent(benchmark, loop, call)
     record("OTel-concurrent", system, benchmark.stats.stats.median / (WORKERS * PER_WORKER))
     if exporter is not None:
         assert exporter.spans == 5 * WORKERS * PER_WORKER

@@ -12,11 +12,54 @@ import gc
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 Call = Callable[[], Awaitable[None]]
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 USAGE = {"prompt_tokens": 14, "completion_tokens": 7, "total_tokens": 21}
+BATCH = 1000  # sequential calls per measured round
+WORKERS, PER_WORKER = 1000, 20  # the concurrent form
+
+
+def llm_call(manager: Any, concurrent: bool) -> Call:
+    """One ``manager.llm_call`` with the fake LLM (``await asyncio.sleep(0)`` when concurrent)."""
+    response = {"usage": USAGE}
+    sleep = asyncio.sleep
+
+    async def call() -> None:
+        async with manager.llm_call(MESSAGES, provider="openai", model="gpt-4o") as c:
+            if concurrent:
+                await sleep(0)
+            c.set_response(response)
+
+    return call
+
+
+def bench_sequential(
+    benchmark: Any, loop: asyncio.AbstractEventLoop, call: Call, rounds: int = 30
+) -> None:
+    """pytest-benchmark over rounds of ``BATCH`` sequential calls, after one warm-up round."""
+
+    async def batch() -> None:
+        for _ in range(BATCH):
+            await call()
+
+    loop.run_until_complete(batch())  # warm-up
+    benchmark.pedantic(lambda: loop.run_until_complete(batch()), rounds=rounds, iterations=1)
+
+
+def bench_concurrent(benchmark: Any, loop: asyncio.AbstractEventLoop, call: Call) -> None:
+    """pytest-benchmark over rounds of ``WORKERS`` tasks making ``PER_WORKER`` calls each."""
+
+    async def worker() -> None:
+        for _ in range(PER_WORKER):
+            await call()
+
+    async def run() -> None:
+        await asyncio.gather(*(worker() for _ in range(WORKERS)))
+
+    benchmark.pedantic(lambda: loop.run_until_complete(run()), rounds=5, iterations=1)
 
 
 def per_call_ns(loop: asyncio.AbstractEventLoop, call: Call, n: int, rounds: int) -> list[float]:

@@ -11,7 +11,7 @@ import llmtally
 from llmtally.bench import langchain_metering_set as _langchain_set
 from llmtally.bench import llmtally_metering_set as llmtally_metering_set
 
-from harness import MESSAGES, USAGE, Call
+from harness import MESSAGES, USAGE, Call, llm_call
 
 
 async def _noop() -> None:
@@ -38,16 +38,7 @@ class _Counter(llmtally.AsyncCallbackHandler):
 def llmtally_one_handler(concurrent: bool) -> tuple[Call, _Counter]:
     """One ``llm_call`` with one async counting handler."""
     counter = _Counter()
-    manager = llmtally.CallbackManager([counter])
-    response = {"usage": USAGE}
-    sleep = asyncio.sleep
-
-    async def call() -> None:
-        async with manager.llm_call(MESSAGES, provider="openai", model="gpt-4o") as c:
-            if concurrent:
-                await sleep(0)
-            c.set_response(response)
-
+    call = llm_call(llmtally.CallbackManager([counter]), concurrent)
     return call, counter
 
 
