@@ -30,10 +30,11 @@ and retrieval equivalents, as JSON strings).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Final, TypeGuard
 
 from opentelemetry import metrics, trace
@@ -143,6 +144,21 @@ class _Open:
         self.span = span
         self.started = started
         self.steps = 0
+
+
+def _guarded(event: Callable[..., None]) -> Callable[..., Coroutine[Any, Any, None]]:
+    """The async event method around ``event``'s body: a failure inside it is logged and
+    counted in ``errors``, never raised (the handler may be called directly, without a
+    manager's isolation)."""
+
+    @functools.wraps(event)
+    async def guarded(self: OpenTelemetryHandler, *args: Any, **kwargs: Any) -> None:
+        try:
+            event(self, *args, **kwargs)
+        except Exception as exc:
+            self._failed(event.__name__, exc)
+
+    return guarded
 
 
 class OpenTelemetryHandler(AsyncCallbackHandler):
@@ -336,22 +352,18 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
             attributes["llmtally.request_id"] = str(request_id)
         return name, attributes
 
-    async def on_llm_start(self, messages: list[dict[str, Any]], **kwargs: Any) -> None:
+    @_guarded
+    def on_llm_start(self, messages: list[dict[str, Any]], **kwargs: Any) -> None:
         """Start the call's ``chat {model}`` span."""
-        try:
-            name, attributes = self._llm_attributes(kwargs)
-            if self.capture_content:
-                attributes["gen_ai.input.messages"] = _input_messages(messages)
-            self._start(name, SpanKind.CLIENT, attributes, kwargs)
-        except Exception as exc:
-            self._failed("on_llm_start", exc)
+        name, attributes = self._llm_attributes(kwargs)
+        if self.capture_content:
+            attributes["gen_ai.input.messages"] = _input_messages(messages)
+        self._start(name, SpanKind.CLIENT, attributes, kwargs)
 
-    async def on_llm_end(self, response: dict[str, Any], **kwargs: Any) -> None:
+    @_guarded
+    def on_llm_end(self, response: dict[str, Any], **kwargs: Any) -> None:
         """Set usage, cost and response attributes, end the span, record the metrics."""
-        try:
-            self._llm_end(response, kwargs)
-        except Exception as exc:
-            self._failed("on_llm_end", exc)
+        self._llm_end(response, kwargs)
 
     def _llm_end(self, response: Any, kwargs: Mapping[str, Any]) -> None:
         entry = self._take(kwargs)
@@ -462,24 +474,22 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
             self._metric_attrs[key] = found
         return found
 
-    async def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+    @_guarded
+    def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
         """End the span as failed and record the duration with ``error.type``."""
+        entry = self._take(kwargs)
+        if entry is None:
+            name, attributes = self._llm_attributes(kwargs)
+            span = self._late_span(name, SpanKind.CLIENT, attributes, kwargs)
+            started = None
+        else:
+            span, started = entry.span, entry.started
         try:
-            entry = self._take(kwargs)
-            if entry is None:
-                name, attributes = self._llm_attributes(kwargs)
-                span = self._late_span(name, SpanKind.CLIENT, attributes, kwargs)
-                started = None
-            else:
-                span, started = entry.span, entry.started
-            try:
-                error_type = self._error(span, error, kwargs)
-            finally:
-                span.end()
-            base = self._attrs_for(kwargs, None)[0]
-            self._duration.record(_duration_s(kwargs, started), {**base, "error.type": error_type})
-        except Exception as exc:
-            self._failed("on_llm_error", exc)
+            error_type = self._error(span, error, kwargs)
+        finally:
+            span.end()
+        base = self._attrs_for(kwargs, None)[0]
+        self._duration.record(_duration_s(kwargs, started), {**base, "error.type": error_type})
 
     # -- scopes --------------------------------------------------------------------------------
 
@@ -575,99 +585,73 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
                 attributes[key] = _json(content)
         self._start(name, span_kind, attributes, kwargs)
 
-    async def on_agent_start(self, goal: Any, **kwargs: Any) -> None:
+    @_guarded
+    def on_agent_start(self, goal: Any, **kwargs: Any) -> None:
         """Start an ``invoke_agent`` span."""
-        try:
-            self._scope_start(_AGENT, None, goal, kwargs)
-        except Exception as exc:
-            self._failed("on_agent_start", exc)
+        self._scope_start(_AGENT, None, goal, kwargs)
 
-    async def on_agent_step(self, step: Any, **kwargs: Any) -> None:
+    @_guarded
+    def on_agent_step(self, step: Any, **kwargs: Any) -> None:
         """Count the step (``llmtally.agent.steps`` on the agent's span)."""
-        try:
-            run_id = _key(kwargs.get("run_id"))
-            entry = self._open.get(run_id) if run_id is not None else None
-            if entry is not None:
-                entry.steps += 1
-        except Exception as exc:
-            self._failed("on_agent_step", exc)
+        run_id = _key(kwargs.get("run_id"))
+        entry = self._open.get(run_id) if run_id is not None else None
+        if entry is not None:
+            entry.steps += 1
 
-    async def on_agent_end(self, result: Any, **kwargs: Any) -> None:
+    @_guarded
+    def on_agent_end(self, result: Any, **kwargs: Any) -> None:
         """End the agent's span."""
-        try:
-            self._scope_end(_AGENT, None, result, kwargs)
-        except Exception as exc:
-            self._failed("on_agent_end", exc)
+        self._scope_end(_AGENT, None, result, kwargs)
 
-    async def on_agent_error(self, error: BaseException, **kwargs: Any) -> None:
+    @_guarded
+    def on_agent_error(self, error: BaseException, **kwargs: Any) -> None:
         """End the agent's span as failed."""
-        try:
-            self._scope_error(_AGENT, None, error, kwargs)
-        except Exception as exc:
-            self._failed("on_agent_error", exc)
+        self._scope_error(_AGENT, None, error, kwargs)
 
-    async def on_tool_start(self, tool_name: str, args: Any, **kwargs: Any) -> None:
+    @_guarded
+    def on_tool_start(self, tool_name: str, args: Any, **kwargs: Any) -> None:
         """Start an ``execute_tool`` span."""
-        try:
-            self._scope_start(_TOOL, tool_name, args, kwargs)
-        except Exception as exc:
-            self._failed("on_tool_start", exc)
+        self._scope_start(_TOOL, tool_name, args, kwargs)
 
-    async def on_tool_end(self, tool_name: str, result: Any, **kwargs: Any) -> None:
+    @_guarded
+    def on_tool_end(self, tool_name: str, result: Any, **kwargs: Any) -> None:
         """End the tool's span."""
-        try:
-            self._scope_end(_TOOL, tool_name, result, kwargs)
-        except Exception as exc:
-            self._failed("on_tool_end", exc)
+        self._scope_end(_TOOL, tool_name, result, kwargs)
 
-    async def on_tool_error(self, tool_name: str, error: BaseException, **kwargs: Any) -> None:
+    @_guarded
+    def on_tool_error(self, tool_name: str, error: BaseException, **kwargs: Any) -> None:
         """End the tool's span as failed."""
-        try:
-            self._scope_error(_TOOL, tool_name, error, kwargs)
-        except Exception as exc:
-            self._failed("on_tool_error", exc)
+        self._scope_error(_TOOL, tool_name, error, kwargs)
 
-    async def on_chain_start(self, chain_name: str, **kwargs: Any) -> None:
+    @_guarded
+    def on_chain_start(self, chain_name: str, **kwargs: Any) -> None:
         """Start an ``invoke_workflow`` span."""
-        try:
-            self._scope_start(_CHAIN, chain_name, None, kwargs)
-        except Exception as exc:
-            self._failed("on_chain_start", exc)
+        self._scope_start(_CHAIN, chain_name, None, kwargs)
 
-    async def on_chain_end(self, result: Any, **kwargs: Any) -> None:
+    @_guarded
+    def on_chain_end(self, result: Any, **kwargs: Any) -> None:
         """End the chain's span."""
-        try:
-            self._scope_end(_CHAIN, None, result, kwargs)
-        except Exception as exc:
-            self._failed("on_chain_end", exc)
+        self._scope_end(_CHAIN, None, result, kwargs)
 
-    async def on_chain_error(self, error: BaseException, **kwargs: Any) -> None:
+    @_guarded
+    def on_chain_error(self, error: BaseException, **kwargs: Any) -> None:
         """End the chain's span as failed."""
-        try:
-            self._scope_error(_CHAIN, None, error, kwargs)
-        except Exception as exc:
-            self._failed("on_chain_error", exc)
+        self._scope_error(_CHAIN, None, error, kwargs)
 
-    async def on_retrieval_start(self, query: Any, **kwargs: Any) -> None:
+    @_guarded
+    def on_retrieval_start(self, query: Any, **kwargs: Any) -> None:
         """Start a ``retrieval`` span."""
-        try:
-            self._scope_start(_RETRIEVAL, None, query, kwargs)
-        except Exception as exc:
-            self._failed("on_retrieval_start", exc)
+        self._scope_start(_RETRIEVAL, None, query, kwargs)
 
-    async def on_retrieval_end(self, documents: Any, **kwargs: Any) -> None:
+    @_guarded
+    def on_retrieval_end(self, documents: Any, **kwargs: Any) -> None:
         """End the retrieval's span."""
-        try:
-            self._scope_end(_RETRIEVAL, None, documents, kwargs)
-        except Exception as exc:
-            self._failed("on_retrieval_end", exc)
+        self._scope_end(_RETRIEVAL, None, documents, kwargs)
 
-    async def on_retrieval_error(self, error: BaseException, **kwargs: Any) -> None:
+    @_guarded
+    def on_retrieval_error(self, error: BaseException, **kwargs: Any) -> None:
         """End the retrieval's span as failed."""
-        try:
-            self._scope_error(_RETRIEVAL, None, error, kwargs)
-        except Exception as exc:
-            self._failed("on_retrieval_error", exc)
+        self._scope_error(_RETRIEVAL, None, error, kwargs)
 
 
 _INPUT_KEYS: Final = {
