@@ -34,17 +34,6 @@ from litellm.integrations.custom_logger import CustomLogger
 import llmtally
 from llmtally.litellm import LlmtallyLogger
 
-pytestmark = [
-    # Warnings LiteLLM (not llmtally) triggers; see tests/integration/test_litellm.py.
-    pytest.mark.filterwarnings(
-        "ignore:Item 'summary' on TypedDict class 'ChatCompletionReasoningItem':UserWarning"
-    ),
-    pytest.mark.filterwarnings(
-        r"ignore:Accessing the 'model_(computed_)?fields' attribute on the instance is deprecated"
-        ":pydantic.warnings.PydanticDeprecatedSince211"
-    ),
-]
-
 BATCH = 100  # calls per measured round
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 _GLOBAL_LISTS = (

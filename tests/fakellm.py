@@ -46,6 +46,8 @@ def _chat_chunks(model: str, include_usage: bool) -> list[dict[str, Any]]:
         {**base, "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
         for t in ("Pa", "ris", ".")
     ]
+    # as OpenAI streams it: the finish reason in a chunk of its own, then the usage chunk
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     if include_usage:
         chunks.append({**base, "choices": [], "usage": USAGE})
     return chunks

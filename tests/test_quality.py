@@ -6,6 +6,7 @@ import ast
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,54 @@ def test_native_stub_matches_the_module() -> None:
     public = {name for name in dir(_core) if not name.startswith("_")} | {"__version__"}
     assert {n for n in declared if not n.startswith("_")} | {"__version__"} == public
     assert all(hasattr(_core, name) for name in declared)
+
+
+def _policy_action(category: type[Warning], module: str) -> str:
+    """What the suite's warnings policy (pyproject's ``filterwarnings``) does with a warning of
+    ``category`` attributed to ``module``: ``"error"`` or ``"shown"``."""
+    import tomllib
+
+    from _pytest.config import parse_warning_filter
+
+    policy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"][
+        "filterwarnings"
+    ]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.resetwarnings()
+        for entry in policy:  # as pytest applies them: each later entry wins
+            warnings.filterwarnings(*parse_warning_filter(entry, escape=False))
+        try:
+            warnings.warn_explicit("a warning", category, f"{module}.py", 1, module=module)
+        except Warning:
+            return "error"
+    assert len(seen) == 1
+    return "shown"
+
+
+@pytest.mark.parametrize(
+    ("category", "module", "action"),
+    [
+        # ours: errors, whatever the category
+        (DeprecationWarning, "llmtally", "error"),
+        (DeprecationWarning, "llmtally.storage.sqlite", "error"),
+        (PendingDeprecationWarning, "llmtally.dispatch", "error"),
+        (UserWarning, "llmtally.pricing", "error"),
+        (ResourceWarning, "llmtally.storage", "error"),
+        (RuntimeWarning, "asyncio.base_events", "error"),  # a coroutine never awaited
+        (DeprecationWarning, "test_storage", "error"),
+        (DeprecationWarning, "helpers", "error"),
+        (DeprecationWarning, "bench_dispatch", "error"),
+        # theirs: reported, never fatal
+        (DeprecationWarning, "litellm.litellm_core_utils.streaming_handler", "shown"),
+        (PendingDeprecationWarning, "langchain_core.callbacks", "shown"),
+        (DeprecationWarning, "llmtally_lookalike", "shown"),
+        (UserWarning, "pydantic._internal._generate_schema", "shown"),
+        # a third party's other warnings stay errors until a reviewed entry says otherwise
+        (UserWarning, "litellm.utils", "error"),
+        (UserWarning, "pydantic.main", "error"),
+    ],
+)
+def test_warnings_policy_fails_on_ours_not_on_theirs(
+    category: type[Warning], module: str, action: str
+) -> None:
+    assert _policy_action(category, module) == action

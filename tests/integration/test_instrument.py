@@ -59,13 +59,13 @@ async def test_openai_stream_asks_for_usage_and_counts_it(fake: FakeLLM) -> None
     )
     stream = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
     texts = [c.choices[0].delta.content async for c in stream if c.choices]
-    assert texts == ["Pa", "ris", "."]
+    assert texts == ["Pa", "ris", ".", None]  # the finish chunk has an empty delta
     assert fake.requests[-1][1]["stream_options"] == {"include_usage": True}
     (response,), end = rec.of("on_llm_end")[0]
     assert counts(response) == (1500, 1200, 300, 1024, 0, 256)
-    assert response["content"] == "Paris." and response["chunks"] == 4
+    assert response["content"] == "Paris." and response["chunks"] == 5
     assert end["ttft_ms"] >= 0
-    assert len(rec.of("on_llm_stream_chunk")) == 4
+    assert len(rec.of("on_llm_stream_chunk")) == 5
     assert llmtally.current_run() is None  # the stream did not stay the task's current scope
     await client.close()
 

@@ -27,20 +27,6 @@ from llmtally.litellm import LlmtallyLogger, response_dict
 
 from helpers import Failing, Recorder
 
-pytestmark = [
-    # Pydantic, building LiteLLM's models on first use, warns about a TypedDict of LiteLLM's
-    # (``ChatCompletionReasoningItem``) declared with ``ReadOnly`` items: LiteLLM's, not ours.
-    pytest.mark.filterwarnings(
-        "ignore:Item 'summary' on TypedDict class 'ChatCompletionReasoningItem':UserWarning"
-    ),
-    # LiteLLM's stream handler reads ``model_fields`` / ``model_computed_fields`` on an
-    # instance (deprecated in pydantic 2.11); as an error it would break every stream.
-    pytest.mark.filterwarnings(
-        r"ignore:Accessing the 'model_(computed_)?fields' attribute on the instance is deprecated"
-        ":pydantic.warnings.PydanticDeprecatedSince211"
-    ),
-]
-
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 # gpt-4o in LiteLLM's map (and llmtally's): 2.50 USD / 1M input, 1.25 cached, 10.00 output.
 COST = 0.00472  # 176 x 2.50 + 1024 x 1.25 + 300 x 10.00, per 1M

@@ -261,7 +261,8 @@ class RedisBackend:
             "socket_connect_timeout": min(self._timeout, 2.0),
         }
         if self.cluster:
-            return RedisCluster(**_cluster_kwargs(self.url), **common)
+            # redis-py < 5.3 declares connection_pool abstract in its types (not at run time)
+            return RedisCluster(**_cluster_kwargs(self.url), **common)  # type: ignore[abstract, unused-ignore]
         return aioredis.Redis.from_url(self.url, **common)
 
     def _get(self) -> Any:
@@ -338,7 +339,10 @@ class RedisBackend:
         for index, call in enumerate(calls):
             node = client.get_node_from_key(call[0])
             if node is None:
-                raise rexc.ClusterDownError(f"no node serves the slot of {call[0]}")
+                # untyped in redis-py < 8
+                raise rexc.ClusterDownError(  # type: ignore[no-untyped-call, unused-ignore]
+                    f"no node serves the slot of {call[0]}"
+                )
             by_node.setdefault(node.name, (node, []))[1].append((index, call))
         results: list[Any] = [None] * len(calls)
 
