@@ -7,9 +7,10 @@
 //! twice. Memory follows the number of active keys, not the number of events.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::intern;
@@ -35,6 +36,25 @@ pub type Counters = [i64; NFIELDS];
 
 const SHARDS: usize = 16;
 
+/// Monotonic nanoseconds since the first use in this process, plus one (0 means "none").
+fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+}
+
+/// Seconds from `since` (a `now_ns()` reading, 0 for none) to now.
+fn age_s(since: u64) -> Option<f64> {
+    (since != 0).then(|| now_ns().saturating_sub(since) as f64 / 1e9)
+}
+
+/// One drained batch: its entries sorted by key (so any split of it is the same on a retry),
+/// the sequence number the ledger gave it, and when its oldest delta arrived.
+pub struct Drained {
+    pub entries: Vec<(Box<str>, Counters)>,
+    pub seq: u64,
+    pub oldest_ns: u64,
+}
+
 /// Adding `delta` to `into` without wrapping; on overflow nothing is changed.
 fn checked_add(into: &mut Counters, delta: &Counters) -> Result<(), usize> {
     let mut out = *into;
@@ -56,6 +76,10 @@ pub struct Core {
     hasher: KeyHasher,
     pending: AtomicU64,
     overflows: AtomicU64,
+    /// `now_ns()` when a key first went pending since the last drain (0: none pending).
+    oldest: AtomicU64,
+    /// Sequence numbers of the non-empty drains so far.
+    drains: AtomicU64,
 }
 
 impl Default for Core {
@@ -73,6 +97,17 @@ impl Core {
             hasher: KeyHasher::default(),
             pending: AtomicU64::new(0),
             overflows: AtomicU64::new(0),
+            oldest: AtomicU64::new(0),
+            drains: AtomicU64::new(0),
+        }
+    }
+
+    fn mark_pending(&self) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        if self.oldest.load(Ordering::Relaxed) == 0 {
+            let _ = self
+                .oldest
+                .compare_exchange(0, now_ns(), Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 
@@ -94,7 +129,7 @@ impl Core {
             });
         }
         shard.insert(key.into(), *delta);
-        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.mark_pending();
         Ok(())
     }
 
@@ -103,9 +138,10 @@ impl Core {
         self.shard(key).get(key).copied().unwrap_or([0; NFIELDS])
     }
 
-    /// Swap everything out as one batch.
-    pub fn drain(&self) -> Vec<(Box<str>, Counters)> {
-        let mut out = Vec::with_capacity(self.pending.load(Ordering::Relaxed) as usize);
+    /// Swap everything out as one batch, sorted by key, numbered when it is not empty.
+    pub fn drain(&self) -> Drained {
+        let oldest_ns = self.oldest.swap(0, Ordering::Relaxed);
+        let mut entries = Vec::with_capacity(self.pending.load(Ordering::Relaxed) as usize);
         for shard in &self.shards {
             let taken = {
                 let mut guard = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -117,30 +153,30 @@ impl Core {
             };
             self.pending
                 .fetch_sub(taken.len() as u64, Ordering::Relaxed);
-            out.extend(taken);
+            entries.extend(taken);
         }
-        out
+        if self.pending.load(Ordering::Relaxed) != 0 {
+            // Keys added to shards already swapped while this drain ran.
+            let _ = self
+                .oldest
+                .compare_exchange(0, now_ns(), Ordering::Relaxed, Ordering::Relaxed);
+        }
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let seq = if entries.is_empty() {
+            0
+        } else {
+            self.drains.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        Drained {
+            entries,
+            seq,
+            oldest_ns: if seq == 0 { 0 } else { oldest_ns.max(1) },
+        }
     }
 
-    /// Put a batch back (after a failed write). Never loses a delta: on overflow the
-    /// entry stays split across the ledger and the returned remainder.
-    pub fn merge(&self, batch: Vec<(Box<str>, Counters)>) -> Vec<(Box<str>, Counters)> {
-        let mut rest = Vec::new();
-        for (key, delta) in batch {
-            let mut shard = self.shard(&key);
-            match shard.get_mut(&*key) {
-                Some(c) => {
-                    if checked_add(c, &delta).is_err() {
-                        rest.push((key, delta));
-                    }
-                }
-                None => {
-                    shard.insert(key, delta);
-                    self.pending.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        rest
+    /// Seconds since the oldest pending delta arrived (None when nothing is pending).
+    pub fn oldest_pending_s(&self) -> Option<f64> {
+        age_s(self.oldest.load(Ordering::Relaxed))
     }
 
     /// Keys with unflushed deltas.
@@ -156,21 +192,6 @@ impl Core {
     pub fn pending(&self) -> u64 {
         self.pending.load(Ordering::Relaxed)
     }
-}
-
-static BATCH_SEQ: AtomicU64 = AtomicU64::new(0);
-
-fn batch_id() -> String {
-    let seq = BATCH_SEQ.fetch_add(1, Ordering::Relaxed);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    seq.hash(&mut h);
-    std::process::id().hash(&mut h);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    nanos.hash(&mut h);
-    format!("{:016x}{:08x}", h.finish(), seq)
 }
 
 /// Usage counters per key, added in O(1) from any thread and drained in batches.
@@ -336,27 +357,16 @@ impl Ledger {
         self.core.keys().into_iter().map(String::from).collect()
     }
 
-    /// Swap out everything accumulated as one `Batch` (with a fresh batch id).
+    /// Swap out everything accumulated as one `Batch`, sorted by key and numbered (`seq`
+    /// 1, 2, ... for the non-empty ones).
     fn drain(&self, py: Python<'_>) -> Batch {
-        let entries = py.detach(|| self.core.drain());
-        Batch {
-            id: batch_id(),
-            entries: Mutex::new(entries),
-        }
+        Batch::from(py.detach(|| self.core.drain()))
     }
 
-    /// Put a batch's deltas back (after a failed write); the batch is emptied.
-    fn merge(&self, py: Python<'_>, batch: &Batch) -> PyResult<()> {
-        let entries = std::mem::take(&mut *batch.entries.lock().unwrap_or_else(|p| p.into_inner()));
-        let rest = py.detach(|| self.core.merge(entries));
-        if rest.is_empty() {
-            return Ok(());
-        }
-        let n = rest.len();
-        *batch.entries.lock().unwrap_or_else(|p| p.into_inner()) = rest;
-        Err(PyOverflowError::new_err(format!(
-            "{n} entries would overflow when merged back; they stay in the batch"
-        )))
+    /// Seconds since the oldest pending delta arrived (`None` when nothing is pending).
+    #[getter]
+    fn oldest_pending_s(&self) -> Option<f64> {
+        self.core.oldest_pending_s()
     }
 
     /// Number of keys with unflushed deltas.
@@ -376,22 +386,81 @@ impl Ledger {
     }
 }
 
-/// Deltas drained from a ledger: `(key, counters)` entries and an id that makes a retried
-/// write idempotent.
+/// Deltas drained from a ledger, sorted by key: written to a store as one batch.
 #[pyclass(frozen, module = "llmtally._core", name = "Batch")]
 pub struct Batch {
-    #[pyo3(get)]
-    id: String,
-    entries: Mutex<Vec<(Box<str>, Counters)>>,
+    entries: Vec<(Box<str>, Counters)>,
+    seq: u64,
+    oldest_ns: u64,
+}
+
+impl From<Drained> for Batch {
+    fn from(d: Drained) -> Self {
+        Self {
+            entries: d.entries,
+            seq: d.seq,
+            oldest_ns: d.oldest_ns,
+        }
+    }
+}
+
+/// A batch split into the units a Redis backend writes: `(slot, indices)` per chunk, in order.
+/// Without `cluster` every key is in slot 0; each slot's keys are cut into chunks of at most
+/// `max_keys`. Entries are sorted, so the split of a batch is the same every time.
+fn split(
+    entries: &[(Box<str>, Counters)],
+    max_keys: usize,
+    cluster: bool,
+) -> Vec<(usize, Vec<usize>)> {
+    let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (i, (key, _)) in entries.iter().enumerate() {
+        let slot = if cluster {
+            crate::slots::key_slot(key)
+        } else {
+            0
+        };
+        groups.entry(slot).or_default().push(i);
+    }
+    let mut out = Vec::new();
+    for (slot, indices) in groups {
+        for chunk in indices.chunks(max_keys) {
+            out.push((slot, chunk.to_vec()));
+        }
+    }
+    out
+}
+
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 #[pymethods]
 impl Batch {
-    /// The entries as a list of `(key, counters_tuple)`.
+    /// The ledger's number for this batch (1, 2, ...; 0 for an empty batch).
+    #[getter]
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Seconds since the oldest delta of this batch arrived (`None` when empty).
+    #[getter]
+    fn oldest_s_ago(&self) -> Option<f64> {
+        age_s(self.oldest_ns)
+    }
+
+    /// The entries as a list of `(key, counters_tuple)`, sorted by key.
     fn items<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = Vec::with_capacity(entries.len());
-        for (key, counters) in entries.iter() {
+        let mut out = Vec::with_capacity(self.entries.len());
+        for (key, counters) in self.entries.iter() {
             out.push(PyTuple::new(
                 py,
                 [
@@ -403,10 +472,11 @@ impl Batch {
         PyList::new(py, out)
     }
 
-    /// The batch as Lua calls: `(marker_key, keys, args)` per chunk of at most `max_keys` keys,
-    /// where `args` holds, per key, the number of non-zero fields then `field, value` pairs.
-    /// With `cluster=True` the chunks are grouped by hash slot and each marker key sits in its
-    /// chunk's slot. The split is deterministic, so a retried batch produces the same calls.
+    /// The batch as Lua calls, one per unit that can fail alone: `(slot_tag, unit, keys,
+    /// args)` per chunk of at most `max_keys` keys, where `unit` numbers the chunks from 0,
+    /// `slot_tag` is a short string hashing to the chunk's cluster slot (`None` without
+    /// `cluster`), and `args` holds, per key, the number of non-zero fields then `field, value`
+    /// pairs. The split is the same on every call for the same batch.
     #[pyo3(signature = (max_keys = 512, cluster = false))]
     fn lua_chunks<'py>(
         &self,
@@ -417,66 +487,92 @@ impl Batch {
         if max_keys == 0 {
             return Err(PyValueError::new_err("max_keys must be at least 1"));
         }
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
-        for (i, (key, _)) in entries.iter().enumerate() {
-            let slot = if cluster {
-                crate::slots::key_slot(key)
-            } else {
-                0
-            };
-            groups.entry(slot).or_default().push(i);
-        }
         let names: Vec<Bound<'py, PyString>> =
             FIELDS.iter().map(|f| PyString::intern(py, f)).collect();
         let out = PyList::empty(py);
-        for (slot, indices) in groups {
-            let marker = if cluster {
-                format!("llmtally:{{{}}}:flushed", crate::slots::slot_tags()[slot])
-            } else {
-                "llmtally:flushed".to_string()
-            };
-            for chunk in indices.chunks(max_keys) {
-                let mut keys: Vec<Bound<'py, PyAny>> = Vec::with_capacity(chunk.len());
-                let mut args: Vec<Bound<'py, PyAny>> = Vec::with_capacity(chunk.len() * 8);
-                for &i in chunk {
-                    let (key, counters) = &entries[i];
-                    keys.push(PyString::new(py, key).into_any());
-                    let nonzero = counters.iter().filter(|v| **v != 0).count();
-                    args.push(nonzero.into_pyobject(py)?.into_any());
-                    for (name, value) in names.iter().zip(counters.iter()) {
-                        if *value != 0 {
-                            args.push(name.clone().into_any());
-                            args.push(value.into_pyobject(py)?.into_any());
-                        }
+        for (unit, (slot, chunk)) in split(&self.entries, max_keys, cluster)
+            .into_iter()
+            .enumerate()
+        {
+            let tag = cluster.then(|| crate::slots::slot_tags()[slot].as_str());
+            let mut keys: Vec<Bound<'py, PyAny>> = Vec::with_capacity(chunk.len());
+            let mut args: Vec<Bound<'py, PyAny>> = Vec::with_capacity(chunk.len() * 8);
+            for i in chunk {
+                let (key, counters) = &self.entries[i];
+                keys.push(PyString::new(py, key).into_any());
+                let nonzero = counters.iter().filter(|v| **v != 0).count();
+                args.push(nonzero.into_pyobject(py)?.into_any());
+                for (name, value) in names.iter().zip(counters.iter()) {
+                    if *value != 0 {
+                        args.push(name.clone().into_any());
+                        args.push(value.into_pyobject(py)?.into_any());
                     }
                 }
-                out.append((
-                    marker.as_str(),
-                    PyList::new(py, keys)?,
-                    PyList::new(py, args)?,
-                ))?;
             }
+            out.append((tag, unit, PyList::new(py, keys)?, PyList::new(py, args)?))?;
         }
         Ok(out)
     }
 
+    /// The unit (`lua_chunks` chunk number) holding `key`, or `None` when it is not in the
+    /// batch.
+    #[pyo3(signature = (key, max_keys = 512, cluster = false))]
+    fn unit_of(&self, key: &str, max_keys: usize, cluster: bool) -> PyResult<Option<usize>> {
+        if max_keys == 0 {
+            return Err(PyValueError::new_err("max_keys must be at least 1"));
+        }
+        let Ok(index) = self.entries.binary_search_by(|(k, _)| (**k).cmp(key)) else {
+            return Ok(None);
+        };
+        Ok(split(&self.entries, max_keys, cluster)
+            .iter()
+            .position(|(_, chunk)| chunk.contains(&index)))
+    }
+
+    /// The batch as a JSON array of `[key, field, delta]` rows (non-zero fields only), for a
+    /// SQL backend to apply in one statement.
+    fn sql_rows(&self, py: Python<'_>) -> String {
+        py.detach(|| {
+            let mut out = String::with_capacity(self.entries.len() * 96 + 2);
+            out.push('[');
+            let mut first = true;
+            for (key, counters) in &self.entries {
+                for (name, value) in FIELDS.iter().zip(counters.iter()) {
+                    if *value == 0 {
+                        continue;
+                    }
+                    if !first {
+                        out.push(',');
+                    }
+                    first = false;
+                    out.push('[');
+                    json_string(&mut out, key);
+                    out.push_str(",\"");
+                    out.push_str(name);
+                    out.push_str("\",");
+                    out.push_str(&value.to_string());
+                    out.push(']');
+                }
+            }
+            out.push(']');
+            out
+        })
+    }
+
     /// The counters of `key` in this batch (zeros when absent).
     fn get<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyTuple>> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let found = entries
-            .iter()
-            .find(|(k, _)| &**k == key)
-            .map(|(_, c)| *c)
+        let found = self
+            .entries
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .map(|i| self.entries[i].1)
             .unwrap_or([0; NFIELDS]);
         PyTuple::new(py, found)
     }
 
     /// Sum of every entry's counters (for checks and metrics).
     fn totals<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let mut sum = [0i128; NFIELDS];
-        for (_, c) in entries.iter() {
+        for (_, c) in self.entries.iter() {
             for i in 0..NFIELDS {
                 sum[i] += c[i] as i128;
             }
@@ -485,11 +581,11 @@ impl Batch {
     }
 
     fn __len__(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.entries.len()
     }
 
     fn __repr__(&self) -> String {
-        format!("Batch(id={:?}, entries={})", self.id, self.__len__())
+        format!("Batch(seq={}, entries={})", self.seq, self.entries.len())
     }
 }
 
@@ -515,21 +611,17 @@ mod tests {
         l.add("a", &delta(2)).unwrap();
         l.add("b", &delta(5)).unwrap();
         assert_eq!(l.pending(), 2);
-        let mut batch = l.drain();
-        batch.sort();
-        assert_eq!(batch, vec![("a".into(), delta(3)), ("b".into(), delta(5))]);
-        assert_eq!(l.pending(), 0);
-        assert!(l.drain().is_empty());
-    }
-
-    #[test]
-    fn merge_back_adds_to_new_deltas() {
-        let l = Core::new();
-        l.add("a", &delta(1)).unwrap();
         let batch = l.drain();
-        l.add("a", &delta(10)).unwrap();
-        assert!(l.merge(batch).is_empty());
-        assert_eq!(l.get("a"), delta(11));
+        assert_eq!(
+            batch.entries,
+            vec![("a".into(), delta(3)), ("b".into(), delta(5))]
+        );
+        assert_eq!((batch.seq, l.pending()), (1, 0));
+        assert!(batch.oldest_ns > 0);
+        let empty = l.drain();
+        assert!(empty.entries.is_empty() && empty.seq == 0 && empty.oldest_ns == 0);
+        l.add("c", &delta(1)).unwrap();
+        assert_eq!(l.drain().seq, 2);
     }
 
     #[test]
@@ -563,7 +655,7 @@ mod tests {
             s.spawn(move || {
                 for _ in 0..100 {
                     let b = l2.drain();
-                    d2.lock().unwrap().extend(b);
+                    d2.lock().unwrap().extend(b.entries);
                 }
             });
         });
@@ -571,7 +663,7 @@ mod tests {
         for (_, c) in drained.lock().unwrap().iter() {
             total += c[0];
         }
-        for (_, c) in l.drain() {
+        for (_, c) in l.drain().entries {
             total += c[0];
         }
         assert_eq!(total, 40_000);

@@ -32,5 +32,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     cost::register(m)?;
     recorder::register(m)?;
     m.add_function(wrap_pyfunction!(py_key_slot, m)?)?;
+    m.add_function(wrap_pyfunction!(recorder::py_current_cycle, m)?)?;
     Ok(())
 }

@@ -240,20 +240,27 @@ fn month_of(unix_s: i64) -> (String, i64) {
     )
 }
 
-struct CycleClock {
+/// The process's billing-cycle clock: the one owner of "which cycle is it now" (Python reads it
+/// through `current_cycle`).
+pub struct CycleClock {
     until: AtomicI64,
     cycle: Mutex<String>,
 }
 
-impl CycleClock {
-    fn new() -> Self {
-        Self {
-            until: AtomicI64::new(i64::MIN),
-            cycle: Mutex::new(String::new()),
-        }
-    }
+pub static CLOCK: CycleClock = CycleClock {
+    until: AtomicI64::new(i64::MIN),
+    cycle: Mutex::new(String::new()),
+};
 
-    fn with_current<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+/// `YYYY-MM-01` of the current UTC month.
+#[pyfunction]
+#[pyo3(name = "current_cycle")]
+pub fn py_current_cycle() -> String {
+    CLOCK.with_current(str::to_owned)
+}
+
+impl CycleClock {
+    pub fn with_current<R>(&self, f: impl FnOnce(&str) -> R) -> R {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -300,7 +307,6 @@ pub const RECORDED: i64 = -1;
 #[pyclass(frozen, module = "llmtally._core", name = "Recorder")]
 pub struct Recorder {
     sinks: Vec<Sink>,
-    clock: CycleClock,
     flush_at: u64,
 }
 
@@ -506,7 +512,6 @@ impl Recorder {
         }
         Ok(Self {
             sinks: out,
-            clock: CycleClock::new(),
             flush_at,
         })
     }
@@ -692,7 +697,7 @@ impl Recorder {
             .iter()
             .any(|s| matches!(s, Sink::CallUser { .. } | Sink::UserKey { cycle: None, .. }));
         let cycle = if needs_cycle {
-            self.clock.with_current(str::to_owned)
+            CLOCK.with_current(str::to_owned)
         } else {
             String::new()
         };

@@ -56,7 +56,7 @@ from llmtally.metering import (
 from llmtally.metrics import _auto_enable, disable_metrics, enable_metrics
 from llmtally.pricing import register_model
 from llmtally.repository import TokenUsageRepository
-from llmtally.storage import Store, default_store, open_store
+from llmtally.storage import Store, default_store, flush_on_exit_signals, open_store
 from llmtally.tokens import estimate_tokens
 from llmtally.trackers import CostTracker, PerformanceTracker, StreamingProgress, TokenCounter
 from llmtally.usage import Usage, extract_usage
@@ -122,6 +122,7 @@ __all__ = [
     "create_token_callback",
     "current_run",
     "default_store",
+    "flush_on_exit_signals",
     "disable_metrics",
     "enable_metrics",
     "estimate_tokens",

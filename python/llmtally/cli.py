@@ -21,8 +21,9 @@ from llmtally.errors import ConfigError, LlmtallyError
 from llmtally.events import AsyncCallbackHandler
 from llmtally.metering import UsageRecorder
 from llmtally.repository import TokenUsageRepository
-from llmtally.storage import _redact, open_store
+from llmtally.storage import open_store
 from llmtally.storage.keys import current_cycle, validate_cycle
+from llmtally.storage.store import _redact
 from llmtally.trackers import PerformanceTracker
 
 __all__ = ["main"]

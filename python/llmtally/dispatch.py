@@ -170,10 +170,10 @@ class _FastGroup:
             OverflowError("a usage counter would overflow: the delta was refused"),
         )
 
-    def kick(self, flush_wanted: bool, now: float) -> None:
+    def kick(self, flush_wanted: bool) -> None:
         """Make sure each written store's flusher runs (see ``Store._kicked``)."""
         for store in self.stores:
-            store._kicked(flush_wanted, now)
+            store._kicked(flush_wanted)
 
     def add(self, entry: _Entry, fn: Callable[..., Any], sink: tuple[Any, ...]) -> tuple[Any, ...]:
         self.members.append((entry, fn))
@@ -351,7 +351,7 @@ class _Dispatcher:
             return
         if code != _RECORDED:
             group.refused(self, event, code)
-        group.kick(flush, time.perf_counter())
+        group.kick(flush)
 
     @staticmethod
     def _failures(entry: _Entry, fn: Any, kind: int) -> Any:
@@ -1201,7 +1201,7 @@ class LLMCall:
         self._parts = (found_model, content, table_cost, duration_s, rid, reason)
         if outcome != _RECORDED:
             group.refused(self._manager._dispatcher, "on_llm_end", outcome)
-        group.kick(flush, ended)
+        group.kick(flush)
         if observed:
             self._manager._dispatcher._observe(
                 group.members[0][0], group, GROUP, time.perf_counter() - t0, before

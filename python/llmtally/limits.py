@@ -30,10 +30,15 @@ from llmtally.dispatch import new_id
 from llmtally.errors import BudgetExceeded, ConfigError, RateLimited, StoreError
 from llmtally.events import AsyncCallbackHandler
 from llmtally.pricing import lookup as price_lookup
-from llmtally.storage import Store, resolve_store
+from llmtally.storage import AsyncBackend, Store, resolve_store
 from llmtally.storage._limits import NO_LIMIT, BudgetState, LocalLimits, check_budget
-from llmtally.storage.base import LimitsBackend
-from llmtally.storage.keys import CycleClock, parse_key, usage_key, validate_cycle
+from llmtally.storage.keys import (
+    current_cycle,
+    parse_key,
+    rate_key,
+    usage_key,
+    validate_cycle,
+)
 from llmtally.tokens import estimate_tokens
 
 __all__ = ["BudgetLimiter", "RateLimiter"]
@@ -107,11 +112,11 @@ def _priced_estimate(messages: Any, kwargs: Mapping[str, Any]) -> int:
         return 0
 
 
-def _limits_backend(store: Store) -> LimitsBackend:
+def _limits_backend(store: Store) -> AsyncBackend:
     backend = store.backend
     if not hasattr(backend, "budget") or not hasattr(backend, "rate_acquire"):
         raise ConfigError(f"the {backend.name} store does not support limits")
-    return backend  # type: ignore[return-value]
+    return store.aio
 
 
 async def _call_user_fn(fn: Callable[..., Any], arg: Any) -> None:
@@ -204,7 +209,6 @@ class BudgetLimiter(AsyncCallbackHandler):
             NO_LIMIT if max_cost_usd is None else round(max_cost_usd * _PUSD),
         )
         self._ttl_ms = max(1, round(self.reservation_ttl_s * 1000))
-        self._clock = CycleClock()
         self._open: dict[Any, list[_Open]] = {}
         # Settled calls whose usage is in this process's ledger, not yet known flushed.
         self._held: dict[str, list[tuple[str, int, int]]] = {}
@@ -231,7 +235,7 @@ class BudgetLimiter(AsyncCallbackHandler):
     # -- views ---------------------------------------------------------------------------------
 
     def _key(self, user_id: str, cycle: Any) -> tuple[str, str]:
-        cycle = self._clock.now() if cycle is None else validate_cycle(cycle)
+        cycle = current_cycle() if cycle is None else validate_cycle(cycle)
         return usage_key(user_id, cycle), cycle
 
     def _adjust(self, key: str) -> tuple[int, int]:
@@ -635,9 +639,8 @@ class RateLimiter(AsyncCallbackHandler):
         return None  # the store's clock
 
     def _keys(self, user_id: str) -> list[str]:
-        # llmtally:{<user>}:rate is no cycle's key; "~" alone is no user's escaped id.
-        base = "llmtally:{~}:rate" if self.per == "global" else usage_key(user_id, "rate")
-        return [f"{base}:{name}" for name, _ in self._dims]
+        user = None if self.per == "global" else user_id
+        return [rate_key(user, f"rate:{name}") for name, _ in self._dims]
 
     async def on_llm_start(self, messages: list[dict[str, Any]], **kwargs: Any) -> None:
         """Count the call in its windows, or raise ``RateLimited``."""

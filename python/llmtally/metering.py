@@ -22,7 +22,7 @@ from llmtally._core import BadUsage, Usage, extract_text, extract_usage
 from llmtally.dispatch import RequestWindow, is_timeout
 from llmtally.events import CustomAsyncCallbackHandler
 from llmtally.storage import Store, resolve_store
-from llmtally.storage.keys import CycleClock, usage_key, validate_cycle, validate_user_id
+from llmtally.storage.keys import current_cycle, usage_key, validate_cycle, validate_user_id
 from llmtally.tokens import estimate_tokens
 
 __all__ = [
@@ -222,14 +222,13 @@ class RedisTokenCallbackHandler(_Meter):
     ) -> None:
         self.user_id = validate_user_id(user_id)
         self._fixed_cycle = None if cycle_start_date is None else validate_cycle(cycle_start_date)
-        self._clock = CycleClock()
         self._cycle_key: tuple[str, str] = ("", "")
         super().__init__(store)
 
     @property
     def cycle_start_date(self) -> str:
         """The cycle being charged."""
-        return self._fixed_cycle or self._clock.now()
+        return self._fixed_cycle or current_cycle()
 
     def _llmtally_sink(self) -> tuple[Any, ...] | None:
         if self._needs_split:
@@ -239,7 +238,7 @@ class RedisTokenCallbackHandler(_Meter):
         return ("user_key", self._store, prefix, self._fixed_cycle)
 
     def _key_for(self, kwargs: Mapping[str, Any]) -> str:
-        cycle = self._fixed_cycle or self._clock.now()
+        cycle = self._fixed_cycle or current_cycle()
         cached = self._cycle_key
         if cached[0] != cycle:
             cached = self._cycle_key = (cycle, usage_key(self.user_id, cycle))
@@ -296,7 +295,6 @@ class UsageRecorder(_Meter):
     """
 
     def __init__(self, *, store: Store | str | None = None) -> None:
-        self._clock = CycleClock()
         self._keys: dict[Any, tuple[str, str]] = {}
         super().__init__(store)
 
@@ -305,7 +303,7 @@ class UsageRecorder(_Meter):
 
     def _key_for(self, kwargs: Mapping[str, Any]) -> str:
         user_id = kwargs.get("user_id") or "anonymous"
-        cycle = kwargs.get("cycle_start_date") or self._clock.now()
+        cycle = kwargs.get("cycle_start_date") or current_cycle()
         found = self._keys.get(user_id)
         if found is not None and found[0] == cycle:
             return found[1]

@@ -116,7 +116,7 @@ async def race(
 
 async def check_stored(store: Store, limiter: BudgetLimiter) -> None:
     await store.flush()
-    fields = await store.backend.read(usage_key("alice", CYCLE))
+    fields = store.backend.read(usage_key("alice", CYCLE))
     assert (fields["total_tokens"], fields["calls"], fields["reserved_tokens"]) == (1000, 100, 0)
     left = await limiter.remaining("alice", CYCLE)
     assert (left["used"], left["reserved"], left["remaining"]) == (1000, 0, 0)
@@ -196,7 +196,7 @@ async def test_alerts_once_across_stores(redis_url: str) -> None:
                 ):
                     pass
         assert sorted(t for _, t, _ in alerts) == [0.5, 0.8, 1.0]
-        fields = await a.backend.read(usage_key("alice", CYCLE))
+        fields = a.backend.read(usage_key("alice", CYCLE))
         assert (fields["alerted_tokens_500"], fields["alerted_tokens_800"]) == (1, 1)
         assert fields["alerted_tokens_1000"] == 1
 

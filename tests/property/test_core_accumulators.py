@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from fractions import Fraction
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmtally import _core
+from llmtally.storage.keys import marker_key
 
 N = len(_core.LEDGER_FIELDS)
 deltas = st.lists(
@@ -38,19 +40,32 @@ def add_up(batches: list[list[tuple[str, tuple[int, ...]]]]) -> dict[str, list[i
 def test_drained_batches_sum_to_the_adds(
     adds: list[tuple[str, list[int]]], drains: set[int], failures: set[int]
 ) -> None:
-    """Any interleaving of adds, drains and failed writes (merged back) loses nothing."""
+    """Any interleaving of adds, drains and failed writes (the batch kept and written again
+    before anything newer, as the flusher does) loses nothing; non-empty batches are numbered
+    1, 2, ... and sorted by key."""
     ledger = _core.Ledger()
     written: list[list[tuple[str, tuple[int, ...]]]] = []
+    retry: _core.Batch | None = None
+    seqs: list[int] = []
     for i, (key, counters) in enumerate(adds):
         ledger.add_counters(key, counters)
         if i in drains:
-            batch = ledger.drain()
-            if i in failures:
-                ledger.merge(batch)  # the write failed: put it back
-                assert len(batch) == 0
-            else:
-                written.append(batch.items())
-    written.append(ledger.drain().items())
+            if retry is None:
+                retry = ledger.drain()
+                if len(retry):
+                    seqs.append(retry.seq)
+                    items = retry.items()
+                    assert [k for k, _ in items] == sorted(k for k, _ in items)
+            if i not in failures:  # the write succeeded
+                written.append(retry.items())
+                retry = None
+    if retry is not None:
+        written.append(retry.items())
+    final = ledger.drain()
+    if len(final):
+        seqs.append(final.seq)
+    written.append(final.items())
+    assert seqs == list(range(1, len(seqs) + 1))
     assert add_up(written) == add_up([[(k, tuple(c)) for k, c in adds]])
     assert ledger.pending == 0
 
@@ -92,12 +107,17 @@ def test_ledger_get_and_lua_chunks() -> None:
     assert ledger.get("k") == (15, 10, 5, 0, 0, 0, 99, 1, 1, 0)
     assert ledger.get("absent") == (0,) * N
     batch = ledger.drain()
-    assert len(batch.id) == 24 and batch.id != ledger.drain().id
+    assert (batch.seq, ledger.drain().seq) == (1, 0)  # an empty drain is not numbered
     assert batch.lua_chunks() == [
-        ("llmtally:flushed", ["k"], [
+        (None, 0, ["k"], [
             6, "total_tokens", 15, "prompt_tokens", 10, "completion_tokens", 5,
             "cost_pusd", 99, "calls", 1, "errors", 1,
         ]),
+    ]  # fmt: skip
+    assert (batch.unit_of("k"), batch.unit_of("absent")) == (0, None)
+    assert json.loads(batch.sql_rows()) == [
+        ["k", "total_tokens", 15], ["k", "prompt_tokens", 10], ["k", "completion_tokens", 5],
+        ["k", "cost_pusd", 99], ["k", "calls", 1], ["k", "errors", 1],
     ]  # fmt: skip
     assert batch.totals() == (15, 10, 5, 0, 0, 0, 99, 1, 1, 0)
 
@@ -107,11 +127,16 @@ def test_cluster_chunks_keep_one_slot_per_script_call() -> None:
     keys = [f"llmtally:{{user-{i}}}:2026-11-01" for i in range(300)]
     for key in keys:
         ledger.add(key, total_tokens=1)
-    chunks = ledger.drain().lua_chunks(max_keys=2, cluster=True)
+    batch = ledger.drain()
+    chunks = batch.lua_chunks(max_keys=2, cluster=True)
+    assert chunks == batch.lua_chunks(max_keys=2, cluster=True)  # the same split every time
     seen = []
-    for marker, chunk_keys, args in chunks:
-        slot = _core.key_slot(marker)
+    for unit, (tag, number, chunk_keys, args) in enumerate(chunks):
+        assert number == unit
+        assert tag is not None
+        slot = _core.key_slot(marker_key("f", tag))
         assert 1 <= len(chunk_keys) <= 2
+        assert all(batch.unit_of(k, 2, True) == unit for k in chunk_keys)
         assert all(_core.key_slot(k) == slot for k in chunk_keys)  # marker and keys share a slot
         assert args == [1, "total_tokens", 1] * len(chunk_keys)
         seen += chunk_keys

@@ -236,7 +236,7 @@ async def test_store_down_enforces_locally_or_fails_closed(store: Store) -> None
     await opened.flush()
     assert (await opened.remaining("alice", CYCLE))["used"] == 40  # last usage seen
 
-    async def down(*args: Any, **kwargs: Any) -> Any:
+    def down(*args: Any, **kwargs: Any) -> Any:
         raise StoreUnavailable("down")
 
     backend: Any = store.backend

@@ -82,7 +82,7 @@ async def test_through_a_manager_the_whole_record_lands_in_the_hash(
     with pytest.raises(TimeoutError):
         async with manager.llm_call(MESSAGES):
             raise TimeoutError
-    assert await store.backend.read("llmtally:{alice}:2026-11-01") == {}  # not flushed yet
+    assert store.backend.read("llmtally:{alice}:2026-11-01") == {}  # not flushed yet
     expected = {
         "total_tokens": 4500,
         "prompt_tokens": 3600,
@@ -102,7 +102,7 @@ async def test_through_a_manager_the_whole_record_lands_in_the_hash(
     assert await stats(store) == expected  # reads include unflushed deltas
     await store.flush()
     assert await stats(store) == expected
-    assert (await store.backend.read("llmtally:{alice}:2026-11-01"))["calls"] == 3
+    assert (store.backend.read("llmtally:{alice}:2026-11-01"))["calls"] == 3
 
 
 async def test_seed_style_direct_calls(store: Store) -> None:

@@ -1,4 +1,9 @@
-"""What every storage backend provides to the store (internal)."""
+"""What every storage backend provides to the store (internal).
+
+Backends are synchronous and thread-safe: the store's flusher thread writes batches, and
+the store runs every other operation on its own I/O threads (or, for the memory backend, in the
+caller's thread), so no backend depends on the caller's event loop.
+"""
 
 from __future__ import annotations
 
@@ -17,34 +22,53 @@ class Backend(Protocol):
     """A place where usage hashes live. All methods may raise ``StoreError``."""
 
     name: str
+    #: Whether operations block on I/O (run on the store's I/O threads) or return at once.
+    blocking: bool
 
-    async def apply(self, batch: Batch, flusher_id: str, seq: int) -> list[str]:
-        """Apply ``batch`` once: a call with a ``(flusher_id, seq)`` already applied changes
-        nothing. Returns the keys whose delta was refused (a counter would overflow)."""
+    def apply(self, batch: Batch, flusher_id: str) -> list[str]:
+        """Apply ``batch`` (numbered ``batch.seq`` by ``flusher_id``'s ledger) exactly once per
+        unit that can fail alone: a unit already applied is skipped, so a batch retried after a
+        failure or a lost reply is written once. A key whose delta would take a stored field
+        past the signed 64-bit range (or whose stored field is not an integer) is refused
+        before any write of its unit; the other keys are written. Returns the refused keys.
+
+        Raises ``StoreError`` when a unit failed (the units that succeeded stay applied) or the
+        reply was not the one expected."""
         ...
 
-    async def read(self, key: str) -> dict[str, int]:
-        """All fields of ``key`` (empty when absent)."""
+    def applied(self, key: str, batch: Batch, flusher_id: str) -> tuple[dict[str, int], bool]:
+        """The fields of ``key`` and whether the unit of ``batch`` holding ``key`` is applied,
+        read in one atomic step (so a read never counts an in-flight batch twice or not at
+        all)."""
         ...
 
-    async def set_fields(self, key: str, fields: dict[str, int | None]) -> None:
+    def read(self, key: str) -> dict[str, int]:
+        """All integer fields of ``key`` (empty when absent)."""
+        ...
+
+    def set_fields(self, key: str, fields: dict[str, int | None]) -> None:
         """Set (or, for ``None``, delete) plain fields of ``key``."""
         ...
 
-    async def delete(self, key: str) -> None:
+    def delete(self, key: str) -> None:
         """Remove ``key`` entirely."""
         ...
 
-    async def keys(self, cycle_start_date: str | None = None) -> list[str]:
-        """Usage keys, of one cycle or all."""
+    def keys(self, cycle_start_date: str | None = None) -> list[str]:
+        """Keys matching the usage pattern of one cycle or all (callers filter with
+        ``parse_key``)."""
         ...
 
-    async def ping(self) -> None:
-        """Raise when the backend cannot be reached."""
+    def ping(self) -> None:
+        """Raise when the backend cannot be reached or cannot be written."""
         ...
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         """Release connections."""
+        ...
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's connections without closing them."""
         ...
 
 
@@ -56,7 +80,7 @@ class LimitsBackend(Backend, Protocol):
     means the backend's own (Redis: the server's ``TIME``).
     """
 
-    async def budget(
+    def budget(
         self,
         key: str,
         *,
@@ -73,11 +97,11 @@ class LimitsBackend(Backend, Protocol):
         -1: no limit), write ``reserved_tokens`` / ``reserved_pusd``, return what it saw."""
         ...
 
-    async def claim_flag(self, key: str, field: str) -> bool:
+    def claim_flag(self, key: str, field: str) -> bool:
         """Set ``field`` of ``key`` to 1 unless set; True for the one caller that set it."""
         ...
 
-    async def rate_acquire(
+    def rate_acquire(
         self,
         keys: list[str],
         member: str,
@@ -90,7 +114,7 @@ class LimitsBackend(Backend, Protocol):
         stays within ``limits[i]``; else add nothing and say how long to wait."""
         ...
 
-    async def rate_update(self, key: str, member: str, old_weight: int, weight: int | None) -> None:
+    def rate_update(self, key: str, member: str, old_weight: int, weight: int | None) -> None:
         """Change the weight of ``member`` (now ``old_weight``) in window ``key`` (``None``
         removes it)."""
         ...

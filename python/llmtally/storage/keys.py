@@ -1,5 +1,9 @@
 """Store keys: ``llmtally:{<user_id>}:<YYYY-MM-DD>``, one hash per user and billing cycle.
 
+The one owner of the key layout: usage keys, their patterns, the keys next to them (budget
+reservations, rate windows) and the flushers' idempotency markers; and of the billing-cycle
+clock (kept in the core, which the hot path reads too).
+
 User ids matching ``[A-Za-z0-9._@+-]{1,256}`` are kept verbatim. Any other id is escaped
 reversibly as ``~`` + URL-safe base64 of its UTF-8 bytes: ``~`` is outside the verbatim set, so an
 escaped id can never equal a verbatim one, and the escape alphabet has no ``{``, ``}``, ``:``,
@@ -11,14 +15,18 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import re
-import time
 
+from llmtally._core import current_cycle
 from llmtally.errors import ConfigError
 
 __all__ = [
     "KEY_PREFIX",
-    "CycleClock",
+    "MARKER_TTL_S",
     "current_cycle",
+    "marker_key",
+    "rate_key",
+    "reservations_key",
+    "usage_pattern",
     "encode_user_id",
     "decode_user_id",
     "parse_key",
@@ -82,35 +90,6 @@ def validate_cycle(cycle_start_date: object, name: str = "cycle_start_date") -> 
     return cycle_start_date
 
 
-class CycleClock:
-    """The first day of the current UTC month, recomputed only when the month changes."""
-
-    __slots__ = ("_cycle", "_until")
-
-    def __init__(self) -> None:
-        self._until = 0.0
-        self._cycle = ""
-
-    def now(self) -> str:
-        t = time.time()
-        if t < self._until:
-            return self._cycle
-        today = _dt.datetime.fromtimestamp(t, _dt.UTC).date()
-        start = today.replace(day=1)
-        nxt = (start + _dt.timedelta(days=32)).replace(day=1)
-        self._until = _dt.datetime(nxt.year, nxt.month, 1, tzinfo=_dt.UTC).timestamp()
-        self._cycle = start.isoformat()
-        return self._cycle
-
-
-_clock = CycleClock()
-
-
-def current_cycle() -> str:
-    """The first day of the current UTC month, ``YYYY-MM-DD``."""
-    return _clock.now()
-
-
 def usage_key(user_id: str, cycle_start_date: str) -> str:
     """The store key of one user's usage in one cycle.
 
@@ -126,3 +105,36 @@ def parse_key(key: str) -> tuple[str, str] | None:
     if m is None:
         return None
     return decode_user_id(m.group(1)), m.group(2)
+
+
+def usage_pattern(cycle_start_date: str | None = None, *, like: bool = False) -> str:
+    """A pattern matching the usage keys of one cycle (or all): a glob for Redis and the memory
+    store, a SQL ``LIKE`` pattern with ``like=True``. It matches other keys of the layout too
+    (reservations, markers): filter the results with :func:`parse_key`."""
+    wild = "%" if like else "*"
+    return f"{KEY_PREFIX}{{{wild}}}:{cycle_start_date or wild}"
+
+
+def reservations_key(key: str) -> str:
+    """Where the open budget reservations of usage key ``key`` live (same cluster slot)."""
+    return key + ":reservations"
+
+
+def rate_key(user_id: str | None, window: str) -> str:
+    """A sliding rate window of ``user_id`` (``None``: the one shared by every user)."""
+    # "~" alone is no user's escaped id, and a window name is no cycle date.
+    tag = "~" if user_id is None else encode_user_id(user_id)
+    return f"{KEY_PREFIX}{{{tag}}}:{window}"
+
+
+#: How long a flusher's markers outlive its last write (a retry or spool replay must come sooner).
+MARKER_TTL_S = 7 * 86_400
+
+
+def marker_key(flusher_id: str, slot_tag: str | None = None) -> str:
+    """The hash recording which units of ``flusher_id``'s batches a backend applied (field: the
+    unit, value: the last batch sequence applied). On a cluster there is one per slot
+    (``slot_tag`` hashes to it), next to the keys its units write."""
+    if slot_tag is None:
+        return f"{KEY_PREFIX}flushed:{flusher_id}"
+    return f"{KEY_PREFIX}{{{slot_tag}}}:flushed:{flusher_id}"

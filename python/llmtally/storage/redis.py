@@ -1,62 +1,118 @@
 """``redis://``, ``rediss://``, ``unix://`` and ``redis+cluster://``: usage hashes in Redis.
 
-A batch is written in one round trip: a pipeline of EVALSHA calls of one Lua script, each
-applying up to 512 keys' ``HINCRBY``s together with the flusher's sequence number, so a batch
-retried after a lost reply is applied once. On a cluster the keys are grouped by hash slot (one
-user's keys share a slot through the ``{user}`` hash tag) and each group's sequence marker lives
-in that slot.
+A batch is written as EVALSHA calls of one Lua script, pipelined (one pipeline per node on a
+cluster), each applying up to 512 keys' ``HINCRBY``s: a *unit* that succeeds or fails alone.
+Each unit records ``seq`` under its own field in the flusher's marker hash (one marker per slot
+on a cluster, next to the keys it writes), so a retried batch skips exactly the units already
+applied, whichever of them failed. Inside a unit, every key is checked before anything is
+written: a key whose sum would leave the signed 64-bit range, or whose stored field is not an
+integer, is refused alone. A reply that is not the script's is a failed unit, never a success.
+
+The client is redis-py's synchronous one (with hiredis): the store calls this backend from its
+own threads, so no event loop owns a connection.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import redis.asyncio as aioredis
+import redis
 from redis import exceptions as rexc
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 
 from llmtally._core import Batch
 from llmtally.errors import ConfigError, StoreError, StoreUnavailable
 from llmtally.storage._limits import NO_LIMIT, BudgetState, RateResult
+from llmtally.storage.keys import MARKER_TTL_S, marker_key, reservations_key, usage_pattern
 
 __all__ = ["APPLY_LUA", "BUDGET_LUA", "RATE_LUA", "RedisBackend"]
 
 logger = logging.getLogger("llmtally")
 
-#: KEYS[1]: the flusher marker hash; KEYS[2..]: usage hashes.
-#: ARGV: flusher id, sequence, marker TTL (s), then per key: n, field, value, ... (n pairs).
-#: Returns {1, refused keys...} when applied, {0} when this (flusher, seq) was applied before.
+T = TypeVar("T")
+
+#: One unit of a batch. KEYS[1]: the flusher's marker hash; KEYS[2..]: usage hashes.
+#: ARGV: unit, seq, marker TTL (s), then per key: n, then n pairs of field, delta.
+#: Returns {0} when this unit of batch seq (or a later one) was applied before, else
+#: {1, refused keys...}.
 APPLY_LUA = """
-local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
-local seq = tonumber(ARGV[2])
-if seq <= last then return {0} end
+local done = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) <= done then return {0} end
+-- Exact signed 64-bit addition of two decimal strings, in two limbs of 9 digits (Lua numbers
+-- are doubles: exact only to 2^53).
+local function limbs(s)
+  local neg = string.sub(s, 1, 1) == '-'
+  local d = neg and string.sub(s, 2) or s
+  local n = #d
+  local h = n > 9 and tonumber(string.sub(d, 1, n - 9)) or 0
+  local l = tonumber(string.sub(d, math.max(1, n - 8)))
+  if neg then return -h, -l end
+  return h, l
+end
+local function fits(cur, delta)
+  if cur == false then return true end
+  if type(cur) ~= 'string' or #cur > 20 or not string.match(cur, '^-?%d+$') then
+    return false
+  end
+  local c, d = tonumber(cur), tonumber(delta)
+  if math.abs(c) < 4e15 and math.abs(d) < 4e15 then return true end
+  local ch, cl = limbs(cur)
+  local dh, dl = limbs(delta)
+  local h, l = ch + dh, cl + dl
+  if l >= 1e9 then
+    l = l - 1e9; h = h + 1
+  elseif l <= -1e9 then
+    l = l + 1e9; h = h - 1
+  end
+  if h > 0 and l < 0 then
+    h = h - 1; l = l + 1e9
+  elseif h < 0 and l > 0 then
+    h = h + 1; l = l - 1e9
+  end
+  if h > 9223372036 or (h == 9223372036 and l > 854775807) then return false end
+  if h < -9223372036 or (h == -9223372036 and l < -854775808) then return false end
+  return true
+end
 local out = {1}
+local accepted = {}
 local a = 4
 for i = 2, #KEYS do
   local n = tonumber(ARGV[a])
-  a = a + 1
+  local fields = {}
+  for j = 0, n - 1 do fields[#fields + 1] = ARGV[a + 1 + 2 * j] end
   local ok = true
-  for j = 0, n - 1 do
-    if ARGV[a + 2 * j] == 'cost_pusd' then
-      local cur = tonumber(redis.call('HGET', KEYS[i], 'cost_pusd') or '0')
-      if math.abs(cur + tonumber(ARGV[a + 2 * j + 1])) > 9.2e18 then ok = false end
-    end
-  end
-  if ok then
-    for j = 0, n - 1 do
-      redis.call('HINCRBY', KEYS[i], ARGV[a + 2 * j], ARGV[a + 2 * j + 1])
-    end
+  local current = redis.pcall('HMGET', KEYS[i], unpack(fields))
+  if type(current) ~= 'table' or current.err then
+    ok = false
   else
-    out[#out + 1] = KEYS[i]
+    for j = 0, n - 1 do
+      if not fits(current[j + 1], ARGV[a + 2 + 2 * j]) then ok = false end
+    end
   end
-  a = a + 2 * n
+  if ok then accepted[#accepted + 1] = {i, a} else out[#out + 1] = KEYS[i] end
+  a = a + 1 + 2 * n
+end
+for _, k in ipairs(accepted) do
+  local i, b = k[1], k[2]
+  for j = 0, tonumber(ARGV[b]) - 1 do
+    redis.call('HINCRBY', KEYS[i], ARGV[b + 1 + 2 * j], ARGV[b + 2 + 2 * j])
+  end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return out
+"""
+
+#: KEYS[1]: a usage hash; KEYS[2]: a flusher's marker. ARGV[1]: a unit. One atomic read of the
+#: hash and of the last batch that unit applied.
+READ_LUA = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGET', KEYS[2], ARGV[1]) or '0'}
 """
 
 _NOW_LUA = """
@@ -69,7 +125,8 @@ else
 end
 """
 
-#: KEYS[1]: the usage hash; KEYS[2]: its reservations hash (id -> "expires_ms tokens pusd").
+#: KEYS[1]: the usage hash; KEYS[2]: its reservations (keys.reservations_key), a hash of
+#: id -> "expires_ms tokens pusd".
 #: ARGV: now_ms ('' for the server's TIME); reserve id ('' for none), tokens, pusd, ttl_ms;
 #: settle id ('' for none), tokens, pusd, ttl_ms; tokens limit, pusd limit (-1: none);
 #: tokens adjust, pusd adjust; then ids to release.
@@ -178,26 +235,49 @@ if ARGV[2] ~= '' then redis.call('ZADD', KEYS[1], at, ARGV[2]) end
 return 1
 """
 
-MARKER_TTL_S = 7 * 86_400
-#: Limit operations one backend runs at once (the rest wait; the default pool holds 100).
-LIMIT_CONCURRENCY = 64
+#: Keys per unit: one EVALSHA applies at most this many.
 CHUNK_KEYS = 512
+#: Connections per backend (the flusher and the store's I/O threads share them).
+MAX_CONNECTIONS = 32
 
+_ERRORS = (rexc.RedisError, rexc.RedisClusterException, OSError)
 _UNAVAILABLE = (
     rexc.ConnectionError,
     rexc.TimeoutError,
     rexc.BusyLoadingError,
     OSError,
-    asyncio.TimeoutError,
 )
 
 
 def _translate(exc: BaseException, what: str) -> StoreError:
     if isinstance(exc, _UNAVAILABLE) or (
-        isinstance(exc, rexc.RedisClusterException) and "down" in str(exc).lower()
+        isinstance(exc, rexc.RedisClusterException)
+        and any(w in str(exc).lower() for w in ("down", "cannot be connected"))
     ):
         return StoreUnavailable(f"Redis unavailable during {what}: {exc}")
     return StoreError(f"Redis error during {what}: {exc}")
+
+
+def _unit_result(reply: Any) -> list[str] | None:
+    """The refused keys of one unit's reply (``None``: not a reply of APPLY_LUA)."""
+    if not isinstance(reply, list) or not reply or reply[0] not in (0, 1):
+        return None
+    if reply[0] == 0:
+        return [] if len(reply) == 1 else None
+    rest = reply[1:]
+    return rest if all(isinstance(k, str) for k in rest) else None
+
+
+def _fields(flat: Any) -> dict[str, int]:
+    """An HGETALL reply (a flat list from Lua, a dict from redis-py) as integer fields."""
+    pairs = flat.items() if isinstance(flat, dict) else zip(flat[::2], flat[1::2], strict=True)
+    out = {}
+    for field, value in pairs:
+        try:
+            out[field] = int(value)
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def _cluster_kwargs(url: str) -> dict[str, Any]:
@@ -212,7 +292,8 @@ def _cluster_kwargs(url: str) -> dict[str, Any]:
         if not host:
             raise ConfigError(f"Redis Cluster URL {url!r} names no host")
         try:
-            nodes.append(ClusterNode(host.strip("[]"), int(port)))
+            # untyped in redis-py < 6
+            nodes.append(ClusterNode(host.strip("[]"), int(port)))  # type: ignore[no-untyped-call, unused-ignore]
         except ValueError:
             raise ConfigError(f"bad port in Redis Cluster URL {url!r}") from None
     if not nodes or not nodes[0].host:
@@ -233,223 +314,188 @@ def _cluster_kwargs(url: str) -> dict[str, Any]:
 
 
 class RedisBackend:
-    """Usage hashes in Redis or Redis Cluster, through redis-py's asyncio client (hiredis)."""
+    """Usage hashes in Redis or Redis Cluster, through redis-py's synchronous client."""
+
+    blocking = True
 
     def __init__(self, url: str, *, socket_timeout_s: float = 5.0) -> None:
         self.url = url
         self.cluster = url.startswith("redis+cluster://")
         self.name = "redis-cluster" if self.cluster else "redis"
         self._timeout = socket_timeout_s
-        self._client: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._sha: str | None = None
-        self._node_clients: dict[str, Any] = {}
-        self._shas: dict[str, str] = {}
-        self._limit_gate: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self._common: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_timeout": socket_timeout_s,
+            "socket_connect_timeout": min(socket_timeout_s, 2.0),
+        }
+        self._pool: Any = None
         if self.cluster:
-            _cluster_kwargs(url)  # validate now
+            self._cluster_kwargs = _cluster_kwargs(url)  # validated now, connected on first use
         else:
             try:
-                aioredis.connection.parse_url(url)
+                self._pool = redis.BlockingConnectionPool.from_url(
+                    url, max_connections=MAX_CONNECTIONS, timeout=socket_timeout_s, **self._common
+                )
             except ValueError as exc:
                 raise ConfigError(f"bad Redis URL {url!r}: {exc}") from None
+        self._client: Any = None
+        self._client_lock = threading.Lock()
 
-    def _make_client(self) -> Any:
-        common: dict[str, Any] = {
-            "decode_responses": True,
-            "socket_timeout": self._timeout,
-            "socket_connect_timeout": min(self._timeout, 2.0),
-        }
+    @property
+    def client(self) -> Any:
+        """The redis-py client, built on first use (a cluster client connects when built)."""
+        client = self._client
+        if client is None:
+            with self._client_lock:
+                client = self._client
+                if client is None:
+                    client = self._client = self._connect()
+        return client
+
+    def _connect(self) -> Any:
+        client: Any
         if self.cluster:
             # redis-py < 5.3 declares connection_pool abstract in its types (not at run time)
-            return RedisCluster(**_cluster_kwargs(self.url), **common)  # type: ignore[abstract, unused-ignore]
-        return aioredis.Redis.from_url(self.url, **common)
-
-    def _get(self) -> Any:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
-            # redis-py clients belong to one event loop; a store used from another loop (a new
-            # asyncio.run, interpreter exit) gets a client of its own.
-            self._client = self._make_client()
-            self._loop = loop
-            self._node_clients = {}
-        return self._client
-
-    async def _eval_chunks(
-        self,
-        client: Any,
-        calls: list[tuple[str, list[str], list[Any]]],
-        flusher_id: str,
-        seq: int,
-        reloaded: bool = False,
-        indices: list[int] | None = None,
-    ) -> list[Any]:
-        """One pipeline of EVALSHA calls to one server (``indices``: the chunks' numbers in the
-        whole batch, when this is one node's share of it)."""
-        sha = self._sha
-        if sha is None:
-            sha = self._sha = await client.script_load(APPLY_LUA)
-        if indices is None:
-            indices = list(range(len(calls)))
-
-        def argv(index: int, args: list[Any]) -> list[Any]:
-            # One batch seq per flush, one sub-sequence per chunk, so chunks are applied in order.
-            return [flusher_id, seq * 65_536 + index, MARKER_TTL_S, *args]
-
-        pipe = client.pipeline(transaction=False)
-        for index, (marker, keys, args) in zip(indices, calls, strict=True):
-            pipe.evalsha(sha, len(keys) + 1, marker, *keys, *argv(index, args))
-        results = await pipe.execute(raise_on_error=False)
-        if any(isinstance(r, rexc.NoScriptError) for r in results) and not reloaded:
-            # The server lost its script cache (restart): load it and run again; chunks that
-            # did apply are skipped by their sequence numbers.
-            self._sha = await client.script_load(APPLY_LUA)
-            return await self._eval_chunks(
-                client, calls, flusher_id, seq, reloaded=True, indices=indices
+            client = RedisCluster(  # type: ignore[abstract, unused-ignore]
+                **self._cluster_kwargs, max_connections=MAX_CONNECTIONS, **self._common
             )
-        for r in results:
-            if isinstance(r, Exception):
-                raise r
-        return list(results)
+        else:
+            # The flusher retries whole batches itself (each unit applies once).
+            client = redis.Redis(connection_pool=self._pool, retry=Retry(NoBackoff(), 0))
+        register = client.register_script
+        self._apply_script = register(APPLY_LUA)
+        self._read_script = register(READ_LUA)
+        self._budget_script = register(BUDGET_LUA)
+        self._rate_script = register(RATE_LUA)
+        self._rate_update_script = register(RATE_UPDATE_LUA)
+        return client
 
-    def _node_client(self, host: str, port: int) -> Any:
-        name = f"{host}:{port}"
-        found = self._node_clients.get(name)
-        if found is None:
-            kwargs = _cluster_kwargs(self.url)
-            kwargs.pop("startup_nodes")
-            found = self._node_clients[name] = aioredis.Redis(
-                host=host,
-                port=port,
-                decode_responses=True,
-                socket_timeout=self._timeout,
-                socket_connect_timeout=min(self._timeout, 2.0),
-                **kwargs,
-            )
-        return found
-
-    async def _eval_cluster(
-        self, client: Any, calls: list[tuple[str, list[str], list[Any]]], flusher_id: str, seq: int
-    ) -> list[Any]:
-        """One pipeline per cluster node: the chunks of the slots it serves, each an EVALSHA
-        whose keys share one slot. A moved slot fails the flush, which is retried with the same
-        sequence numbers after the slot map is refreshed."""
-        await client.initialize()
-        by_node: dict[str, tuple[Any, list[tuple[int, tuple[str, list[str], list[Any]]]]]] = {}
-        for index, call in enumerate(calls):
-            node = client.get_node_from_key(call[0])
-            if node is None:
-                # untyped in redis-py < 8
-                raise rexc.ClusterDownError(  # type: ignore[no-untyped-call, unused-ignore]
-                    f"no node serves the slot of {call[0]}"
-                )
-            by_node.setdefault(node.name, (node, []))[1].append((index, call))
-        results: list[Any] = [None] * len(calls)
-
-        async def run(node: Any, items: list[tuple[int, tuple[str, list[str], list[Any]]]]) -> None:
-            node_client = self._node_client(node.host, node.port)
-            out = await self._eval_chunks(
-                node_client, [c for _, c in items], flusher_id, seq, indices=[i for i, _ in items]
-            )
-            for (index, _), result in zip(items, out, strict=True):
-                results[index] = result
-
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
-            await asyncio.gather(*(run(node, items) for node, items in by_node.values()))
-        except rexc.ResponseError as exc:
-            if str(exc).startswith(("MOVED", "ASK")):
-                await client.initialize()  # refresh the slot map; the retry goes to the new owner
-            raise
-        return results
+            _ = self.client  # connects on first use
+            return fn()
+        except _ERRORS as exc:
+            raise _translate(exc, what) from exc
 
-    async def apply(self, batch: Batch, flusher_id: str, seq: int) -> list[str]:
-        calls = batch.lua_chunks(CHUNK_KEYS, self.cluster)
-        if not calls:
+    # -- usage ---------------------------------------------------------------------------------
+
+    def apply(self, batch: Batch, flusher_id: str) -> list[str]:
+        chunks = batch.lua_chunks(CHUNK_KEYS, self.cluster)
+        if not chunks:
             return []
-        try:
-            if self.cluster:
-                results = await self._eval_cluster(self._get(), calls, flusher_id, seq)
-            else:
-                results = await self._eval_chunks(self._get(), calls, flusher_id, seq)
-        except (TimeoutError, rexc.RedisError, OSError) as exc:
-            raise _translate(exc, "flush") from exc
+        seq = batch.seq
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        if self.cluster:
+            try:
+                _ = self.client
+                for index, (tag, *_rest) in enumerate(chunks):
+                    node = self.client.get_node_from_key(marker_key(flusher_id, tag))
+                    if node is None:
+                        raise StoreUnavailable(f"Redis Cluster: no node serves slot tag {tag}")
+                    client = self.client.get_redis_connection(node)
+                    groups.setdefault(node.name, (client, []))[1].append(index)
+            except _ERRORS as exc:
+                raise _translate(exc, "flush") from exc
+        else:
+            groups[""] = (self._call("flush", lambda: self.client), list(range(len(chunks))))
+        results: list[Any] = [None] * len(chunks)
+        for client, indices in groups.values():
+            pipe = client.pipeline(transaction=False)
+            for index in indices:
+                tag, unit, keys, args = chunks[index]
+                self._apply_script(
+                    keys=[marker_key(flusher_id, tag), *keys],
+                    args=[unit, seq, MARKER_TTL_S, *args],
+                    client=pipe,
+                )
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except _ERRORS as exc:
+                replies = [exc] * len(indices)
+            for index, reply in zip(indices, replies, strict=True):
+                results[index] = reply
         refused: list[str] = []
-        for r in results:
-            refused.extend(str(k) for k in r[1:])
+        failed: list[str] = []
+        for reply in results:
+            if isinstance(reply, BaseException):
+                failed.append(repr(reply))
+                continue
+            unit_refused = _unit_result(reply)
+            if unit_refused is None:
+                failed.append(f"unexpected reply {reply!r:.80}")
+            else:
+                refused.extend(unit_refused)
+        if failed:
+            if self.cluster and any("MOVED" in f or "ASK" in f for f in failed):
+                try:
+                    self.client.nodes_manager.initialize()  # the retry goes to the new owner
+                except _ERRORS as exc:
+                    logger.debug("refreshing the cluster slots: %r", exc)
+            cls = (
+                StoreUnavailable
+                if any(isinstance(r, _UNAVAILABLE) for r in results)
+                else StoreError
+            )
+            raise cls(
+                f"Redis flush: {len(failed)} of {len(chunks)} units failed (the others are "
+                f"applied; the failed ones are retried): {failed[0]}"
+            )
         return refused
 
-    async def read(self, key: str) -> dict[str, int]:
-        try:
-            raw = await self._get().hgetall(key)
-        except (TimeoutError, rexc.RedisError, OSError) as exc:
-            raise _translate(exc, "read") from exc
-        out = {}
-        for field, value in raw.items():
-            try:
-                out[field] = int(value)
-            except ValueError:
-                continue
-        return out
+    def applied(self, key: str, batch: Batch, flusher_id: str) -> tuple[dict[str, int], bool]:
+        unit = batch.unit_of(key, CHUNK_KEYS, self.cluster)
+        if unit is None:
+            return self.read(key), True
+        tag = None
+        if self.cluster:
+            chunks = batch.lua_chunks(CHUNK_KEYS, self.cluster)
+            tag = chunks[unit][0]
+        marker = marker_key(flusher_id, tag)
+        reply = self._call("read", lambda: self._read_script(keys=[key, marker], args=[unit]))
+        return _fields(reply[0]), int(reply[1]) >= batch.seq
 
-    async def set_fields(self, key: str, fields: dict[str, int | None]) -> None:
-        client = self._get()
+    def read(self, key: str) -> dict[str, int]:
+        return _fields(self._call("read", lambda: self.client.hgetall(key)))
+
+    def set_fields(self, key: str, fields: dict[str, int | None]) -> None:
         to_set = {f: v for f, v in fields.items() if v is not None}
         to_del = [f for f, v in fields.items() if v is None]
-        try:
+
+        def write() -> None:
             if to_set:
-                await client.hset(key, mapping=to_set)
+                self.client.hset(key, mapping=to_set)
             if to_del:
-                await client.hdel(key, *to_del)
-        except (TimeoutError, rexc.RedisError, OSError) as exc:
-            raise _translate(exc, "write") from exc
+                self.client.hdel(key, *to_del)
 
-    async def delete(self, key: str) -> None:
-        try:
-            await self._get().delete(key)
-        except (TimeoutError, rexc.RedisError, OSError) as exc:
-            raise _translate(exc, "delete") from exc
+        self._call("write", write)
 
-    async def keys(self, cycle_start_date: str | None = None) -> list[str]:
-        pattern = f"llmtally:{{*}}:{cycle_start_date or '*'}"
-        client = self._get()
-        found: set[str] = set()
+    def delete(self, key: str) -> None:
+        self._call("delete", lambda: self.client.delete(key))
+
+    def keys(self, cycle_start_date: str | None = None) -> list[str]:
+        pattern = usage_pattern(cycle_start_date)
+        found = self._call("scan", lambda: set(self.client.scan_iter(match=pattern, count=1000)))
+        return sorted(found)
+
+    def ping(self) -> None:
+        self._call("ping", lambda: self.client.ping())
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
         try:
-            async for key in client.scan_iter(match=pattern, count=1000):
-                found.add(key)
-        except (TimeoutError, rexc.RedisError, OSError) as exc:
-            raise _translate(exc, "scan") from exc
-        return sorted(k for k in found if not k.endswith(":flushed"))
+            client.close()
+        except _ERRORS as exc:
+            logger.debug("closing the Redis client of %s: %r", self.url, exc)
+
+    def after_fork(self) -> None:
+        # redis-py's pools notice the new pid and open new connections in the child.
+        return None
 
     # -- limits (see storage/_limits.py for the semantics) ---------------------------------
 
-    def _gate(self) -> asyncio.Semaphore:
-        """Bounds the limit operations in flight, so a burst of calls queues for a connection
-        instead of exhausting the pool (``Too many connections``)."""
-        loop = asyncio.get_running_loop()
-        gate = self._limit_gate
-        if gate is None or gate[0] is not loop:
-            gate = self._limit_gate = (loop, asyncio.Semaphore(LIMIT_CONCURRENCY))
-        return gate[1]
-
-    async def _script(self, script: str, keys: list[str], args: list[Any], what: str) -> Any:
-        async with self._gate():
-            return await self._script_now(script, keys, args, what)
-
-    async def _script_now(self, script: str, keys: list[str], args: list[Any], what: str) -> Any:
-        client = self._get()
-        try:
-            sha = self._shas.get(script)
-            if sha is not None:
-                try:
-                    return await client.evalsha(sha, len(keys), *keys, *args)
-                except rexc.NoScriptError:
-                    pass  # the server lost its script cache (restart)
-            self._shas[script] = await client.script_load(script)
-            return await client.evalsha(self._shas[script], len(keys), *keys, *args)
-        except (TimeoutError, rexc.RedisError, OSError) as exc:
-            raise _translate(exc, what) from exc
-
-    async def budget(
+    def budget(
         self,
         key: str,
         *,
@@ -465,17 +511,14 @@ class RedisBackend:
         args.extend(settle if settle is not None else ("", 0, 0, 0))
         args.extend((*limits, *adjust))
         args.extend(release or ())
-        r = await self._script(BUDGET_LUA, [key, key + ":reservations"], args, "budget")
+        keys = [key, reservations_key(key)]
+        r = self._call("budget", lambda: self._budget_script(keys=keys, args=args))
         return BudgetState(bool(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]))
 
-    async def claim_flag(self, key: str, field: str) -> bool:
-        try:
-            async with self._gate():
-                return bool(await self._get().hsetnx(key, field, 1))
-        except (TimeoutError, rexc.RedisError, OSError) as exc:
-            raise _translate(exc, "write") from exc
+    def claim_flag(self, key: str, field: str) -> bool:
+        return bool(self._call("write", lambda: self.client.hsetnx(key, field, 1)))
 
-    async def rate_acquire(
+    def rate_acquire(
         self,
         keys: list[str],
         member: str,
@@ -487,30 +530,10 @@ class RedisBackend:
         args: list[Any] = ["" if now_ms is None else now_ms, window_ms, member]
         for weight, limit in zip(weights, limits, strict=True):
             args.extend((weight, limit))
-        r = await self._script(RATE_LUA, keys, args, "rate limit")
+        r = self._call("rate limit", lambda: self._rate_script(keys=keys, args=args))
         return RateResult(bool(r[0]), int(r[1]), int(r[2]))
 
-    async def rate_update(self, key: str, member: str, old_weight: int, weight: int | None) -> None:
+    def rate_update(self, key: str, member: str, old_weight: int, weight: int | None) -> None:
         new = "" if weight is None else f"{weight} {member}"
-        await self._script(RATE_UPDATE_LUA, [key], [f"{old_weight} {member}", new], "rate limit")
-
-    async def ping(self) -> None:
-        try:
-            await self._get().ping()
-        except (TimeoutError, rexc.RedisError, OSError) as exc:
-            raise _translate(exc, "ping") from exc
-
-    async def aclose(self) -> None:
-        nodes, self._node_clients = self._node_clients, {}
-        for node_client in nodes.values():
-            try:
-                await node_client.aclose()
-            except (rexc.RedisError, OSError, RuntimeError) as exc:
-                logger.debug("closing a Redis Cluster node client: %r", exc)
-        client, self._client, self._loop = self._client, None, None
-        if client is not None:
-            try:
-                await client.aclose()
-            except (rexc.RedisError, OSError, RuntimeError) as exc:
-                # Closing a client whose connections are already gone; nothing is lost here.
-                logger.debug("closing the Redis client of %s: %r", self.url, exc)
+        old = f"{old_weight} {member}"
+        self._call("rate limit", lambda: self._rate_update_script(keys=[key], args=[old, new]))

@@ -1,19 +1,27 @@
 """``sqlite:///path``: the embedded default store (WAL mode, safe from several processes).
 
-One row per (key, field); a batch is applied in one transaction together with the flusher's
-sequence number, so a retried batch is applied once.
+One row per (key, field). A batch is one unit: applied in one transaction together with its
+flusher's sequence number, so a retried batch is applied once. The batch crosses into SQLite as
+one JSON document and is written by a few statements (not one per row), so the flusher thread
+needs the GIL a handful of times per batch, however busy the process is. Each thread has its
+own connection; the file is checked before every write, so a file deleted or replaced under the
+store is noticed and reported, not written into a void.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import json
+import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
-from llmtally._core import LEDGER_FIELDS, Batch
+from llmtally._core import Batch
 from llmtally.errors import StoreError, StoreUnavailable
 from llmtally.storage._limits import (
     NO_LIMIT,
@@ -25,6 +33,7 @@ from llmtally.storage._limits import (
 from llmtally.storage._limits import (
     now_ms as _now_ms,
 )
+from llmtally.storage.keys import MARKER_TTL_S, usage_pattern
 
 __all__ = ["SQLiteBackend"]
 
@@ -58,61 +67,182 @@ CREATE TABLE IF NOT EXISTS rate_log (
     PRIMARY KEY (key, member)
 ) WITHOUT ROWID;
 """
-_I64_MAX = 2**63 - 1
-_FLUSHER_TTL_S = 7 * 86_400
+
+#: ?1: the batch's rows as JSON ``[[key, field, delta], ...]``. The keys a delta cannot be added
+#: to: the stored value is not an integer, or the sum would leave the signed 64-bit range
+#: (computed without overflowing: a positive delta against MAX - delta, a negative one against
+#: MIN - delta).
+_REFUSED_SQL = """
+SELECT DISTINCT json_extract(r.value, '$[0]')
+FROM json_each(?1) AS r
+JOIN usage AS u ON u.key = json_extract(r.value, '$[0]') AND u.field = json_extract(r.value, '$[1]')
+WHERE typeof(u.value) != 'integer'
+   OR (json_extract(r.value, '$[2]') > 0
+       AND u.value > 9223372036854775807 - json_extract(r.value, '$[2]'))
+   OR (json_extract(r.value, '$[2]') < 0
+       AND u.value < (-9223372036854775807 - 1) - json_extract(r.value, '$[2]'))
+"""
+
+#: ?1: the rows as above; ?2: the refused keys as a JSON array.
+_UPSERT_SQL = """
+INSERT INTO usage (key, field, value)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
+FROM json_each(?1)
+WHERE json_extract(value, '$[0]') NOT IN (SELECT value FROM json_each(?2))
+ON CONFLICT (key, field) DO UPDATE SET value = value + excluded.value
+"""
+
+_MARKER_SQL = (
+    "INSERT INTO flushers (id, seq, updated) VALUES (?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, updated = excluded.updated"
+)
+_CLEAN_EVERY_S = 3600.0
+_BUSY_TIMEOUT_S = 5.0
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back whatever is open; SQLite may have rolled back already (disk full, I/O error),
+    and that must not hide the error that caused it."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 class SQLiteBackend:
-    """Usage hashes in a SQLite file; blocking calls run in a worker thread."""
+    """Usage hashes in a SQLite file (blocking; the store calls it from its own threads)."""
 
     name = "sqlite"
+    blocking = True
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._memory = str(self.path) == ":memory:"
+        self._local = threading.local()
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._conns: list[sqlite3.Connection] = []
+        self._generation = 0
+        self._identity: tuple[int, int] | None = None
+        self._cleaned = 0.0
+        self._abandoned: list[sqlite3.Connection] = []
+        # A :memory: database lives in one connection: every thread shares it, one at a time.
+        self._serial = threading.Lock() if self._memory else None
+        self._shared = SimpleNamespace(conn=None, generation=0)
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._conn is None:
-            try:
-                if str(self.path) != ":memory:":
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
+    # -- connections ---------------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            if self._memory:
+                conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(
-                    str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False
+                    str(self.path),
+                    timeout=_BUSY_TIMEOUT_S,
+                    isolation_level=None,
+                    check_same_thread=False,
                 )
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
-                conn.executescript(_SCHEMA)
-            except (sqlite3.Error, OSError) as exc:
-                raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
-            self._conn = conn
-        return self._conn
+            conn.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
+        with self._lock:
+            self._conns.append(conn)
+            if not self._memory and self._identity is None:
+                st = os.stat(self.path)
+                self._identity = (st.st_dev, st.st_ino)
+        return conn
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        def call() -> Any:
-            with self._lock:
-                conn = self._connect()
-                try:
-                    return fn(conn, *args)
-                except sqlite3.OperationalError as exc:
-                    raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from exc
-                except sqlite3.Error as exc:
-                    raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection, after checking the file is still the one opened."""
+        self._check_file()
+        local: Any = self._shared if self._memory else self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is None or local.generation != self._generation:
+            if conn is not None:
+                self._drop(conn)
+            local.conn = conn = self._open()
+            local.generation = self._generation
+        return conn
 
-        return await asyncio.to_thread(call)
+    def _drop(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
 
-    async def apply(self, batch: Batch, flusher_id: str, seq: int) -> list[str]:
-        items = batch.items()
-        return list(await self._run(_apply, items, flusher_id, seq))
-
-    async def read(self, key: str) -> dict[str, int]:
-        rows = await self._run(
-            lambda c, k: c.execute("SELECT field, value FROM usage WHERE key = ?", (k,)).fetchall(),
-            key,
+    def _check_file(self) -> None:
+        if self._memory or self._identity is None:
+            return
+        try:
+            st = os.stat(self.path)
+            what = None if (st.st_dev, st.st_ino) == self._identity else "replaced"
+        except FileNotFoundError:
+            what = "deleted"
+        except OSError as exc:
+            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from exc
+        if what is None:
+            return
+        with self._lock:
+            if self._identity is None:
+                return  # another thread noticed first
+            self._identity = None
+            self._generation += 1
+        raise StoreError(
+            f"SQLite store {self.path}: the file was {what} while the store had it open; the "
+            "next write opens the file at that path (usage written to the old file is not in it)"
         )
-        return {field: int(value) for field, value in rows}
 
-    async def set_fields(self, key: str, fields: dict[str, int | None]) -> None:
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._serial is not None:
+            with self._serial:
+                return self._call(fn, *args)
+        return self._call(fn, *args)
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._conn()
+        try:
+            return fn(conn, *args)
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+
+    # -- usage ---------------------------------------------------------------------------------
+
+    def apply(self, batch: Batch, flusher_id: str) -> list[str]:
+        rows = batch.sql_rows()
+        clean = time.monotonic() - self._cleaned > _CLEAN_EVERY_S
+        refused = self._run(_apply, rows, flusher_id, batch.seq, clean)
+        if clean:
+            self._cleaned = time.monotonic()
+        return refused
+
+    def applied(self, key: str, batch: Batch, flusher_id: str) -> tuple[dict[str, int], bool]:
+        def read(conn: sqlite3.Connection) -> tuple[dict[str, int], bool]:
+            conn.execute("BEGIN")  # one snapshot for both reads
+            try:
+                rows = conn.execute("SELECT field, value FROM usage WHERE key = ?", (key,))
+                fields = _ints(rows.fetchall())
+                row = conn.execute(
+                    "SELECT seq FROM flushers WHERE id = ?", (flusher_id,)
+                ).fetchone()
+            finally:
+                _rollback(conn)
+            return fields, row is not None and row[0] >= batch.seq
+
+        return self._run(read)
+
+    def read(self, key: str) -> dict[str, int]:
+        return self._run(
+            lambda c: _ints(
+                c.execute("SELECT field, value FROM usage WHERE key = ?", (key,)).fetchall()
+            )
+        )
+
+    def set_fields(self, key: str, fields: dict[str, int | None]) -> None:
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -127,29 +257,48 @@ class SQLiteBackend:
                         )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
 
-        await self._run(write)
+        self._run(write)
 
-    async def delete(self, key: str) -> None:
-        await self._run(lambda c: c.execute("DELETE FROM usage WHERE key = ?", (key,)))
+    def delete(self, key: str) -> None:
+        self._run(lambda c: c.execute("DELETE FROM usage WHERE key = ?", (key,)))
 
-    async def keys(self, cycle_start_date: str | None = None) -> list[str]:
-        pattern = f"llmtally:{{%}}:{cycle_start_date or '%'}"
-        rows = await self._run(
+    def keys(self, cycle_start_date: str | None = None) -> list[str]:
+        pattern = usage_pattern(cycle_start_date, like=True)
+        rows = self._run(
             lambda c: c.execute(
                 "SELECT DISTINCT key FROM usage WHERE key LIKE ? ORDER BY key", (pattern,)
             ).fetchall()
         )
         return [row[0] for row in rows]
 
-    async def ping(self) -> None:
-        await self._run(lambda c: c.execute("SELECT 1").fetchone())
+    def ping(self) -> None:
+        self._run(lambda c: c.execute("SELECT 1").fetchone())
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+            self._generation += 1
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def after_fork(self) -> None:
+        # The parent's connections must never be used, nor closed, here: closing one could
+        # checkpoint or remove the WAL the parent is using. Keep them referenced, untouched.
+        self._abandoned.extend(self._conns)
+        self._conns = []
+        self._local = threading.local()
+        self._shared = SimpleNamespace(conn=None, generation=0)
+        self._lock = threading.Lock()
+        self._serial = threading.Lock() if self._memory else None
+        self._generation += 1
 
     # -- limits (see storage/_limits.py for the semantics) ---------------------------------
 
-    async def budget(
+    def budget(
         self,
         key: str,
         *,
@@ -161,12 +310,9 @@ class SQLiteBackend:
         now_ms: int | None = None,
     ) -> BudgetState:
         now = _now_ms() if now_ms is None else now_ms
-        state: BudgetState = await self._run(
-            _budget, key, reserve, settle, release or [], limits, adjust, now
-        )
-        return state
+        return self._run(_budget, key, reserve, settle, release or [], limits, adjust, now)
 
-    async def claim_flag(self, key: str, field: str) -> bool:
+    def claim_flag(self, key: str, field: str) -> bool:
         def claim(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "INSERT INTO usage (key, field, value) VALUES (?, ?, 1) "
@@ -175,9 +321,9 @@ class SQLiteBackend:
             )
             return cur.rowcount == 1
 
-        return bool(await self._run(claim))
+        return self._run(claim)
 
-    async def rate_acquire(
+    def rate_acquire(
         self,
         keys: list[str],
         member: str,
@@ -187,12 +333,9 @@ class SQLiteBackend:
         now_ms: int | None = None,
     ) -> RateResult:
         now = _now_ms() if now_ms is None else now_ms
-        result: RateResult = await self._run(
-            _rate_acquire, keys, member, weights, limits, window_ms, now
-        )
-        return result
+        return self._run(_rate_acquire, keys, member, weights, limits, window_ms, now)
 
-    async def rate_update(self, key: str, member: str, old_weight: int, weight: int | None) -> None:
+    def rate_update(self, key: str, member: str, old_weight: int, weight: int | None) -> None:
         def update(conn: sqlite3.Connection) -> None:
             if weight is None:
                 conn.execute("DELETE FROM rate_log WHERE key = ? AND member = ?", (key, member))
@@ -202,23 +345,15 @@ class SQLiteBackend:
                     (weight, key, member),
                 )
 
-        await self._run(update)
+        self._run(update)
 
-    async def aclose(self) -> None:
-        def close() -> None:
-            with self._lock:
-                if self._conn is not None:
-                    self._conn.close()
-                    self._conn = None
 
-        await asyncio.to_thread(close)
+def _ints(rows: list[tuple[str, Any]]) -> dict[str, int]:
+    return {field: value for field, value in rows if type(value) is int}
 
 
 def _apply(
-    conn: sqlite3.Connection,
-    items: list[tuple[str, tuple[int, ...]]],
-    flusher_id: str,
-    seq: int,
+    conn: sqlite3.Connection, rows: str, flusher_id: str, seq: int, clean: bool
 ) -> list[str]:
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -226,35 +361,16 @@ def _apply(
         if row is not None and row[0] >= seq:
             conn.execute("ROLLBACK")
             return []
-        refused: list[str] = []
-        rows: list[tuple[str, str, int]] = []
-        for key, counters in items:
-            deltas = [(f, v) for f, v in zip(LEDGER_FIELDS, counters, strict=True) if v]
-            cost = dict(deltas).get("cost_pusd")
-            if cost:
-                current = conn.execute(
-                    "SELECT value FROM usage WHERE key = ? AND field = 'cost_pusd'", (key,)
-                ).fetchone()
-                if current is not None and abs(current[0] + cost) > _I64_MAX:
-                    refused.append(key)
-                    continue
-            rows.extend((key, f, v) for f, v in deltas)
-        conn.executemany(
-            "INSERT INTO usage (key, field, value) VALUES (?, ?, ?) "
-            "ON CONFLICT (key, field) DO UPDATE SET value = value + excluded.value",
-            rows,
-        )
+        refused = [r[0] for r in conn.execute(_REFUSED_SQL, (rows,)).fetchall()]
+        conn.execute(_UPSERT_SQL, (rows, json.dumps(refused)))
         now = time.time()
-        conn.execute(
-            "INSERT INTO flushers (id, seq, updated) VALUES (?, ?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, updated = excluded.updated",
-            (flusher_id, seq, now),
-        )
-        conn.execute("DELETE FROM flushers WHERE updated < ?", (now - _FLUSHER_TTL_S,))
+        conn.execute(_MARKER_SQL, (flusher_id, seq, now))
+        if clean:
+            conn.execute("DELETE FROM flushers WHERE updated < ?", (now - MARKER_TTL_S,))
         conn.execute("COMMIT")
         return refused
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
 
 
@@ -316,7 +432,7 @@ def _budget(
         conn.execute("COMMIT")
         return BudgetState(ok, used_t, int(rt), used_p, int(rp))
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
 
 
@@ -358,5 +474,5 @@ def _rate_acquire(
         conn.execute("COMMIT")
         return RateResult(True, 0, -1)
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise

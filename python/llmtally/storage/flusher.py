@@ -1,0 +1,288 @@
+"""The flusher: one per store, the only writer of its usage deltas (internal).
+
+Modelled on the OpenTelemetry SDK's ``BatchProcessor``: a daemon thread that owns the write
+path, wakes every ``flush_interval_s`` (or at once when the ledger holds many keys), drains the
+ledger and writes the batch; ``flush()`` does the same from any thread, under the same lock, so
+one drain and write runs at a time. Nothing here depends on an event loop, so sync code,
+threads, several loops and interpreter exit all work the same.
+
+A batch that fails stays the *retry batch* and is written again, with the same sequence number,
+before anything newer: the backend skips the units of it already applied, so each unit is
+applied once. New deltas keep merging per key in the ledger meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from typing import Any
+
+from llmtally._core import LEDGER_FIELDS, Batch, Ledger
+from llmtally._observe import state as _observed
+from llmtally.errors import StoreError
+from llmtally.storage.base import Backend
+from llmtally.storage.keys import parse_key
+
+__all__ = ["EARLY_FLUSH_KEYS", "Flusher"]
+
+logger = logging.getLogger("llmtally")
+
+#: Pending keys at which the flusher is woken before its interval.
+EARLY_FLUSH_KEYS = 20_000
+_MAX_BACKOFF_S = 30.0
+
+
+class Flusher:
+    """Drains a ledger into a backend, from its own thread and on request."""
+
+    def __init__(
+        self, backend: Backend, *, flush_interval_s: float, max_pending: int, label: str
+    ) -> None:
+        self.backend = backend
+        self.flush_interval_s = flush_interval_s
+        self.max_pending = max_pending
+        self.label = label
+        self.flush_failures = 0
+        self.batches_written = 0
+        self.refused_writes = 0
+        self._start_lock = threading.Lock()
+        self._reinit()
+
+    def _reinit(self) -> None:
+        """A fresh writer: at construction, and in a forked child (whose copy of the parent's
+        deltas is the parent's to write)."""
+        self.ledger = Ledger()
+        self.flusher_id = os.urandom(8).hex()
+        self.retry: Batch | None = None
+        self.closed = False
+        self.running = False
+        self.consecutive_failures = 0
+        self.last_ok: float | None = None
+        self.last_attempt_ok: bool | None = None
+        self.last_error: str | None = None
+        self._warned_pending = False
+        self._shutdown = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # one drain and write at a time; reads take it too
+        self._wake = threading.Event()
+        self._start_lock = threading.Lock()
+
+    # -- the worker ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread (a no-op when it runs). A closed flusher that gets new
+        deltas opens again."""
+        with self._start_lock:
+            if self.running:
+                return
+            self._shutdown = False
+            self.closed = False
+            self.running = True
+            self._thread = threading.Thread(
+                target=self._worker, name=f"llmtally-flusher {self.label}", daemon=True
+            )
+            self._thread.start()
+
+    def wake(self) -> None:
+        """Write now rather than at the end of the interval."""
+        self._wake.set()
+
+    def _delay(self) -> float:
+        failures = self.consecutive_failures
+        if not failures:
+            return self.flush_interval_s
+        backoff = min(_MAX_BACKOFF_S, self.flush_interval_s * 2 ** min(failures, 20))
+        return float(backoff * random.uniform(0.5, 1.0))
+
+    def _worker(self) -> None:
+        try:
+            while not self._shutdown:
+                self._wake.wait(self._delay())
+                self._wake.clear()
+                if self._shutdown:
+                    break
+                self.flush()
+        finally:
+            self.running = False
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Write everything pending now, in the calling thread. False (deltas kept for a retry)
+        when the backend failed or the lock was not had within ``timeout_s``; never raises for
+        a backend error."""
+        if not self._lock.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s)):
+            return False
+        try:
+            return self._flush_locked()
+        finally:
+            self._lock.release()
+
+    def _flush_locked(self) -> bool:
+        try:
+            if self.retry is not None:
+                self._write(self.retry)
+                self.retry = None
+            batch = self.ledger.drain()
+            if len(batch):
+                self.retry = batch
+                self._write(batch)
+                self.retry = None
+        except StoreError as exc:
+            self._failed(exc)
+            return False
+        except Exception as exc:  # an unexpected failure is still only a failed flush
+            self._failed(StoreError(f"unexpected error while flushing: {exc!r}"))
+            logger.debug("flush failure detail", exc_info=exc)
+            return False
+        self.consecutive_failures = 0
+        self.last_ok = time.monotonic()
+        self.last_attempt_ok = True
+        self.last_error = None
+        return True
+
+    def _write(self, batch: Batch) -> None:
+        refused = self.backend.apply(batch, self.flusher_id)
+        self.batches_written += 1
+        _observed.flushed(self.backend.name, True)
+        if refused:
+            self.refused_writes += len(refused)
+            users = []
+            for key in refused[:5]:
+                parsed = parse_key(key)
+                users.append(repr(parsed[0]) if parsed else repr(key))
+            logger.error(
+                "store %s refused the usage of %d key(s) (bad input: a counter would leave the "
+                "signed 64-bit range, about 9.2M USD of cost_pusd, or the stored field is not an "
+                "integer); the other keys were written: users %s",
+                self.label,
+                len(refused),
+                ", ".join(users),
+            )
+
+    def _failed(self, exc: StoreError) -> None:
+        self.flush_failures += 1
+        _observed.flushed(self.backend.name, False)
+        self.consecutive_failures += 1
+        first = self.last_attempt_ok is not False
+        self.last_attempt_ok = False
+        self.last_error = str(exc)
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "flush to %s failed (%d in a row; deltas kept and retried): %s",
+            self.label,
+            self.consecutive_failures,
+            exc,
+        )
+        pending = self.pending
+        if pending > self.max_pending and not self._warned_pending:
+            self._warned_pending = True
+            logger.error(
+                "%d keys are waiting for %s (max_pending=%d); deltas keep merging per key and "
+                "none is dropped",
+                pending,
+                self.label,
+                self.max_pending,
+            )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def read(self, key: str) -> dict[str, int]:
+        """The backend's fields of ``key`` plus this process's deltas not in it yet.
+
+        Taken while no write is in flight: the ledger holds what no batch has; of the retry
+        batch, the unit holding ``key`` is added only when the backend has not applied it (both
+        read in one atomic step)."""
+        with self._lock:
+            counters = list(self.ledger.get(key))
+            retry = self.retry
+            if retry is not None and any(retry.get(key)):
+                stored, applied = self.backend.applied(key, retry, self.flusher_id)
+                if not applied:
+                    for i, v in enumerate(retry.get(key)):
+                        counters[i] += v
+            else:
+                stored = self.backend.read(key)
+        for field, value in zip(LEDGER_FIELDS, counters, strict=True):
+            if value:
+                stored[field] = stored.get(field, 0) + value
+        return stored
+
+    def local(self, key: str) -> dict[str, int]:
+        """This process's deltas of ``key`` not yet written (the retry batch included)."""
+        counters = list(self.ledger.get(key))
+        retry = self.retry
+        if retry is not None:
+            for i, v in enumerate(retry.get(key)):
+                counters[i] += v
+        return {f: v for f, v in zip(LEDGER_FIELDS, counters, strict=True) if v}
+
+    @property
+    def pending(self) -> int:
+        """Keys with deltas not yet written."""
+        retry = self.retry
+        return self.ledger.pending + (len(retry) if retry is not None else 0)
+
+    def oldest_pending_s(self) -> float | None:
+        """Age of the oldest delta not yet written."""
+        ages = [self.ledger.oldest_pending_s]
+        retry = self.retry
+        if retry is not None:
+            ages.append(retry.oldest_s_ago)
+        known = [a for a in ages if a is not None]
+        return max(known) if known else None
+
+    def status(self) -> dict[str, Any]:
+        """The write path's state for ``health()``."""
+        last = None if self.last_ok is None else time.monotonic() - self.last_ok
+        return {
+            "flush_ok": self.last_attempt_ok is not False,
+            "pending_deltas": self.pending,
+            "oldest_pending_s": self.oldest_pending_s(),
+            "last_flush_s_ago": last,
+            "flush_failures": self.flush_failures,
+            "batches_written": self.batches_written,
+            "refused_writes": self.refused_writes,
+            "overflows": self.ledger.overflows,
+            "last_error": self.last_error,
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self, timeout_s: float) -> bool:
+        """Stop the worker and write everything pending, retrying until ``timeout_s`` is spent,
+        then close the backend. Idempotent. False when deltas could not be written."""
+        if self.closed:
+            return True
+        deadline = time.monotonic() + timeout_s
+        self._shutdown = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, (deadline - time.monotonic()) / 2))
+        delay = 0.05
+        ok = self.flush(timeout_s=deadline - time.monotonic())
+        while not ok and time.monotonic() < deadline:
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
+            ok = self.flush(timeout_s=deadline - time.monotonic())
+        if not ok:
+            logger.error(
+                "closing %s with %d key(s) of usage not written: %s",
+                self.label,
+                self.pending,
+                self.last_error or "a write was still in flight",
+            )
+        self.backend.close()
+        self.closed = True
+        return ok
+
+    def after_fork(self) -> None:
+        """In a forked child: an empty ledger, a new identity, no thread, no inherited lock."""
+        closed = self.closed
+        self._reinit()
+        self.closed = closed
+        self.backend.after_fork()
