@@ -36,6 +36,9 @@ pub type Counters = [i64; NFIELDS];
 
 const SHARDS: usize = 16;
 
+/// Entries above which a drain or a serialization releases the GIL while it works.
+const DETACH_ABOVE: usize = 4096;
+
 /// Monotonic nanoseconds since the first use in this process, plus one (0 means "none").
 fn now_ns() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -360,7 +363,13 @@ impl Ledger {
     /// Swap out everything accumulated as one `Batch`, sorted by key and numbered (`seq`
     /// 1, 2, ... for the non-empty ones).
     fn drain(&self, py: Python<'_>) -> Batch {
-        Batch::from(py.detach(|| self.core.drain()))
+        // Handing the GIL back costs a busy process's flusher a switch interval (5 ms) to get
+        // it again: worth it only for large batches.
+        if self.core.pending() as usize > DETACH_ABOVE {
+            Batch::from(py.detach(|| self.core.drain()))
+        } else {
+            Batch::from(self.core.drain())
+        }
     }
 
     /// Seconds since the oldest pending delta arrived (`None` when nothing is pending).
@@ -532,7 +541,7 @@ impl Batch {
     /// The batch as a JSON array of `[key, field, delta]` rows (non-zero fields only), for a
     /// SQL backend to apply in one statement.
     fn sql_rows(&self, py: Python<'_>) -> String {
-        py.detach(|| {
+        let build = || {
             let mut out = String::with_capacity(self.entries.len() * 96 + 2);
             out.push('[');
             let mut first = true;
@@ -556,7 +565,12 @@ impl Batch {
             }
             out.push(']');
             out
-        })
+        };
+        if self.entries.len() > DETACH_ABOVE {
+            py.detach(build)
+        } else {
+            build()
+        }
     }
 
     /// The counters of `key` in this batch (zeros when absent).

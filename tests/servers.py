@@ -682,3 +682,190 @@ class ReplyDroppingProxy:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# A proxy that fails or answers chosen commands
+
+
+def _resp_end(buf: bytes, i: int) -> int | None:
+    """The index just past the RESP2/RESP3 value starting at ``buf[i]``, or None if
+    incomplete."""
+    if i >= len(buf):
+        return None
+    kind = buf[i : i + 1]
+    eol = buf.find(b"\r\n", i)
+    if eol < 0:
+        return None
+    if kind in (b"+", b"-", b":", b"_", b"#", b",", b"("):
+        return eol + 2
+    n = int(buf[i + 1 : eol])
+    if kind in (b"$", b"!", b"="):
+        end = eol + 2 + n + 2
+        return eol + 2 if n < 0 else (end if len(buf) >= end else None)
+    if kind in (b"*", b"~", b">", b"%", b"|"):
+        items = n * 2 if kind in (b"%", b"|") else n
+        k: int | None = eol + 2
+        for _ in range(max(items, 0)):
+            assert k is not None
+            k = _resp_end(buf, k)
+            if k is None:
+                return None
+        if kind == b"|":  # attributes come before the reply they describe
+            return None if k is None else _resp_end(buf, k)
+        return k
+    raise ValueError(f"unexpected RESP type {kind!r}")
+
+
+def _command_name(command: bytes) -> bytes:
+    """The name of a RESP array command (``*3\\r\\n$7\\r\\nEVALSHA...`` -> ``EVALSHA``)."""
+    first = command.find(b"\r\n") + 2
+    size_end = command.find(b"\r\n", first)
+    size = int(command[first + 1 : size_end])
+    return command[size_end + 2 : size_end + 2 + size].upper()
+
+
+class FaultProxy:
+    """A RESP-aware TCP proxy on 127.0.0.1 in front of one server: it forwards every command
+    and reply in order, except the ones a test chose.
+
+    - ``fail(command, skip=0, count=1, error=...)``: of the next commands named ``command``,
+      let ``skip`` through, then answer ``count`` of them with ``error`` without forwarding
+      them (the server never sees them), in their place in the reply stream.
+    - ``replace(command, reply, skip=0, count=1)``: forward them, but hand the client ``reply``
+      instead of the server's answer (which was applied).
+
+    ``seen[name]`` counts the commands by name. One thread per connection; ``close()`` ends
+    them.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = (HOST, target[1])
+        self.seen: dict[bytes, int] = {}
+        self._rules: list[list[Any]] = []  # [name, skip, count, action, payload]
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((HOST, 0))
+        self._listener.listen(64)
+        self._listener.settimeout(0.1)
+        self.port = int(self._listener.getsockname()[1])
+        self._threads = [threading.Thread(target=self._accept_loop, daemon=True)]
+        self._threads[0].start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def fail(
+        self,
+        command: str,
+        *,
+        skip: int = 0,
+        count: int = 1,
+        error: bytes = b"-ERR injected by the test proxy\r\n",
+    ) -> None:
+        with self._lock:
+            self._rules.append([command.upper().encode(), skip, count, "fail", error])
+
+    def replace(self, command: str, reply: bytes, *, skip: int = 0, count: int = 1) -> None:
+        with self._lock:
+            self._rules.append([command.upper().encode(), skip, count, "replace", reply])
+
+    def _decide(self, name: bytes) -> tuple[str, bytes | None]:
+        with self._lock:
+            self.seen[name] = self.seen.get(name, 0) + 1
+            for rule in self._rules:
+                if rule[0] != name or rule[2] <= 0:
+                    continue
+                if rule[1] > 0:
+                    rule[1] -= 1
+                    return "pass", None
+                rule[2] -= 1
+                return rule[3], rule[4]
+        return "pass", None
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for s in list(self._socks):
+            with contextlib.suppress(OSError):
+                s.close()
+        for t in self._threads:
+            t.join(2)
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            self._socks += [client, upstream]
+            t = threading.Thread(target=self._serve, args=(client, upstream), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _serve(self, client: socket.socket, upstream: socket.socket) -> None:
+        cbuf = sbuf = b""
+        queue: list[tuple[str, bytes | None]] = []  # per command, in order: what to answer
+
+        def answer_injected() -> None:
+            while queue and queue[0][0] == "fail":
+                client.sendall(queue.pop(0)[1] or b"")
+
+        try:
+            while not self._closed.is_set():
+                readable, _, _ = select.select([client, upstream], [], [], 0.1)
+                if client in readable:
+                    data = client.recv(65536)
+                    if not data:
+                        break
+                    cbuf += data
+                    forward = b""
+                    while (end := _resp_end(cbuf, 0)) is not None:
+                        command, cbuf = cbuf[:end], cbuf[end:]
+                        action, payload = self._decide(_command_name(command))
+                        queue.append((action, payload))
+                        if action != "fail":
+                            forward += command
+                    if forward:
+                        upstream.sendall(forward)
+                    answer_injected()
+                if upstream in readable:
+                    data = upstream.recv(65536)
+                    if not data:
+                        break
+                    sbuf += data
+                    while (end := _resp_end(sbuf, 0)) is not None:
+                        reply, sbuf = sbuf[:end], sbuf[end:]
+                        answer_injected()
+                        action, payload = queue.pop(0)
+                        client.sendall(payload if action == "replace" and payload else reply)
+                        answer_injected()
+        except OSError:
+            pass
+        finally:
+            for s in (client, upstream):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from servers import RedisCluster, RedisServer, ReplyDroppingProxy
+from servers import FaultProxy, RedisCluster, RedisServer, ReplyDroppingProxy
 
 _REDIS_FIXTURES = {
     "redis_server",
@@ -16,6 +16,7 @@ _REDIS_FIXTURES = {
     "fresh_redis_server",
     "redis_cluster",
     "reply_dropping_proxy",
+    "fault_proxy",
 }
 
 
@@ -74,4 +75,11 @@ def reply_dropping_proxy(redis_server: RedisServer) -> Iterator[ReplyDroppingPro
     """A proxy in front of the (emptied) shared server; `redis_server.url` reaches the server
     directly."""
     with ReplyDroppingProxy(redis_server.address) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def fault_proxy(redis_server: RedisServer) -> Iterator[FaultProxy]:
+    """A proxy in front of the (emptied) shared server that fails or answers chosen commands."""
+    with FaultProxy(redis_server.address) as proxy:
         yield proxy

@@ -98,13 +98,22 @@ class Flusher:
         return float(backoff * random.uniform(0.5, 1.0))
 
     def _worker(self) -> None:
+        # Writes start every interval (not an interval after the previous write ended), so a
+        # slow write under load does not stretch the time deltas wait.
+        next_at = time.monotonic() + self.flush_interval_s
         try:
+            try:  # connect now, not in the first write (a busy process pays for each step)
+                self.backend.ping()
+            except StoreError as exc:
+                logger.debug("%s: not reachable yet: %s", self.label, exc)
             while not self._shutdown:
-                self._wake.wait(self._delay())
+                self._wake.wait(max(0.0, next_at - time.monotonic()))
                 self._wake.clear()
                 if self._shutdown:
                     break
+                started = time.monotonic()
                 self.flush()
+                next_at = max(started + self._delay(), time.monotonic())
         finally:
             self.running = False
 

@@ -11,12 +11,11 @@ store is noticed and reported, not written into a void.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -68,36 +67,114 @@ CREATE TABLE IF NOT EXISTS rate_log (
 ) WITHOUT ROWID;
 """
 
-#: ?1: the batch's rows as JSON ``[[key, field, delta], ...]``. The keys a delta cannot be added
-#: to: the stored value is not an integer, or the sum would leave the signed 64-bit range
-#: (computed without overflowing: a positive delta against MAX - delta, a negative one against
-#: MIN - delta).
-_REFUSED_SQL = """
-SELECT DISTINCT json_extract(r.value, '$[0]')
-FROM json_each(?1) AS r
-JOIN usage AS u ON u.key = json_extract(r.value, '$[0]') AND u.field = json_extract(r.value, '$[1]')
-WHERE typeof(u.value) != 'integer'
-   OR (json_extract(r.value, '$[2]') > 0
-       AND u.value > 9223372036854775807 - json_extract(r.value, '$[2]'))
-   OR (json_extract(r.value, '$[2]') < 0
-       AND u.value < (-9223372036854775807 - 1) - json_extract(r.value, '$[2]'))
+# A batch is applied by one INSERT into `batches`, whose trigger does the rest in the same
+# implicit transaction: skip a batch this flusher applied before, refuse the keys a delta cannot
+# be added to (the stored value is not an integer, or the sum would leave the signed 64-bit
+# range, computed without overflowing: a positive delta against MAX - delta, a negative one
+# against MIN - delta), add the rest, record the sequence. One statement, so the flusher thread
+# needs the GIL back twice per batch (this and reading the refused keys), however busy the
+# process is. `rows` is the batch as JSON `[[key, field, delta], ...]`.
+_APPLY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    flusher TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    rows TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS refused (
+    flusher TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    key TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS apply_batch AFTER INSERT ON batches
+BEGIN
+    DELETE FROM refused WHERE flusher = NEW.flusher AND seq < NEW.seq;
+    INSERT INTO refused (flusher, seq, key)
+    SELECT DISTINCT NEW.flusher, NEW.seq, json_extract(r.value, '$[0]')
+    FROM json_each(NEW.rows) AS r
+    JOIN usage AS u
+      ON u.key = json_extract(r.value, '$[0]') AND u.field = json_extract(r.value, '$[1]')
+    WHERE NOT EXISTS (SELECT 1 FROM flushers WHERE id = NEW.flusher AND seq >= NEW.seq)
+      AND (typeof(u.value) != 'integer'
+       OR (json_extract(r.value, '$[2]') > 0
+           AND u.value > 9223372036854775807 - json_extract(r.value, '$[2]'))
+       OR (json_extract(r.value, '$[2]') < 0
+           AND u.value < (-9223372036854775807 - 1) - json_extract(r.value, '$[2]')));
+    INSERT INTO usage (key, field, value)
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
+    FROM json_each(NEW.rows)
+    WHERE NOT EXISTS (SELECT 1 FROM flushers WHERE id = NEW.flusher AND seq >= NEW.seq)
+      AND json_extract(value, '$[0]') NOT IN
+          (SELECT key FROM refused WHERE flusher = NEW.flusher AND seq = NEW.seq)
+    ON CONFLICT (key, field) DO UPDATE SET value = value + excluded.value;
+    INSERT INTO flushers (id, seq, updated) VALUES (NEW.flusher, NEW.seq, NEW.at)
+    ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq), updated = excluded.updated;
+    DELETE FROM batches WHERE rowid = NEW.rowid;
+END;
 """
 
-#: ?1: the rows as above; ?2: the refused keys as a JSON array.
-_UPSERT_SQL = """
-INSERT INTO usage (key, field, value)
-SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
-FROM json_each(?1)
-WHERE json_extract(value, '$[0]') NOT IN (SELECT value FROM json_each(?2))
-ON CONFLICT (key, field) DO UPDATE SET value = value + excluded.value
-"""
-
-_MARKER_SQL = (
-    "INSERT INTO flushers (id, seq, updated) VALUES (?, ?, ?) "
-    "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, updated = excluded.updated"
-)
 _CLEAN_EVERY_S = 3600.0
 _BUSY_TIMEOUT_S = 5.0
+
+
+class _ForkGate:
+    """No thread of this process is inside SQLite while it forks: SQLite's own mutexes (its
+    allocator's, its file-lock tables) are process-wide, and a child forked while another thread
+    held one would hang on it forever. Every call into SQLite holds the gate shared; a fork
+    waits for them to leave (a busy timeout at most) and holds new ones back until it is done."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._forking = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._forking:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    def block(self) -> None:
+        with self._cond:
+            self._forking += 1
+            self._cond.wait_for(lambda: not self._active, timeout=2 * _BUSY_TIMEOUT_S)
+
+    def unblock(self) -> None:
+        with self._cond:
+            self._forking -= 1
+            self._cond.notify_all()
+
+
+_gate = _ForkGate()
+
+
+def _before_fork() -> None:
+    _gate.block()
+
+
+def _after_fork_in_parent() -> None:
+    _gate.unblock()
+
+
+def _after_fork_in_child() -> None:
+    global _gate
+    _gate = _ForkGate()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -119,6 +196,7 @@ class SQLiteBackend:
         self._memory = str(self.path) == ":memory:"
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._open_lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
         self._generation = 0
         self._identity: tuple[int, int] | None = None
@@ -131,27 +209,50 @@ class SQLiteBackend:
     # -- connections ---------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
-        try:
-            if self._memory:
-                conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-            else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(
-                    str(self.path),
-                    timeout=_BUSY_TIMEOUT_S,
-                    isolation_level=None,
-                    check_same_thread=False,
-                )
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
+        # One connection set up at a time in this process: switching a new file to WAL and
+        # creating the schema take locks SQLite does not wait for (two at once: "locked").
+        with self._open_lock:
+            deadline = time.monotonic() + _BUSY_TIMEOUT_S
+            while True:
+                try:
+                    conn = self._connect()
+                    break
+                except sqlite3.OperationalError as exc:
+                    # Another process is setting the same file up: wait for it, as for a lock.
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise StoreUnavailable(
+                            f"cannot open SQLite store {self.path}: {exc}"
+                        ) from exc
+                    time.sleep(0.01)
+                except (sqlite3.Error, OSError) as exc:
+                    raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
         with self._lock:
             self._conns.append(conn)
             if not self._memory and self._identity is None:
                 st = os.stat(self.path)
                 self._identity = (st.st_dev, st.st_ino)
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._memory:
+            conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                str(self.path),
+                timeout=_BUSY_TIMEOUT_S,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        try:
+            if not self._memory:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA + _APPLY_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _conn(self) -> sqlite3.Connection:
@@ -196,10 +297,11 @@ class SQLiteBackend:
         )
 
     def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._serial is not None:
-            with self._serial:
-                return self._call(fn, *args)
-        return self._call(fn, *args)
+        with _gate.shared():
+            if self._serial is not None:
+                with self._serial:
+                    return self._call(fn, *args)
+            return self._call(fn, *args)
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         conn = self._conn()
@@ -281,9 +383,10 @@ class SQLiteBackend:
         with self._lock:
             conns, self._conns = self._conns, []
             self._generation += 1
-        for conn in conns:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+        with _gate.shared():
+            for conn in conns:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
 
     def after_fork(self) -> None:
         # The parent's connections must never be used, nor closed, here: closing one could
@@ -293,6 +396,7 @@ class SQLiteBackend:
         self._local = threading.local()
         self._shared = SimpleNamespace(conn=None, generation=0)
         self._lock = threading.Lock()
+        self._open_lock = threading.Lock()
         self._serial = threading.Lock() if self._memory else None
         self._generation += 1
 
@@ -355,23 +459,18 @@ def _ints(rows: list[tuple[str, Any]]) -> dict[str, int]:
 def _apply(
     conn: sqlite3.Connection, rows: str, flusher_id: str, seq: int, clean: bool
 ) -> list[str]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        row = conn.execute("SELECT seq FROM flushers WHERE id = ?", (flusher_id,)).fetchone()
-        if row is not None and row[0] >= seq:
-            conn.execute("ROLLBACK")
-            return []
-        refused = [r[0] for r in conn.execute(_REFUSED_SQL, (rows,)).fetchall()]
-        conn.execute(_UPSERT_SQL, (rows, json.dumps(refused)))
-        now = time.time()
-        conn.execute(_MARKER_SQL, (flusher_id, seq, now))
-        if clean:
-            conn.execute("DELETE FROM flushers WHERE updated < ?", (now - MARKER_TTL_S,))
-        conn.execute("COMMIT")
-        return refused
-    except BaseException:
-        _rollback(conn)
-        raise
+    now = time.time()
+    conn.execute(
+        "INSERT INTO batches (flusher, seq, rows, at) VALUES (?, ?, ?, ?)",
+        (flusher_id, seq, rows, now),
+    )
+    refused = conn.execute(
+        "SELECT key FROM refused WHERE flusher = ? AND seq = ?", (flusher_id, seq)
+    ).fetchall()
+    if clean:
+        conn.execute("DELETE FROM flushers WHERE updated < ?", (now - MARKER_TTL_S,))
+        conn.execute("DELETE FROM refused WHERE flusher NOT IN (SELECT id FROM flushers)")
+    return [key for (key,) in refused]
 
 
 def _budget(

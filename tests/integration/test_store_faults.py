@@ -1,0 +1,179 @@
+"""Redis faults against a real server: a unit of a batch failing alone, an unexpected reply, a
+poisoned counter, OOM, READONLY. Every test checks the stored numbers exactly."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import redis
+
+from llmtally import open_store
+from llmtally.storage.keys import MARKER_TTL_S, marker_key, usage_key
+
+from servers import FaultProxy, RedisServer
+
+CYCLE = "2026-12-01"
+I64_MAX = 2**63 - 1
+
+
+def key(user: str) -> str:
+    return usage_key(user, CYCLE)
+
+
+def direct(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+def stored(client: redis.Redis, users: list[str]) -> dict[str, dict[str, str]]:
+    pipe = client.pipeline(transaction=False)
+    for user in users:
+        pipe.hgetall(key(user))
+    return dict(zip(users, pipe.execute(), strict=True))
+
+
+@pytest.mark.parametrize("failing_unit", [0, 1, 2])
+async def test_a_failed_unit_is_retried_alone_and_none_is_skipped(
+    fault_proxy: FaultProxy, redis_url: str, failing_unit: int
+) -> None:
+    """1,200 users make three units (512 keys each) in one pipeline; the proxy fails one of
+    them before the server sees it while the others apply. The retry applies exactly that one."""
+    store = open_store(fault_proxy.url, flush_interval_s=3600)
+    users = [f"user-{i:04d}" for i in range(1200)]
+    for user in users:
+        store.add(key(user), total_tokens=7, cost_pusd=11, calls=1)
+    fault_proxy.fail("EVALSHA", skip=failing_unit)
+    assert store.flush_sync() is False
+    health = await store.health()
+    assert (health["status"], health["ok"]) == ("unhealthy", False)
+    assert "1 of 3 units failed" in health["last_error"]
+    assert health["pending_deltas"] == 1200 and health["oldest_pending_s"] is not None
+    # The other units are in Redis already; reads through the store count every user once.
+    client = direct(redis_url)
+    written = stored(client, users)
+    unit_sizes = [512, 512, 176]
+    assert sum(1 for fields in written.values() if fields) == 1200 - unit_sizes[failing_unit]
+    assert await store.read(key(users[0])) == {"total_tokens": 7, "cost_pusd": 11, "calls": 1}
+    assert await store.read(key(users[-1])) == {"total_tokens": 7, "cost_pusd": 11, "calls": 1}
+    assert store.flush_sync() is True
+    expected = {"total_tokens": "7", "cost_pusd": "11", "calls": "1"}
+    assert stored(client, users) == dict.fromkeys(users, expected)
+    assert (await store.health())["status"] == "healthy"
+    await store.aclose()
+
+
+async def test_an_unexpected_reply_is_a_failed_write_never_a_success(
+    fault_proxy: FaultProxy, redis_url: str
+) -> None:
+    """The server applied the unit but the client got ``+OK``: the flush fails, the batch is
+    kept, and its retry is recognised as applied (counted once)."""
+    store = open_store(fault_proxy.url, flush_interval_s=3600)
+    store.add(key("alice"), total_tokens=5, calls=1)
+    fault_proxy.replace("EVALSHA", b"+OK\r\n")
+    assert await store.flush() is False
+    health = await store.health()
+    assert health["status"] == "unhealthy" and "unexpected reply 'OK'" in health["last_error"]
+    assert health["pending_deltas"] == 1
+    assert await store.read(key("alice")) == {"total_tokens": 5, "calls": 1}
+    assert await store.flush() is True
+    assert direct(redis_url).hgetall(key("alice")) == {"total_tokens": "5", "calls": "1"}
+    await store.aclose()
+
+
+async def test_a_poisoned_counter_is_refused_alone_and_bystanders_are_written_once(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="llmtally")
+    client = direct(redis_url)
+    client.hset(key("rich"), "cost_pusd", I64_MAX - 100)
+    client.hset(key("edge"), "cost_pusd", I64_MAX - 100)
+    client.hset(key("weird"), "total_tokens", "not a number")
+    client.hset(key("low"), "cost_pusd", -I64_MAX)
+    store = open_store(redis_url, flush_interval_s=3600)
+    bystanders = [f"b{i}" for i in range(50)]
+    for user in bystanders:
+        store.add(key(user), total_tokens=3, cost_pusd=5, calls=1)
+    store.add(key("rich"), cost_pusd=101, calls=1)  # one past the 64-bit range
+    store.add(key("edge"), cost_pusd=100, calls=1)  # exactly the largest value: allowed
+    store.add(key("weird"), total_tokens=1, calls=1)  # HINCRBY would fail on this field
+    store.add(key("low"), cost_pusd=-2)  # one below the range (an undo path)
+    assert await store.flush() is True  # refusing is not failing: nothing is retried
+    assert store.refused_writes == 3
+    assert client.hgetall(key("rich")) == {"cost_pusd": str(I64_MAX - 100)}
+    assert client.hgetall(key("edge")) == {"cost_pusd": str(I64_MAX), "calls": "1"}
+    assert client.hgetall(key("weird")) == {"total_tokens": "not a number"}
+    assert client.hgetall(key("low")) == {"cost_pusd": str(-I64_MAX)}
+    expected = {"total_tokens": "3", "cost_pusd": "5", "calls": "1"}
+    assert stored(client, bystanders) == dict.fromkeys(bystanders, expected)
+    assert "'rich'" in caplog.text and "'weird'" in caplog.text
+    for user in bystanders:  # later flushes are not poisoned
+        store.add(key(user), total_tokens=1)
+    assert await store.flush() is True
+    assert client.hget(key("b0"), "total_tokens") == "4"
+    await store.aclose()
+
+
+async def test_markers_are_one_hash_per_flusher_with_a_ttl(redis_url: str) -> None:
+    store = open_store(redis_url, flush_interval_s=3600)
+    store.add(key("alice"), total_tokens=1)
+    assert await store.flush()
+    client = direct(redis_url)
+    marker = marker_key(store.flusher_id)
+    assert client.hgetall(marker) == {"0": "1"}  # unit 0 applied batch 1
+    assert 0 < client.ttl(marker) <= MARKER_TTL_S
+    assert client.keys("llmtally:flushed") == []  # no shared hash growing per store
+    await store.aclose()
+
+
+@pytest.mark.parametrize("fault", ["oom", "readonly"])
+async def test_health_is_unhealthy_while_writes_fail_and_recovers_exactly(
+    fresh_redis_server: RedisServer, fault: str
+) -> None:
+    client = direct(fresh_redis_server.url)
+    store = open_store(fresh_redis_server.url, flush_interval_s=3600)
+    store.add(key("alice"), total_tokens=2, calls=1)
+    assert await store.flush()
+    if fault == "oom":
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)
+    else:
+        dead = fresh_redis_server.port + 1 if fresh_redis_server.port < 65535 else 1
+        client.replicaof("127.0.0.1", dead)
+    store.add(key("alice"), total_tokens=3, calls=1)
+    assert await store.flush() is False
+    health = await store.health()
+    assert health["status"] == "unhealthy" and health["ok"] is False
+    error = "OutOfMemoryError" if fault == "oom" else "ReadOnlyError"
+    assert error in health["last_error"]
+    assert await store.read(key("alice")) == {"total_tokens": 5, "calls": 2}
+    if fault == "oom":
+        client.config_set("maxmemory", 0)
+    else:
+        client.replicaof("NO", "ONE")
+    assert await store.flush() is True
+    assert (await store.health())["status"] == "healthy"
+    assert client.hgetall(key("alice")) == {"total_tokens": "5", "calls": "2"}
+    await store.aclose()
+
+
+async def test_cluster_units_carry_their_marker_in_their_slot(redis_cluster: Any) -> None:
+    """On a cluster each unit's marker lives in its own slot, on the node its keys live on; a
+    batch spread over every master is written once per key."""
+    store = open_store(redis_cluster.url, flush_interval_s=3600)
+    users = [f"c{i}" for i in range(600)]
+    for user in users:
+        store.add(key(user), total_tokens=2, calls=1)
+    assert await store.flush() is True
+    for user in users:
+        store.add(key(user), total_tokens=1)
+    assert await store.flush() is True
+    assert await store.read(key("c7")) == {"total_tokens": 3, "calls": 1}
+    client = redis.RedisCluster.from_url(
+        redis_cluster.url.replace("redis+cluster://", "redis://").split(",")[0],
+        decode_responses=True,
+    )
+    assert all(client.hget(key(u), "total_tokens") == "3" for u in users)
+    markers = [k for k in client.keys("llmtally:*flushed*")]
+    assert markers and all(k.endswith(":flushed:" + store.flusher_id) for k in markers)
+    await store.aclose()

@@ -1,0 +1,322 @@
+"""The store's lifecycle on the embedded backend, in real processes: interpreter exit, SIGTERM,
+fork during a flush, several event loops and threads, a file deleted or replaced, a full disk,
+another process holding the write lock, poisoned counters. Every test checks the stored numbers
+exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmtally import open_store
+from llmtally.storage import sqlite as sqlite_module
+from llmtally.storage.keys import usage_key
+from llmtally.storage.sqlite import SQLiteBackend
+from llmtally.storage.store import Store
+
+CYCLE = "2026-12-01"
+I64_MAX = 2**63 - 1
+
+#: A metering script: `calls` LLM calls through a manager with a UsageRecorder into `url`,
+#: `progress` (when given) counting the calls whose end was recorded.
+METER = """
+import asyncio, os, sys, mmap
+import llmtally
+url, calls, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+store = llmtally.open_store(url)
+manager = llmtally.CallbackManager([llmtally.UsageRecorder(store=store)])
+messages = [{"role": "user", "content": "hi"}]
+response = {"usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+if mode == "signal":
+    llmtally.flush_on_exit_signals()
+
+async def main():
+    for i in range(calls):
+        async with manager.llm_call(messages, model="gpt-4o", user_id=f"u{i % 7}",
+                                    cycle_start_date="2026-12-01") as call:
+            call.set_response(response)
+        if mode == "signal" and i == calls - 1:
+            print("ready", flush=True)
+            await asyncio.sleep(60)
+        elif i % 50 == 0:
+            await asyncio.sleep(0)
+
+asyncio.run(main())  # returns without closing the store
+"""
+
+
+def run_python(code: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+async def totals(url: str) -> tuple[int, int]:
+    store = open_store(url, flush_interval_s=3600)
+    calls = tokens = 0
+    for key in await store.usage_keys(CYCLE):
+        fields = await store.read(key)
+        calls += fields.get("calls", 0)
+        tokens += fields.get("total_tokens", 0)
+    await store.aclose()
+    return calls, tokens
+
+
+async def test_exit_without_closing_writes_everything_at_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/exit.db"
+    started = time.monotonic()
+    proc = run_python(METER, url, "5000", "exit")
+    _, err = proc.communicate(timeout=60)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, err
+    assert err == ""  # no "flushing usage at exit failed", no traceback
+    assert await totals(url) == (5000, 25000)
+    assert elapsed < 30  # the exit flush does not wait out a timeout (it used to stall 5 s)
+
+
+async def test_sigterm_with_the_helper_writes_everything_then_dies_of_the_signal(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/term.db"
+    proc = run_python(METER, url, "3000", "signal")
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM  # handed over to the default action
+    assert err == ""
+    assert await totals(url) == (3000, 15000)
+
+
+def test_sigterm_hands_over_to_the_previous_python_handler(tmp_path: Path) -> None:
+    code = """
+    import signal, sys, time, llmtally
+    store = llmtally.open_store(sys.argv[1])
+    def previous(sig, frame):
+        print("previous handler ran", flush=True)
+        sys.exit(3)
+    signal.signal(signal.SIGTERM, previous)
+    llmtally.flush_on_exit_signals()
+    store.add("llmtally:{t}:2026-12-01", total_tokens=9, calls=1)
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+    url = f"sqlite:///{tmp_path}/chain.db"
+    proc = run_python(code, url)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3 and "previous handler ran" in out, err
+    assert asyncio.run(totals(url)) == (1, 9)
+
+
+class SlowBackend(SQLiteBackend):
+    """Holds every write for ``delay`` seconds, so a fork can land in the middle of one."""
+
+    def __init__(self, path: Path, delay: float) -> None:
+        super().__init__(path)
+        self.delay = delay
+        self.writing = threading.Event()
+
+    def apply(self, batch: Any, flusher_id: str) -> list[str]:
+        self.writing.set()
+        time.sleep(self.delay)
+        return super().apply(batch, flusher_id)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_flush_neither_hangs_nor_counts_the_parents_deltas(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "fork.db"
+    backend = SlowBackend(path, delay=0.5)
+    store = Store(backend, url=f"sqlite:///{path}", flush_interval_s=3600)
+    key = usage_key("p", CYCLE)
+    store.add(key, total_tokens=5, calls=1)
+    flushing = threading.Thread(target=store.flush_sync)
+    flushing.start()
+    assert backend.writing.wait(5)  # the parent's flusher lock is held right now
+    pid = os.fork()
+    if pid == 0:  # the child: its own delta only, then close (which must not hang)
+        code = 1
+        try:
+            backend.delay = 0
+            store.add(key, total_tokens=1, calls=1)
+            code = 0 if store.close(timeout_s=10) else 2
+        finally:
+            os._exit(code)
+    flushing.join(10)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    backend.delay = 0
+    assert store.close()
+    fields = sqlite3.connect(path).execute(
+        "SELECT field, value FROM usage WHERE key = ? ORDER BY field", (key,)
+    )
+    assert dict(fields.fetchall()) == {"calls": 2, "total_tokens": 6}
+
+
+def test_one_store_from_many_event_loops_and_threads_keeps_one_flusher(tmp_path: Path) -> None:
+    """LiteLLM's sync and async hooks (and sync web apps) use a store from several loops: one
+    flusher thread serves them all, none is left behind, and every delta is written once."""
+    store = open_store(f"sqlite:///{tmp_path}/loops.db", flush_interval_s=0.005)
+    key = usage_key("t", CYCLE)
+    before = threading.active_count()
+
+    def worker() -> None:
+        async def main() -> None:
+            for i in range(300):
+                store.add(key, total_tokens=2, calls=1)
+                if i % 30 == 0:
+                    await store.flush()
+
+        for _ in range(10):
+            asyncio.run(main())
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    flushers = [t for t in threading.enumerate() if t.name.startswith("llmtally-flusher")]
+    assert len([t for t in flushers if str(tmp_path) in t.name]) == 1
+    assert threading.active_count() <= before + 1 + 8  # the flusher and the store's I/O pool
+    assert store.close()
+    rows = sqlite3.connect(tmp_path / "loops.db").execute(
+        "SELECT field, value FROM usage WHERE key = ? ORDER BY field", (key,)
+    )
+    assert dict(rows.fetchall()) == {"calls": 4 * 10 * 300, "total_tokens": 4 * 10 * 300 * 2}
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_a_file_deleted_or_replaced_under_the_store_is_reported_not_written_into_a_void(
+    tmp_path: Path, how: str
+) -> None:
+    path = tmp_path / "gone.db"
+    store = open_store(f"sqlite:///{path}", flush_interval_s=3600)
+    key = usage_key("alice", CYCLE)
+    store.add(key, total_tokens=1, calls=1)
+    assert await store.flush()
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{path}{suffix}")
+    if how == "replaced":
+        sqlite3.connect(path).execute("CREATE TABLE other (x)").connection.close()
+    store.add(key, total_tokens=2, calls=1)
+    assert await store.flush() is False
+    health = await store.health()
+    assert health["status"] == "unhealthy" and f"was {how}" in health["last_error"]
+    assert await store.flush() is True  # written to the file now at that path
+    reader = open_store(f"sqlite:///{path}", flush_interval_s=3600)
+    assert await reader.read(key) == {"total_tokens": 2, "calls": 1}
+    await reader.aclose()
+    await store.aclose()
+
+
+class SmallDisk(SQLiteBackend):
+    """A database that may not grow past ``pages`` pages: SQLite's own 'database or disk is
+    full', as on a full disk."""
+
+    pages = 0
+
+    def _open(self) -> sqlite3.Connection:
+        conn = super()._open()
+        if self.pages:
+            conn.execute(f"PRAGMA max_page_count = {self.pages}")
+        return conn
+
+
+async def test_a_full_disk_is_reported_as_such_and_nothing_is_lost(tmp_path: Path) -> None:
+    path = tmp_path / "full.db"
+    backend = SmallDisk(path)
+    store = Store(backend, url=f"sqlite:///{path}", flush_interval_s=3600)
+    store.add(usage_key("first", CYCLE), calls=1)
+    assert await store.flush()  # the schema and one row
+    pages = sqlite3.connect(path).execute("PRAGMA page_count").fetchone()[0]
+    backend.close()  # reconnect with the limit
+    SmallDisk.pages = pages
+    try:
+        users = [f"user-{i}" for i in range(2000)]
+        for user in users:
+            store.add(usage_key(user, CYCLE), total_tokens=1, calls=1)
+        assert await store.flush() is False
+        health = await store.health()
+        assert "database or disk is full" in health["last_error"]
+        assert "cannot rollback" not in health["last_error"]
+    finally:
+        SmallDisk.pages = 0
+    backend.close()  # room again
+    assert await store.flush() is True
+    reader = open_store(f"sqlite:///{path}", flush_interval_s=3600)
+    assert await reader.read(usage_key("user-1999", CYCLE)) == {"total_tokens": 1, "calls": 1}
+    await reader.aclose()
+    await store.aclose()
+
+
+async def test_another_process_holding_the_write_lock_never_stalls_the_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "_BUSY_TIMEOUT_S", 0.2)
+    path = tmp_path / "locked.db"
+    store = open_store(f"sqlite:///{path}", flush_interval_s=3600)
+    key = usage_key("alice", CYCLE)
+    store.add(key, calls=1)
+    assert await store.flush()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+    started = time.perf_counter()
+    for _ in range(10_000):
+        store.add(key, total_tokens=1, calls=1)
+    adding = time.perf_counter() - started
+    assert await store.flush() is False  # waited its busy timeout on its own thread
+    assert "locked" in (await store.health())["last_error"]
+    other.execute("ROLLBACK")
+    assert await store.flush() is True
+    assert await store.read(key) == {"total_tokens": 10_000, "calls": 10_001}
+    assert adding < 5  # the calls only touched the ledger
+    await store.aclose()
+
+
+async def test_sqlite_refuses_a_poisoned_counter_alone(tmp_path: Path) -> None:
+    path = tmp_path / "poison.db"
+    store = open_store(f"sqlite:///{path}", flush_interval_s=3600)
+    await store.set_fields(usage_key("rich", CYCLE), {"cost_pusd": I64_MAX - 100})
+    await store.set_fields(usage_key("edge", CYCLE), {"cost_pusd": I64_MAX - 100})
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(
+        "INSERT INTO usage VALUES (?, 'total_tokens', 1.5)", (usage_key("real", CYCLE),)
+    )
+    store.add(usage_key("rich", CYCLE), cost_pusd=101, calls=1)
+    store.add(usage_key("edge", CYCLE), cost_pusd=100, calls=1)
+    store.add(usage_key("real", CYCLE), total_tokens=1, calls=1)
+    for i in range(50):
+        store.add(usage_key(f"b{i}", CYCLE), total_tokens=3, calls=1)
+    assert await store.flush() is True
+    assert store.refused_writes == 2
+    rows = dict(conn.execute("SELECT key || ' ' || field, value FROM usage").fetchall())
+    assert rows[usage_key("rich", CYCLE) + " cost_pusd"] == I64_MAX - 100
+    assert usage_key("rich", CYCLE) + " calls" not in rows
+    assert rows[usage_key("edge", CYCLE) + " cost_pusd"] == I64_MAX
+    assert rows[usage_key("real", CYCLE) + " total_tokens"] == 1.5  # left as found, not summed
+    assert all(rows[usage_key(f"b{i}", CYCLE) + " total_tokens"] == 3 for i in range(50))
+    types = {t for (t,) in conn.execute("SELECT DISTINCT typeof(value) FROM usage WHERE key != ?",
+                                        (usage_key("real", CYCLE),))}
+    assert types == {"integer"}
+    await store.aclose()
