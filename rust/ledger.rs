@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use crate::journal::{self, Journal};
+
 use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -56,6 +58,8 @@ pub struct Drained {
     pub entries: Vec<(Box<str>, Counters)>,
     pub seq: u64,
     pub oldest_ns: u64,
+    /// The spool file holding exactly these deltas, when the ledger journals.
+    pub journal: Option<std::path::PathBuf>,
 }
 
 /// Adding `delta` to `into` without wrapping; on overflow nothing is changed.
@@ -83,6 +87,9 @@ pub struct Core {
     oldest: AtomicU64,
     /// Sequence numbers of the non-empty drains so far.
     drains: AtomicU64,
+    /// When set, every accepted delta is appended to it first (adds and drains then hold its
+    /// lock, so a batch and its journal file hold exactly the same deltas).
+    journal: OnceLock<Mutex<Journal>>,
 }
 
 impl Default for Core {
@@ -102,7 +109,44 @@ impl Core {
             overflows: AtomicU64::new(0),
             oldest: AtomicU64::new(0),
             drains: AtomicU64::new(0),
+            journal: OnceLock::new(),
         }
+    }
+
+    fn journal_lock(&self) -> Option<MutexGuard<'_, Journal>> {
+        self.journal
+            .get()
+            .map(|j| j.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Journal every delta from now on into `dir` (only on a ledger that never held one).
+    pub fn start_journal(
+        &self,
+        dir: &std::path::Path,
+        flusher_id: &str,
+        tag: u64,
+    ) -> Result<(), String> {
+        if self.pending() != 0 || self.drains.load(Ordering::Relaxed) != 0 {
+            return Err("a ledger journals from its first delta".into());
+        }
+        let journal = Journal::new(dir, flusher_id, tag, 1).map_err(|e| e.to_string())?;
+        self.journal
+            .set(Mutex::new(journal))
+            .map_err(|_| "this ledger journals already".to_string())
+    }
+
+    /// Close the journal's open file (see `Journal::close_file`).
+    pub fn close_journal(&self) {
+        if let Some(mut j) = self.journal_lock() {
+            j.close_file();
+        }
+    }
+
+    /// Journal writes that failed, and the last error.
+    pub fn journal_errors(&self) -> (u64, Option<String>) {
+        self.journal_lock()
+            .map(|j| (j.errors, j.last_error.clone()))
+            .unwrap_or((0, None))
     }
 
     fn mark_pending(&self) {
@@ -123,13 +167,24 @@ impl Core {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Add `delta` to `key`. Refused (and counted) when a counter would overflow.
+    /// Add `delta` to `key`. Refused (and counted) when a counter would overflow. With a
+    /// journal, the delta is on file before it is in the map.
     pub fn add(&self, key: &str, delta: &Counters) -> Result<(), usize> {
+        let mut journal = self.journal_lock();
         let mut shard = self.shard(key);
         if let Some(c) = shard.get_mut(key) {
-            return checked_add(c, delta).inspect_err(|_| {
+            let mut sum = *c;
+            checked_add(&mut sum, delta).inspect_err(|_| {
                 self.overflows.fetch_add(1, Ordering::Relaxed);
-            });
+            })?;
+            if let Some(j) = journal.as_mut() {
+                j.append(key, delta);
+            }
+            *c = sum;
+            return Ok(());
+        }
+        if let Some(j) = journal.as_mut() {
+            j.append(key, delta);
         }
         shard.insert(key.into(), *delta);
         self.mark_pending();
@@ -143,6 +198,7 @@ impl Core {
 
     /// Swap everything out as one batch, sorted by key, numbered when it is not empty.
     pub fn drain(&self) -> Drained {
+        let mut journal = self.journal_lock();
         let oldest_ns = self.oldest.swap(0, Ordering::Relaxed);
         let mut entries = Vec::with_capacity(self.pending.load(Ordering::Relaxed) as usize);
         for shard in &self.shards {
@@ -170,10 +226,15 @@ impl Core {
         } else {
             self.drains.fetch_add(1, Ordering::Relaxed) + 1
         };
+        let journal = match journal.as_mut() {
+            Some(j) if seq != 0 => Some(j.rotate()),
+            _ => None,
+        };
         Drained {
             entries,
             seq,
             oldest_ns: if seq == 0 { 0 } else { oldest_ns.max(1) },
+            journal,
         }
     }
 
@@ -378,6 +439,26 @@ impl Ledger {
         self.core.oldest_pending_s()
     }
 
+    /// Journal every delta into `directory` from now on (the spool), each drained batch's in
+    /// a file of its own named after `flusher_id` and its sequence; `tag` names the store.
+    fn journal(&self, directory: std::path::PathBuf, flusher_id: &str, tag: u64) -> PyResult<()> {
+        self.core
+            .start_journal(&directory, flusher_id, tag)
+            .map_err(PyValueError::new_err)
+    }
+
+    /// Close the journal's open file; the next delta opens it again (creating it when the
+    /// store removed it, empty, at close).
+    fn close_journal(&self) {
+        self.core.close_journal()
+    }
+
+    /// Journal writes that failed (those deltas are in memory only) and the last error.
+    #[getter]
+    fn journal_errors(&self) -> (u64, Option<String>) {
+        self.core.journal_errors()
+    }
+
     /// Number of keys with unflushed deltas.
     #[getter]
     fn pending(&self) -> u64 {
@@ -401,6 +482,7 @@ pub struct Batch {
     entries: Vec<(Box<str>, Counters)>,
     seq: u64,
     oldest_ns: u64,
+    journal: Option<std::path::PathBuf>,
 }
 
 impl From<Drained> for Batch {
@@ -409,6 +491,7 @@ impl From<Drained> for Batch {
             entries: d.entries,
             seq: d.seq,
             oldest_ns: d.oldest_ns,
+            journal: d.journal,
         }
     }
 }
@@ -464,6 +547,43 @@ impl Batch {
     #[getter]
     fn oldest_s_ago(&self) -> Option<f64> {
         age_s(self.oldest_ns)
+    }
+
+    /// The spool file holding exactly this batch's deltas (`None` without a spool).
+    #[getter]
+    fn journal_path(&self) -> Option<std::path::PathBuf> {
+        self.journal.clone()
+    }
+
+    /// The batch is in the store: remove its spool file (a no-op without one).
+    fn discard_journal(&self) -> PyResult<()> {
+        match &self.journal {
+            Some(path) => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// A batch read back from a spool file: `(batch, tag, records, torn)`, where `tag` is the
+    /// store's tag the file was written for, `records` the deltas read and `torn` whether a
+    /// cut-short tail was left out. The batch keeps the file's sequence number.
+    #[staticmethod]
+    fn from_journal(py: Python<'_>, path: std::path::PathBuf) -> PyResult<(Batch, u64, u64, bool)> {
+        let r = py.detach(|| journal::read(&path))?;
+        let oldest_ns = if r.entries.is_empty() { 0 } else { now_ns() };
+        Ok((
+            Batch {
+                entries: r.entries,
+                seq: r.seq,
+                oldest_ns,
+                journal: Some(path),
+            },
+            r.tag,
+            r.records,
+            r.torn,
+        ))
     }
 
     /// The entries as a list of `(key, counters_tuple)`, sorted by key.

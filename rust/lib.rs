@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 pub mod cost;
 pub mod estimate;
 pub mod histogram;
+pub mod journal;
 pub mod ledger;
 pub mod recorder;
 pub mod response;

@@ -1,6 +1,8 @@
 """Type stubs for the compiled hot path, ``llmtally._core`` (internal)."""
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Final, final
 
 __all__ = [
@@ -185,6 +187,11 @@ class Ledger:
     @property
     def oldest_pending_s(self) -> float | None:
         """Seconds since the oldest pending delta arrived (``None`` when nothing is pending)."""
+    def journal(self, directory: str | os.PathLike[str], flusher_id: str, tag: int) -> None:
+        """Journal every delta into ``directory`` from now on (the spool)."""
+    def close_journal(self) -> None: ...
+    @property
+    def journal_errors(self) -> tuple[int, str | None]: ...
     @property
     def overflows(self) -> int: ...
     def __len__(self) -> int: ...
@@ -198,6 +205,12 @@ class Batch:
     def seq(self) -> int: ...
     @property
     def oldest_s_ago(self) -> float | None: ...
+    @property
+    def journal_path(self) -> Path | None: ...
+    def discard_journal(self) -> None: ...
+    @staticmethod
+    def from_journal(path: str | os.PathLike[str]) -> tuple[Batch, int, int, bool]:
+        """``(batch, tag, records, torn)`` read back from a spool file."""
     def items(self) -> list[tuple[str, tuple[int, ...]]]: ...
     def get(self, key: str) -> tuple[int, ...]: ...
     def lua_chunks(

@@ -300,9 +300,7 @@ async def test_sqlite_refuses_a_poisoned_counter_alone(tmp_path: Path) -> None:
     await store.set_fields(usage_key("rich", CYCLE), {"cost_pusd": I64_MAX - 100})
     await store.set_fields(usage_key("edge", CYCLE), {"cost_pusd": I64_MAX - 100})
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute(
-        "INSERT INTO usage VALUES (?, 'total_tokens', 1.5)", (usage_key("real", CYCLE),)
-    )
+    conn.execute("INSERT INTO usage VALUES (?, 'total_tokens', 1.5)", (usage_key("real", CYCLE),))
     store.add(usage_key("rich", CYCLE), cost_pusd=101, calls=1)
     store.add(usage_key("edge", CYCLE), cost_pusd=100, calls=1)
     store.add(usage_key("real", CYCLE), total_tokens=1, calls=1)
@@ -316,7 +314,11 @@ async def test_sqlite_refuses_a_poisoned_counter_alone(tmp_path: Path) -> None:
     assert rows[usage_key("edge", CYCLE) + " cost_pusd"] == I64_MAX
     assert rows[usage_key("real", CYCLE) + " total_tokens"] == 1.5  # left as found, not summed
     assert all(rows[usage_key(f"b{i}", CYCLE) + " total_tokens"] == 3 for i in range(50))
-    types = {t for (t,) in conn.execute("SELECT DISTINCT typeof(value) FROM usage WHERE key != ?",
-                                        (usage_key("real", CYCLE),))}
+    types = {
+        t
+        for (t,) in conn.execute(
+            "SELECT DISTINCT typeof(value) FROM usage WHERE key != ?", (usage_key("real", CYCLE),)
+        )
+    }
     assert types == {"integer"}
     await store.aclose()

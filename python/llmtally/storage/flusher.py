@@ -18,6 +18,8 @@ import os
 import random
 import threading
 import time
+from collections import deque
+from pathlib import Path
 from typing import Any
 
 from llmtally._core import LEDGER_FIELDS, Batch, Ledger
@@ -25,6 +27,7 @@ from llmtally._observe import state as _observed
 from llmtally.errors import StoreError
 from llmtally.storage.base import Backend
 from llmtally.storage.keys import parse_key
+from llmtally.storage.spool import Spool
 
 __all__ = ["EARLY_FLUSH_KEYS", "Flusher"]
 
@@ -39,9 +42,18 @@ class Flusher:
     """Drains a ledger into a backend, from its own thread and on request."""
 
     def __init__(
-        self, backend: Backend, *, flush_interval_s: float, max_pending: int, label: str
+        self,
+        backend: Backend,
+        *,
+        flush_interval_s: float,
+        max_pending: int,
+        label: str,
+        spool: Spool | None = None,
     ) -> None:
         self.backend = backend
+        self.spool = spool
+        self._lock_fd: int | None = None
+        self.replayed_batches = 0
         self.flush_interval_s = flush_interval_s
         self.max_pending = max_pending
         self.label = label
@@ -69,6 +81,12 @@ class Flusher:
         self._lock = threading.Lock()  # one drain and write at a time; reads take it too
         self._wake = threading.Event()
         self._start_lock = threading.Lock()
+        # Batches moved out of memory into their spool files during an outage, oldest first.
+        self.spilled: deque[tuple[Path, int, float]] = deque()
+        self._orphans_done = self.spool is None
+        if self.spool is not None:
+            self._lock_fd = self.spool.claim(self.flusher_id)
+            self.ledger.journal(self.spool.path, self.flusher_id, self.spool.tag)
 
     # -- the worker ----------------------------------------------------------------------------
 
@@ -78,6 +96,9 @@ class Flusher:
         with self._start_lock:
             if self.running:
                 return
+            if self.spool is not None and self._lock_fd is None:  # opened again after close
+                self._lock_fd = self.spool.claim(self.flusher_id)
+                self._orphans_done = False
             self._shutdown = False
             self.closed = False
             self.running = True
@@ -132,9 +153,15 @@ class Flusher:
 
     def _flush_locked(self) -> bool:
         try:
+            if not self._orphans_done:
+                self._replay_orphans()
             if self.retry is not None:
                 self._write(self.retry)
                 self.retry = None
+            while self.spilled:
+                path, _, _ = self.spilled[0]
+                self._write(Batch.from_journal(path)[0])
+                self.spilled.popleft()
             batch = self.ledger.drain()
             if len(batch):
                 self.retry = batch
@@ -153,8 +180,9 @@ class Flusher:
         self.last_error = None
         return True
 
-    def _write(self, batch: Batch) -> None:
-        refused = self.backend.apply(batch, self.flusher_id)
+    def _write(self, batch: Batch, flusher_id: str | None = None) -> None:
+        refused = self.backend.apply(batch, flusher_id or self.flusher_id)
+        batch.discard_journal()  # in the store now: its spool file has served
         self.batches_written += 1
         _observed.flushed(self.backend.name, True)
         if refused:
@@ -186,6 +214,23 @@ class Flusher:
             self.consecutive_failures,
             exc,
         )
+        retry = self.retry
+        held = self.ledger.pending + (len(retry) if retry is not None else 0)
+        if self.spool is not None and held > self.max_pending:
+            # Past max_pending during an outage: the deltas are on file already (the journal);
+            # drop them from memory and write them from there, in order, when the store is back.
+            if retry is not None and retry.journal_path is not None:
+                self.spilled.appendleft((retry.journal_path, len(retry), time.monotonic()))
+                self.retry = None
+            spill = self.ledger.drain()
+            if spill.journal_path is not None:
+                self.spilled.append((spill.journal_path, len(spill), time.monotonic()))
+            logger.warning(
+                "%s: %d keys wait in the spool, not in memory, until the store is back",
+                self.label,
+                self.pending,
+            )
+            return
         pending = self.pending
         if pending > self.max_pending and not self._warned_pending:
             self._warned_pending = True
@@ -231,9 +276,10 @@ class Flusher:
 
     @property
     def pending(self) -> int:
-        """Keys with deltas not yet written."""
+        """Keys with deltas not yet written (a key counted once per batch holding it)."""
         retry = self.retry
-        return self.ledger.pending + (len(retry) if retry is not None else 0)
+        spilled = sum(n for _, n, _ in self.spilled)
+        return self.ledger.pending + (len(retry) if retry is not None else 0) + spilled
 
     def oldest_pending_s(self) -> float | None:
         """Age of the oldest delta not yet written."""
@@ -241,14 +287,17 @@ class Flusher:
         retry = self.retry
         if retry is not None:
             ages.append(retry.oldest_s_ago)
+        if self.spilled:
+            ages.append(time.monotonic() - self.spilled[0][2])
         known = [a for a in ages if a is not None]
         return max(known) if known else None
 
     def status(self) -> dict[str, Any]:
         """The write path's state for ``health()``."""
         last = None if self.last_ok is None else time.monotonic() - self.last_ok
+        spool_errors, spool_error = self.ledger.journal_errors
         return {
-            "flush_ok": self.last_attempt_ok is not False,
+            "flush_ok": self.last_attempt_ok is not False and not spool_errors,
             "pending_deltas": self.pending,
             "oldest_pending_s": self.oldest_pending_s(),
             "last_flush_s_ago": last,
@@ -256,8 +305,40 @@ class Flusher:
             "batches_written": self.batches_written,
             "refused_writes": self.refused_writes,
             "overflows": self.ledger.overflows,
-            "last_error": self.last_error,
+            "last_error": self.last_error or (spool_error and f"spool: {spool_error}"),
+            "spool": None if self.spool is None else str(self.spool.path),
+            "spool_errors": spool_errors,
+            "spilled_batches": len(self.spilled),
+            "replayed_batches": self.replayed_batches,
         }
+
+    def _replay_orphans(self) -> None:
+        """Write the spool files of flushers whose process died, as those flushers (so a batch
+        written before the crash is skipped). Raises ``StoreError`` to be retried later."""
+        assert self.spool is not None
+        for flusher_id, fd in self.spool.orphans(self.flusher_id):
+            try:
+                for path in self.spool.journals(flusher_id):
+                    try:
+                        batch, tag, records, torn = Batch.from_journal(path)
+                    except (OSError, ValueError) as exc:
+                        logger.error("spool file %s is unreadable, set aside: %s", path, exc)
+                        os.replace(path, path.with_suffix(".unreadable"))
+                        continue
+                    if tag != self.spool.tag:
+                        continue  # another store's: its own store will write it
+                    if torn:
+                        logger.warning(
+                            "spool file %s ends in a record cut short by the crash (%d whole "
+                            "records kept; the cut one was never accepted)",
+                            path,
+                            records,
+                        )
+                    self._write(batch, flusher_id)
+                    self.replayed_batches += 1
+            finally:
+                self.spool.done(flusher_id, fd)
+        self._orphans_done = True
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -286,12 +367,23 @@ class Flusher:
                 self.last_error or "a write was still in flight",
             )
         self.backend.close()
+        if self.spool is not None and self._lock_fd is not None:
+            if ok:  # everything is in the store: the open journal file holds nothing
+                self.ledger.close_journal()
+                for path in self.spool.journals(self.flusher_id):
+                    if Batch.from_journal(path)[2] == 0:
+                        path.unlink(missing_ok=True)
+            self.spool.done(self.flusher_id, self._lock_fd)
+            self._lock_fd = None
         self.closed = True
         return ok
 
     def after_fork(self) -> None:
         """In a forked child: an empty ledger, a new identity, no thread, no inherited lock."""
         closed = self.closed
+        if self._lock_fd is not None:  # the parent's lock stays the parent's
+            os.close(self._lock_fd)
+            self._lock_fd = None
         self._reinit()
         self.closed = closed
         self.backend.after_fork()

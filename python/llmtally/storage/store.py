@@ -30,6 +30,7 @@ from llmtally.storage._limits import BudgetState, RateResult
 from llmtally.storage.base import Backend, LimitsBackend
 from llmtally.storage.flusher import EARLY_FLUSH_KEYS, Flusher
 from llmtally.storage.keys import parse_key
+from llmtally.storage.spool import Spool
 
 __all__ = [
     "AsyncBackend",
@@ -67,6 +68,7 @@ class Store:
         url: str,
         flush_interval_s: float = 0.05,
         max_pending: int = 1_000_000,
+        spool: str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(flush_interval_s, bool) or not isinstance(flush_interval_s, int | float):
             raise ConfigError("flush_interval_s must be a number of seconds")
@@ -86,6 +88,7 @@ class Store:
             flush_interval_s=self.flush_interval_s,
             max_pending=max_pending,
             label=f"{backend.name} {_redact(url)}",
+            spool=None if spool is None else Spool(spool, url),
         )
         self.ledger = self._flusher.ledger
         self._io: concurrent.futures.ThreadPoolExecutor | None = None
@@ -96,6 +99,8 @@ class Store:
         _observed.stores.add(self)
         # A store dropped without being closed still writes what it holds.
         weakref.finalize(self, _close_in_background, self._flusher)
+        if spool is not None:
+            self._flusher.start()  # writes what a process that died left in the spool
 
     # -- adding deltas (hot path: no await, no I/O) --------------------------------------------
 
@@ -420,10 +425,22 @@ def _backend_for(url: str) -> Backend:
 
 
 def open_store(
-    url: str | None = None, *, flush_interval_s: float = 0.05, max_pending: int = 1_000_000
+    url: str | None = None,
+    *,
+    flush_interval_s: float = 0.05,
+    max_pending: int = 1_000_000,
+    spool: str | os.PathLike[str] | None = None,
 ) -> Store:
     """Open a store by URL (``None``: ``LLMTALLY_STORE``, else Redis from ``REDIS_HOST``, else
     SQLite at ``$XDG_DATA_HOME/llmtally/usage.db``).
+
+    Args:
+        flush_interval_s: how often the flusher writes (a SIGKILL loses at most twice this).
+        max_pending: keys held in memory while the store is unreachable; past it, with a spool,
+            deltas wait in the spool's files instead.
+        spool: a local directory (opt-in) where every delta is journaled before it is
+            accepted: a SIGKILL loses nothing, the next store opened on it with the same URL
+            writes what was left, once. Several processes may share one.
 
     Raises:
         ConfigError: for a bad URL or argument.
@@ -431,7 +448,11 @@ def open_store(
     if url is None:
         url = _default_url()
     return Store(
-        _backend_for(url), url=url, flush_interval_s=flush_interval_s, max_pending=max_pending
+        _backend_for(url),
+        url=url,
+        flush_interval_s=flush_interval_s,
+        max_pending=max_pending,
+        spool=spool,
     )
 
 
