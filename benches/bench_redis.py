@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import redis.asyncio as aioredis
 
 from llmtally import CallbackManager, UsageRecorder, open_store
+from llmtally.storage.keys import marker_key
 from llmtally.storage.redis import APPLY_LUA, CHUNK_KEYS, MARKER_TTL_S
 
 from servers import RedisServer, find_server_binary
@@ -173,9 +174,9 @@ def test_b5_flush_10k_users(
         async def bare() -> None:
             seq[0] += 1
             pipe = client.pipeline(transaction=False)
-            for i, (marker, keys, args) in enumerate(calls):
+            for tag, unit, keys, args in calls:
                 pipe.evalsha(
-                    sha, len(keys) + 1, marker, *keys, "bare", seq[0] * 65_536 + i,
+                    sha, len(keys) + 1, marker_key("bare", tag), *keys, unit, seq[0],
                     MARKER_TTL_S, *args,
                 )  # fmt: skip
             await pipe.execute()

@@ -35,6 +35,19 @@ def summary() -> list[str]:
         if "round-trips" in suite:
             for system, t in systems.items():
                 lines.append(f"  {system}: {t * 1e6:.5f} Redis round trips per call")
+        if "store-concurrent" in suite and "memory" in systems:
+            for system, t in systems.items():
+                share = systems["memory"] / t
+                lines.append(f"  {system}: {1 / t:,.0f} calls/s ({share:.0%} of the memory store)")
+        if "spool-sequential" in suite and {"memory", "memory+spool"} <= systems.keys():
+            cost = (systems["memory+spool"] - systems["memory"]) * 1e6
+            lines.append(f"  the spool adds {cost:.2f} us per call")
+        if suite == "B5-flush-sqlite-10k-users":
+            t = systems["llmtally-flush"]
+            lines.append(
+                f"  SQLite flush: {1_000_000 / t:,.0f} deltas/s drained and written,"
+                f" {70_000 / t:,.0f} fields/s"
+            )
         if "llmtally-flush" in systems and "bare-evalsha" in systems:
             ours, bare = systems["llmtally-flush"], systems["bare-evalsha"]
             lines.append(

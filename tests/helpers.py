@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import llmtally
@@ -110,3 +113,56 @@ class Hanging(llmtally.AsyncCallbackHandler):
 
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+# -- processes that meter calls into a store
+
+#: A metering script: `calls` LLM calls through a manager with a UsageRecorder into `url`,
+#: `progress` (when given) counting the calls whose end was recorded.
+METER = """
+import asyncio, os, sys, mmap
+import llmtally
+url, calls, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+store = llmtally.open_store(url)
+manager = llmtally.CallbackManager([llmtally.UsageRecorder(store=store)])
+messages = [{"role": "user", "content": "hi"}]
+response = {"usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+if mode == "signal":
+    llmtally.flush_on_exit_signals()
+
+async def main():
+    for i in range(calls):
+        async with manager.llm_call(messages, model="gpt-4o", user_id=f"u{i % 7}",
+                                    cycle_start_date="2026-12-01") as call:
+            call.set_response(response)
+        if mode == "signal" and i == calls - 1:
+            print("ready", flush=True)
+            await asyncio.sleep(60)
+        elif i % 50 == 0:
+            await asyncio.sleep(0)
+
+asyncio.run(main())  # returns without closing the store
+"""
+
+
+def run_python(code: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+    """``python -c code args...`` with its stdout and stderr piped."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+async def totals(url: str, cycle: str = "2026-12-01") -> tuple[int, int]:
+    """``(calls, total_tokens)`` of every user of ``cycle`` in the store at ``url``."""
+    store = llmtally.open_store(url, flush_interval_s=3600)
+    calls = tokens = 0
+    for key in await store.usage_keys(cycle):
+        fields = await store.read(key)
+        calls += fields.get("calls", 0)
+        tokens += fields.get("total_tokens", 0)
+    await store.aclose()
+    return calls, tokens

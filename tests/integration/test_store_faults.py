@@ -3,16 +3,22 @@ poisoned counter, OOM, READONLY. Every test checks the stored numbers exactly.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import time
 from typing import Any
 
 import pytest
 import redis
 
 from llmtally import open_store
+from llmtally._core import key_slot
 from llmtally.storage.keys import MARKER_TTL_S, marker_key, usage_key
 
-from servers import FaultProxy, RedisServer
+import servers
+from helpers import METER, run_python, totals
+from servers import FaultProxy, RedisServer, ReplyDroppingProxy
 
 CYCLE = "2026-12-01"
 I64_MAX = 2**63 - 1
@@ -40,6 +46,8 @@ async def test_a_failed_unit_is_retried_alone_and_none_is_skipped(
     """1,200 users make three units (512 keys each) in one pipeline; the proxy fails one of
     them before the server sees it while the others apply. The retry applies exactly that one."""
     store = open_store(fault_proxy.url, flush_interval_s=3600)
+    store.add(key("warm-up"), calls=1)
+    assert store.flush_sync()  # the server has the script (no NOSCRIPT reload below)
     users = [f"user-{i:04d}" for i in range(1200)]
     for user in users:
         store.add(key(user), total_tokens=7, cost_pusd=11, calls=1)
@@ -176,4 +184,118 @@ async def test_cluster_units_carry_their_marker_in_their_slot(redis_cluster: Any
     assert all(client.hget(key(u), "total_tokens") == "3" for u in users)
     markers = [k for k in client.keys("llmtally:*flushed*")]
     assert markers and all(k.endswith(":flushed:" + store.flusher_id) for k in markers)
+    await store.aclose()
+
+
+# -- exit, signals, a hung server, a backlog, resharding -----------------------------------------
+
+
+async def test_exit_without_closing_writes_everything_to_redis(redis_url: str) -> None:
+    proc = run_python(METER, redis_url, "5000", "exit")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == ""
+    assert await totals(redis_url) == (5000, 25000)
+
+
+async def test_sigterm_with_the_helper_writes_everything_to_redis(redis_url: str) -> None:
+    proc = run_python(METER, redis_url, "3000", "signal")
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM and err == ""
+    assert await totals(redis_url) == (3000, 15000)
+
+
+async def test_a_hung_server_never_holds_a_call_and_loses_nothing(
+    reply_dropping_proxy: ReplyDroppingProxy, redis_url: str
+) -> None:
+    """Redis stops answering (the proxy holds every request): calls go on at full speed, the
+    flush gives up at its socket timeout, health says so; when Redis answers again every
+    delta is written once."""
+    store = open_store(reply_dropping_proxy.url + "?socket_timeout=0.3", flush_interval_s=0.05)
+    key_a = key("alice")
+    store.add(key_a, total_tokens=1, calls=1)
+    assert await store.flush()
+    reply_dropping_proxy.pause()
+    started = time.perf_counter()
+    for _ in range(20_000):
+        store.add(key_a, total_tokens=1, calls=1)
+        store._kick()
+    adding = time.perf_counter() - started
+    assert await store.flush() is False
+    assert (await store.health())["status"] == "unhealthy"
+    reply_dropping_proxy.resume()
+    assert await store.flush() is True
+    assert direct(redis_url).hgetall(key_a) == {"total_tokens": "20001", "calls": "20001"}
+    assert adding < 5  # the calls touched the ledger only, never the hung server
+    await store.aclose()
+
+
+async def test_writing_a_large_backlog_never_blocks_the_event_loop(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """50,000 users pending after an outage are written by the flusher's thread: the event loop
+    keeps turning (it used to stop for 372 ms)."""
+    store = open_store(fresh_redis_server.url, flush_interval_s=0.02)
+    fresh_redis_server.stop()
+    for i in range(50_000):
+        store.add(key(f"user-{i}"), total_tokens=1, calls=1)
+    assert await store.flush() is False
+    fresh_redis_server.restart()
+    lags: list[float] = []
+
+    async def watch() -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - before)
+
+    watcher = asyncio.create_task(watch())
+    deadline = time.monotonic() + 30
+    # the flusher's thread writes; this loop only watches
+    while (await store.health())["pending_deltas"] and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    watcher.cancel()
+    assert (await store.health())["pending_deltas"] == 0
+    client = direct(fresh_redis_server.url)
+    assert client.hgetall(key("user-49999")) == {"total_tokens": "1", "calls": "1"}
+    assert len(lags) > 10 and max(lags) < 0.2, max(lags)
+    await store.aclose()
+
+
+def _migrate_slot(cluster: Any, slot: int) -> None:
+    """Move ``slot`` (and its keys) to another master, the way redis-cli --cluster reshard
+    does."""
+    clients = [servers.admin(p) for p in cluster.ports]
+    ids = [c.execute_command("CLUSTER", "MYID") for c in clients]
+    ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+    owner = next(
+        n for n, c in enumerate(clients) if c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)
+    )
+    target = (owner + 1) % len(clients)
+    src, dst = clients[owner], clients[target]
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[owner])
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+    while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        src.execute_command(
+            "MIGRATE", "127.0.0.1", cluster.ports[target], "", 0, 5000, "KEYS", *keys
+        )
+    for c in clients:
+        c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+    for c in clients:
+        c.close()
+
+
+async def test_resharding_mid_run_moves_a_unit_without_losing_or_doubling_it(
+    redis_cluster: Any,
+) -> None:
+    store = open_store(redis_cluster.url, flush_interval_s=3600)
+    store.add(key("moving"), total_tokens=2, calls=1)
+    assert await store.flush()  # the client's slot map knows the old owner now
+    _migrate_slot(redis_cluster, key_slot(key("moving")))
+    store.add(key("moving"), total_tokens=3, calls=1)
+    ok = await store.flush()  # MOVED: the unit fails, the slot map is refreshed
+    ok = ok or await store.flush()  # written to the new owner
+    assert ok
+    assert await store.read(key("moving")) == {"total_tokens": 5, "calls": 2}
     await store.aclose()

@@ -10,9 +10,6 @@ import contextlib
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -26,56 +23,10 @@ from llmtally.storage.keys import usage_key
 from llmtally.storage.sqlite import SQLiteBackend
 from llmtally.storage.store import Store
 
+from helpers import METER, run_python, totals
+
 CYCLE = "2026-12-01"
 I64_MAX = 2**63 - 1
-
-#: A metering script: `calls` LLM calls through a manager with a UsageRecorder into `url`,
-#: `progress` (when given) counting the calls whose end was recorded.
-METER = """
-import asyncio, os, sys, mmap
-import llmtally
-url, calls, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-store = llmtally.open_store(url)
-manager = llmtally.CallbackManager([llmtally.UsageRecorder(store=store)])
-messages = [{"role": "user", "content": "hi"}]
-response = {"usage": {"prompt_tokens": 3, "completion_tokens": 2}}
-if mode == "signal":
-    llmtally.flush_on_exit_signals()
-
-async def main():
-    for i in range(calls):
-        async with manager.llm_call(messages, model="gpt-4o", user_id=f"u{i % 7}",
-                                    cycle_start_date="2026-12-01") as call:
-            call.set_response(response)
-        if mode == "signal" and i == calls - 1:
-            print("ready", flush=True)
-            await asyncio.sleep(60)
-        elif i % 50 == 0:
-            await asyncio.sleep(0)
-
-asyncio.run(main())  # returns without closing the store
-"""
-
-
-def run_python(code: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
-
-
-async def totals(url: str) -> tuple[int, int]:
-    store = open_store(url, flush_interval_s=3600)
-    calls = tokens = 0
-    for key in await store.usage_keys(CYCLE):
-        fields = await store.read(key)
-        calls += fields.get("calls", 0)
-        tokens += fields.get("total_tokens", 0)
-    await store.aclose()
-    return calls, tokens
 
 
 async def test_exit_without_closing_writes_everything_at_once(tmp_path: Path) -> None:

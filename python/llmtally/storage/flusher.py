@@ -79,6 +79,9 @@ class Flusher:
         self._shutdown = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one drain and write at a time; reads take it too
+        # Guards moving deltas between the ledger, the retry batch and the spool (no I/O under
+        # it), so `pending` never sees them in neither place.
+        self._moving = threading.Lock()
         self._wake = threading.Event()
         self._start_lock = threading.Lock()
         # Batches moved out of memory into their spool files during an outage, oldest first.
@@ -161,10 +164,13 @@ class Flusher:
             while self.spilled:
                 path, _, _ = self.spilled[0]
                 self._write(Batch.from_journal(path)[0])
-                self.spilled.popleft()
-            batch = self.ledger.drain()
+                with self._moving:
+                    self.spilled.popleft()
+            with self._moving:
+                batch = self.ledger.drain()
+                if len(batch):
+                    self.retry = batch
             if len(batch):
-                self.retry = batch
                 self._write(batch)
                 self.retry = None
         except StoreError as exc:
@@ -219,12 +225,13 @@ class Flusher:
         if self.spool is not None and held > self.max_pending:
             # Past max_pending during an outage: the deltas are on file already (the journal);
             # drop them from memory and write them from there, in order, when the store is back.
-            if retry is not None and retry.journal_path is not None:
-                self.spilled.appendleft((retry.journal_path, len(retry), time.monotonic()))
-                self.retry = None
-            spill = self.ledger.drain()
-            if spill.journal_path is not None:
-                self.spilled.append((spill.journal_path, len(spill), time.monotonic()))
+            with self._moving:
+                if retry is not None and retry.journal_path is not None:
+                    self.spilled.appendleft((retry.journal_path, len(retry), time.monotonic()))
+                    self.retry = None
+                spill = self.ledger.drain()
+                if spill.journal_path is not None:
+                    self.spilled.append((spill.journal_path, len(spill), time.monotonic()))
             logger.warning(
                 "%s: %d keys wait in the spool, not in memory, until the store is back",
                 self.label,
@@ -267,8 +274,9 @@ class Flusher:
 
     def local(self, key: str) -> dict[str, int]:
         """This process's deltas of ``key`` not yet written (the retry batch included)."""
-        counters = list(self.ledger.get(key))
-        retry = self.retry
+        with self._moving:
+            counters = list(self.ledger.get(key))
+            retry = self.retry
         if retry is not None:
             for i, v in enumerate(retry.get(key)):
                 counters[i] += v
@@ -277,18 +285,20 @@ class Flusher:
     @property
     def pending(self) -> int:
         """Keys with deltas not yet written (a key counted once per batch holding it)."""
-        retry = self.retry
-        spilled = sum(n for _, n, _ in self.spilled)
-        return self.ledger.pending + (len(retry) if retry is not None else 0) + spilled
+        with self._moving:
+            retry = self.retry
+            spilled = sum(n for _, n, _ in self.spilled)
+            return self.ledger.pending + (len(retry) if retry is not None else 0) + spilled
 
     def oldest_pending_s(self) -> float | None:
         """Age of the oldest delta not yet written."""
-        ages = [self.ledger.oldest_pending_s]
-        retry = self.retry
-        if retry is not None:
-            ages.append(retry.oldest_s_ago)
-        if self.spilled:
-            ages.append(time.monotonic() - self.spilled[0][2])
+        with self._moving:
+            ages = [self.ledger.oldest_pending_s]
+            retry = self.retry
+            if retry is not None:
+                ages.append(retry.oldest_s_ago)
+            if self.spilled:
+                ages.append(time.monotonic() - self.spilled[0][2])
         known = [a for a in ages if a is not None]
         return max(known) if known else None
 

@@ -415,7 +415,8 @@ class RedisBackend:
             else:
                 refused.extend(unit_refused)
         if failed:
-            if self.cluster and any("MOVED" in f or "ASK" in f for f in failed):
+            moved = (rexc.MovedError, rexc.AskError, rexc.TryAgainError, rexc.ClusterDownError)
+            if self.cluster and any(isinstance(r, moved) for r in results):
                 try:
                     self.client.nodes_manager.initialize()  # the retry goes to the new owner
                 except _ERRORS as exc:
