@@ -166,3 +166,32 @@ async def totals(url: str, cycle: str = "2026-12-01") -> tuple[int, int]:
         tokens += fields.get("total_tokens", 0)
     await store.aclose()
     return calls, tokens
+
+
+# -- the reliability table (RELIABILITY.md): each scenario's test reports what it saw
+
+
+def report(
+    scenario: str, backend: str, sent: int, stored: int, *, in_flight: int = 0, note: str = ""
+) -> None:
+    """Record a scenario's outcome when ``LLMTALLY_RELIABILITY_REPORT`` names a file:
+    ``scripts/reliability_table.py`` turns those lines into RELIABILITY.md's table. ``sent``:
+    calls whose end was accepted (known to the test); ``in_flight``: calls that may have been
+    accepted without the test knowing yet (a kill mid-run), so up to that many more stored is
+    not a double count."""
+    import json
+    import os
+
+    path = os.environ.get("LLMTALLY_RELIABILITY_REPORT")
+    if not path:
+        return
+    line = {
+        "scenario": scenario,
+        "backend": backend,
+        "sent": sent,
+        "stored": stored,
+        "in_flight": in_flight,
+        "note": note,
+    }
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")

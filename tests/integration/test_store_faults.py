@@ -17,7 +17,7 @@ from llmtally._core import key_slot
 from llmtally.storage.keys import MARKER_TTL_S, marker_key, usage_key
 
 import servers
-from helpers import METER, run_python, totals
+from helpers import METER, report, run_python, totals
 from servers import FaultProxy, RedisServer, ReplyDroppingProxy
 
 CYCLE = "2026-12-01"
@@ -66,7 +66,14 @@ async def test_a_failed_unit_is_retried_alone_and_none_is_skipped(
     assert await store.read(key(users[-1])) == {"total_tokens": 7, "cost_pusd": 11, "calls": 1}
     assert store.flush_sync() is True
     expected = {"total_tokens": "7", "cost_pusd": "11", "calls": "1"}
-    assert stored(client, users) == dict.fromkeys(users, expected)
+    after = stored(client, users)
+    report(
+        "one unit of a batch fails (1,200 users)",
+        "redis",
+        1200,
+        sum(int(f.get("calls", 0)) for f in after.values()),
+    )
+    assert after == dict.fromkeys(users, expected)
     assert (await store.health())["status"] == "healthy"
     await store.aclose()
 
@@ -85,7 +92,9 @@ async def test_an_unexpected_reply_is_a_failed_write_never_a_success(
     assert health["pending_deltas"] == 1
     assert await store.read(key("alice")) == {"total_tokens": 5, "calls": 1}
     assert await store.flush() is True
-    assert direct(redis_url).hgetall(key("alice")) == {"total_tokens": "5", "calls": "1"}
+    got = direct(redis_url).hgetall(key("alice"))
+    report("unexpected reply (+OK) to a unit it applied", "redis", 1, int(got.get("calls", 0)))
+    assert got == {"total_tokens": "5", "calls": "1"}
     await store.aclose()
 
 
@@ -113,7 +122,14 @@ async def test_a_poisoned_counter_is_refused_alone_and_bystanders_are_written_on
     assert client.hgetall(key("weird")) == {"total_tokens": "not a number"}
     assert client.hgetall(key("low")) == {"cost_pusd": str(-I64_MAX)}
     expected = {"total_tokens": "3", "cost_pusd": "5", "calls": "1"}
-    assert stored(client, bystanders) == dict.fromkeys(bystanders, expected)
+    written = stored(client, bystanders)
+    report(
+        "one user's counter past 2**63-1 (50 bystanders)",
+        "redis",
+        50,
+        sum(int(f.get("calls", 0)) for f in written.values()),
+    )
+    assert written == dict.fromkeys(bystanders, expected)
     assert "'rich'" in caplog.text and "'weird'" in caplog.text
     for user in bystanders:  # later flushes are not poisoned
         store.add(key(user), total_tokens=1)
@@ -161,7 +177,9 @@ async def test_health_is_unhealthy_while_writes_fail_and_recovers_exactly(
         client.replicaof("NO", "ONE")
     assert await store.flush() is True
     assert (await store.health())["status"] == "healthy"
-    assert client.hgetall(key("alice")) == {"total_tokens": "5", "calls": "2"}
+    got = client.hgetall(key("alice"))
+    report(f"{fault.upper()} while writing, then recovered", "redis", 2, int(got.get("calls", 0)))
+    assert got == {"total_tokens": "5", "calls": "2"}
     await store.aclose()
 
 
@@ -194,7 +212,9 @@ async def test_exit_without_closing_writes_everything_to_redis(redis_url: str) -
     proc = run_python(METER, redis_url, "5000", "exit")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and err == ""
-    assert await totals(redis_url) == (5000, 25000)
+    got = await totals(redis_url)
+    report("exit without closing the store", "redis", 5000, got[0])
+    assert got == (5000, 25000)
 
 
 async def test_sigterm_with_the_helper_writes_everything_to_redis(redis_url: str) -> None:
@@ -203,7 +223,9 @@ async def test_sigterm_with_the_helper_writes_everything_to_redis(redis_url: str
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGTERM and err == ""
-    assert await totals(redis_url) == (3000, 15000)
+    got = await totals(redis_url)
+    report("SIGTERM, flush_on_exit_signals()", "redis", 3000, got[0])
+    assert got == (3000, 15000)
 
 
 async def test_a_hung_server_never_holds_a_call_and_loses_nothing(
@@ -226,7 +248,9 @@ async def test_a_hung_server_never_holds_a_call_and_loses_nothing(
     assert (await store.health())["status"] == "unhealthy"
     reply_dropping_proxy.resume()
     assert await store.flush() is True
-    assert direct(redis_url).hgetall(key_a) == {"total_tokens": "20001", "calls": "20001"}
+    got = direct(redis_url).hgetall(key_a)
+    report("server hung (no replies), then back", "redis", 20_001, int(got.get("calls", 0)))
+    assert got == {"total_tokens": "20001", "calls": "20001"}
     assert adding < 5  # the calls touched the ledger only, never the hung server
     await store.aclose()
 
@@ -260,6 +284,18 @@ async def test_writing_a_large_backlog_never_blocks_the_event_loop(
     client = direct(fresh_redis_server.url)
     assert client.hgetall(key("user-49999")) == {"total_tokens": "1", "calls": "1"}
     assert len(lags) > 10 and max(lags) < 0.2, max(lags)
+    pipe = client.pipeline(transaction=False)
+    for i in range(50_000):
+        pipe.hget(key(f"user-{i}"), "calls")
+    written = sum(int(v or 0) for v in pipe.execute())
+    report(
+        "backlog of 50,000 users after an outage",
+        "redis",
+        50_000,
+        written,
+        note=f"event loop's longest stall while writing it: {max(lags) * 1e3:.0f} ms",
+    )
+    assert written == 50_000
     await store.aclose()
 
 
@@ -297,5 +333,7 @@ async def test_resharding_mid_run_moves_a_unit_without_losing_or_doubling_it(
     ok = await store.flush()  # MOVED: the unit fails, the slot map is refreshed
     ok = ok or await store.flush()  # written to the new owner
     assert ok
-    assert await store.read(key("moving")) == {"total_tokens": 5, "calls": 2}
+    got = await store.read(key("moving"))
+    report("slot resharded between two flushes", "redis-cluster", 2, got.get("calls", 0))
+    assert got == {"total_tokens": 5, "calls": 2}
     await store.aclose()

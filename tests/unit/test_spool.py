@@ -19,6 +19,8 @@ from llmtally.storage.keys import usage_key
 from llmtally.storage.memory import MemoryBackend
 from llmtally.storage.store import Store
 
+from helpers import report
+
 CYCLE = "2026-12-01"
 
 CHILD = """
@@ -95,7 +97,9 @@ async def test_sigkill_loses_nothing_with_a_spool(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=10)
     assert await stored(url) == (0, 0)  # nothing reached the store
-    assert await stored(url, spool) == (3000, 15000)  # all of it was in the spool
+    got = await stored(url, spool)
+    report("SIGKILL, spool, nothing flushed before", "sqlite", 3000, got[0])
+    assert got == (3000, 15000)  # all of it was in the spool
     assert await stored(url, spool) == (3000, 15000)  # and it is written once
     assert sorted(p.name for p in spool.iterdir()) == []  # nothing left behind
 
@@ -107,7 +111,9 @@ async def test_a_batch_written_just_before_the_kill_is_not_written_again(tmp_pat
     proc.communicate(timeout=30)
     assert proc.returncode == 9
     assert any(p.suffix == ".journal" for p in spool.iterdir())  # the file stayed
-    assert await stored(url, spool) == (1000, 5000)  # replayed, and skipped by the marker
+    got = await stored(url, spool)
+    report("SIGKILL right after a batch was written (spool)", "sqlite", 1000, got[0])
+    assert got == (1000, 5000)  # replayed, and skipped by the marker
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -122,6 +128,7 @@ async def test_sigkill_while_flushing_neither_loses_nor_doubles(tmp_path: Path, 
     finished = int.from_bytes(progress.read_bytes(), "little")
     assert finished > 1000  # the kill came while calls (and flushes) were going on
     calls, tokens = await stored(url, spool)
+    report("SIGKILL while flushing, spool", "sqlite", finished, calls, in_flight=100)
     # Every call that finished is counted, and none twice: at most the 100 calls in flight at
     # the kill had their end accepted without being counted by the child yet.
     assert finished <= calls <= finished + 100, (finished, calls)
@@ -170,6 +177,8 @@ async def test_past_max_pending_deltas_wait_in_the_spool_not_in_memory(tmp_path:
     backend.up = True
     assert await store.flush() is True
     assert backend.data[usage_key("user-7", CYCLE)] == {"total_tokens": 3, "calls": 3}
+    written = sum(v.get("calls", 0) for v in backend.data.values())
+    report("outage past max_pending, backlog in the spool", "memory", 3000, written)
     assert len(backend.data) == 1000
     health = await store.health()
     assert health["spilled_batches"] == 0 and health["pending_deltas"] == 0

@@ -23,7 +23,7 @@ from llmtally.storage.keys import usage_key
 from llmtally.storage.sqlite import SQLiteBackend
 from llmtally.storage.store import Store
 
-from helpers import METER, run_python, totals
+from helpers import METER, report, run_python, totals
 
 CYCLE = "2026-12-01"
 I64_MAX = 2**63 - 1
@@ -37,7 +37,9 @@ async def test_exit_without_closing_writes_everything_at_once(tmp_path: Path) ->
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, err
     assert err == ""  # no "flushing usage at exit failed", no traceback
-    assert await totals(url) == (5000, 25000)
+    got = await totals(url)
+    report("exit without closing the store", "sqlite", 5000, got[0])
+    assert got == (5000, 25000)
     assert elapsed < 30  # the exit flush does not wait out a timeout (it used to stall 5 s)
 
 
@@ -52,7 +54,9 @@ async def test_sigterm_with_the_helper_writes_everything_then_dies_of_the_signal
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGTERM  # handed over to the default action
     assert err == ""
-    assert await totals(url) == (3000, 15000)
+    got = await totals(url)
+    report("SIGTERM, flush_on_exit_signals()", "sqlite", 3000, got[0])
+    assert got == (3000, 15000)
 
 
 def test_sigterm_hands_over_to_the_previous_python_handler(tmp_path: Path) -> None:
@@ -121,7 +125,9 @@ def test_a_child_forked_during_a_flush_neither_hangs_nor_counts_the_parents_delt
     fields = sqlite3.connect(path).execute(
         "SELECT field, value FROM usage WHERE key = ? ORDER BY field", (key,)
     )
-    assert dict(fields.fetchall()) == {"calls": 2, "total_tokens": 6}
+    stored = dict(fields.fetchall())
+    report("fork during a flush (parent 1 call, child 1)", "sqlite", 2, stored.get("calls", 0))
+    assert stored == {"calls": 2, "total_tokens": 6}
 
 
 def test_one_store_from_many_event_loops_and_threads_keeps_one_flusher(tmp_path: Path) -> None:
@@ -153,7 +159,9 @@ def test_one_store_from_many_event_loops_and_threads_keeps_one_flusher(tmp_path:
     rows = sqlite3.connect(tmp_path / "loops.db").execute(
         "SELECT field, value FROM usage WHERE key = ? ORDER BY field", (key,)
     )
-    assert dict(rows.fetchall()) == {"calls": 4 * 10 * 300, "total_tokens": 4 * 10 * 300 * 2}
+    stored = dict(rows.fetchall())
+    report("4 threads x 10 event loops, one store", "sqlite", 12_000, stored.get("calls", 0))
+    assert stored == {"calls": 4 * 10 * 300, "total_tokens": 4 * 10 * 300 * 2}
 
 
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
@@ -176,7 +184,9 @@ async def test_a_file_deleted_or_replaced_under_the_store_is_reported_not_writte
     assert health["status"] == "unhealthy" and f"was {how}" in health["last_error"]
     assert await store.flush() is True  # written to the file now at that path
     reader = open_store(f"sqlite:///{path}", flush_interval_s=3600)
-    assert await reader.read(key) == {"total_tokens": 2, "calls": 1}
+    after = await reader.read(key)
+    report(f"file {how} while open (calls after it)", "sqlite", 1, after.get("calls", 0))
+    assert after == {"total_tokens": 2, "calls": 1}
     await reader.aclose()
     await store.aclose()
 
@@ -217,6 +227,11 @@ async def test_a_full_disk_is_reported_as_such_and_nothing_is_lost(tmp_path: Pat
     assert await store.flush() is True
     reader = open_store(f"sqlite:///{path}", flush_interval_s=3600)
     assert await reader.read(usage_key("user-1999", CYCLE)) == {"total_tokens": 1, "calls": 1}
+    calls = 0
+    for k in await reader.usage_keys(CYCLE):
+        calls += (await reader.read(k)).get("calls", 0)
+    report("disk full, then room again", "sqlite", 2001, calls)
+    assert calls == 2001
     await reader.aclose()
     await store.aclose()
 
@@ -240,7 +255,9 @@ async def test_another_process_holding_the_write_lock_never_stalls_the_calls(
     assert "locked" in (await store.health())["last_error"]
     other.execute("ROLLBACK")
     assert await store.flush() is True
-    assert await store.read(key) == {"total_tokens": 10_000, "calls": 10_001}
+    got = await store.read(key)
+    report("another process holds the write lock", "sqlite", 10_001, got.get("calls", 0))
+    assert got == {"total_tokens": 10_000, "calls": 10_001}
     assert adding < 5  # the calls only touched the ledger
     await store.aclose()
 
@@ -265,6 +282,8 @@ async def test_sqlite_refuses_a_poisoned_counter_alone(tmp_path: Path) -> None:
     assert rows[usage_key("edge", CYCLE) + " cost_pusd"] == I64_MAX
     assert rows[usage_key("real", CYCLE) + " total_tokens"] == 1.5  # left as found, not summed
     assert all(rows[usage_key(f"b{i}", CYCLE) + " total_tokens"] == 3 for i in range(50))
+    stored = sum(v for k, v in rows.items() if k.endswith(" calls") and "{b" in k)
+    report("one user's counter past 2**63-1 (50 bystanders)", "sqlite", 50, stored)
     types = {
         t
         for (t,) in conn.execute(
