@@ -61,6 +61,7 @@ class Flusher:
         self.batches_written = 0
         self.refused_writes = 0
         self._start_lock = threading.Lock()
+        self._close_lock = threading.Lock()
         self._reinit()
 
     def _reinit(self) -> None:
@@ -84,6 +85,7 @@ class Flusher:
         self._moving = threading.Lock()
         self._wake = threading.Event()
         self._start_lock = threading.Lock()
+        self._close_lock = threading.Lock()
         # Batches moved out of memory into their spool files during an outage, oldest first.
         self.spilled: deque[tuple[Path, int, float]] = deque()
         self._orphans_done = self.spool is None
@@ -354,10 +356,19 @@ class Flusher:
 
     def close(self, timeout_s: float) -> bool:
         """Stop the worker and write everything pending, retrying until ``timeout_s`` is spent,
-        then close the backend. Idempotent. False when deltas could not be written."""
-        if self.closed:
-            return True
+        then close the backend. Idempotent, and safe from several threads at once. False when
+        deltas could not be written."""
         deadline = time.monotonic() + timeout_s
+        if not self._close_lock.acquire(timeout=max(0.0, timeout_s)):
+            return False
+        try:
+            if self.closed:
+                return True
+            return self._close(deadline)
+        finally:
+            self._close_lock.release()
+
+    def _close(self, deadline: float) -> bool:
         self._shutdown = True
         self._wake.set()
         thread = self._thread

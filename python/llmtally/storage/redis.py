@@ -333,7 +333,8 @@ class RedisBackend:
             self._cluster_kwargs = _cluster_kwargs(url)  # validated now, connected on first use
         else:
             try:
-                self._pool = redis.BlockingConnectionPool.from_url(
+                # (redis-py < 6 leaves from_url, Retry and NoBackoff untyped)
+                self._pool = redis.BlockingConnectionPool.from_url(  # type: ignore[no-untyped-call, unused-ignore]
                     url, max_connections=MAX_CONNECTIONS, timeout=socket_timeout_s, **self._common
                 )
             except ValueError as exc:
@@ -361,7 +362,8 @@ class RedisBackend:
             )
         else:
             # The flusher retries whole batches itself (each unit applies once).
-            client = redis.Redis(connection_pool=self._pool, retry=Retry(NoBackoff(), 0))
+            no_retry = Retry(NoBackoff(), 0)  # type: ignore[no-untyped-call, unused-ignore]
+            client = redis.Redis(connection_pool=self._pool, retry=no_retry)
         register = client.register_script
         self._apply_script = register(APPLY_LUA)
         self._read_script = register(READ_LUA)

@@ -97,8 +97,11 @@ class Store:
         _open_flushers.add(self._flusher)
         _live_stores.add(self)
         _observed.stores.add(self)
-        # A store dropped without being closed still writes what it holds.
-        weakref.finalize(self, _close_in_background, self._flusher)
+        # A store dropped without being closed still writes what it holds (at interpreter exit,
+        # close_all does it instead).
+        finalizer = weakref.finalize(self, _close_in_background, self._flusher)
+        # (the typeshed of mypy < 2.4 lacks the attribute)
+        finalizer.atexit = False  # type: ignore[misc, unused-ignore]
         if spool is not None:
             self._flusher.start()  # writes what a process that died left in the spool
 
@@ -146,8 +149,7 @@ class Store:
         early-flush size (``urgent``)."""
         flusher = self._flusher
         if not flusher.running:
-            if flusher.closed:
-                _open_flushers.add(flusher)
+            _open_flushers.add(flusher)  # a store closed and used again is open again
             flusher.start()
         if urgent:
             flusher.wake()
