@@ -30,6 +30,8 @@ pub struct Journal {
     /// Writes that failed (the deltas stayed in memory only) and the last error.
     pub errors: u64,
     pub last_error: Option<String>,
+    /// Whether a write of the current generation's file failed (the file lacks deltas).
+    incomplete: bool,
 }
 
 impl Journal {
@@ -45,6 +47,7 @@ impl Journal {
             buf: Vec::with_capacity(256),
             errors: 0,
             last_error: None,
+            incomplete: false,
         };
         j.open()?;
         Ok(j)
@@ -73,6 +76,7 @@ impl Journal {
 
     fn failed(&mut self, err: std::io::Error) {
         self.errors += 1;
+        self.incomplete = true;
         self.last_error = Some(err.to_string());
     }
 
@@ -100,6 +104,11 @@ impl Journal {
         }
     }
 
+    /// Whether a write of the current generation failed.
+    pub fn incomplete(&self) -> bool {
+        self.incomplete
+    }
+
     /// Close the current file (the next record opens it again, creating it if it was
     /// removed).
     pub fn close_file(&mut self) {
@@ -107,15 +116,17 @@ impl Journal {
     }
 
     /// The current generation is drained as batch `seq`: start the next file. Returns the
-    /// drained generation's path.
-    pub fn rotate(&mut self) -> PathBuf {
+    /// drained generation's path and whether the file holds every delta of it.
+    pub fn rotate(&mut self) -> (PathBuf, bool) {
         let done = self.path_of(self.seq);
+        let complete = !self.incomplete;
         self.seq += 1;
         self.file = None;
+        self.incomplete = false;
         if let Err(e) = self.open() {
             self.failed(e);
         }
-        done
+        (done, complete)
     }
 }
 
@@ -204,7 +215,8 @@ mod tests {
         j.append("b", &[1; NFIELDS]);
         j.append("a", &[2; NFIELDS]);
         j.append("b", &[3; NFIELDS]);
-        let path = j.rotate();
+        let (path, complete) = j.rotate();
+        assert!(complete);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.extend_from_slice(&[5, 0, 0, 0, b'x']); // a record cut short by a kill
         std::fs::write(&path, &bytes).unwrap();

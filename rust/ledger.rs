@@ -58,8 +58,9 @@ pub struct Drained {
     pub entries: Vec<(Box<str>, Counters)>,
     pub seq: u64,
     pub oldest_ns: u64,
-    /// The spool file holding exactly these deltas, when the ledger journals.
-    pub journal: Option<std::path::PathBuf>,
+    /// The spool file of these deltas, when the ledger journals, and whether it holds all of
+    /// them (a write to it may have failed).
+    pub journal: Option<(std::path::PathBuf, bool)>,
 }
 
 /// Adding `delta` to `into` without wrapping; on overflow nothing is changed.
@@ -133,6 +134,11 @@ impl Core {
         self.journal
             .set(Mutex::new(journal))
             .map_err(|_| "this ledger journals already".to_string())
+    }
+
+    /// Whether a journal write of the current generation failed.
+    pub fn journal_incomplete(&self) -> bool {
+        self.journal_lock().is_some_and(|j| j.incomplete())
     }
 
     /// Close the journal's open file (see `Journal::close_file`).
@@ -453,6 +459,12 @@ impl Ledger {
         self.core.close_journal()
     }
 
+    /// Whether a journal write of the deltas now pending failed (their spool file lacks some).
+    #[getter]
+    fn journal_incomplete(&self) -> bool {
+        self.core.journal_incomplete()
+    }
+
     /// Journal writes that failed (those deltas are in memory only) and the last error.
     #[getter]
     fn journal_errors(&self) -> (u64, Option<String>) {
@@ -482,7 +494,7 @@ pub struct Batch {
     entries: Vec<(Box<str>, Counters)>,
     seq: u64,
     oldest_ns: u64,
-    journal: Option<std::path::PathBuf>,
+    journal: Option<(std::path::PathBuf, bool)>,
 }
 
 impl From<Drained> for Batch {
@@ -549,16 +561,22 @@ impl Batch {
         age_s(self.oldest_ns)
     }
 
-    /// The spool file holding exactly this batch's deltas (`None` without a spool).
+    /// The spool file of this batch's deltas (`None` without a spool).
     #[getter]
     fn journal_path(&self) -> Option<std::path::PathBuf> {
-        self.journal.clone()
+        self.journal.as_ref().map(|(p, _)| p.clone())
+    }
+
+    /// Whether the spool file holds every delta of this batch (no write to it failed).
+    #[getter]
+    fn journal_complete(&self) -> bool {
+        self.journal.as_ref().is_some_and(|(_, complete)| *complete)
     }
 
     /// The batch is in the store: remove its spool file (a no-op without one).
     fn discard_journal(&self) -> PyResult<()> {
         match &self.journal {
-            Some(path) => match std::fs::remove_file(path) {
+            Some((path, _)) => match std::fs::remove_file(path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
                 _ => Ok(()),
             },
@@ -578,7 +596,7 @@ impl Batch {
                 entries: r.entries,
                 seq: r.seq,
                 oldest_ns,
-                journal: Some(path),
+                journal: Some((path, true)),
             },
             r.tag,
             r.records,

@@ -337,3 +337,49 @@ async def test_resharding_mid_run_moves_a_unit_without_losing_or_doubling_it(
     report("slot resharded between two flushes", "redis-cluster", 2, got.get("calls", 0))
     assert got == {"total_tokens": 5, "calls": 2}
     await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("found", "delta"),
+    [("-0", 1), ("007", 1), (" 7", 1), ("7.0", 1), ("9999999999999999999", -(10**18))],
+)
+async def test_a_field_hincrby_would_reject_is_refused_before_anything_is_written(
+    redis_url: str, found: str, delta: int
+) -> None:
+    """Stored text that looks like a number but that HINCRBY rejects would abort the script
+    after the unit's earlier keys were incremented, and every retry would increment them again.
+    The script checks each field the way HINCRBY parses it, before writing anything."""
+    client = direct(redis_url)
+    client.hset(key("z-poisoned"), "cost_pusd", found)
+    store = open_store(redis_url, flush_interval_s=3600)
+    store.add(key("a-bystander"), calls=1)  # sorts first: written before the poisoned key
+    store.add(key("z-poisoned"), cost_pusd=delta)
+    for _ in range(3):
+        assert await store.flush() is True
+    assert store.refused_writes == 1
+    assert client.hgetall(key("a-bystander")) == {"calls": "1"}
+    assert client.hgetall(key("z-poisoned")) == {"cost_pusd": found}
+    await store.aclose()
+
+
+async def test_reads_include_the_deltas_waiting_in_the_spool(
+    fault_proxy: FaultProxy, redis_url: str, tmp_path: Any
+) -> None:
+    """A write fails, the deltas move past max_pending into the spool: a read (what a budget
+    sees) still counts them, and once written they are counted once."""
+    store = open_store(
+        fault_proxy.url, flush_interval_s=3600, max_pending=1, spool=tmp_path / "spool"
+    )
+    store.add(key("alice"), calls=5)
+    assert await store.flush() is True
+    fault_proxy.fail("EVALSHA")  # the next unit write
+    store.add(key("alice"), calls=3)
+    store.add(key("bob"), calls=1)
+    assert await store.flush() is False
+    assert len(store._flusher.spilled) == 1
+    assert (await store.read(key("alice")))["calls"] == 8
+    assert direct(redis_url).hget(key("alice"), "calls") == "5"
+    assert await store.flush() is True
+    assert (await store.read(key("alice")))["calls"] == 8
+    assert direct(redis_url).hget(key("alice"), "calls") == "8"
+    await store.aclose()

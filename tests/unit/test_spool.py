@@ -219,3 +219,51 @@ def test_a_journal_write_that_fails_keeps_the_delta_and_says_so(tmp_path: Path) 
     status, errors, error, calls = json.loads(out)
     assert status == "unhealthy" and errors > 0 and "File too large" in error
     assert calls == 1000  # every delta accepted reached the store
+
+
+@pytest.mark.parametrize("room", [0, 2], ids=["no-header", "two-records"])
+def test_a_store_down_while_the_spool_disk_fails_keeps_and_writes_every_delta(
+    tmp_path: Path, room: int
+) -> None:
+    """Past max_pending, deltas move to the spool, but only generations whose every record
+    reached the disk: with a failing disk (a file size limit) the others stay in memory. No
+    delta is dropped and an unreadable file never wedges the flusher."""
+    code = """
+    import json, resource, signal, sys
+    from llmtally._core import Batch
+    from llmtally.storage.memory import MemoryBackend
+    from llmtally.storage.store import Store
+    from llmtally.errors import StoreUnavailable
+    class Down(MemoryBackend):
+        up = False
+        def apply(self, batch, flusher_id):
+            if not self.up:
+                raise StoreUnavailable("down")
+            return super().apply(batch, flusher_id)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    key = "llmtally:{{u{}}}:2026-12-01".format
+    record = 4 + len(key(0)) + 80 + 4
+    backend = Down()
+    store = Store(backend, url="memory://down", spool=sys.argv[1], max_pending=1,
+                  flush_interval_s=3600)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (24 + int(sys.argv[2]) * record,) * 2)
+    for wave in range(3):
+        for i in range(6):
+            store.add(key(wave * 6 + i), calls=1)
+        assert store.flush_sync() is False
+    backend.up = True
+    results = [store.flush_sync() for _ in range(2)]
+    calls = sum(v.get("calls", 0) for v in backend.data.values())
+    print(json.dumps([results, calls, store._flusher.pending, store.ledger.journal_errors[0] > 0]))
+    """
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), str(tmp_path / "spool"), str(room)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    results, calls, pending, journal_failed = json.loads(out.stdout)
+    report(f"store down and spool disk full ({room} records fit)", "memory", 18, calls)
+    assert (calls, pending, journal_failed) == (18, 0, True)
+    assert results[-1] is True

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sqlite3
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from llmtally import open_store
+from llmtally import StoreUnavailable, open_store
+from llmtally._core import Ledger
 from llmtally.storage import sqlite as sqlite_module
 from llmtally.storage.keys import usage_key
 from llmtally.storage.sqlite import SQLiteBackend
@@ -292,3 +295,174 @@ async def test_sqlite_refuses_a_poisoned_counter_alone(tmp_path: Path) -> None:
     }
     assert types == {"integer"}
     await store.aclose()
+
+
+def test_sqlite_reports_a_refused_key_once_even_when_its_batch_is_applied_again(
+    tmp_path: Path,
+) -> None:
+    """A batch whose reply was lost is applied again under the same marker: it is skipped, and
+    the key it refused the first time is not reported (nor counted) a second time."""
+    backend = SQLiteBackend(str(tmp_path / "refused.db"))
+    backend.set_fields("rich", {"calls": I64_MAX})
+    ledger = Ledger()
+    ledger.add("rich", calls=1)
+    ledger.add("plain", calls=1)
+    batch = ledger.drain()
+    assert batch is not None
+    assert backend.apply(batch, "f1") == ["rich"]
+    assert backend.apply(batch, "f1") == []  # the retry: applied already, reported already
+    assert backend.read("rich") == {"calls": I64_MAX}
+    assert backend.read("plain") == {"calls": 1}
+    backend.close()
+
+
+def test_closing_while_a_sqlite_write_waits_on_the_lock_leaves_the_connection_to_it(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the write lock, so the flusher waits inside SQLite; close() gives
+    up before it returns. The connection is not closed under the waiting thread (that crashes
+    the process); the write completes once the lock is free and a later close says True."""
+    code = """
+    import faulthandler, json, sqlite3, sys, time
+    faulthandler.enable()
+    from llmtally import open_store
+    db = sys.argv[1]
+    store = open_store("sqlite:///" + db, flush_interval_s=0.05)
+    key = "llmtally:{a}:2026-12-01"
+    store.add(key, calls=1)
+    assert store.flush_sync()
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    store.add(key, calls=1)
+    time.sleep(0.3)  # the worker is now inside SQLite's busy wait
+    first = store.close(timeout_s=0.5)
+    blocker.execute("COMMIT")
+    second = store.close(timeout_s=10)
+    calls = sqlite3.connect(db).execute("SELECT value FROM usage WHERE field = 'calls'")
+    print(json.dumps([first, second, calls.fetchone()[0]]))
+    """
+    proc = run_python(textwrap.dedent(code), str(tmp_path / "busy.db"))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert json.loads(out) == [False, True, 2]
+
+
+def test_a_store_whose_close_fails_keeps_its_spool_and_loses_nothing(tmp_path: Path) -> None:
+    """close() cannot write (the database is locked): it says False, keeps its deltas and its
+    spool lock, so another store on the spool does not replay them as a dead process's; used
+    again, the first store writes everything once."""
+    db, spool = tmp_path / "u.db", tmp_path / "spool"
+    key = usage_key("a", CYCLE)
+    first = open_store(f"sqlite:///{db}", spool=spool, flush_interval_s=3600)
+    assert first.flush_sync()  # the schema
+    first.add(key, calls=1)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    assert first.close(timeout_s=0.5) is False
+    blocker.execute("COMMIT")
+    blocker.close()
+    second = open_store(f"sqlite:///{db}", spool=spool, flush_interval_s=3600)
+    assert second.flush_sync() is True
+    assert second.backend.read(key) == {}  # the first store's, and it is alive
+    first.add(key, calls=1)
+    assert first.flush_sync() is True
+    assert second.backend.read(key) == {"calls": 2}
+    assert first.close() is True and second.close() is True
+    assert sorted(p.name for p in spool.iterdir()) == []
+
+
+def test_close_all_writes_the_other_stores_when_one_is_down_or_broken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At exit, a store that is down does not spend the time of the stores after it, and a
+    backend whose close() raises does not stop the loop."""
+    from llmtally.storage import store as store_module
+
+    class DownBackend(SQLiteBackend):
+        def apply(self, batch: Any, flusher_id: str) -> list[str]:
+            raise StoreUnavailable("down for the test")
+
+    down = Store(DownBackend(str(tmp_path / "a.db")), url="sqlite:down", flush_interval_s=3600)
+    broken = open_store(f"sqlite:///{tmp_path}/b.db", flush_interval_s=3600)
+    fine = open_store(f"sqlite:///{tmp_path}/c.db", flush_interval_s=3600)
+    down.add(usage_key("a", CYCLE), calls=1)
+    broken.add(usage_key("b", CYCLE), calls=3)
+    fine.add(usage_key("c", CYCLE), calls=7)
+
+    def explode() -> None:
+        raise RuntimeError("a bug in a backend's close")
+
+    monkeypatch.setattr(broken.backend, "close", explode)
+    # in this order (a set's order is arbitrary)
+    flushers = [down._flusher, broken._flusher, fine._flusher]
+    monkeypatch.setattr(store_module, "OPEN", flushers)
+    started = time.monotonic()
+    assert store_module.close_all(3.0) is False  # the down store's delta is not written
+    assert time.monotonic() - started < 6
+    assert [f.closed for f in flushers] == [False, True, True]
+    assert down._flusher.pending == 1
+    for name, calls in (("b", 3), ("c", 7)):
+        conn = sqlite3.connect(tmp_path / f"{name}.db")
+        assert conn.execute("SELECT value FROM usage WHERE field = 'calls'").fetchone() == (calls,)
+        conn.close()
+    down.backend.close()
+
+
+def test_usage_added_while_the_store_is_closing_is_written_at_exit(tmp_path: Path) -> None:
+    """Another thread adds while close() is between its last flush and its end: the store
+    opens again and the exit hook writes what it holds, spool and all."""
+    code = """
+    import sys, threading
+    from llmtally import open_store
+    store = open_store("sqlite:///" + sys.argv[1], flush_interval_s=3600, spool=sys.argv[2])
+    close_backend = store.backend.close
+    def close_while_another_thread_adds():
+        adder = threading.Thread(target=store.add, args=("llmtally:{a}:2026-12-01",),
+                                 kwargs={"calls": 1})
+        adder.start()
+        adder.join()
+        store.backend.close = close_backend  # only the first time
+        close_backend()
+    store.backend.close = close_while_another_thread_adds
+    assert store.close() is True
+    for _ in range(5):
+        store.add("llmtally:{b}:2026-12-01", calls=1)
+    """
+    db, spool = tmp_path / "u.db", tmp_path / "spool"
+    proc = run_python(textwrap.dedent(code), str(db), str(spool))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    rows = sqlite3.connect(db).execute("SELECT key, value FROM usage WHERE field = 'calls'")
+    assert dict(rows.fetchall()) == {usage_key("a", CYCLE): 1, usage_key("b", CYCLE): 5}
+    assert list(spool.iterdir()) == []
+
+
+def test_sigterm_while_the_main_thread_reads_the_ledger_writes_everything(tmp_path: Path) -> None:
+    """The signal lands while the main thread is inside local() (a budget check on every
+    call): the exit writer must not wait on a lock the interrupted thread holds."""
+    code = """
+    import os, signal, sys, threading
+    from llmtally import flush_on_exit_signals, open_store
+    store = open_store("sqlite:///" + sys.argv[1], flush_interval_s=3600)
+    flush_on_exit_signals(timeout_s=5.0)
+    key = "llmtally:{a}:2026-12-01"
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    fd = os.open(sys.argv[1] + ".n", os.O_CREAT | os.O_RDWR)
+    n = 0
+    while True:
+        store.add(key, calls=1)
+        n += 1
+        os.pwrite(fd, b"%012d" % n, 0)
+        for _ in range(50):
+            store.local(key)
+    """
+    for trial in range(3):
+        db = tmp_path / f"t{trial}.db"
+        proc = run_python(textwrap.dedent(code), str(db))
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGTERM, err
+        added = int(Path(f"{db}.n").read_text())
+        stored = sqlite3.connect(db).execute("SELECT value FROM usage WHERE field = 'calls'")
+        got = stored.fetchone()[0]
+        # the add that the signal interrupted may or may not have recorded its progress
+        assert got in (added, added + 1)

@@ -6,13 +6,15 @@ ledger and writes the batch; ``flush()`` does the same from any thread, under th
 one drain and write runs at a time. Nothing here depends on an event loop, so sync code,
 threads, several loops and interpreter exit all work the same.
 
-A batch that fails stays the *retry batch* and is written again, with the same sequence number,
-before anything newer: the backend skips the units of it already applied, so each unit is
-applied once. New deltas keep merging per key in the ledger meanwhile.
+Batches are written in the order the ledger numbered them: a batch that fails stays the *retry
+batch* (or, past ``max_pending`` with a spool, waits in its spool file) and is written again, with
+the same number, before anything newer; the backend skips the units of it already applied, so
+each unit is applied once. New deltas keep merging per key in the ledger meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -29,13 +31,18 @@ from llmtally.storage.base import Backend
 from llmtally.storage.keys import parse_key
 from llmtally.storage.spool import Spool
 
-__all__ = ["EARLY_FLUSH_KEYS", "Flusher"]
+__all__ = ["EARLY_FLUSH_KEYS", "OPEN", "Flusher"]
 
 logger = logging.getLogger("llmtally")
 
 #: Pending keys at which the flusher is woken before its interval.
 EARLY_FLUSH_KEYS = 20_000
 _MAX_BACKOFF_S = 30.0
+#: How often a store with a spool looks for files a dead process left.
+_ORPHAN_SCAN_S = 60.0
+
+#: Flushers that may hold deltas: written at interpreter exit and on exit signals.
+OPEN: set[Flusher] = set()
 
 
 class Flusher:
@@ -52,17 +59,16 @@ class Flusher:
     ) -> None:
         self.backend = backend
         self.spool = spool
-        self._lock_fd: int | None = None
-        self.replayed_batches = 0
         self.flush_interval_s = flush_interval_s
         self.max_pending = max_pending
         self.label = label
         self.flush_failures = 0
         self.batches_written = 0
         self.refused_writes = 0
-        self._start_lock = threading.Lock()
-        self._close_lock = threading.Lock()
+        self.replayed_batches = 0
+        self._lock_fd: int | None = None
         self._reinit()
+        OPEN.add(self)
 
     def _reinit(self) -> None:
         """A fresh writer: at construction, and in a forked child (whose copy of the parent's
@@ -70,6 +76,9 @@ class Flusher:
         self.ledger = Ledger()
         self.flusher_id = os.urandom(8).hex()
         self.retry: Batch | None = None
+        # Batches waiting in their spool files (past max_pending during an outage), oldest first:
+        # (path, keys, since).
+        self.spilled: deque[tuple[Path, int, float]] = deque()
         self.closed = False
         self.running = False
         self.consecutive_failures = 0
@@ -78,17 +87,17 @@ class Flusher:
         self.last_error: str | None = None
         self._warned_pending = False
         self._shutdown = False
+        self._closing = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one drain and write at a time; reads take it too
         # Guards moving deltas between the ledger, the retry batch and the spool (no I/O under
-        # it), so `pending` never sees them in neither place.
+        # it), so `pending` and `local` never see them in two places or in none.
         self._moving = threading.Lock()
-        self._wake = threading.Event()
         self._start_lock = threading.Lock()
         self._close_lock = threading.Lock()
-        # Batches moved out of memory into their spool files during an outage, oldest first.
-        self.spilled: deque[tuple[Path, int, float]] = deque()
-        self._orphans_done = self.spool is None
+        self._wake = threading.Event()
+        self._next_orphan_scan = 0.0
+        self._replaying: set[int] = set()  # lock descriptors of a dead flusher being replayed
         if self.spool is not None:
             self._lock_fd = self.spool.claim(self.flusher_id)
             self.ledger.journal(self.spool.path, self.flusher_id, self.spool.tag)
@@ -96,14 +105,14 @@ class Flusher:
     # -- the worker ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker thread (a no-op when it runs). A closed flusher that gets new
-        deltas opens again."""
+        """Start the worker thread (a no-op when it runs, or while a close is under way). A
+        closed flusher that gets new deltas opens again."""
         with self._start_lock:
-            if self.running:
+            if self.running or self._closing:
                 return
             if self.spool is not None and self._lock_fd is None:  # opened again after close
                 self._lock_fd = self.spool.claim(self.flusher_id)
-                self._orphans_done = False
+            OPEN.add(self)
             self._shutdown = False
             self.closed = False
             self.running = True
@@ -158,14 +167,15 @@ class Flusher:
 
     def _flush_locked(self) -> bool:
         try:
-            if not self._orphans_done:
+            if self.spool is not None and time.monotonic() >= self._next_orphan_scan:
                 self._replay_orphans()
+                self._next_orphan_scan = time.monotonic() + _ORPHAN_SCAN_S
             if self.retry is not None:
                 self._write(self.retry)
-                self.retry = None
+                with self._moving:
+                    self.retry = None
             while self.spilled:
-                path, _, _ = self.spilled[0]
-                self._write(Batch.from_journal(path)[0])
+                self._write_spilled(self.spilled[0][0])
                 with self._moving:
                     self.spilled.popleft()
             with self._moving:
@@ -174,7 +184,8 @@ class Flusher:
                     self.retry = batch
             if len(batch):
                 self._write(batch)
-                self.retry = None
+                with self._moving:
+                    self.retry = None
         except StoreError as exc:
             self._failed(exc)
             return False
@@ -208,6 +219,23 @@ class Flusher:
                 ", ".join(users),
             )
 
+    def _read_spool_file(self, path: Path) -> Batch | None:
+        """A spool file's batch; ``None`` (after saying why) when it is gone or unreadable."""
+        try:
+            return Batch.from_journal(path)[0]
+        except FileNotFoundError:
+            logger.warning("spool file %s is gone (written by another store?)", path)
+        except (OSError, ValueError) as exc:
+            logger.error("spool file %s is unreadable, set aside: %s", path, exc)
+            with contextlib.suppress(OSError):
+                os.replace(path, path.with_suffix(".unreadable"))
+        return None
+
+    def _write_spilled(self, path: Path) -> None:
+        batch = self._read_spool_file(path)
+        if batch is not None and len(batch):
+            self._write(batch)
+
     def _failed(self, exc: StoreError) -> None:
         self.flush_failures += 1
         _observed.flushed(self.backend.name, False)
@@ -224,50 +252,103 @@ class Flusher:
         )
         retry = self.retry
         held = self.ledger.pending + (len(retry) if retry is not None else 0)
-        if self.spool is not None and held > self.max_pending:
-            # Past max_pending during an outage: the deltas are on file already (the journal);
-            # drop them from memory and write them from there, in order, when the store is back.
-            with self._moving:
-                if retry is not None and retry.journal_path is not None:
-                    self.spilled.appendleft((retry.journal_path, len(retry), time.monotonic()))
-                    self.retry = None
-                spill = self.ledger.drain()
-                if spill.journal_path is not None:
-                    self.spilled.append((spill.journal_path, len(spill), time.monotonic()))
-            logger.warning(
-                "%s: %d keys wait in the spool, not in memory, until the store is back",
-                self.label,
-                self.pending,
-            )
+        if self.spool is not None and held > self.max_pending and self._spill():
             return
         pending = self.pending
         if pending > self.max_pending and not self._warned_pending:
             self._warned_pending = True
             logger.error(
                 "%d keys are waiting for %s (max_pending=%d); deltas keep merging per key and "
-                "none is dropped",
+                "none is dropped%s",
                 pending,
                 self.label,
                 self.max_pending,
+                "" if self.spool is not None else " (a spool would keep them out of memory)",
             )
 
+    def _spill(self) -> bool:
+        """Past max_pending during an outage: drop from memory the batches whose deltas are all
+        in their spool files, to be written from there, in order, when the store is back.
+        False when a spool file lacks deltas (a journal write failed): those stay in memory."""
+        with self._moving:
+            retry = self.retry
+            if retry is not None:
+                if not retry.journal_complete or retry.journal_path is None:
+                    return False
+                self.spilled.appendleft((retry.journal_path, len(retry), time.monotonic()))
+                self.retry = None
+            if self.ledger.journal_incomplete:
+                return False
+            spill = self.ledger.drain()
+            if len(spill) and spill.journal_path is not None:
+                self.spilled.append((spill.journal_path, len(spill), time.monotonic()))
+        logger.warning(
+            "%s: %d keys wait in the spool, not in memory, until the store is back",
+            self.label,
+            self.pending,
+        )
+        return True
+
+    def _replay_orphans(self) -> None:
+        """Write the spool files of flushers whose process died, as those flushers (so a batch
+        written before the crash is skipped). Raises ``StoreError`` to be retried later."""
+        assert self.spool is not None
+        for flusher_id, fd in self.spool.orphans(self.flusher_id):
+            self._replaying.add(fd)
+            try:
+                for path in self.spool.journals(flusher_id):
+                    try:
+                        batch, tag, records, torn = Batch.from_journal(path)
+                    except (OSError, ValueError):
+                        self._read_spool_file(path)  # says why, sets it aside
+                        continue
+                    if tag != self.spool.tag:
+                        continue  # another store's: its own store will write it
+                    if torn:
+                        logger.warning(
+                            "spool file %s ends in a record cut short by the crash (%d whole "
+                            "records kept; the cut one was never accepted)",
+                            path,
+                            records,
+                        )
+                    if len(batch):
+                        self._write(batch, flusher_id)
+                        self.replayed_batches += 1
+                    else:  # nothing to write, and no marker to leave
+                        batch.discard_journal()
+            finally:
+                self._replaying.discard(fd)
+                self.spool.done(flusher_id, fd)
+
     # -- reading -------------------------------------------------------------------------------
+
+    def _spilled_batches(self) -> list[Batch]:
+        batches = []
+        for path, _, _ in list(self.spilled):
+            batch = self._read_spool_file(path)
+            if batch is not None:
+                batches.append(batch)
+        return batches
 
     def read(self, key: str) -> dict[str, int]:
         """The backend's fields of ``key`` plus this process's deltas not in it yet.
 
         Taken while no write is in flight: the ledger holds what no batch has; of the retry
-        batch, the unit holding ``key`` is added only when the backend has not applied it (both
-        read in one atomic step)."""
+        batch and the spilled ones, the unit holding ``key`` is added only when the backend has
+        not applied it (both read in one atomic step)."""
         with self._lock:
             counters = list(self.ledger.get(key))
-            retry = self.retry
-            if retry is not None and any(retry.get(key)):
-                stored, applied = self.backend.applied(key, retry, self.flusher_id)
+            waiting = [b for b in (self.retry, *self._spilled_batches()) if b is not None]
+            stored: dict[str, int] | None = None
+            for batch in waiting:
+                delta = batch.get(key)
+                if not any(delta):
+                    continue
+                stored, applied = self.backend.applied(key, batch, self.flusher_id)
                 if not applied:
-                    for i, v in enumerate(retry.get(key)):
+                    for i, v in enumerate(delta):
                         counters[i] += v
-            else:
+            if stored is None:
                 stored = self.backend.read(key)
         for field, value in zip(LEDGER_FIELDS, counters, strict=True):
             if value:
@@ -275,12 +356,18 @@ class Flusher:
         return stored
 
     def local(self, key: str) -> dict[str, int]:
-        """This process's deltas of ``key`` not yet written (the retry batch included)."""
+        """This process's deltas of ``key`` not yet written (the retry and spilled batches
+        included)."""
         with self._moving:
             counters = list(self.ledger.get(key))
-            retry = self.retry
-        if retry is not None:
-            for i, v in enumerate(retry.get(key)):
+            waiting = [self.retry] if self.retry is not None else []
+            paths = [p for p, _, _ in self.spilled]
+        for path in paths:
+            batch = self._read_spool_file(path)
+            if batch is not None:
+                waiting.append(batch)
+        for batch in waiting:
+            for i, v in enumerate(batch.get(key)):
                 counters[i] += v
         return {f: v for f, v in zip(LEDGER_FIELDS, counters, strict=True) if v}
 
@@ -324,40 +411,14 @@ class Flusher:
             "replayed_batches": self.replayed_batches,
         }
 
-    def _replay_orphans(self) -> None:
-        """Write the spool files of flushers whose process died, as those flushers (so a batch
-        written before the crash is skipped). Raises ``StoreError`` to be retried later."""
-        assert self.spool is not None
-        for flusher_id, fd in self.spool.orphans(self.flusher_id):
-            try:
-                for path in self.spool.journals(flusher_id):
-                    try:
-                        batch, tag, records, torn = Batch.from_journal(path)
-                    except (OSError, ValueError) as exc:
-                        logger.error("spool file %s is unreadable, set aside: %s", path, exc)
-                        os.replace(path, path.with_suffix(".unreadable"))
-                        continue
-                    if tag != self.spool.tag:
-                        continue  # another store's: its own store will write it
-                    if torn:
-                        logger.warning(
-                            "spool file %s ends in a record cut short by the crash (%d whole "
-                            "records kept; the cut one was never accepted)",
-                            path,
-                            records,
-                        )
-                    self._write(batch, flusher_id)
-                    self.replayed_batches += 1
-            finally:
-                self.spool.done(flusher_id, fd)
-        self._orphans_done = True
-
     # -- lifecycle -----------------------------------------------------------------------------
 
     def close(self, timeout_s: float) -> bool:
         """Stop the worker and write everything pending, retrying until ``timeout_s`` is spent,
-        then close the backend. Idempotent, and safe from several threads at once. False when
-        deltas could not be written."""
+        then close the backend. True once everything is written (closing again is then a
+        no-op); False when deltas could not be written: they stay, with the spool's lock, and
+        are tried again by the next close, interpreter exit, or the next store on the spool
+        once this process is gone. Safe from several threads at once; never raises."""
         deadline = time.monotonic() + timeout_s
         if not self._close_lock.acquire(timeout=max(0.0, timeout_s)):
             return False
@@ -365,46 +426,79 @@ class Flusher:
             if self.closed:
                 return True
             return self._close(deadline)
+        except Exception as exc:  # closing must not stop the closing of other stores
+            logger.error("closing %s failed: %r", self.label, exc)
+            return False
         finally:
             self._close_lock.release()
 
     def _close(self, deadline: float) -> bool:
-        self._shutdown = True
-        self._wake.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(max(0.0, (deadline - time.monotonic()) / 2))
-        delay = 0.05
-        ok = self.flush(timeout_s=deadline - time.monotonic())
-        while not ok and time.monotonic() < deadline:
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 1.0)
+        with self._start_lock:
+            self._closing = True
+            self._shutdown = True
+            self._wake.set()
+            thread = self._thread
+        ok = False
+        try:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(0.0, (deadline - time.monotonic()) / 2))
+            delay = 0.05
             ok = self.flush(timeout_s=deadline - time.monotonic())
-        if not ok:
-            logger.error(
-                "closing %s with %d key(s) of usage not written: %s",
-                self.label,
-                self.pending,
-                self.last_error or "a write was still in flight",
-            )
-        self.backend.close()
-        if self.spool is not None and self._lock_fd is not None:
-            if ok:  # everything is in the store: the open journal file holds nothing
-                self.ledger.close_journal()
-                for path in self.spool.journals(self.flusher_id):
-                    if Batch.from_journal(path)[2] == 0:
-                        path.unlink(missing_ok=True)
-            self.spool.done(self.flusher_id, self._lock_fd)
-            self._lock_fd = None
-        self.closed = True
+            while not ok and time.monotonic() < deadline:
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 1.0)
+                ok = self.flush(timeout_s=deadline - time.monotonic())
+            # Connections are closed only with no write in flight (one closed under a thread
+            # still inside it can crash the process).
+            if self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    self.backend.close()
+                except Exception as exc:  # what was written stays written
+                    logger.error("closing the connection of %s failed: %r", self.label, exc)
+                finally:
+                    self._lock.release()
+            else:
+                logger.error("closing %s: a write is still in flight; left to it", self.label)
+            if not ok:
+                logger.error(
+                    "closing %s with %d key(s) of usage not written: %s",
+                    self.label,
+                    self.pending,
+                    self.last_error or "a write was still in flight",
+                )
+            elif self.spool is not None and self._lock_fd is not None:
+                self._release_spool()
+        finally:
+            with self._start_lock:
+                self._closing = False
+                self.closed = ok
+                if ok:
+                    OPEN.discard(self)
+        if self.ledger.pending:  # deltas added while closing: the store is in use again
+            self.start()
         return ok
+
+    def _release_spool(self) -> None:
+        """Everything is written: remove this flusher's empty spool files and its lock."""
+        assert self.spool is not None and self._lock_fd is not None
+        self.ledger.close_journal()
+        for path in self.spool.journals(self.flusher_id):
+            try:
+                if Batch.from_journal(path)[2] == 0:
+                    path.unlink(missing_ok=True)
+            except (OSError, ValueError) as exc:
+                logger.warning("spool file %s left in place: %s", path, exc)
+        self.spool.done(self.flusher_id, self._lock_fd)
+        self._lock_fd = None
 
     def after_fork(self) -> None:
         """In a forked child: an empty ledger, a new identity, no thread, no inherited lock."""
+        for fd in [self._lock_fd, *self._replaying]:  # the parent's locks stay the parent's
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._lock_fd = None
         closed = self.closed
-        if self._lock_fd is not None:  # the parent's lock stays the parent's
-            os.close(self._lock_fd)
-            self._lock_fd = None
         self._reinit()
         self.closed = closed
         self.backend.after_fork()

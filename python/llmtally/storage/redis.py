@@ -55,14 +55,22 @@ local function limbs(s)
   if neg then return -h, -l end
   return h, l
 end
+local function inrange(h, l)
+  if h > 9223372036 or (h == 9223372036 and l > 854775807) then return false end
+  if h < -9223372036 or (h == -9223372036 and l < -854775808) then return false end
+  return true
+end
+-- Whether HINCRBY would take `delta` on a field holding `cur` (false: absent): the stored value
+-- must be an integer as Redis writes them (no sign on 0, no leading zeros, in range) and the sum
+-- must stay in range. Anything HINCRBY would refuse is refused here, before any write.
 local function fits(cur, delta)
   if cur == false then return true end
-  if type(cur) ~= 'string' or #cur > 20 or not string.match(cur, '^-?%d+$') then
-    return false
-  end
+  if type(cur) ~= 'string' or #cur > 20 then return false end
+  if cur ~= '0' and not string.match(cur, '^-?[1-9]%d*$') then return false end
   local c, d = tonumber(cur), tonumber(delta)
   if math.abs(c) < 4e15 and math.abs(d) < 4e15 then return true end
   local ch, cl = limbs(cur)
+  if not inrange(ch, cl) then return false end
   local dh, dl = limbs(delta)
   local h, l = ch + dh, cl + dl
   if l >= 1e9 then
@@ -75,9 +83,7 @@ local function fits(cur, delta)
   elseif h < 0 and l > 0 then
     h = h + 1; l = l - 1e9
   end
-  if h > 9223372036 or (h == 9223372036 and l > 854775807) then return false end
-  if h < -9223372036 or (h == -9223372036 and l < -854775808) then return false end
-  return true
+  return inrange(h, l)
 end
 local out = {1}
 local accepted = {}

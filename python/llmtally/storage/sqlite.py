@@ -84,7 +84,8 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE TABLE IF NOT EXISTS refused (
     flusher TEXT NOT NULL,
     seq INTEGER NOT NULL,
-    key TEXT NOT NULL
+    key TEXT NOT NULL,
+    reported INTEGER NOT NULL DEFAULT 0
 );
 CREATE TRIGGER IF NOT EXISTS apply_batch AFTER INSERT ON batches
 BEGIN
@@ -464,9 +465,15 @@ def _apply(
         "INSERT INTO batches (flusher, seq, rows, at) VALUES (?, ?, ?, ?)",
         (flusher_id, seq, rows, now),
     )
+    # The refused keys of this batch not reported yet (a retry of a batch applied before
+    # reports nothing again).
     refused = conn.execute(
-        "SELECT key FROM refused WHERE flusher = ? AND seq = ?", (flusher_id, seq)
+        "SELECT key FROM refused WHERE flusher = ? AND seq = ? AND reported = 0", (flusher_id, seq)
     ).fetchall()
+    if refused:
+        conn.execute(
+            "UPDATE refused SET reported = 1 WHERE flusher = ? AND seq = ?", (flusher_id, seq)
+        )
     if clean:
         conn.execute("DELETE FROM flushers WHERE updated < ?", (now - MARKER_TTL_S,))
         conn.execute("DELETE FROM refused WHERE flusher NOT IN (SELECT id FROM flushers)")

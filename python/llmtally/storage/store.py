@@ -28,7 +28,7 @@ from llmtally._observe import state as _observed
 from llmtally.errors import ConfigError, StoreError
 from llmtally.storage._limits import BudgetState, RateResult
 from llmtally.storage.base import Backend, LimitsBackend
-from llmtally.storage.flusher import EARLY_FLUSH_KEYS, Flusher
+from llmtally.storage.flusher import EARLY_FLUSH_KEYS, OPEN, Flusher
 from llmtally.storage.keys import parse_key
 from llmtally.storage.spool import Spool
 
@@ -94,7 +94,6 @@ class Store:
         self._io: concurrent.futures.ThreadPoolExecutor | None = None
         self._io_lock = threading.Lock()
         self.aio = AsyncBackend(self)
-        _open_flushers.add(self._flusher)
         _live_stores.add(self)
         _observed.stores.add(self)
         # A store dropped without being closed still writes what it holds (at interpreter exit,
@@ -149,8 +148,7 @@ class Store:
         early-flush size (``urgent``)."""
         flusher = self._flusher
         if not flusher.running:
-            _open_flushers.add(flusher)  # a store closed and used again is open again
-            flusher.start()
+            flusher.start()  # (a store closed and used again opens again)
         if urgent:
             flusher.wake()
 
@@ -276,7 +274,6 @@ class Store:
             return True
         ok = await self._call(self._flusher.close, timeout_s)
         self._shutdown_io()
-        _open_flushers.discard(self._flusher)
         return ok
 
     def close(self, timeout_s: float = _CLOSE_TIMEOUT_S) -> bool:
@@ -285,7 +282,6 @@ class Store:
             return True
         ok = self._flusher.close(timeout_s)
         self._shutdown_io()
-        _open_flushers.discard(self._flusher)
         return ok
 
     def _shutdown_io(self) -> None:
@@ -368,14 +364,10 @@ def _redact(url: str) -> str:
 def _close_in_background(flusher: Flusher) -> None:
     """A store was garbage-collected while open: its flusher writes what is left and stops."""
     if flusher.closed:
-        _open_flushers.discard(flusher)
         return
-
-    def close() -> None:
-        flusher.close(_CLOSE_TIMEOUT_S)
-        _open_flushers.discard(flusher)
-
-    threading.Thread(target=close, name="llmtally-close", daemon=True).start()
+    threading.Thread(
+        target=flusher.close, args=(_CLOSE_TIMEOUT_S,), name="llmtally-close", daemon=True
+    ).start()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,8 +454,6 @@ _registry_lock = threading.Lock()
 _registry: dict[str, Store] = {}
 _default: Store | None = None
 _live_stores: weakref.WeakSet[Store] = weakref.WeakSet()
-#: Flushers that may still hold deltas: closed at interpreter exit and on exit signals.
-_open_flushers: set[Flusher] = set()
 
 
 def default_store() -> Store:
@@ -515,23 +505,27 @@ def _after_fork_in_child() -> None:
     _registry_lock = threading.Lock()
     for store in list(_live_stores):
         store._after_fork()
-    _open_flushers.clear()
-    _open_flushers.update(s._flusher for s in list(_live_stores) if not s.closed)
+    OPEN.clear()
+    OPEN.update(s._flusher for s in list(_live_stores) if not s.closed)
 
 
 def close_all(timeout_s: float = EXIT_TIMEOUT_S) -> bool:
     """Write what every open store holds and close it, within ``timeout_s`` in all (stores
-    are closed one after another, each with what is left of the time). True when every delta
-    was written."""
+    are closed one after another, each with a fair share of what is left of the time). True
+    when every delta was written."""
     deadline = time.monotonic() + timeout_s
-    ok = True
-    for flusher in list(_open_flushers):
-        if flusher.closed:
-            _open_flushers.discard(flusher)
-            continue
-        ok = flusher.close(max(0.0, deadline - time.monotonic())) and ok
-        _open_flushers.discard(flusher)
-    return ok
+    # Each store gets a fair share of what is left, so one that is down does not spend the
+    # time of those after it; later passes give the ones that failed (or that another thread
+    # used again while they were being closed) the rest. close() never raises.
+    for _ in range(4):
+        todo = [flusher for flusher in list(OPEN) if not flusher.closed]
+        if not todo:
+            break
+        for i, flusher in enumerate(todo):
+            flusher.close(max(0.0, deadline - time.monotonic()) / (len(todo) - i))
+        if time.monotonic() >= deadline:
+            break
+    return not any(not flusher.closed or flusher.pending for flusher in list(OPEN))
 
 
 def _flush_at_exit() -> None:
