@@ -12,6 +12,7 @@ while events are in flight.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import inspect
@@ -21,10 +22,11 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from types import TracebackType
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType, TracebackType
 from typing import Any, Final
 
+from llmtally import _runtime
 from llmtally._core import (
     DECLINED,
     READ_BAD_USAGE,
@@ -46,6 +48,7 @@ from llmtally.errors import CallbackAbort, InvalidHandler
 from llmtally.events import EVENTS, AsyncCallbackHandler, overridden_events
 from llmtally.pricing import cached as cached_prices
 from llmtally.pricing import lookup as price_lookup
+from llmtally.storage import store as _store_module
 from llmtally.tokens import estimate_tokens
 from llmtally.usage import BadUsage, Usage, extract_text, merge_stream_usage
 
@@ -279,6 +282,7 @@ _EMPTY_TABLE = _Table(())
 
 class _Stats:
     __slots__ = (
+        "abandoned",
         "bad_input",
         "duplicates",
         "llm_calls",
@@ -288,6 +292,7 @@ class _Stats:
     )
 
     def __init__(self) -> None:
+        self.abandoned = 0
         self.bad_input = 0
         self.duplicates = 0
         self.llm_calls = 0
@@ -901,6 +906,7 @@ class CallbackManager:
             "timeouts": timeouts,
             "bad_input": s.bad_input,
             "duplicates": s.duplicates,
+            "abandoned_calls": s.abandoned,
             "usage_warnings": s.usage_warnings,
             "llm_calls": s.llm_calls,
             "llm_errors": s.llm_errors,
@@ -946,6 +952,74 @@ def is_timeout(exc: BaseException) -> bool:
     return name in ("APITimeoutError", "Timeout", "ReadTimeout", "ConnectTimeout")
 
 
+_UNSET: Final[Any] = object()
+
+
+class _OpenCalls:
+    """Calls started with :meth:`LLMCall.start` and not ended yet: ended as abandoned at exit,
+    and bounded (past ``capacity``, the oldest is ended as abandoned, in the background)."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._calls: dict[int, LLMCall] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def add(self, call: LLMCall) -> None:
+        evicted: LLMCall | None = None
+        with self._lock:
+            call._open = True
+            self._calls[id(call)] = call
+            if len(self._calls) > self.capacity:
+                evicted = self._calls.pop(next(iter(self._calls)))
+                evicted._open = False
+        if evicted is not None:
+            logger.warning(
+                "more than %d LLM calls open at once: the oldest (%s) ended as abandoned",
+                self.capacity,
+                evicted.request_id,
+            )
+            _runtime.runner.submit(evicted.abandon())
+
+    def discard(self, call: LLMCall) -> None:
+        with self._lock:
+            self._calls.pop(id(call), None)
+            call._open = False
+
+    def abandon_all(self, timeout_s: float) -> None:
+        """End every open call as abandoned (at interpreter exit), waiting up to
+        ``timeout_s``."""
+        with self._lock:
+            calls = list(self._calls.values())
+        if not calls:
+            return
+        try:
+            futures = [_runtime.runner.submit(call.abandon()) for call in calls]
+        except RuntimeError:  # no new thread at this point of the exit: this one runs them
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(
+                    asyncio.wait_for(
+                        asyncio.gather(*(c.abandon() for c in calls), return_exceptions=True),
+                        timeout_s,
+                    )
+                )
+            except TimeoutError:
+                logger.error("ending %d open LLM call(s) at exit timed out", len(calls))
+            finally:
+                loop.close()
+            return
+        _, pending = concurrent.futures.wait(futures, timeout_s)
+        if pending:
+            logger.error("ending %d open LLM call(s) at exit timed out", len(pending))
+
+
+_open_calls = _OpenCalls()
+_store_module.before_exit(_open_calls.abandon_all)
+
+
 class LLMCall:
     """One LLM call in flight; returned by :meth:`CallbackManager.llm_call`.
 
@@ -970,6 +1044,10 @@ class LLMCall:
     duplicate = False
     run_id = ""
     started_at = 0.0
+    _done = False  # an end, error or abandon fired (or the start was aborted)
+    _stoppable = True
+    _abandoned = False
+    _open = False  # in the registry of calls that outlive their scope
 
     def __init__(
         self,
@@ -1014,6 +1092,21 @@ class LLMCall:
     async def chunk(self, chunk: Any) -> None:
         """Record one streamed chunk (text, or a provider chunk/event) and fire
         ``on_llm_stream_chunk``. The first chunk sets the time to first token."""
+        self.record_chunk(chunk)
+        targets = self._table.by_event["on_llm_stream_chunk"]
+        if targets:
+            await self._manager._dispatcher.fire(
+                targets, "on_llm_stream_chunk", (chunk,), self._kwargs
+            )
+
+    @property
+    def wants_chunks(self) -> bool:
+        """True when a handler listens to ``on_llm_stream_chunk``; when False, sync code records
+        chunks with :meth:`record_chunk` without a trip to an event loop."""
+        return bool(self._table.by_event["on_llm_stream_chunk"])
+
+    def record_chunk(self, chunk: Any) -> None:
+        """Record one streamed chunk (its text and usage) without firing any event."""
         if self._first_chunk_at is None:
             self._first_chunk_at = time.perf_counter()
         self._chunks += 1
@@ -1032,11 +1125,69 @@ class LLMCall:
         except Exception as exc:  # a chunk we cannot read is bad input, never an error
             self._manager._stats.bad_input += 1
             logger.warning("unreadable stream chunk in %s: %r", self.request_id, exc)
-        targets = self._table.by_event["on_llm_stream_chunk"]
-        if targets:
-            await self._manager._dispatcher.fire(
-                targets, "on_llm_stream_chunk", (chunk,), self._kwargs
-            )
+
+    # -- lifecycle for callback-shaped code -------------------------------------------------
+    #
+    # ``async with manager.llm_call(...)`` is the usual way. Code whose start and end arrive in
+    # different callbacks (a framework's hooks, a stream handed back to the caller) uses
+    # ``await call.start()`` and then exactly one of ``end``, ``fail`` or ``abandon``; whichever
+    # comes first fires, the others do nothing. A call started this way and never ended is
+    # ended as abandoned at interpreter exit.
+
+    async def start(self, *, stoppable: bool = True) -> LLMCall:
+        """Fire ``on_llm_start`` for a call that ends in another callback. The call does not
+        become the current scope of the running task.
+
+        ``stoppable=False`` is for a call that will be made whatever the handlers say (a
+        framework that ignores what its start hook raises): a refusal is still raised, but the
+        call stays open and its end is counted.
+
+        Raises:
+            CallbackAbort: a handler refused the call (a budget, a rate limit); unless
+                ``stoppable=False``, the call is over and its end methods do nothing.
+        """
+        if not stoppable:
+            self._stoppable = False
+        try:
+            await self.__aenter__()
+        except CallbackAbort:
+            if not stoppable:
+                _open_calls.add(self)
+            raise
+        self.detach_context()
+        _open_calls.add(self)
+        return self
+
+    async def end(self, response: Any = _UNSET) -> dict[str, Any] | None:
+        """End the call with ``response`` (as :meth:`set_response`; without one, what the
+        stream's chunks said, else an estimate). Returns the normalized response dict."""
+        if response is not _UNSET:
+            self.set_response(response)
+        await self.__aexit__(None, None, None)
+        return self.response
+
+    async def fail(self, error: BaseException) -> None:
+        """End the call with ``on_llm_error`` (a timeout is counted as such)."""
+        await self.__aexit__(type(error), error, error.__traceback__)
+
+    async def abandon(self) -> None:
+        """End a call whose result will never come (a stream left mid-way, a client gone):
+        ``on_llm_end`` with the usage seen so far, else an estimate, ``estimated: True`` and
+        ``finish_reason: "abandoned"``. A call whose response was already set ends with it."""
+        if not self._response_set:
+            self._abandoned = True
+        await self.__aexit__(None, None, None)
+
+    @property
+    def context(self) -> Mapping[str, Any]:
+        """The kwargs given to the call's events (``user_id``, ``request_id``, ``run_id``,
+        ``trace_id``, ...); read-only."""
+        return MappingProxyType(self._kwargs)
+
+    @property
+    def ended(self) -> bool:
+        """True once the call's end or error fired (or its start was refused)."""
+        return self._done
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -1066,7 +1217,9 @@ class LLMCall:
                 )
             except CallbackAbort as abort:
                 self.detach_context()
-                await self._abort_started(abort)
+                if self._stoppable:
+                    self._done = True
+                    await self._abort_started(abort)
                 raise
         return self
 
@@ -1088,8 +1241,18 @@ class LLMCall:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._done:
+            return None
+        self._done = True
+        if self._open:
+            _open_calls.discard(self)
         if self._token is not None:
             _close_context(self._token)
+        if exc is not None and isinstance(exc, GeneratorExit | KeyboardInterrupt | SystemExit):
+            # Closed, interrupted or exiting before its result: what was seen so far.
+            if not self._response_set:
+                self._abandoned = True
+            exc = None
         ended = time.perf_counter()
         duration_s = ended - self.started_at
         manager = self._manager
@@ -1121,8 +1284,6 @@ class LLMCall:
                 assert self.response is not None
                 _observed.llm_end(self._kwargs, self.response)  # never raises
             return await self._fire_end(duration_s)
-        if isinstance(exc, GeneratorExit | KeyboardInterrupt | SystemExit):
-            return None
         stats = manager._stats
         timed_out = is_timeout(exc)
         if timed_out:
@@ -1299,8 +1460,11 @@ class LLMCall:
         usage = self._stream_usage
         if content is None and self._texts:
             content = "".join(self._texts)
-        estimated = usage is None
-        if usage is None:
+        estimated = usage is None or self._abandoned
+        if self._abandoned:
+            stats.abandoned += 1
+            usage = self._usage_so_far(usage, content)
+        elif usage is None:
             usage = self._estimate(content)
         elif usage.warning is not None:
             stats.usage_warnings += 1
@@ -1321,8 +1485,28 @@ class LLMCall:
             None,
             *meta,
         )
+        if self._abandoned:
+            response["finish_reason"] = "abandoned"
         self._price(response)
         self.response = response
+
+    def _usage_so_far(self, reported: Usage | None, content: str | None) -> Usage:
+        """An abandoned call: what the stream reported, each count at least the estimate of
+        what was sent and received (a stream reports its output count at its end)."""
+        estimate = self._estimate(content)
+        if reported is None:
+            return estimate
+        prompt = reported.prompt_tokens or estimate.prompt_tokens or 0
+        completion = max(reported.completion_tokens or 0, estimate.completion_tokens or 0)
+        return Usage(
+            total_tokens=prompt + completion,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=min(reported.cached_tokens, prompt),
+            cache_write_tokens=min(reported.cache_write_tokens, prompt),
+            cache_write_1h_tokens=min(reported.cache_write_1h_tokens, prompt),
+            reasoning_tokens=min(reported.reasoning_tokens, completion),
+        )
 
     def _price(self, response: dict[str, Any]) -> None:
         """Cost from the price table when the provider reported none (``cost_source: "table"``);

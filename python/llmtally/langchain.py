@@ -320,9 +320,10 @@ class LlmtallyCallbackHandler(_LCAsyncHandler):
         if trace is not None:
             context["trace_id"] = trace
         call = self.manager.llm_call(messages, provider=provider, model=model, **context)
-        await call.__aenter__()  # a CallbackAbort here stops the LangChain run, on purpose
-        call.detach_context()  # the call ends in another callback, maybe in another task
-        self._put(context["run_id"], _OpenCall(call, call._kwargs.get("trace_id")))
+        # A CallbackAbort here stops the LangChain run, on purpose; the call ends in another
+        # callback, maybe in another task.
+        await call.start()
+        self._put(context["run_id"], _OpenCall(call, call.context.get("trace_id")))
 
     async def on_chat_model_start(
         self,
@@ -414,7 +415,7 @@ class LlmtallyCallbackHandler(_LCAsyncHandler):
                     call.set_response(message)  # no usage: estimated from its content
                 elif text:
                     call.set_response({"content": text})
-            await call.__aexit__(None, None, None)
+            await call.end()
         except CallbackAbort as abort:
             logger.debug("abort %r at the end of a run ignored: the run is over", abort)
         except Exception as exc:
@@ -433,7 +434,7 @@ class LlmtallyCallbackHandler(_LCAsyncHandler):
         try:
             run = self._pop(run_id)
             if isinstance(run, _OpenCall):
-                await run.call.__aexit__(type(error), error, error.__traceback__)
+                await run.call.fail(error)
         except CallbackAbort as abort:
             logger.debug("abort %r after a failed run ignored", abort)
         except Exception as exc:

@@ -43,17 +43,17 @@ of an async call ever reaches LiteLLM: failures are logged and counted in ``erro
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import datetime
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from litellm.integrations.custom_logger import CustomLogger
 
+from llmtally._runtime import runner
 from llmtally.dispatch import CallbackManager, LLMCall, new_id
 from llmtally.errors import CallbackAbort
 
@@ -330,52 +330,7 @@ def _elapsed_s(start: Any, end: Any) -> float | None:
 # The background loop the sync hooks run on.
 
 
-class _Runner:
-    """One daemon thread with an event loop, started on first use, for LiteLLM's sync hooks."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def _start(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            loop = self._loop
-            if loop is not None and self._thread is not None and self._thread.is_alive():
-                return loop
-            loop = asyncio.new_event_loop()
-            ready = threading.Event()
-
-            def run() -> None:
-                asyncio.set_event_loop(loop)
-                loop.call_soon(ready.set)
-                loop.run_forever()
-
-            thread = threading.Thread(target=run, name="llmtally-litellm", daemon=True)
-            thread.start()
-            ready.wait()
-            self._loop, self._thread = loop, thread
-            return loop
-
-    def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T | None:
-        """Run ``coro`` on the background loop and wait for it (up to ``timeout`` seconds;
-        past it the coroutine goes on in the background and ``None`` is returned)."""
-        loop = self._start()
-        if threading.current_thread() is self._thread:  # a handler calling LiteLLM sync
-            loop.create_task(coro)
-            return None
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            logger.warning(
-                "llmtally handlers took more than %ss in a LiteLLM sync hook; not waiting",
-                timeout,
-            )
-            return None
-
-
-_runner = _Runner()
+_runner = runner  # the shared background loop of sync code
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,8 +480,7 @@ class LlmtallyLogger(CustomLogger):
             model=name,
             **self._context_of(kwargs, key),
         )
-        await call.__aenter__()
-        call.detach_context()  # the call ends in another hook, maybe in another task or thread
+        await call.start()  # the call ends in another hook, maybe in another task or thread
         return _Open(call, False)
 
     async def _begin_unstoppable(
@@ -542,7 +496,7 @@ class LlmtallyLogger(CustomLogger):
             **self._context_of(kwargs, key),
         )
         try:
-            await call.__aenter__()
+            await call.start(stoppable=False)
         except CallbackAbort as abort:
             self.unstoppable_aborts += 1
             logger.warning(
@@ -552,7 +506,6 @@ class LlmtallyLogger(CustomLogger):
                 key,
             )
             return _Open(call, True)
-        call.detach_context()
         return _Open(call, False)
 
     # -- start ------------------------------------------------------------------------------
@@ -609,7 +562,7 @@ class LlmtallyLogger(CustomLogger):
         elapsed = _elapsed_s(start_time, end_time)
         if elapsed is not None:
             call.started_at = time.perf_counter() - elapsed  # LiteLLM's own latency
-        await call.__aexit__(None, None, None)
+        await call.end()
 
     async def _fail(
         self, kwargs: Mapping[str, Any], response: Any, start_time: Any, end_time: Any
@@ -629,7 +582,7 @@ class LlmtallyLogger(CustomLogger):
         elapsed = _elapsed_s(start_time, end_time)
         if elapsed is not None:
             run.call.started_at = time.perf_counter() - elapsed
-        await run.call.__aexit__(type(error), error, error.__traceback__)
+        await run.call.fail(error)
 
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any

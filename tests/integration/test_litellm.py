@@ -189,7 +189,7 @@ def test_sync_completion_is_counted_once_from_litellm_logging_thread() -> None:
             assert response["cost_source"] == "provider"
             assert kwargs["user_id"] == "carol"
         assert (tokens.requests, tokens.total_tokens) == (2, 3000)
-        assert threads == ["llmtally-litellm"] * 2  # sync hooks run on the background loop
+        assert threads == ["llmtally-events"] * 2  # sync hooks run on the background loop
         assert logger.errors == 0
     finally:
         server.close()

@@ -528,10 +528,30 @@ def close_all(timeout_s: float = EXIT_TIMEOUT_S) -> bool:
     return not any(not flusher.closed or flusher.pending for flusher in list(OPEN))
 
 
+#: Called with a timeout before the stores are closed at exit (or on an exit signal): the
+#: calls still open (a stream never finished) end first, so their usage is in the ledger.
+_before_exit: list[Callable[[float], None]] = []
+
+
+def before_exit(hook: Callable[[float], None]) -> None:
+    """Run ``hook(timeout_s)`` at exit before the stores are written (internal)."""
+    _before_exit.append(hook)
+
+
+def _stop(timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    for hook in _before_exit:
+        try:
+            hook(timeout_s / 4)
+        except Exception as exc:
+            logger.error("ending open calls at exit failed: %r", exc)
+    return close_all(max(0.0, deadline - time.monotonic()))
+
+
 def _flush_at_exit() -> None:
-    """Interpreter exit: write what every open store still holds."""
+    """Interpreter exit: end the calls still open, write what every open store holds."""
     try:
-        close_all(EXIT_TIMEOUT_S)
+        _stop(EXIT_TIMEOUT_S)
     except Exception as exc:
         logger.error("writing usage at exit failed: %r", exc)
 
@@ -556,7 +576,7 @@ def flush_on_exit_signals(
             # In a thread of its own: the signal may have interrupted this thread inside a
             # flush, whose lock it holds.
             writer = threading.Thread(
-                target=close_all, args=(timeout_s,), name="llmtally-exit-signal", daemon=True
+                target=_stop, args=(timeout_s,), name="llmtally-exit-signal", daemon=True
             )
             writer.start()
             writer.join(timeout_s)

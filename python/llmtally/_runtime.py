@@ -1,0 +1,101 @@
+"""One background event loop, on a daemon thread started on first use, for the events of code
+that is not async: sync SDK clients, LiteLLM's sync hooks, streams garbage-collected unclosed,
+calls left open at interpreter exit.
+
+Handlers are async; a sync caller hands them to this loop and waits. The caller's contextvars go
+with the coroutine (an enclosing scope's ``user_id`` is inherited as it would be in async code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["Runner", "runner"]
+
+logger = logging.getLogger("llmtally")
+
+_T = TypeVar("_T")
+
+
+class Runner:
+    """A daemon thread running an event loop."""
+
+    def __init__(self, name: str = "llmtally-events") -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            loop = self._loop
+            if loop is not None and self._thread is not None and self._thread.is_alive():
+                return loop
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            thread = threading.Thread(target=run, name=self._name, daemon=True)
+            thread.start()
+            ready.wait()
+            self._loop, self._thread = loop, thread
+            return loop
+
+    def in_loop(self) -> bool:
+        """True when called from the runner's own thread (a handler calling sync code)."""
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        """Start ``coro`` on the loop, in a copy of the caller's context; returns at once."""
+        loop = self._start()
+        context = contextvars.copy_context()
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+        def create() -> None:
+            if not future.set_running_or_notify_cancel():
+                coro.close()
+                return
+            task = loop.create_task(coro, context=context)
+
+            def done(task: asyncio.Task[_T]) -> None:
+                if task.cancelled():
+                    future.cancel()
+                elif (exc := task.exception()) is not None:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(task.result())
+
+            task.add_done_callback(done)
+
+        loop.call_soon_threadsafe(create)
+        return future
+
+    def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T | None:
+        """Run ``coro`` on the loop and wait for it, raising what it raises (up to ``timeout``
+        seconds; past it the coroutine goes on in the background and ``None`` is returned).
+        From the runner's own thread it cannot wait: the coroutine is scheduled, ``None``
+        returned."""
+        if self.in_loop():
+            asyncio.get_running_loop().create_task(coro)
+            return None
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            logger.warning(
+                "llmtally handlers took more than %ss in sync code; not waiting", timeout
+            )
+            return None
+
+
+runner = Runner()
