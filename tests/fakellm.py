@@ -167,17 +167,74 @@ class FakeLLM:
                         self._json(200, _response(model))
                         return
                     resp = _response(model)
+                    created = {**resp, "status": "in_progress", "output": [], "usage": None}
                     events = [
+                        ("response.created",
+                         {"type": "response.created", "response": created,
+                          "sequence_number": 0}),
+                        ("response.output_item.added",
+                         {"type": "response.output_item.added", "output_index": 0,
+                          "sequence_number": 1,
+                          "item": {**resp["output"][0], "status": "in_progress",
+                                   "content": []}}),
+                        ("response.content_part.added",
+                         {"type": "response.content_part.added", "item_id": "m1",
+                          "output_index": 0, "content_index": 0, "sequence_number": 2,
+                          "part": {"type": "output_text", "text": "", "annotations": []}}),
                         ("response.output_text.delta",
                          {"type": "response.output_text.delta", "delta": "Paris.",
                           "item_id": "m1", "output_index": 0, "content_index": 0,
-                          "sequence_number": 1, "logprobs": []}),
+                          "sequence_number": 3, "logprobs": []}),
+                        ("response.output_text.done",
+                         {"type": "response.output_text.done", "text": "Paris.",
+                          "item_id": "m1", "output_index": 0, "content_index": 0,
+                          "sequence_number": 4, "logprobs": []}),
+                        ("response.content_part.done",
+                         {"type": "response.content_part.done", "item_id": "m1",
+                          "output_index": 0, "content_index": 0, "sequence_number": 5,
+                          "part": resp["output"][0]["content"][0]}),
+                        ("response.output_item.done",
+                         {"type": "response.output_item.done", "output_index": 0,
+                          "sequence_number": 6, "item": resp["output"][0]}),
                         ("response.completed",
                          {"type": "response.completed", "response": resp,
-                          "sequence_number": 2}),
+                          "sequence_number": 7}),
                     ]  # fmt: skip
                     self._sse(events, done=False)
-                elif self.path.endswith("/messages"):
+                elif self.path.endswith("/v1/completions"):  # OpenAI's legacy completions
+                    text = {"index": 0, "text": "Paris.", "finish_reason": "stop", "logprobs": None}
+                    done = {"id": "cmpl-1", "object": "text_completion", "created": 1,
+                            "model": model, "choices": [text]}  # fmt: skip
+                    usage = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+                    if not stream:
+                        self._json(200, {**done, "usage": usage})
+                        return
+                    chunks: list[tuple[str | None, dict[str, Any]]] = [(None, done)]
+                    if (body.get("stream_options") or {}).get("include_usage"):
+                        chunks.append((None, {**done, "choices": [], "usage": usage}))
+                    self._sse(chunks, done=True)
+                elif self.path.endswith("/decisions"):
+                    usage = {"input_tokens": 700, "output_tokens": 50, "total_tokens": 750,
+                             "input_tokens_details": {"cached_tokens": 200,
+                                                      "cache_write_tokens": 100},
+                             "output_tokens_details": {"reasoning_tokens": 20}}  # fmt: skip
+                    self._json(200, {"answers": [], "model": model, "usage": usage})
+                elif self.path.endswith("/embeddings"):
+                    inputs = body.get("input")
+                    count = len(inputs) if isinstance(inputs, list) else 1
+                    data = [{"object": "embedding", "index": i, "embedding": [0.0, 1.0]}
+                            for i in range(count)]  # fmt: skip
+                    self._json(200, {"object": "list", "data": data, "model": model,
+                                     "usage": {"prompt_tokens": 8 * count,
+                                               "total_tokens": 8 * count}})  # fmt: skip
+                elif self.path.endswith("/v1/complete"):  # Anthropic's legacy text completions
+                    done = {"type": "completion", "id": "compl_1", "completion": " Paris.",
+                            "stop_reason": "stop_sequence", "model": model}  # fmt: skip
+                    if not stream:
+                        self._json(200, done)
+                        return
+                    self._sse([("completion", done)], done=False)
+                elif self.path.split("?")[0].endswith("/messages"):
                     if not stream:
                         self._json(200, _message(model))
                         return
