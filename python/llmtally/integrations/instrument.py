@@ -304,6 +304,9 @@ def _is_stream(result: Any) -> bool:
 
 
 def _meter_async_stream(stream: Any, call: LLMCall) -> Any:
+    # A stream dropped before it was read (an SDK helper may build its own from the response):
+    # the call ends, as abandoned, when the stream is collected.
+    weakref.finalize(stream, _abandon_later, call)
     source: AsyncIterator[Any] | None = getattr(stream, "_iterator", None)
     if source is None:  # an SDK without the iterator we wrap: a wrapper of our own
         return _AsyncStream(stream, call)
@@ -440,6 +443,7 @@ def _settle_sync(result: Any, request: _Request) -> Any:
 
 
 def _meter_sync_stream(stream: Any, call: LLMCall) -> Any:
+    weakref.finalize(stream, _abandon_later, call)
     source: Iterator[Any] | None = getattr(stream, "_iterator", None)
     if source is None:
         return _SyncStream(stream, call)
@@ -549,7 +553,7 @@ def _after_sync(method: Callable[[], Any], result: Any, call: LLMCall) -> Callab
 
 
 def _abandon_later(call: LLMCall) -> None:
-    """A raw response dropped before its body was read: the call ends, in the background."""
+    """A stream or raw response dropped unread: the call ends, in the background."""
     if not call.ended:
         runner.submit(call.abandon())
 
