@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Final, TypeGuard
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -138,12 +139,23 @@ def _finish_reasons(response: Mapping[str, Any]) -> list[str] | None:
 class _Open:
     """A span waiting for its end event."""
 
-    __slots__ = ("span", "started", "steps")
+    __slots__ = ("span", "started", "steps", "token")
 
     def __init__(self, span: trace.Span, started: float) -> None:
         self.span = span
         self.started = started
         self.steps = 0
+        self.token: object | None = None  # the context made current at the start
+
+    def end(self) -> None:
+        """End the span; if it is still the current span of this context, restore the
+        previous one (when the end comes in another context, the start's is left as is)."""
+        token = self.token
+        if token is not None:
+            self.token = None
+            if trace.get_current_span() is self.span:
+                otel_context.detach(token)  # type: ignore[arg-type]
+        self.span.end()
 
 
 def _guarded(event: Callable[..., None]) -> Callable[..., Coroutine[Any, Any, None]]:
@@ -253,7 +265,7 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
 
     def _end_incomplete(self, entry: _Open) -> None:
         entry.span.set_attribute("llmtally.incomplete", True)
-        entry.span.end()
+        entry.end()
 
     def _evict(self, now: float) -> None:
         opened = self._open
@@ -278,7 +290,12 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
     # -- spans ---------------------------------------------------------------------------------
 
     def _start(
-        self, name: str, span_kind: SpanKind, attributes: dict[str, Any], kwargs: Mapping[str, Any]
+        self,
+        name: str,
+        span_kind: SpanKind,
+        attributes: dict[str, Any],
+        kwargs: Mapping[str, Any],
+        current: bool = False,
     ) -> None:
         run_id = _run_key(kwargs)
         if run_id is None:
@@ -303,7 +320,11 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
         previous = opened.pop(run_id, None)
         if previous is not None:  # a run id started twice: the first can never end now
             self._end_incomplete(previous)
-        opened[run_id] = _Open(span, now)
+        entry = opened[run_id] = _Open(span, now)
+        if current:
+            # The span is current for the caller's code until the end (the SDK's HTTP spans
+            # nest under it), when the event runs in the caller's context.
+            entry.token = otel_context.attach(trace.set_span_in_context(span))
 
     def _take(self, kwargs: Mapping[str, Any]) -> _Open | None:
         run_id = _run_key(kwargs)
@@ -358,7 +379,7 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
         name, attributes = self._llm_attributes(kwargs)
         if self.capture_content:
             attributes["gen_ai.input.messages"] = _input_messages(messages)
-        self._start(name, SpanKind.CLIENT, attributes, kwargs)
+        self._start(name, SpanKind.CLIENT, attributes, kwargs, current=True)
 
     @_guarded
     def on_llm_end(self, response: dict[str, Any], **kwargs: Any) -> None:
@@ -377,7 +398,10 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
         try:
             self._llm_end_span(span, response, kwargs, started)
         finally:
-            span.end()
+            if entry is None:
+                span.end()
+            else:
+                entry.end()
 
     def _llm_end_span(
         self, span: trace.Span, response: Any, kwargs: Mapping[str, Any], started: float | None
@@ -487,7 +511,10 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
         try:
             error_type = self._error(span, error, kwargs)
         finally:
-            span.end()
+            if entry is None:
+                span.end()
+            else:
+                entry.end()
         base = self._attrs_for(kwargs, None)[0]
         self._duration.record(_duration_s(kwargs, started), {**base, "error.type": error_type})
 

@@ -268,7 +268,7 @@ async def test_every_billable_path_is_metered_once_with_the_providers_numbers(
     o, a = clients(fake, rec, sync)
     provider, attribute = name.split()[:2]
     found: Any = o if provider == "openai" else a
-    for part in attribute.removesuffix("()").replace("()", "").split("."):
+    for part in attribute.split("()")[0].split("."):  # with_options().x: with_options
         if not hasattr(found, part):  # an SDK release before this method
             pytest.skip(f"{provider} {version(provider)} has no {attribute}")
         found = getattr(found, part)
@@ -436,3 +436,43 @@ def test_classify_answers_for_every_endpoint_the_installed_sdks_post_to() -> Non
     assert classify("openai", "/images/generations")[0] == NOT_METERED
     assert classify("anthropic", "/v1/messages/count_tokens") == (NOT_BILLED, "")
     assert classify("anthropic", "/v1/messages/batches")[0] == NOT_METERED
+
+
+async def test_the_sdks_http_request_runs_under_the_llm_span(fake: FakeLLM) -> None:
+    """With the OpenTelemetry handler, the LLM span is current while the SDK sends its HTTP
+    request (where httpx instrumentation makes its span), and not after the call returns."""
+    httpx = pytest.importorskip("httpx")
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from llmtally.otel import OpenTelemetryHandler
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    current: list[str] = []
+
+    class Transport(httpx.AsyncHTTPTransport):  # type: ignore[misc, name-defined]
+        async def handle_async_request(self, request: Any) -> Any:
+            span = trace.get_current_span()
+            current.append(getattr(span, "name", "") if span.get_span_context().is_valid else "")
+            return await super().handle_async_request(request)
+
+    client = openai.AsyncOpenAI(
+        api_key="k",
+        base_url=fake.url + "/v1",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=Transport()),
+    )
+    instrument(client, [OpenTelemetryHandler(provider)], user_id="alice")
+    await client.chat.completions.create(**KW_CHAT)
+    stream = await client.chat.completions.create(**KW_CHAT, stream=True)
+    assert not trace.get_current_span().get_span_context().is_valid  # nothing left current
+    async for _ in stream:
+        pass
+    assert current == ["chat gpt-4o", "chat gpt-4o"]
+    assert [s.name for s in spans.get_finished_spans()] == ["chat gpt-4o", "chat gpt-4o"]
+    await client.close()
+    provider.shutdown()

@@ -690,3 +690,40 @@ def test_import_llmtally_does_not_import_opentelemetry() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+# -- the LLM span is the current span ---------------------------------------------------------
+
+
+async def test_spans_made_inside_the_call_nest_under_its_span_and_none_leaks(otel: Otel) -> None:
+    """What the caller (or the SDK's HTTP instrumentation) traces inside the call is a child of
+    the LLM span; after the call the previous span is current again."""
+    handler = otel.handler()
+    manager = CallbackManager([handler])
+    tracer = otel.tracer_provider.get_tracer("app")
+    with tracer.start_as_current_span("request") as outer:
+        async with manager.llm_call(MESSAGES, provider="openai", model="gpt-4o") as call:
+            with tracer.start_as_current_span("POST /v1/chat/completions"):
+                pass
+            call.set_response(USAGE)
+        assert trace.get_current_span() is outer
+    spans = otel.by_name()
+    http, llm, request = spans["POST /v1/chat/completions"], spans["chat gpt-4o"], spans["request"]
+    assert _parent_id(http) == _span_id(llm)
+    assert _parent_id(llm) == _span_id(request)
+
+
+async def test_a_call_ended_in_another_task_leaves_the_starting_context_alone(otel: Otel) -> None:
+    handler = otel.handler()
+    manager = CallbackManager([handler])
+    call = manager.llm_call(MESSAGES, provider="openai", model="gpt-4o")
+
+    async def begin() -> None:
+        await call.start()
+        assert trace.get_current_span().get_span_context().is_valid  # current in this task
+
+    await asyncio.create_task(begin())
+    assert not trace.get_current_span().get_span_context().is_valid  # not in ours
+    await asyncio.create_task(call.end(USAGE))
+    assert [s.name for s in otel.finished()] == ["chat gpt-4o"]
+    assert handler.open_spans == 0

@@ -16,7 +16,9 @@ dropped mid-way. A streamed chat or text completion asks the provider for its fi
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextvars
 import inspect
 import json
 import logging
@@ -574,10 +576,9 @@ def _patch_request(client: Any, meter: _Instrumentation) -> None:
     original = client.request
     if inspect.iscoroutinefunction(original):
 
-        async def request_async(cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-            request = meter.begin(options, kwargs)
-            if request is None:
-                return await original(cast_to, options, *args, **kwargs)
+        async def metered(
+            request: _Request, cast_to: Any, options: Any, *args: Any, **kwargs: Any
+        ) -> Any:
             call = request.call
             await call.start()
             try:
@@ -586,6 +587,18 @@ def _patch_request(client: Any, meter: _Instrumentation) -> None:
                 await call.fail(exc)
                 raise
             return await _settle_async(result, request)
+
+        async def request_async(cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+            request = meter.begin(options, kwargs)
+            if request is None:
+                return await original(cast_to, options, *args, **kwargs)
+            # In a copy of the caller's context: what handlers make current at the start (the
+            # OpenTelemetry span the HTTP spans nest under) stays with the request, not with
+            # the caller after a stream is handed back.
+            return await asyncio.create_task(
+                metered(request, cast_to, options, *args, **kwargs),
+                context=contextvars.copy_context(),
+            )
 
         client.request = request_async
     else:
