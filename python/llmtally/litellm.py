@@ -56,6 +56,7 @@ from litellm.integrations.custom_logger import CustomLogger
 from llmtally._runtime import runner
 from llmtally.dispatch import CallbackManager, LLMCall, new_id
 from llmtally.errors import CallbackAbort
+from llmtally.integrations._runs import FailureGuard, OpenRuns
 
 __all__ = ["LlmtallyLogger"]
 
@@ -378,44 +379,30 @@ class LlmtallyLogger(CustomLogger):
         self.user_id = user_id
         self.sync_timeout_s = sync_timeout_s
         self._context = context
-        self._open: OrderedDict[str, _Open] = OrderedDict()
+        self._open: OpenRuns[_Open] = OpenRuns(
+            MAX_OPEN_CALLS, "LiteLLM calls", lambda run: runner.submit(run.call.abandon())
+        )
         self._ended: OrderedDict[str, bool] = OrderedDict()
         self._lock = threading.Lock()
-        self.errors = 0
+        self._failed = FailureGuard("LlmtallyLogger")
         self.duplicates = 0
-        self.evicted_calls = 0
         self.unstoppable_aborts = 0
         self._ending = 0  # end events being handled (their call is no longer in _open)
-        self._logged: set[tuple[str, type]] = set()
 
     # -- bookkeeping ------------------------------------------------------------------------
 
-    def _failed(self, event: str, exc: BaseException) -> None:
-        self.errors += 1
-        key = (event, type(exc))
-        if key in self._logged:
-            logger.debug("LlmtallyLogger.%s failed again: %r", event, exc)
-            return
-        self._logged.add(key)
-        logger.error(
-            "LlmtallyLogger.%s failed (isolated; further %s are logged at DEBUG): %r",
-            event,
-            type(exc).__name__,
-            exc,
-            exc_info=exc,
-        )
+    @property
+    def errors(self) -> int:
+        """The logger's own failures (isolated, logged)."""
+        return self._failed.errors
+
+    @property
+    def evicted_calls(self) -> int:
+        """Calls past ``MAX_OPEN_CALLS`` open at once, ended as abandoned."""
+        return self._open.evicted
 
     def _put(self, key: str, run: _Open) -> None:
-        with self._lock:
-            if len(self._open) >= MAX_OPEN_CALLS:
-                self._open.popitem(last=False)
-                self.evicted_calls += 1
-                if self.evicted_calls == 1:
-                    logger.warning(
-                        "more than %d LiteLLM calls open: the oldest are forgotten",
-                        MAX_OPEN_CALLS,
-                    )
-            self._open[key] = run
+        self._open.put(key, run)
 
     def _take(self, key: str, success: bool) -> tuple[_Open | None, bool]:
         """Pop the open call ``key`` and remember how it ended: ``(call, already_ended)``.
@@ -425,7 +412,7 @@ class LlmtallyLogger(CustomLogger):
         are each counted once)."""
         with self._lock:
             ended = self._ended
-            run = self._open.pop(key, None)
+            run = self._open.pop(key)
             if run is None:
                 before = ended.get(key)
                 if before is not None and not (success and before is False):
@@ -450,7 +437,7 @@ class LlmtallyLogger(CustomLogger):
         on a thread for sync calls, after the call has returned): ``False`` past
         ``timeout_s``. Use it before reading totals right after a call, or at shutdown."""
         deadline = time.monotonic() + timeout_s
-        while self._open or self._ending:
+        while len(self._open) or self._ending:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.001)

@@ -189,3 +189,24 @@ def test_calls_left_open_are_ended_at_exit_and_their_usage_is_written(tmp_path: 
     stats = json.loads(out)
     assert stats["calls"] == 1
     assert stats["completion_tokens"] == llmtally.estimate_tokens("Paris is the capital of France")
+
+
+async def test_an_integration_with_too_many_open_runs_ends_the_oldest_as_abandoned() -> None:
+    from llmtally._runtime import runner
+    from llmtally.integrations._runs import OpenRuns
+
+    rec = Recorder()
+    manager = CallbackManager([rec])
+    runs: OpenRuns[Any] = OpenRuns(2, "test runs", lambda call: runner.submit(call.abandon()))
+    calls = [await manager.llm_call(MESSAGES, request_id=f"r{i}").start() for i in range(3)]
+    for i, call in enumerate(calls):
+        runs.put(f"r{i}", call)
+    assert runs.evicted == 1 and len(runs) == 2 and runs.pop("r0") is None
+    for _ in range(200):
+        if calls[0].ended:
+            break
+        await asyncio.sleep(0.01)
+    ends = rec.of("on_llm_end")
+    assert [kwargs["request_id"] for _, kwargs in ends] == ["r0"]
+    assert ends[0][0][0]["finish_reason"] == "abandoned"
+    assert not calls[1].ended and not calls[2].ended
