@@ -70,8 +70,14 @@ pub struct Parts {
 
 /// Apply the subset rules: total from the split when missing, a warning when they disagree,
 /// subsets never larger than their whole.
-pub fn build(p: Parts) -> Result<Usage, UsageError> {
+pub fn build(mut p: Parts) -> Result<Usage, UsageError> {
     let mut warning = None;
+    if let (Some(prompt), None, Some(total)) = (p.prompt, p.completion, p.total) {
+        // A whole and one part given (embeddings: prompt and total): the other part is known.
+        if total >= prompt {
+            p.completion = Some(total - prompt);
+        }
+    }
     let total = match (p.prompt, p.completion, p.total) {
         (Some(a), Some(b), None) => a + b,
         (Some(a), Some(b), Some(t)) => {
@@ -287,6 +293,7 @@ fn usage_block(usage: &Bound<'_, PyAny>, anthropic: bool) -> R<Usage> {
     p.total = opt(usage, k!(py, "total_tokens"), "total_tokens")?;
     if let Some(d) = get(usage, k!(py, "input_tokens_details"))? {
         p.cached = opt(&d, k!(py, "cached_tokens"), "cached_tokens")?.unwrap_or(0);
+        p.cache_write = opt(&d, k!(py, "cache_write_tokens"), "cache_write_tokens")?.unwrap_or(0);
     }
     if let Some(d) = get(usage, k!(py, "output_tokens_details"))? {
         p.reasoning = opt(&d, k!(py, "reasoning_tokens"), "reasoning_tokens")?.unwrap_or(0);

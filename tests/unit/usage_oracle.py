@@ -89,6 +89,8 @@ def _build(
     cache_write_1h: int = 0,
 ) -> Usage:
     warning = None
+    if prompt is not None and completion is None and total is not None and total >= prompt:
+        completion = total - prompt  # a whole and one part given: the other is known
     if prompt is not None and completion is not None:
         split = prompt + completion
         if total is None:
@@ -186,6 +188,7 @@ def _from_usage_block(usage: Any, anthropic: bool) -> Usage:
     idetails = get("input_tokens_details")
     if idetails is not None:
         cached = _opt(idetails, "cached_tokens")
+        cache_write = _opt(idetails, "cache_write_tokens") or 0
     odetails = get("output_tokens_details")
     if odetails is not None:
         reasoning = _opt(odetails, "reasoning_tokens")
