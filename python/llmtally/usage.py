@@ -35,9 +35,11 @@ def _get(obj: Any, key: str) -> Any:
 def merge_stream_usage(previous: Usage | None, chunk: Any) -> Usage | None:
     """Fold the usage a stream chunk carries into what the stream reported so far.
 
-    OpenAI and Responses streams report usage once, at the end; Anthropic reports input and
-    cache counts in ``message_start`` and the cumulative output count in ``message_delta``
-    (newer streams repeat the input counts there, and then those win).
+    OpenAI and Responses streams report usage once, at the end (it replaces nothing). Anthropic
+    reports input and cache counts in ``message_start`` and cumulative counts in each
+    ``message_delta``: merged field by field, as Anthropic's own accumulator does, so a field a
+    delta leaves out (or sends as null) keeps its earlier value, the 5-minute/1-hour split of
+    cache writes included.
 
     Raises:
         BadUsage: when the chunk's usage cannot be trusted.
@@ -45,17 +47,32 @@ def merge_stream_usage(previous: Usage | None, chunk: Any) -> Usage | None:
     found = extract_usage(chunk)
     if found is None:
         return previous
-    if (
-        previous is not None
-        and _get(chunk, "type") == "message_delta"
-        and _get(_get(chunk, "usage"), "input_tokens") is None
-    ):
-        return Usage(
-            prompt_tokens=previous.prompt_tokens or 0,
-            completion_tokens=found.completion_tokens,
-            cached_tokens=previous.cached_tokens,
-            cache_write_tokens=previous.cache_write_tokens,
-            cache_write_1h_tokens=previous.cache_write_1h_tokens,
-            cost_usd=previous.cost_usd,
-        )
-    return found
+    if previous is None or _get(chunk, "type") != "message_delta":
+        return found
+    usage = _get(chunk, "usage")
+    cached = previous.cached_tokens
+    write = previous.cache_write_tokens
+    write_1h = previous.cache_write_1h_tokens
+    uncached = (previous.prompt_tokens or 0) - cached - write
+    if _get(usage, "input_tokens") is not None:
+        uncached = _get(usage, "input_tokens")
+    if _get(usage, "cache_read_input_tokens") is not None:
+        cached = found.cached_tokens
+    if _get(usage, "cache_creation_input_tokens") is not None:
+        write = found.cache_write_tokens
+    if _get(_get(usage, "cache_creation"), "ephemeral_1h_input_tokens") is not None:
+        write_1h = found.cache_write_1h_tokens
+    completion = found.completion_tokens
+    if _get(usage, "output_tokens") is None:
+        completion = previous.completion_tokens
+    prompt = uncached + cached + write
+    return Usage(
+        total_tokens=prompt + (completion or 0),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_tokens=cached,
+        cache_write_tokens=write,
+        cache_write_1h_tokens=min(write_1h, write),
+        reasoning_tokens=previous.reasoning_tokens,
+        cost_usd=found.cost_usd if found.cost_usd is not None else previous.cost_usd,
+    )
