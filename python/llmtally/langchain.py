@@ -142,6 +142,16 @@ def _token_usage(response: LLMResult) -> Any:
     return usage if isinstance(usage, dict) and usage else None
 
 
+_ZERO_USAGE: dict[str, int] = {"prompt_tokens": 0, "completion_tokens": 0}
+
+
+def _batch_share(response: LLMResult) -> bool:
+    """True for a run whose ``llm_output`` says ``token_usage: {}`` on purpose (what
+    ``LLMResult.flatten()`` gives every run of a batch but the first)."""
+    output = response.llm_output
+    return isinstance(output, dict) and output.get("token_usage") == {}
+
+
 def _reported_usage(response: LLMResult, message: Any) -> Usage | None:
     """The provider's usage: the message's ``usage_metadata``, else ``llm_output``'s
     ``token_usage``. Raises ``BadUsage`` for counts that cannot be trusted."""
@@ -154,6 +164,8 @@ def _reported_usage(response: LLMResult, message: Any) -> Usage | None:
     token_usage = _token_usage(response)
     if token_usage is not None:
         return extract_usage({"usage": token_usage})
+    if _batch_share(response):
+        return Usage(total_tokens=0, prompt_tokens=0, completion_tokens=0)
     return None
 
 
@@ -411,6 +423,10 @@ class LlmtallyCallbackHandler(_LCAsyncHandler):
                 token_usage = _token_usage(response)
                 if token_usage is not None:
                     call.set_response({"usage": token_usage, "content": text})
+                elif _batch_share(response):
+                    # Runs 2..n of a batch: LangChain gives the batch's usage to the first run
+                    # and an explicit empty token_usage to the others, which is zero, not unknown.
+                    call.set_response({"usage": _ZERO_USAGE, "content": text})
                 elif message is not None:
                     call.set_response(message)  # no usage: estimated from its content
                 elif text:

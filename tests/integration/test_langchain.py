@@ -481,3 +481,32 @@ async def test_composite_callback_falls_back_to_on_llm_start_for_text_only_child
     child = TextOnly()
     await FakeChat().ainvoke(QUESTION, config=config(CompositeCallback([child])))
     assert child.prompts == [f"Human: {QUESTION}"]
+
+
+async def test_a_text_completion_batch_is_counted_once_with_the_providers_usage() -> None:
+    """LangChain gives a batch's usage to its first run and an explicit empty token_usage to the
+    others: that is zero, not unknown (estimating those runs over-counted the batch)."""
+    from langchain_core.language_models.llms import BaseLLM
+    from langchain_core.outputs import Generation, LLMResult
+
+    class BatchLLM(BaseLLM):
+        @property
+        def _llm_type(self) -> str:
+            return "batch"
+
+        def _generate(self, prompts: list[str], *args: Any, **kwargs: Any) -> LLMResult:
+            return LLMResult(
+                generations=[[Generation(text=f"Answer number {i}.")] for i in range(len(prompts))],
+                llm_output={
+                    "token_usage": {"prompt_tokens": 300, "completion_tokens": 30},
+                    "model_name": "gpt-3.5-turbo-instruct",
+                },
+            )
+
+    tokens, native, rec = llmtally.TokenCounter(), TokenCountingCallback(), Recorder()
+    prompts = ["What is the capital of France?", "And of Italy?", "And of Spain?"]
+    await BatchLLM().agenerate(prompts, callbacks=[LlmtallyCallbackHandler([tokens, rec]), native])
+    assert tokens.requests == 3
+    assert (tokens.prompt_tokens, tokens.completion_tokens, tokens.total_tokens) == (300, 30, 330)
+    assert [r["estimated"] for (r,), _ in rec.of("on_llm_end")] == [False] * 3
+    assert (native.prompt_tokens, native.completion_tokens) == (300, 30)
