@@ -285,6 +285,10 @@ fn usage_block(usage: &Bound<'_, PyAny>, anthropic: bool) -> R<Usage> {
         }
         p.prompt = Some(input.unwrap_or(0) + p.cached + p.cache_write);
         p.completion = output;
+        if let Some(d) = get(usage, k!(py, "output_tokens_details"))? {
+            // Thinking is part of the output tokens: reasoning.
+            p.reasoning = opt(&d, k!(py, "thinking_tokens"), "thinking_tokens")?.unwrap_or(0);
+        }
         return Ok(build(p)?);
     }
     // OpenAI Responses API and LangChain usage_metadata: input includes cache reads.

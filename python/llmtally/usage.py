@@ -65,6 +65,9 @@ def merge_stream_usage(previous: Usage | None, chunk: Any) -> Usage | None:
     completion = found.completion_tokens
     if _get(usage, "output_tokens") is None:
         completion = previous.completion_tokens
+    reasoning = previous.reasoning_tokens
+    if _get(_get(usage, "output_tokens_details"), "thinking_tokens") is not None:
+        reasoning = found.reasoning_tokens
     prompt = uncached + cached + write
     return Usage(
         total_tokens=prompt + (completion or 0),
@@ -73,6 +76,6 @@ def merge_stream_usage(previous: Usage | None, chunk: Any) -> Usage | None:
         cached_tokens=cached,
         cache_write_tokens=write,
         cache_write_1h_tokens=min(write_1h, write),
-        reasoning_tokens=previous.reasoning_tokens,
+        reasoning_tokens=min(reasoning, completion or 0),
         cost_usd=found.cost_usd if found.cost_usd is not None else previous.cost_usd,
     )

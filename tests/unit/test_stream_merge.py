@@ -67,3 +67,26 @@ async def test_a_later_cumulative_count_replaces_not_adds() -> None:
     (response,), _ = rec.of("on_llm_end")[0]
     assert response["prompt_tokens"] == 70 + 12_000 + 300
     assert response["completion_tokens"] == 20
+
+
+async def test_anthropic_thinking_tokens_are_reasoning_inside_the_output() -> None:
+    rec = Recorder()
+    manager = CallbackManager([rec])
+    message = {
+        "type": "message",
+        "content": [{"type": "text", "text": "Paris."}],
+        "usage": {
+            "input_tokens": 40,
+            "output_tokens": 900,
+            "output_tokens_details": {"thinking_tokens": 850},
+        },
+    }
+    async with manager.llm_call(None, provider="anthropic", model="claude-sonnet-4") as call:
+        call.set_response(message)
+    async with manager.llm_call(None, provider="anthropic", model="claude-sonnet-4") as call:
+        await call.chunk(START)
+        await call.chunk(
+            delta({"output_tokens": 900, "output_tokens_details": {"thinking_tokens": 850}})
+        )
+    ends = [response for (response,), _ in rec.of("on_llm_end")]
+    assert [(r["completion_tokens"], r["reasoning_tokens"]) for r in ends] == [(900, 850)] * 2

@@ -181,7 +181,13 @@ def _from_usage_block(usage: Any, anthropic: bool) -> Usage:
         if input_tokens is None and output_tokens is None:
             raise BadUsage("usage has no token counts")
         prompt = (input_tokens or 0) + cache_read + cache_creation
-        return _build(None, prompt, output_tokens, cache_read, cache_creation, 0, cost, write_1h)
+        thinking = 0
+        out_details = get("output_tokens_details")
+        if out_details is not None:
+            thinking = _opt(out_details, "thinking_tokens") or 0
+        return _build(
+            None, prompt, output_tokens, cache_read, cache_creation, thinking, cost, write_1h
+        )
     # OpenAI Responses API, LangChain usage_metadata: input includes cached reads.
     cached = reasoning = None
     cache_write = 0
