@@ -790,7 +790,11 @@ impl Recorder {
                 }
                 (Sink::PerCall { ledger }, _) => {
                     key.clear();
-                    let _ = write!(key, "{provider}\x1f{model}\x1f{user}");
+                    push_part(&mut key, provider);
+                    key.push('\x1f');
+                    push_part(&mut key, model);
+                    key.push('\x1f');
+                    push_part(&mut key, user);
                     (ledger.get().core(), false)
                 }
                 (Sink::Perf { .. }, _) => {
@@ -959,5 +963,21 @@ mod tests {
         // A slot reused 64 seconds later starts again.
         w.record(1064);
         assert_eq!(w.last_minute(1064.0), 2);
+    }
+}
+
+/// One part of a `provider \x1f model \x1f user` tracker key, escaped as `llmtally.identity`
+/// does (`\x1e` -> `\x1e0`, `\x1f` -> `\x1e1`) so no name can forge another's key.
+fn push_part(key: &mut String, part: &str) {
+    if !part.contains(['\x1e', '\x1f']) {
+        key.push_str(part);
+        return;
+    }
+    for ch in part.chars() {
+        match ch {
+            '\x1e' => key.push_str("\x1e0"),
+            '\x1f' => key.push_str("\x1e1"),
+            c => key.push(c),
+        }
     }
 }

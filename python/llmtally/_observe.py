@@ -14,12 +14,12 @@ import weakref
 from typing import Any
 
 from llmtally._core import Histogram, Ledger
+from llmtally.identity import charged_user, join_key, split_key
 
 __all__ = ["HandlerStats", "state", "stats_for"]
 
 logger = logging.getLogger("llmtally")
 
-_SEP = "\x1f"
 #: Users given their own ``token_usage_total`` series; later users count under ``"<other>"``.
 MAX_USERS = 10_000
 #: (provider, model) pairs given their own series; later ones count under model ``"<other>"``.
@@ -84,7 +84,7 @@ class _State:
         return pair
 
     def user_label(self, user: Any) -> str:
-        name = user if type(user) is str and user else ("anonymous" if not user else _label(user))
+        name = charged_user(user)[0]
         if name in self.users:
             return name
         if len(self.users) >= MAX_USERS:
@@ -97,12 +97,12 @@ class _State:
         try:
             key = self._keys.get(parts)
         except TypeError:  # an unhashable id: labelled by its text, not cached
-            return _SEP.join((*self.model_label(provider, model), self.user_label(_label(user))))
+            return join_key(*self.model_label(provider, model), self.user_label(_label(user)))
         if key is None:
             if len(self._keys) >= 100_000:
                 self._keys.clear()
-            key = self._keys[parts] = _SEP.join(
-                (*self.model_label(provider, model), self.user_label(user))
+            key = self._keys[parts] = join_key(
+                *self.model_label(provider, model), self.user_label(user)
             )
         return key
 
@@ -182,7 +182,7 @@ class _State:
                     for i, v in enumerate(counters):
                         acc[i] += v
             return {
-                tuple(k.split(_SEP, 2)): list(v)  # type: ignore[misc]
+                tuple(split_key(k)): list(v)  # type: ignore[misc]
                 for k, v in self.llm_totals.items()
             }
 

@@ -20,6 +20,7 @@ from typing import Any
 from llmtally.dispatch import is_timeout
 from llmtally.errors import ConfigError
 from llmtally.events import AsyncCallbackHandler
+from llmtally.identity import charged_user
 
 __all__ = ["AuditLogger", "redact"]
 
@@ -158,7 +159,7 @@ class AuditLogger(AsyncCallbackHandler):
             "ts": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"),
             "event": "llm_call",
             "outcome": outcome,
-            "user_id": kwargs.get("user_id", "anonymous"),
+            "user_id": charged_user(kwargs.get("user_id"))[0],
             "provider": kwargs.get("provider"),
             "model": kwargs.get("model"),
             "request_id": kwargs.get("request_id"),

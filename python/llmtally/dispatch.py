@@ -46,6 +46,7 @@ from llmtally._observe import stats_for
 from llmtally.config import settings, validate_timeout
 from llmtally.errors import CallbackAbort, InvalidHandler
 from llmtally.events import EVENTS, AsyncCallbackHandler, overridden_events
+from llmtally.identity import MAX_USER_ID_BYTES, charged_user, describe
 from llmtally.pricing import cached as cached_prices
 from llmtally.pricing import lookup as price_lookup
 from llmtally.storage import store as _store_module
@@ -953,6 +954,22 @@ def is_timeout(exc: BaseException) -> bool:
 
 
 _UNSET: Final[Any] = object()
+_SAFE_USER_CHARS: Final = MAX_USER_ID_BYTES // 4
+
+
+def _normalize_user(manager: CallbackManager, context: dict[str, Any]) -> None:
+    """The identity rule (``llmtally.identity``) applied once, where the call enters: every
+    handler then sees the same ``user_id``. An empty id is no id (an enclosing scope's, else
+    ``"anonymous"``); bad input is counted and charged to ``"anonymous"``."""
+    value = context["user_id"]
+    if value == "":
+        del context["user_id"]
+        return
+    user, bad = charged_user(value)
+    if bad:
+        manager._stats.bad_input += 1
+        logger.warning("user_id is %s: charged to %r", describe(value), user)
+    context["user_id"] = user
 
 
 class _OpenCalls:
@@ -1059,6 +1076,9 @@ class LLMCall:
     ) -> None:
         self._manager = manager
         self.messages = messages
+        user = context.get("user_id")
+        if user is not None and (type(user) is not str or not 0 < len(user) <= _SAFE_USER_CHARS):
+            _normalize_user(manager, context)
         if type(provider) is not str or type(model) is not str:
             provider, model = _names(manager, provider, model)
         self.provider = provider = provider or "unknown"
@@ -1592,6 +1612,9 @@ class _Scope:
     ) -> None:
         self._manager = manager
         self._args = args
+        user = context.get("user_id")
+        if user is not None and (type(user) is not str or not 0 < len(user) <= _SAFE_USER_CHARS):
+            _normalize_user(manager, context)
         self._kwargs = context
         self._result: Any = None
         self.run_id = ""

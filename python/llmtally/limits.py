@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 from llmtally.dispatch import new_id
 from llmtally.errors import BudgetExceeded, ConfigError, RateLimited, StoreError
 from llmtally.events import AsyncCallbackHandler
+from llmtally.identity import charged_user
 from llmtally.pricing import lookup as price_lookup
 from llmtally.storage import AsyncBackend, Store, resolve_store
 from llmtally.storage._limits import NO_LIMIT, BudgetState, LocalLimits, check_budget
@@ -65,10 +66,7 @@ def _pusd(cost_usd: Any) -> int:
 
 
 def _user(kwargs: Mapping[str, Any]) -> str:
-    user_id = kwargs.get("user_id")
-    if user_id is None or user_id == "":
-        return "anonymous"
-    return user_id if isinstance(user_id, str) else str(user_id)
+    return charged_user(kwargs.get("user_id"))[0]
 
 
 def _estimate(messages: Any, kwargs: Mapping[str, Any]) -> tuple[int, bool]:

@@ -21,6 +21,7 @@ from llmtally import dispatch
 from llmtally._core import BadUsage, Usage, extract_text, extract_usage
 from llmtally.dispatch import RequestWindow, is_timeout
 from llmtally.events import CustomAsyncCallbackHandler
+from llmtally.identity import charged_user
 from llmtally.storage import Store, resolve_store
 from llmtally.storage.keys import current_cycle, usage_key, validate_cycle, validate_user_id
 from llmtally.tokens import estimate_tokens
@@ -302,7 +303,7 @@ class UsageRecorder(_Meter):
         return ("call_user", self._store, usage_key)
 
     def _key_for(self, kwargs: Mapping[str, Any]) -> str:
-        user_id = kwargs.get("user_id") or "anonymous"
+        user_id = charged_user(kwargs.get("user_id"))[0]
         cycle = kwargs.get("cycle_start_date") or current_cycle()
         found = self._keys.get(user_id)
         if found is not None and found[0] == cycle:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from llmtally._core import LEDGER_FIELDS, Ledger, PerfModel
 from llmtally.dispatch import is_timeout
 from llmtally.events import AsyncCallbackHandler
+from llmtally.identity import charged_user, join_key, split_key
 
 __all__ = [
     "CostTracker",
@@ -30,14 +31,13 @@ __all__ = [
 
 logger = logging.getLogger("llmtally")
 
-_SEP = "\x1f"
 _F = {name: i for i, name in enumerate(LEDGER_FIELDS)}
 
 
 def _sum(ledger: Ledger, keep: Callable[[list[str]], bool] | None = None) -> list[int]:
     total = [0] * len(LEDGER_FIELDS)
     for key in ledger.keys():  # noqa: SIM118 (a method of the ledger)
-        if keep is not None and not keep(key.split(_SEP)):
+        if keep is not None and not keep(split_key(key)):
             continue
         for i, v in enumerate(ledger.get(key)):
             total[i] += v
@@ -47,7 +47,7 @@ def _sum(ledger: Ledger, keep: Callable[[list[str]], bool] | None = None) -> lis
 def _group(ledger: Ledger, part: int) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for key in ledger.keys():  # noqa: SIM118
-        name = key.split(_SEP)[part]
+        name = split_key(key)[part]
         acc = out.setdefault(name, [0] * len(LEDGER_FIELDS))
         for i, v in enumerate(ledger.get(key)):
             acc[i] += v
@@ -90,13 +90,13 @@ class _LedgerTracker(AsyncCallbackHandler):
         model = kwargs.get("model") or "unknown"
         if type(response) is dict:
             model = response.get("model") or model
-        user = kwargs.get("user_id") or "anonymous"
+        user = charged_user(kwargs.get("user_id"))[0]
         found = self._keys.get((provider, model, user))
         if found is None:
             if len(self._keys) >= 100_000:
                 self._keys.clear()
-            found = self._keys[(provider, model, user)] = _SEP.join(
-                (str(provider), str(model), str(user))
+            found = self._keys[(provider, model, user)] = join_key(
+                str(provider), str(model), str(user)
             )
         return found
 

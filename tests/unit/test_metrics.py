@@ -232,7 +232,10 @@ async def test_odd_user_ids_never_break_a_call(registry: Any) -> None:
         async with manager.llm_call(MESSAGES, model="gpt-4o", user_id=user) as call:
             call.set_response({"usage": {"prompt_tokens": 3, "completion_tokens": 2}})
     per_user = "llmtally_token_usage_total"
-    assert value(registry, per_user, user_id="['not', 'hashable']", type="prompt") >= 3
+    # The identity rule: a list is bad input and, like "", charged to "anonymous".
+    assert value(registry, per_user, user_id="anonymous", type="prompt") >= 6
+    assert value(registry, per_user, user_id="['not', 'hashable']", type="prompt") == 0
+    assert (await manager.health())["bad_input"] == 1
     assert value(registry, per_user, user_id="42", type="prompt") >= 3
     assert value(registry, per_user, user_id="ü", type="completion") >= 2
 

@@ -16,6 +16,7 @@ import base64
 import datetime as _dt
 import re
 
+from llmtally import identity
 from llmtally._core import current_cycle
 from llmtally.errors import ConfigError
 
@@ -38,7 +39,7 @@ __all__ = [
 KEY_PREFIX = "llmtally:"
 _VERBATIM = re.compile(r"[A-Za-z0-9._@+-]{1,256}")
 _KEY = re.compile(r"llmtally:\{([^{}]+)\}:(\d{4}-\d{2}-\d{2})")
-MAX_USER_ID_BYTES = 64 * 1024
+MAX_USER_ID_BYTES = identity.MAX_USER_ID_BYTES
 
 
 def validate_user_id(user_id: object, name: str = "user_id") -> str:
