@@ -1084,10 +1084,17 @@ class LLMCall:
         self.provider = provider = provider or "unknown"
         self.model = model = model or "unknown"
         given = context.get("request_id")
-        self._id_given = given is not None
         if given is not None and not isinstance(given, str):
-            given = str(given)
-            context["request_id"] = given
+            try:
+                given = str(given)
+            except Exception as exc:  # an id whose str() fails: bad input, one is made
+                manager._stats.bad_input += 1
+                logger.warning("request_id could not be read (%r): a new one is used", exc)
+                given = None
+                del context["request_id"]
+            else:
+                context["request_id"] = given
+        self._id_given = given is not None
         self.request_id: str = given if given is not None else ""
         context["provider"] = provider
         context["model"] = model

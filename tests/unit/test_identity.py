@@ -112,3 +112,16 @@ async def test_a_model_name_cannot_move_usage_to_another_user(model: str) -> Non
 )
 def test_tracker_keys_round_trip(parts: list[str]) -> None:
     assert split_key(join_key(*parts)) == parts
+
+
+async def test_a_request_id_whose_str_raises_never_breaks_the_call() -> None:
+    class Hostile:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    tokens = TokenCounter()
+    manager = CallbackManager([tokens])
+    async with manager.llm_call(MESSAGES, model="gpt-4o", request_id=Hostile()) as call:
+        call.set_response(USAGE)
+    assert tokens.total_tokens == 5 and call.request_id
+    assert (await manager.health())["bad_input"] == 1
