@@ -149,3 +149,57 @@ def test_bench_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert row is not None
     assert float(row.group(1)) > 0 and int(row.group(2).replace(",", "")) > 0
     assert re.search(r"^\s+empty\s+[\d,]+$", out, re.M)
+
+
+HOSTILE = [
+    "lone-\ud800-surrogate",
+    "red-\x1b[31m-alert",
+    "forged\n  mallory  2026-12-01",
+    "back\\slash",
+]
+
+
+def test_stored_ids_are_printed_safely_and_exported_faithfully(tmp_path: Path) -> None:
+    """Ids with a lone surrogate, terminal escapes or newlines: no traceback, no raw control
+    character on the operator's terminal, no forged row; JSON keeps them exactly."""
+    import asyncio
+
+    import llmtally
+
+    url = f"sqlite:///{tmp_path}/hostile.db"
+
+    async def seed() -> None:
+        repo = llmtally.TokenUsageRepository(store=url)
+        for user in [*HOSTILE, "plain"]:
+            await repo.increment_detailed_usage(user, 3, 2, "2026-12-01")
+        await repo.store.aclose()
+
+    asyncio.run(seed())
+    table = run("usage", "--cycle", "2026-12-01", "--store", url)
+    assert table.returncode == 0, table.stderr
+    assert "\x1b" not in table.stdout and "\ud800" not in table.stdout
+    rows = [line for line in table.stdout.splitlines() if "2026-12-01" in line]
+    assert len(rows) == 5  # one per user: the newline forged none
+    assert any("red-\\x1b[31m-alert" in row for row in rows)
+    assert any("lone-\\ud800-surrogate" in row for row in rows)
+    csv_out = run("export", "--format", "csv", "--cycle", "2026-12-01", "--store", url)
+    assert csv_out.returncode == 0, csv_out.stderr
+    assert len(csv_out.stdout.strip().splitlines()) == 6
+    assert "back\\\\slash" in csv_out.stdout
+    exported = json.loads(
+        run("export", "--format", "json", "--cycle", "2026-12-01", "--store", url).stdout
+    )
+    assert sorted(r["user_id"] for r in exported) == sorted([*HOSTILE, "plain"])
+
+
+def test_an_unreachable_store_is_one_line_and_exit_1() -> None:
+    result = run("usage", "--store", "redis+cluster://127.0.0.1:1")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmtally: error:")
+
+
+def test_demo_refuses_an_absurd_number_of_calls() -> None:
+    result = run("demo", "--calls", str(10**20))
+    assert result.returncode == 2
+    assert "more than 1,000,000" in result.stderr

@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TextIO
 
 from llmtally import __version__
 from llmtally.dispatch import CallbackManager
-from llmtally.errors import ConfigError, LlmtallyError
+from llmtally.errors import ConfigError, LlmtallyError, StoreError
 from llmtally.events import AsyncCallbackHandler
 from llmtally.metering import UsageRecorder
 from llmtally.repository import TokenUsageRepository
@@ -348,6 +348,30 @@ async def _records(args: argparse.Namespace) -> list[dict[str, Any]]:
         await store.aclose()
 
 
+def _safe(user_id: str) -> str:
+    """A stored id as text a terminal or a CSV reader can take: printable characters as they
+    are, a backslash doubled, anything else (control characters, escape sequences, newlines,
+    lone surrogates) as a ``\\xNN``/``\\uNNNN``/``\\UNNNNNNNN`` escape. Reversible; JSON
+    output is exact."""
+    if user_id.isprintable() and "\\" not in user_id:
+        return user_id
+    out = []
+    for ch in user_id:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            if code < 0x100:
+                out.append(f"\\x{code:02x}")
+            elif code < 0x10000:
+                out.append(f"\\u{code:04x}")
+            else:
+                out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 async def _usage(args: argparse.Namespace, out: TextIO) -> int:
     records = await _records(args)
     if args.json:
@@ -363,7 +387,7 @@ async def _usage(args: argparse.Namespace, out: TextIO) -> int:
     for r in records:
         limit = "-" if r["limit"] is None else str(r["limit"])
         out.write(
-            f"  {r['user_id'][:24]:<24} {r['cycle_start_date']:<10} {r['calls']:>7}"
+            f"  {_safe(r['user_id'])[:24]:<24} {r['cycle_start_date']:<10} {r['calls']:>7}"
             f" {r['errors']:>6} {r['prompt_tokens']:>10} {r['completion_tokens']:>10}"
             f" {r['total_tokens']:>11} {r['cost_usd']:>11.6f} {limit:>11}\n"
         )
@@ -389,7 +413,7 @@ async def _limit(args: argparse.Namespace, out: TextIO) -> int:
     else:
         limit = "none" if check["limit"] is None else check["limit"]
         out.write(
-            f"{args.user} {check['cycle_start_date']}: limit {limit}, used {check['used']}, "
+            f"{_safe(args.user)} {check['cycle_start_date']}: limit {limit}, used {check['used']}, "
             f"remaining {'-' if check['remaining'] is None else check['remaining']}\n"
         )
     return 0
@@ -404,7 +428,11 @@ async def _export(args: argparse.Namespace, out: TextIO) -> int:
     writer.writerow(["user_id", "cycle_start_date", *_COLUMNS])
     for r in records:
         writer.writerow(
-            [r["user_id"], r["cycle_start_date"], *("" if r[c] is None else r[c] for c in _COLUMNS)]
+            [
+                _safe(r["user_id"]),
+                r["cycle_start_date"],
+                *("" if r[c] is None else r[c] for c in _COLUMNS),
+            ]
         )
     return 0
 
@@ -423,7 +451,9 @@ def _parser() -> _Parser:
 
     store_help = "store URL (default: LLMTALLY_STORE, else REDIS_HOST, else the SQLite file)"
     demo = sub.add_parser("demo", help="simulate concurrent LLM calls through the handlers")
-    demo.add_argument("--calls", type=_positive_int, default=3000, help="number of calls (3000)")
+    demo.add_argument(
+        "--calls", type=_demo_calls, default=3000, help="number of calls (3000; at most 1,000,000)"
+    )
     demo.add_argument("--users", type=_positive_int, default=40, help="number of users (40)")
     demo.add_argument(
         "--concurrency", type=_positive_int, default=500, help="calls in flight at once (500)"
@@ -481,6 +511,16 @@ def _limit_arg(text: str) -> int:
     return value
 
 
+MAX_DEMO_CALLS = 1_000_000
+
+
+def _demo_calls(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_DEMO_CALLS:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than {MAX_DEMO_CALLS:,} calls")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -510,8 +550,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"demo": _demo, "usage": _usage, "limit": _limit, "export": _export}
     try:
         return asyncio.run(commands[args.command](args, sys.stdout))
+    except StoreError as exc:
+        # An unreachable or failing store: one line, no traceback.
+        sys.stderr.write(f"llmtally: error: {exc}\n")
+        return 1
     except LlmtallyError as exc:
-        # A bad store URL, an unreachable store: one line, no traceback.
+        # A bad store URL or argument: one line, no traceback.
         sys.stderr.write(f"llmtally: error: {exc}\n")
         return 2
     except BrokenPipeError:
