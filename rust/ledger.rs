@@ -197,6 +197,11 @@ impl Core {
         Ok(())
     }
 
+    /// True when `key` has counters.
+    pub fn contains(&self, key: &str) -> bool {
+        self.shard(key).contains_key(key)
+    }
+
     /// The unflushed counters of `key` (zeros when none).
     pub fn get(&self, key: &str) -> Counters {
         self.shard(key).get(key).copied().unwrap_or([0; NFIELDS])
@@ -481,6 +486,10 @@ impl Ledger {
     #[getter]
     fn overflows(&self) -> u64 {
         self.core.overflows.load(Ordering::Relaxed)
+    }
+
+    fn __contains__(&self, key: &str) -> bool {
+        self.core.contains(key)
     }
 
     fn __len__(&self) -> usize {

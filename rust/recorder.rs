@@ -293,9 +293,11 @@ enum Sink {
         keys: Mutex<HashMap<String, (String, Py<PyString>)>>,
     },
     /// `TokenCounter` / `CostTracker`: `provider \x1f model \x1f user`.
-    PerCall { ledger: Py<Ledger> },
-    /// `PerformanceTracker`: per-model accumulators in the tracker's dict.
-    Perf { models: Py<PyDict> },
+    /// At most `max` keys: a new one past it goes to `provider \x1f <other> \x1f <other>`.
+    PerCall { ledger: Py<Ledger>, max: u64 },
+    /// `PerformanceTracker`: per-model accumulators in the tracker's dict, at most `max` models
+    /// (later ones share the `"<other>"` entry).
+    Perf { models: Py<PyDict>, max: usize },
 }
 
 const MAX_CACHED_USERS: usize = 100_000;
@@ -499,9 +501,11 @@ impl Recorder {
                 },
                 "per_call" => Sink::PerCall {
                     ledger: spec.get_item(1)?.extract()?,
+                    max: spec.get_item(2)?.extract()?,
                 },
                 "perf" => Sink::Perf {
                     models: spec.get_item(1)?.cast_into::<PyDict>()?.unbind(),
+                    max: spec.get_item(2)?.extract()?,
                 },
                 other => {
                     return Err(PyValueError::new_err(format!(
@@ -735,16 +739,29 @@ impl Recorder {
         // Per-model accumulators, found or made.
         let mut perfs: Vec<Option<Bound<'_, PerfModel>>> = Vec::with_capacity(self.sinks.len());
         for sink in &self.sinks {
-            let Sink::Perf { models } = sink else {
+            let Sink::Perf { models, max } = sink else {
                 perfs.push(None);
                 continue;
             };
             let models = models.bind(py);
-            perfs.push(Some(match models.get_item(&call.call_model)? {
+            let found = match models.get_item(&call.call_model)? {
+                Some(p) => Some(p),
+                // Past the cap (or a name too long to keep): the shared "<other>" entry.
+                None if models.len() >= *max || call.call_model.len()? > MAX_MODEL_NAME => {
+                    models.get_item(intern!(py, "<other>"))?
+                }
+                None => None,
+            };
+            perfs.push(Some(match found {
                 Some(p) => p.cast_into::<PerfModel>()?,
                 None => {
                     let p = Bound::new(py, PerfModel::create(py)?)?;
-                    models.set_item(&call.call_model, &p)?;
+                    let name = if models.len() >= *max || call.call_model.len()? > MAX_MODEL_NAME {
+                        intern!(py, "<other>").clone().into_any()
+                    } else {
+                        call.call_model.clone().into_any()
+                    };
+                    models.set_item(name, &p)?;
                     p
                 }
             }));
@@ -788,14 +805,22 @@ impl Recorder {
                     key.push_str(made[i].as_deref().unwrap_or_default());
                     (ledger.get().core(), true)
                 }
-                (Sink::PerCall { ledger }, _) => {
+                (Sink::PerCall { ledger, max }, _) => {
+                    let core = ledger.get().core();
                     key.clear();
                     push_part(&mut key, provider);
                     key.push('\x1f');
-                    push_part(&mut key, model);
+                    let keep = model.len() <= MAX_MODEL_NAME;
+                    push_part(&mut key, if keep { model } else { "<other>" });
                     key.push('\x1f');
                     push_part(&mut key, user);
-                    (ledger.get().core(), false)
+                    if core.pending() >= *max && !core.contains(&key) {
+                        // Past the cap: one shared key per provider, counted in "<other>".
+                        key.clear();
+                        push_part(&mut key, provider);
+                        key.push_str("\x1f<other>\x1f<other>");
+                    }
+                    (core, false)
                 }
                 (Sink::Perf { .. }, _) => {
                     if let Some(perf) = &perfs[i] {
@@ -965,6 +990,9 @@ mod tests {
         assert_eq!(w.last_minute(1064.0), 2);
     }
 }
+
+/// The longest model name kept as its own tracker entry (longer ones share `"<other>"`).
+const MAX_MODEL_NAME: usize = 256;
 
 /// One part of a `provider \x1f model \x1f user` tracker key, escaped as `llmtally.identity`
 /// does (`\x1e` -> `\x1e0`, `\x1f` -> `\x1e1`) so no name can forge another's key.

@@ -196,6 +196,9 @@ class Ledger:
     def journal_errors(self) -> tuple[int, str | None]: ...
     @property
     def overflows(self) -> int: ...
+    def __contains__(self, key: object) -> bool:
+        """True when ``key`` has counters."""
+
     def __len__(self) -> int: ...
 
 @final

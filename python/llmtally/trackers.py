@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from llmtally._core import LEDGER_FIELDS, Ledger, PerfModel
 from llmtally.dispatch import is_timeout
+from llmtally.errors import ConfigError
 from llmtally.events import AsyncCallbackHandler
 from llmtally.identity import charged_user, join_key, split_key
 
@@ -32,6 +33,14 @@ __all__ = [
 logger = logging.getLogger("llmtally")
 
 _F = {name: i for i, name in enumerate(LEDGER_FIELDS)}
+
+MAX_KEYS = 100_000
+"""Default cap of (provider, model, user) entries in a ``TokenCounter``/``CostTracker``."""
+MAX_MODELS = 1_000
+"""Default cap of models a ``PerformanceTracker`` keeps apart."""
+MAX_MODEL_NAME = 256
+"""A longer model name is counted under ``"<other>"``."""
+OTHER = "<other>"
 
 
 def _sum(ledger: Ledger, keep: Callable[[list[str]], bool] | None = None) -> list[int]:
@@ -77,13 +86,18 @@ class _LedgerTracker(AsyncCallbackHandler):
         "on_llm_error": "_track_error",
     }
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_keys: int = MAX_KEYS) -> None:
+        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
+            raise ConfigError(f"max_keys must be an int >= 1, not {max_keys!r}")
         self._ledger = Ledger()
         self._keys: dict[tuple[Any, Any, Any], str] = {}
         self.bad_input = 0
+        #: (provider, model, user) entries kept apart; past it, new ones are counted under
+        #: ``"<other>"`` (model and user), so memory stays bounded whatever the input.
+        self.max_keys = max_keys
 
     def _llmtally_sink(self) -> tuple[Any, ...] | None:
-        return ("per_call", self._ledger)
+        return ("per_call", self._ledger, self.max_keys)
 
     def _key(self, kwargs: Mapping[str, Any], response: Any = None) -> str:
         provider = kwargs.get("provider") or "unknown"
@@ -93,11 +107,13 @@ class _LedgerTracker(AsyncCallbackHandler):
         user = charged_user(kwargs.get("user_id"))[0]
         found = self._keys.get((provider, model, user))
         if found is None:
+            name = str(model)
+            key = join_key(str(provider), name if len(name) <= MAX_MODEL_NAME else OTHER, user)
+            if len(self._ledger) >= self.max_keys and key not in self._ledger:
+                return join_key(str(provider), OTHER, OTHER)  # past the cap: not cached
             if len(self._keys) >= 100_000:
                 self._keys.clear()
-            found = self._keys[(provider, model, user)] = join_key(
-                str(provider), str(model), str(user)
-            )
+            found = self._keys[(provider, model, user)] = key
         return found
 
     def _track_end(self, response: Any, kwargs: Mapping[str, Any]) -> None:
@@ -196,8 +212,8 @@ class CostTracker(_LedgerTracker):
     # Declared again: CostTracker's own _track_end is the built-in recorder of this class.
     _llmtally_fast: ClassVar[dict[str, str | None]] = _LedgerTracker._llmtally_fast
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, max_keys: int = MAX_KEYS) -> None:
+        super().__init__(max_keys=max_keys)
         self.unpriced_requests = 0
         self._unpriced_models: set[str] = set()
 
@@ -289,15 +305,21 @@ class PerformanceTracker(AsyncCallbackHandler):
         "on_llm_error": "_track_error",
     }
 
-    def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
-        # Per model: latency, ttft and tokens/s histograms, errors, requests per minute.
+    def __init__(
+        self, *, clock: Callable[[], float] | None = None, max_models: int = MAX_MODELS
+    ) -> None:
+        if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
+            raise ConfigError(f"max_models must be an int >= 1, not {max_models!r}")
+        # Per model: latency, ttft and tokens/s histograms, errors, requests per minute (each
+        # about 64 KiB): at most max_models apart, later ones share "<other>".
         self._models: dict[str, PerfModel] = {}
+        self.max_models = max_models
         # Without a clock, requests/min counts on the core's own monotonic clock.
         self._clock = clock
 
     def _llmtally_sink(self) -> tuple[Any, ...] | None:
         # The manager's one-crossing recorder keeps time on the core's clock: only then.
-        return ("perf", self._models) if self._clock is None else None
+        return ("perf", self._models, self.max_models) if self._clock is None else None
 
     def _now(self) -> float | None:
         return None if self._clock is None else self._clock()
@@ -306,7 +328,11 @@ class PerformanceTracker(AsyncCallbackHandler):
         key = model if type(model) is str else str(model or "unknown")
         found = self._models.get(key)
         if found is None:
-            found = self._models[key] = PerfModel()
+            if len(self._models) >= self.max_models or len(key) > MAX_MODEL_NAME:
+                key = OTHER
+                found = self._models.get(key)
+            if found is None:
+                found = self._models[key] = PerfModel()
         return found
 
     def _track_end(self, response: Any, kwargs: Mapping[str, Any]) -> None:
