@@ -62,7 +62,7 @@ from llmtally.trackers import CostTracker, PerformanceTracker, StreamingProgress
 from llmtally.usage import Usage, extract_usage
 
 if TYPE_CHECKING:
-    from llmtally.otel import OpenTelemetryHandler as OpenTelemetryHandler
+    from llmtally.integrations.otel import OpenTelemetryHandler as OpenTelemetryHandler
 
 __version__ = _core_version
 
@@ -76,7 +76,7 @@ def __getattr__(name: str) -> object:
     # ``OpenTelemetryHandler`` loads on first use, so ``import llmtally`` never imports
     # opentelemetry (an optional extra, ``llmtally[otel]``).
     if name == "OpenTelemetryHandler":
-        from llmtally.otel import OpenTelemetryHandler
+        from llmtally.integrations.otel import OpenTelemetryHandler
 
         return OpenTelemetryHandler
     raise AttributeError(f"module 'llmtally' has no attribute {name!r}")
