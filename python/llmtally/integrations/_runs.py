@@ -56,6 +56,9 @@ class OpenRuns(Generic[_R]):
             except Exception as exc:
                 logger.error("ending an evicted %s failed: %r", self._what, exc)
 
+    def get(self, key: str) -> _R | None:
+        return self._runs.get(key)
+
     def pop(self, key: str) -> _R | None:
         with self._lock:
             return self._runs.pop(key, None)

@@ -39,8 +39,10 @@ from langchain_core.messages import BaseMessage, get_buffer_string
 from langchain_core.outputs import ChatGeneration, LLMResult
 
 from llmtally._core import BadUsage, Usage, extract_usage
+from llmtally._runtime import runner
 from llmtally.dispatch import CallbackManager, LLMCall, current_run, is_timeout
 from llmtally.errors import CallbackAbort
+from llmtally.integrations._runs import FailureGuard, OpenRuns
 from llmtally.pricing import lookup as price_lookup
 from llmtally.tokens import estimate_tokens
 from llmtally.trackers import PerformanceTracker
@@ -198,6 +200,12 @@ class _OpenCall:
         self.trace_id = trace_id
 
 
+def _end_evicted(run: _OpenCall | _OpenScope) -> None:
+    """A run whose end never came, pushed out of the registry: a call ends as abandoned."""
+    if isinstance(run, _OpenCall):
+        runner.submit(run.call.abandon())
+
+
 class _OpenScope:
     __slots__ = ("kind", "kwargs", "name", "trace_id")
 
@@ -257,44 +265,30 @@ class LlmtallyCallbackHandler(_LCAsyncHandler):
         if user_id is not None:
             context["user_id"] = user_id
         self._context = context
-        self._runs: OrderedDict[str, _OpenCall | _OpenScope] = OrderedDict()
+        self._runs: OpenRuns[_OpenCall | _OpenScope] = OpenRuns(
+            MAX_OPEN_RUNS, "LangChain runs", _end_evicted
+        )
         self._lock = threading.Lock()
-        self.errors = 0
-        self.evicted_runs = 0
-        self._logged: set[tuple[str, type]] = set()
+        self._failed = FailureGuard("LlmtallyCallbackHandler")
 
     # -- bookkeeping ------------------------------------------------------------------------
 
-    def _failed(self, event: str, exc: BaseException) -> None:
-        self.errors += 1
-        key = (event, type(exc))
-        if key in self._logged:
-            logger.debug("LlmtallyCallbackHandler.%s failed again: %r", event, exc)
-            return
-        self._logged.add(key)
-        logger.error(
-            "LlmtallyCallbackHandler.%s failed (isolated; further %s are logged at DEBUG): %r",
-            event,
-            type(exc).__name__,
-            exc,
-            exc_info=exc,
-        )
+    @property
+    def errors(self) -> int:
+        """The handler's own failures (isolated, logged)."""
+        return self._failed.errors
+
+    @property
+    def evicted_runs(self) -> int:
+        """Runs past ``MAX_OPEN_RUNS`` open at once (an LLM call among them ended as
+        abandoned)."""
+        return self._runs.evicted
 
     def _put(self, key: str, run: _OpenCall | _OpenScope) -> None:
-        with self._lock:
-            runs = self._runs
-            if len(runs) >= MAX_OPEN_RUNS:
-                runs.popitem(last=False)
-                self.evicted_runs += 1
-                if self.evicted_runs == 1:
-                    logger.warning(
-                        "more than %d LangChain runs open: the oldest are forgotten", MAX_OPEN_RUNS
-                    )
-            runs[key] = run
+        self._runs.put(key, run)
 
     def _pop(self, run_id: Any) -> _OpenCall | _OpenScope | None:
-        with self._lock:
-            return self._runs.pop(_run_key(run_id), None)
+        return self._runs.pop(_run_key(run_id))
 
     def _links(
         self, run_id: UUID, parent_run_id: UUID | None, metadata: Mapping[str, Any] | None
