@@ -119,6 +119,7 @@ _FREE = {
         r"/conversations(/.*)?",
         r"/evals(/[^/]+)?",
         r"/evals/[^/]+/runs/[^/]+/cancel",
+        r"/evals/[^/]+/runs/[^/]+",  # cancel, in SDKs before 3
         r"/skills(/.*)?",
         r"/vaults(/.*)?",
         r"/webhook_endpoints(/.*)?",

@@ -154,7 +154,7 @@ class _Open:
         if token is not None:
             self.token = None
             if trace.get_current_span() is self.span:
-                otel_context.detach(token)  # type: ignore[arg-type]
+                otel_context.detach(token)  # type: ignore[arg-type, unused-ignore]
         self.span.end()
 
 
