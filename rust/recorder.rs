@@ -810,7 +810,9 @@ impl Recorder {
                     key.clear();
                     push_part(&mut key, provider);
                     key.push('\x1f');
-                    let keep = model.len() <= MAX_MODEL_NAME;
+                    // In characters, as Python counts (a byte count would disagree on UTF-8).
+                    let keep =
+                        model.len() <= MAX_MODEL_NAME || model.chars().count() <= MAX_MODEL_NAME;
                     push_part(&mut key, if keep { model } else { "<other>" });
                     key.push('\x1f');
                     push_part(&mut key, user);

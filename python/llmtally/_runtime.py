@@ -83,11 +83,12 @@ class Runner:
     def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T | None:
         """Run ``coro`` on the loop and wait for it, raising what it raises (up to ``timeout``
         seconds; past it the coroutine goes on in the background and ``None`` is returned).
-        From the runner's own thread it cannot wait: the coroutine is scheduled, ``None``
-        returned."""
+        From the runner's own thread (sync code inside a handler), it runs on a loop of its
+        own in a helper thread."""
         if self.in_loop():
-            asyncio.get_running_loop().create_task(coro)
-            return None
+            # Sync code called from a handler on this loop: the loop is blocked by its caller,
+            # so the coroutine runs to its end on a loop of its own, in a helper thread.
+            return _run_aside(coro, timeout)
         future = self.submit(coro)
         try:
             return future.result(timeout)
@@ -96,6 +97,28 @@ class Runner:
                 "llmtally handlers took more than %ss in sync code; not waiting", timeout
             )
             return None
+
+
+def _run_aside(coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T | None:
+    context = contextvars.copy_context()
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, context.run(asyncio.run, coro)))
+        except BaseException as exc:  # handed to the waiting caller
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, name="llmtally-events-aside", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        logger.warning("llmtally handlers took more than %ss in sync code; not waiting", timeout)
+        return None
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return, unused-ignore]
 
 
 runner = Runner()

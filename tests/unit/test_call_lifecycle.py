@@ -210,3 +210,43 @@ async def test_an_integration_with_too_many_open_runs_ends_the_oldest_as_abandon
     assert [kwargs["request_id"] for _, kwargs in ends] == ["r0"]
     assert ends[0][0][0]["finish_reason"] == "abandoned"
     assert not calls[1].ended and not calls[2].ended
+
+
+def test_sync_code_inside_a_handler_waits_for_its_events_and_sees_a_refusal() -> None:
+    """A sync instrumented client called from a handler that runs on the background loop:
+    its start must finish (and a refusal reach it) before the request, its end after."""
+    from llmtally._runtime import runner
+
+    order: list[str] = []
+
+    async def refuse() -> None:
+        await asyncio.sleep(0.02)
+        order.append("start")
+        raise llmtally.BudgetExceeded("alice", limit=1, used=1, requested=1, unit="tokens")
+
+    async def end() -> None:
+        order.append("end")
+
+    async def handler_doing_sync_work() -> str:
+        with pytest.raises(llmtally.BudgetExceeded):
+            runner.run(refuse())
+        runner.run(end())
+        return "done"
+
+    assert runner.run(handler_doing_sync_work()) == "done"
+    assert order == ["start", "end"]
+
+
+async def test_a_multibyte_model_name_is_capped_alike_on_both_paths() -> None:
+    name = "é" * 200  # 200 characters, 400 bytes: under the 256-character cap
+    llmtally.register_model(name, provider="openai", input_price=1.0, output_price=2.0)
+
+    class Own(TokenCounter):  # a subclass takes the handler's own path
+        pass
+
+    core, own = TokenCounter(), Own()
+    for tracker in (core, own):
+        manager = CallbackManager([tracker])
+        async with manager.llm_call(MESSAGES, provider="openai", model=name) as call:
+            call.set_response({"usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+    assert list(core.by_model()) == list(own.by_model()) == [name]
