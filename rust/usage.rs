@@ -226,35 +226,200 @@ macro_rules! k {
     };
 }
 
-fn usage_block(usage: &Bound<'_, PyAny>, anthropic: bool) -> R<Usage> {
-    let py = usage.py();
+/// How a shape counts, and so how its parts are folded into a normalized record.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Shape {
+    /// The prompt includes cache reads and writes, the completion includes reasoning (OpenAI
+    /// chat and Responses, LangChain, llmtally's own dict).
+    Inclusive,
+    /// Anthropic: `input_tokens` excludes cache reads and writes (siblings).
+    Anthropic,
+    /// Gemini: `thoughtsTokenCount` is a sibling of `candidatesTokenCount`.
+    Gemini,
+}
+
+/// One usage report as the provider gave it: `None` is a field it left out (or sent as null).
+#[derive(Clone, Copy, Debug, Default)]
+struct Report {
+    total: Option<u64>,
+    /// The whole prompt; for `Shape::Anthropic` the uncached input alone.
+    prompt: Option<u64>,
+    /// The whole completion; for `Shape::Gemini` the candidates alone (without thoughts).
+    completion: Option<u64>,
+    cached: Option<u64>,
+    cache_write: Option<u64>,
+    cache_write_1h: Option<u64>,
+    reasoning: Option<u64>,
+    cost: Option<f64>,
+}
+
+/// A report found in a response, chunk or event.
+#[derive(Clone, Copy, Debug)]
+struct Found {
+    shape: Shape,
+    /// A delta to add to what came before (LangChain message chunks), not a cumulative count.
+    additive: bool,
+    report: Report,
+}
+
+impl Found {
+    fn usage(&self) -> Result<Usage, UsageError> {
+        normalize(self.shape, &self.report)
+    }
+}
+
+/// Apply a shape's folding rules, then the subset rules.
+fn normalize(shape: Shape, r: &Report) -> Result<Usage, UsageError> {
     let mut p = Parts {
+        total: r.total,
+        prompt: r.prompt,
+        completion: r.completion,
+        cached: r.cached.unwrap_or(0),
+        cache_write: r.cache_write.unwrap_or(0),
+        cache_write_1h: r.cache_write_1h.unwrap_or(0),
+        reasoning: r.reasoning.unwrap_or(0),
+        cost: r.cost,
+    };
+    match shape {
+        Shape::Inclusive => {
+            // Reasoning reported beside the completion (OpenAI-compatible gateways in front of
+            // Gemini): the total says so, and the completion takes it in.
+            if let (Some(t), Some(a), Some(b)) = (p.total, p.prompt, p.completion) {
+                if p.reasoning > 0 && t != a + b && t == a + b + p.reasoning {
+                    p.completion = Some(b + p.reasoning);
+                }
+            }
+        }
+        Shape::Anthropic => {
+            if r.prompt.is_none() && r.completion.is_none() {
+                return Err(UsageError::Empty);
+            }
+            p.prompt = Some(r.prompt.unwrap_or(0) + p.cached + p.cache_write);
+        }
+        Shape::Gemini => {
+            if r.completion.is_some() || r.reasoning.is_some() {
+                p.completion = Some(r.completion.unwrap_or(0) + p.reasoning);
+            }
+        }
+    }
+    build(p)
+}
+
+/// `previous` as a report of `shape`, every field present.
+fn report_of(previous: &Usage, shape: Shape) -> Report {
+    // A total beside one side alone was computed from it, not reported: left out, so that it
+    // does not read as a reported whole that gives the other side.
+    let one_side = previous.prompt_tokens.is_some() != previous.completion_tokens.is_some();
+    let mut r = Report {
+        total: (!one_side).then_some(previous.total_tokens),
+        prompt: previous.prompt_tokens,
+        completion: previous.completion_tokens,
+        cached: Some(previous.cached_tokens),
+        cache_write: Some(previous.cache_write_tokens),
+        cache_write_1h: Some(previous.cache_write_1h_tokens),
+        // Reasoning is part of the completion: with no completion yet, none was reported.
+        reasoning: (previous.completion_tokens.is_some() || previous.reasoning_tokens > 0)
+            .then_some(previous.reasoning_tokens),
+        cost: previous.cost_usd,
+    };
+    match shape {
+        Shape::Inclusive => {}
+        Shape::Anthropic => {
+            let parts = previous.cached_tokens + previous.cache_write_tokens;
+            r.prompt = previous.prompt_tokens.map(|p| p.saturating_sub(parts));
+            r.total = None;
+        }
+        Shape::Gemini => {
+            let thoughts = previous.reasoning_tokens;
+            r.completion = previous
+                .completion_tokens
+                .map(|c| c.saturating_sub(thoughts));
+        }
+    }
+    r
+}
+
+fn add(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
+    }
+}
+
+/// Fold a later report into the usage seen so far (the rules are `merge_stream_usage`'s).
+fn merge(previous: &Usage, found: &Found) -> Result<Usage, UsageError> {
+    if found.additive {
+        let later = found.usage()?;
+        return build(Parts {
+            total: Some(previous.total_tokens.saturating_add(later.total_tokens)),
+            prompt: add(previous.prompt_tokens, later.prompt_tokens),
+            completion: add(previous.completion_tokens, later.completion_tokens),
+            cached: previous.cached_tokens.saturating_add(later.cached_tokens),
+            cache_write: previous
+                .cache_write_tokens
+                .saturating_add(later.cache_write_tokens),
+            cache_write_1h: previous
+                .cache_write_1h_tokens
+                .saturating_add(later.cache_write_1h_tokens),
+            reasoning: previous
+                .reasoning_tokens
+                .saturating_add(later.reasoning_tokens),
+            cost: match (previous.cost_usd, later.cost_usd) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+            },
+        });
+    }
+    let r = &found.report;
+    let mut m = report_of(previous, found.shape);
+    let counts = [r.prompt, r.completion, r.cached, r.cache_write, r.reasoning];
+    if r.total.is_some() || counts.iter().any(Option::is_some) {
+        // A total left out is the sum of the merged parts, not the earlier total.
+        m.total = r.total;
+    }
+    m.prompt = r.prompt.or(m.prompt);
+    m.completion = r.completion.or(m.completion);
+    m.cached = r.cached.or(m.cached);
+    m.cache_write = r.cache_write.or(m.cache_write);
+    m.cache_write_1h = r.cache_write_1h.or(m.cache_write_1h);
+    m.reasoning = r.reasoning.or(m.reasoning);
+    m.cost = r.cost.or(m.cost);
+    // Merged parts that contradict each other (a later prompt smaller than the earlier cache
+    // reads): the later report, consistent on its own, wins whole.
+    normalize(found.shape, &m).or_else(|_| found.usage())
+}
+
+fn usage_block(usage: &Bound<'_, PyAny>, anthropic: bool) -> R<Found> {
+    let py = usage.py();
+    let mut r = Report {
         cost: cost(get(usage, k!(py, "cost"))?)?,
-        ..Parts::default()
+        ..Report::default()
     };
     let prompt = opt(usage, k!(py, "prompt_tokens"), "prompt_tokens")?;
     let completion = opt(usage, k!(py, "completion_tokens"), "completion_tokens")?;
     if prompt.is_some() || completion.is_some() {
         // OpenAI chat completions and compatibles (DeepSeek, Groq, Mistral, vLLM, LiteLLM).
-        p.prompt = prompt;
-        p.completion = completion;
-        p.total = opt(usage, k!(py, "total_tokens"), "total_tokens")?;
-        let mut cached = None;
+        r.prompt = prompt;
+        r.completion = completion;
+        r.total = opt(usage, k!(py, "total_tokens"), "total_tokens")?;
         if let Some(d) = get(usage, k!(py, "prompt_tokens_details"))? {
-            cached = opt(&d, k!(py, "cached_tokens"), "cached_tokens")?;
+            r.cached = opt(&d, k!(py, "cached_tokens"), "cached_tokens")?;
         }
-        if cached.is_none() {
-            cached = opt(
+        if r.cached.is_none() {
+            r.cached = opt(
                 usage,
                 k!(py, "prompt_cache_hit_tokens"),
                 "prompt_cache_hit_tokens",
             )?;
         }
-        p.cached = cached.unwrap_or(0);
         if let Some(d) = get(usage, k!(py, "completion_tokens_details"))? {
-            p.reasoning = opt(&d, k!(py, "reasoning_tokens"), "reasoning_tokens")?.unwrap_or(0);
+            r.reasoning = opt(&d, k!(py, "reasoning_tokens"), "reasoning_tokens")?;
         }
-        return Ok(build(p)?);
+        return Ok(Found {
+            shape: Shape::Inclusive,
+            additive: false,
+            report: r,
+        });
     }
     let input = opt(usage, k!(py, "input_tokens"), "input_tokens")?;
     let output = opt(usage, k!(py, "output_tokens"), "output_tokens")?;
@@ -270,46 +435,50 @@ fn usage_block(usage: &Bound<'_, PyAny>, anthropic: bool) -> R<Usage> {
     )?;
     if anthropic || cache_read.is_some() || cache_creation.is_some() {
         // Anthropic: input_tokens excludes cache reads and writes; fold them in.
-        if input.is_none() && output.is_none() {
-            return Err(UsageError::Empty.into());
-        }
-        p.cached = cache_read.unwrap_or(0);
-        p.cache_write = cache_creation.unwrap_or(0);
+        r.prompt = input;
+        r.completion = output;
+        r.cached = cache_read;
+        r.cache_write = cache_creation;
         if let Some(c) = get(usage, k!(py, "cache_creation"))? {
-            p.cache_write_1h = opt(
+            r.cache_write_1h = opt(
                 &c,
                 k!(py, "ephemeral_1h_input_tokens"),
                 "ephemeral_1h_input_tokens",
-            )?
-            .unwrap_or(0);
+            )?;
         }
-        p.prompt = Some(input.unwrap_or(0) + p.cached + p.cache_write);
-        p.completion = output;
         if let Some(d) = get(usage, k!(py, "output_tokens_details"))? {
             // Thinking is part of the output tokens: reasoning.
-            p.reasoning = opt(&d, k!(py, "thinking_tokens"), "thinking_tokens")?.unwrap_or(0);
+            r.reasoning = opt(&d, k!(py, "thinking_tokens"), "thinking_tokens")?;
         }
-        return Ok(build(p)?);
+        return Ok(Found {
+            shape: Shape::Anthropic,
+            additive: false,
+            report: r,
+        });
     }
     // OpenAI Responses API and LangChain usage_metadata: input includes cache reads.
-    p.prompt = input;
-    p.completion = output;
-    p.total = opt(usage, k!(py, "total_tokens"), "total_tokens")?;
+    r.prompt = input;
+    r.completion = output;
+    r.total = opt(usage, k!(py, "total_tokens"), "total_tokens")?;
     if let Some(d) = get(usage, k!(py, "input_tokens_details"))? {
-        p.cached = opt(&d, k!(py, "cached_tokens"), "cached_tokens")?.unwrap_or(0);
-        p.cache_write = opt(&d, k!(py, "cache_write_tokens"), "cache_write_tokens")?.unwrap_or(0);
+        r.cached = opt(&d, k!(py, "cached_tokens"), "cached_tokens")?;
+        r.cache_write = opt(&d, k!(py, "cache_write_tokens"), "cache_write_tokens")?;
     }
     if let Some(d) = get(usage, k!(py, "output_tokens_details"))? {
-        p.reasoning = opt(&d, k!(py, "reasoning_tokens"), "reasoning_tokens")?.unwrap_or(0);
+        r.reasoning = opt(&d, k!(py, "reasoning_tokens"), "reasoning_tokens")?;
     }
     if let Some(d) = get(usage, k!(py, "input_token_details"))? {
-        p.cached = opt(&d, k!(py, "cache_read"), "cache_read")?.unwrap_or(0);
-        p.cache_write = opt(&d, k!(py, "cache_creation"), "cache_creation")?.unwrap_or(0);
+        r.cached = opt(&d, k!(py, "cache_read"), "cache_read")?;
+        r.cache_write = opt(&d, k!(py, "cache_creation"), "cache_creation")?;
     }
     if let Some(d) = get(usage, k!(py, "output_token_details"))? {
-        p.reasoning = opt(&d, k!(py, "reasoning"), "reasoning")?.unwrap_or(0);
+        r.reasoning = opt(&d, k!(py, "reasoning"), "reasoning")?;
     }
-    Ok(build(p)?)
+    Ok(Found {
+        shape: Shape::Inclusive,
+        additive: false,
+        report: r,
+    })
 }
 
 fn first_of(
@@ -325,14 +494,14 @@ fn first_of(
     Ok(None)
 }
 
-fn gemini(meta: &Bound<'_, PyAny>) -> R<Usage> {
+fn gemini(meta: &Bound<'_, PyAny>) -> R<Found> {
     let py = meta.py();
     let prompt = first_of(
         meta,
         [k!(py, "promptTokenCount"), k!(py, "prompt_token_count")],
         "promptTokenCount",
     )?;
-    let candidates = first_of(
+    let mut candidates = first_of(
         meta,
         [
             k!(py, "candidatesTokenCount"),
@@ -358,18 +527,36 @@ fn gemini(meta: &Bound<'_, PyAny>) -> R<Usage> {
         [k!(py, "totalTokenCount"), k!(py, "total_token_count")],
         "totalTokenCount",
     )?;
-    let completion = match (candidates, thoughts) {
-        (None, None) => None,
-        (c, t) => Some(c.unwrap_or(0) + t.unwrap_or(0)),
-    };
-    Ok(build(Parts {
-        total,
-        prompt,
-        completion,
-        cached: cached.unwrap_or(0),
-        reasoning: thoughts.unwrap_or(0),
-        ..Parts::default()
-    })?)
+    if let (Some(p), Some(c), Some(th), Some(total)) = (prompt, candidates, thoughts, total) {
+        if th > 0 && c >= th {
+            // Some Vertex versions count thoughts inside the candidates: the total says so
+            // (prompt + candidates + tool-use prompt == total, thoughts not added).
+            let tool = first_of(
+                meta,
+                [
+                    k!(py, "toolUsePromptTokenCount"),
+                    k!(py, "tool_use_prompt_token_count"),
+                ],
+                "toolUsePromptTokenCount",
+            )?
+            .unwrap_or(0);
+            if p + c + tool == total {
+                candidates = Some(c - th);
+            }
+        }
+    }
+    Ok(Found {
+        shape: Shape::Gemini,
+        additive: false,
+        report: Report {
+            total,
+            prompt,
+            completion: candidates,
+            cached,
+            reasoning: thoughts,
+            ..Report::default()
+        },
+    })
 }
 
 fn provider_cost(obj: &Bound<'_, PyAny>) -> R<Option<f64>> {
@@ -383,7 +570,7 @@ fn provider_cost(obj: &Bound<'_, PyAny>) -> R<Option<f64>> {
     Ok(None)
 }
 
-fn extract(obj: &Bound<'_, PyAny>) -> R<Option<Usage>> {
+fn find(obj: &Bound<'_, PyAny>) -> R<Option<Found>> {
     let py = obj.py();
     if obj.is_none() {
         return Ok(None);
@@ -395,27 +582,30 @@ fn extract(obj: &Bound<'_, PyAny>) -> R<Option<Usage>> {
                     || d.contains(k!(py, "completion_tokens"))?));
         if own {
             // llmtally's own response dict.
-            let p = Parts {
+            let report = Report {
                 total: opt(obj, k!(py, "tokens_used"), "tokens_used")?,
                 prompt: opt(obj, k!(py, "prompt_tokens"), "prompt_tokens")?,
                 completion: opt(obj, k!(py, "completion_tokens"), "completion_tokens")?,
-                cached: opt(obj, k!(py, "cached_tokens"), "cached_tokens")?.unwrap_or(0),
-                cache_write: opt(obj, k!(py, "cache_write_tokens"), "cache_write_tokens")?
-                    .unwrap_or(0),
+                cached: opt(obj, k!(py, "cached_tokens"), "cached_tokens")?,
+                cache_write: opt(obj, k!(py, "cache_write_tokens"), "cache_write_tokens")?,
                 cache_write_1h: opt(
                     obj,
                     k!(py, "cache_write_1h_tokens"),
                     "cache_write_1h_tokens",
-                )?
-                .unwrap_or(0),
-                reasoning: opt(obj, k!(py, "reasoning_tokens"), "reasoning_tokens")?.unwrap_or(0),
+                )?,
+                reasoning: opt(obj, k!(py, "reasoning_tokens"), "reasoning_tokens")?,
                 cost: cost(get(obj, k!(py, "cost_estimate"))?)?,
             };
-            return Ok(Some(build(p)?));
+            return Ok(Some(Found {
+                shape: Shape::Inclusive,
+                additive: false,
+                report,
+            }));
         }
     }
     let mut target = obj.clone();
     let mut anthropic = false;
+    let mut whole_message = false;
     if let Some(kind) = get(obj, k!(py, "type"))? {
         if let Ok(kind) = kind.cast::<PyString>() {
             match &*kind.to_cow()? {
@@ -431,14 +621,15 @@ fn extract(obj: &Bound<'_, PyAny>) -> R<Option<Usage>> {
                         target = r;
                     }
                 }
+                "ai" => whole_message = true, // a LangChain AIMessage, not a chunk of one
                 _ => {}
             }
         }
     }
     if let Some(usage) = get(&target, k!(py, "usage"))? {
         let mut found = usage_block(&usage, anthropic)?;
-        if found.cost_usd.is_none() {
-            found.cost_usd = provider_cost(&target)?;
+        if found.report.cost.is_none() {
+            found.report.cost = provider_cost(&target)?;
         }
         return Ok(Some(found));
     }
@@ -450,11 +641,22 @@ fn extract(obj: &Bound<'_, PyAny>) -> R<Option<Usage>> {
         if get(&meta, k!(py, "input_tokens"))?.is_some()
             || get(&meta, k!(py, "output_tokens"))?.is_some()
         {
-            return Ok(Some(usage_block(&meta, false)?)); // LangChain
+            // LangChain: a message chunk's usage is a delta (AIMessageChunk addition sums
+            // them); a whole AIMessage carries the run's usage.
+            let mut found = usage_block(&meta, false)?;
+            found.additive = !whole_message;
+            return Ok(Some(found));
         }
         return Ok(Some(gemini(&meta)?));
     }
     Ok(None)
+}
+
+fn extract(obj: &Bound<'_, PyAny>) -> R<Option<Usage>> {
+    match find(obj)? {
+        None => Ok(None),
+        Some(found) => Ok(Some(found.usage()?)),
+    }
 }
 
 /// `extract` with the two failure kinds apart: `Err(Ok(message))` for untrustworthy usage,
@@ -482,11 +684,56 @@ fn py_extract_usage(obj: &Bound<'_, PyAny>) -> PyResult<Option<Usage>> {
     extract(obj).map_err(to_py)
 }
 
+/// Fold the usage a stream chunk carries into the usage the stream reported so far, and return
+/// the result (`previous` itself, unchanged, when the chunk carries no usage; `None` while
+/// nothing was reported). A field a later report leaves out, or sends as null, never erases a
+/// value seen earlier.
+///
+/// Per shape:
+///
+/// - cumulative, replaced field by field: OpenAI chat chunks (the final usage chunk, or
+///   running usage in every chunk), OpenAI Responses events (`response.completed`), Anthropic
+///   `message_start` then `message_delta` (as Anthropic's own accumulator: `input_tokens`,
+///   `output_tokens`, cache reads, cache writes and their 1-hour split, thinking tokens each
+///   replaced only when present), Gemini `usageMetadata` (every chunk repeats the running
+///   counts), llmtally's own response dict;
+/// - deltas, added: LangChain message chunks' `usage_metadata` (as `AIMessageChunk` addition
+///   sums them); a whole LangChain `AIMessage` (`type == "ai"`) replaces.
+///
+/// A total left out of a later report is the sum of the merged parts. When merged parts
+/// contradict each other (a later prompt smaller than earlier cache reads), the later report,
+/// consistent on its own, wins whole.
+///
+/// Raises `BadUsage` when the chunk's usage cannot be trusted (the caller keeps `previous`).
+#[pyfunction]
+#[pyo3(name = "merge_stream_usage")]
+fn py_merge_stream_usage<'py>(
+    previous: &Bound<'py, PyAny>,
+    chunk: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let Some(found) = find(chunk).map_err(to_py)? else {
+        return Ok(previous.clone());
+    };
+    let merged = if previous.is_none() {
+        match found.usage() {
+            // A usage block without a single count (`usage: {}`) says nothing yet.
+            Err(UsageError::Empty) => return Ok(previous.clone()),
+            other => other,
+        }
+    } else {
+        merge(previous.cast::<Usage>()?.get(), &found)
+    };
+    let merged = merged.map_err(|e| BadUsage::new_err(e.to_string()))?;
+    Ok(Bound::new(chunk.py(), merged)?.into_any())
+}
+
 /// Normalize one usage block with the given convention (`anthropic=True`: input excludes cache).
 #[pyfunction]
 #[pyo3(name = "normalize_usage_block", signature = (usage, anthropic = false))]
 fn py_normalize_usage_block(usage: &Bound<'_, PyAny>, anthropic: bool) -> PyResult<Usage> {
-    usage_block(usage, anthropic).map_err(to_py)
+    usage_block(usage, anthropic)
+        .and_then(|found| Ok(found.usage()?))
+        .map_err(to_py)
 }
 
 #[pymethods]
@@ -566,6 +813,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Usage>()?;
     m.add("BadUsage", m.py().get_type::<BadUsage>())?;
     m.add_function(wrap_pyfunction!(py_extract_usage, m)?)?;
+    m.add_function(wrap_pyfunction!(py_merge_stream_usage, m)?)?;
     m.add_function(wrap_pyfunction!(py_normalize_usage_block, m)?)?;
     Ok(())
 }

@@ -28,6 +28,7 @@ __all__ = [
     "finish_response",
     "key_slot",
     "make_response",
+    "merge_stream_usage",
     "normalize_usage_block",
     "read_response",
 ]
@@ -100,6 +101,16 @@ def extract_usage(obj: Any) -> Usage | None:
 
     Raises ``BadUsage`` for a count of the wrong type, outside ``[0, 10**12)``, or inconsistent
     subsets.
+    """
+
+def merge_stream_usage(previous: Usage | None, chunk: Any) -> Usage | None:
+    """Fold the usage a stream chunk carries into what the stream reported so far (``previous``
+    itself when the chunk carries none). Cumulative shapes (OpenAI chat chunks, Responses
+    events, Anthropic ``message_start``/``message_delta``, Gemini ``usageMetadata``) are replaced
+    field by field, LangChain message-chunk deltas are added; a field a later report leaves out
+    never erases an earlier value.
+
+    Raises ``BadUsage`` when the chunk's usage cannot be trusted.
     """
 
 def normalize_usage_block(usage: Any, anthropic: bool = False) -> Usage:

@@ -10,72 +10,28 @@ attributes: OpenAI chat completions and chunks, OpenAI Responses (and ``response
 events), Anthropic messages and stream events, Gemini ``usageMetadata``, LangChain
 ``usage_metadata``, DeepSeek cache fields, LiteLLM ``response_cost``, and llmtally's own response
 dict (``tokens_used``, ``prompt_tokens``, ...).
+
+Reasoning reaches ``reasoning_tokens``, inside ``completion_tokens``, from every shape that
+reports it: OpenAI ``completion_tokens_details.reasoning_tokens`` (LiteLLM too) and Responses
+``output_tokens_details.reasoning_tokens``, Anthropic (and Bedrock/Vertex Anthropic bodies)
+``output_tokens_details.thinking_tokens``, Gemini ``thoughtsTokenCount`` (added to the candidates,
+or already inside them when the total says so), LangChain ``output_token_details.reasoning``. An
+OpenAI-shaped report whose total is prompt + completion + reasoning (gateways in front of Gemini)
+has its reasoning folded into the completion.
+
+Streams: :func:`merge_stream_usage` (in the Rust core) folds each chunk's usage into what the
+stream reported so far, field by field. Cumulative shapes (OpenAI chat chunks, Responses events,
+Anthropic ``message_start``/``message_delta``, Gemini ``usageMetadata``) replace a field only when
+a later report carries it; LangChain message-chunk deltas are added, as ``AIMessageChunk``
+addition does. A field left out (or null) never erases an earlier value, and a cumulative count is
+never summed twice.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from llmtally._core import BadUsage, Usage, extract_text, extract_usage
+from llmtally._core import BadUsage, Usage, extract_text, extract_usage, merge_stream_usage
 
 __all__ = ["MAX_TOKENS", "BadUsage", "Usage", "extract_text", "extract_usage", "merge_stream_usage"]
 
 MAX_TOKENS = 10**12
 """Token counts must be integers in ``[0, MAX_TOKENS)``."""
-
-
-def _get(obj: Any, key: str) -> Any:
-    if isinstance(obj, dict):
-        return obj.get(key)
-    if obj is None:
-        return None
-    return getattr(obj, key, None)
-
-
-def merge_stream_usage(previous: Usage | None, chunk: Any) -> Usage | None:
-    """Fold the usage a stream chunk carries into what the stream reported so far.
-
-    OpenAI and Responses streams report usage once, at the end (it replaces nothing). Anthropic
-    reports input and cache counts in ``message_start`` and cumulative counts in each
-    ``message_delta``: merged field by field, as Anthropic's own accumulator does, so a field a
-    delta leaves out (or sends as null) keeps its earlier value, the 5-minute/1-hour split of
-    cache writes included.
-
-    Raises:
-        BadUsage: when the chunk's usage cannot be trusted.
-    """
-    found = extract_usage(chunk)
-    if found is None:
-        return previous
-    if previous is None or _get(chunk, "type") != "message_delta":
-        return found
-    usage = _get(chunk, "usage")
-    cached = previous.cached_tokens
-    write = previous.cache_write_tokens
-    write_1h = previous.cache_write_1h_tokens
-    uncached = (previous.prompt_tokens or 0) - cached - write
-    if _get(usage, "input_tokens") is not None:
-        uncached = _get(usage, "input_tokens")
-    if _get(usage, "cache_read_input_tokens") is not None:
-        cached = found.cached_tokens
-    if _get(usage, "cache_creation_input_tokens") is not None:
-        write = found.cache_write_tokens
-    if _get(_get(usage, "cache_creation"), "ephemeral_1h_input_tokens") is not None:
-        write_1h = found.cache_write_1h_tokens
-    completion = found.completion_tokens
-    if _get(usage, "output_tokens") is None:
-        completion = previous.completion_tokens
-    reasoning = previous.reasoning_tokens
-    if _get(_get(usage, "output_tokens_details"), "thinking_tokens") is not None:
-        reasoning = found.reasoning_tokens
-    prompt = uncached + cached + write
-    return Usage(
-        total_tokens=prompt + (completion or 0),
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cached_tokens=cached,
-        cache_write_tokens=write,
-        cache_write_1h_tokens=min(write_1h, write),
-        reasoning_tokens=min(reasoning, completion or 0),
-        cost_usd=found.cost_usd if found.cost_usd is not None else previous.cost_usd,
-    )

@@ -74,7 +74,40 @@ bodies = st.one_of(
             thoughtsTokenCount=maybe,
             cachedContentTokenCount=maybe,
             totalTokenCount=maybe,
+            toolUsePromptTokenCount=maybe,
         ),
+    ),
+    # Totals that say how reasoning was counted: beside the completion, or inside it.
+    st.builds(
+        lambda p, c, r, extra, sibling: {
+            "usage": {
+                "prompt_tokens": p,
+                "completion_tokens": c,
+                "total_tokens": p + c + (r if sibling else 0) + extra,
+                "completion_tokens_details": {"reasoning_tokens": r},
+            }
+        },
+        small,
+        small,
+        small,
+        st.sampled_from([0, 0, 1]),
+        st.booleans(),
+    ),
+    st.builds(
+        lambda p, c, t, tool, inside: {
+            "usageMetadata": {
+                "promptTokenCount": p,
+                "candidatesTokenCount": c + (t if inside else 0),
+                "thoughtsTokenCount": t,
+                "toolUsePromptTokenCount": tool,
+                "totalTokenCount": p + c + t + tool,
+            }
+        },
+        small,
+        small,
+        small,
+        st.sampled_from([0, 7]),
+        st.booleans(),
     ),
 )
 

@@ -128,6 +128,18 @@ def _build(
     )
 
 
+def _sibling_reasoning(
+    total: int | None, prompt: int | None, completion: int | None, reasoning: int
+) -> int | None:
+    """The completion, with reasoning folded in when the total says it was reported beside it
+    (total == prompt + completion + reasoning, not prompt + completion)."""
+    if total is None or prompt is None or completion is None or reasoning <= 0:
+        return completion
+    if total != prompt + completion and total == prompt + completion + reasoning:
+        return completion + reasoning
+    return completion
+
+
 def _getter(obj: Any) -> Any:
     """A ``key -> value or None`` lookup for a dict or an SDK object."""
     if isinstance(obj, dict):
@@ -163,9 +175,9 @@ def _from_usage_block(usage: Any, anthropic: bool) -> Usage:
         cdetails = get("completion_tokens_details")
         if cdetails is not None:
             reasoning = _opt(cdetails, "reasoning_tokens")
-        return _build(
-            _opt_of(get, "total_tokens"), prompt, completion, cached or 0, 0, reasoning or 0, cost
-        )
+        total = _opt_of(get, "total_tokens")
+        completion = _sibling_reasoning(total, prompt, completion, reasoning or 0)
+        return _build(total, prompt, completion, cached or 0, 0, reasoning or 0, cost)
     input_tokens = _opt_of(get, "input_tokens")
     output_tokens = _opt_of(get, "output_tokens")
     cache_read = _opt_of(get, "cache_read_input_tokens")
@@ -205,14 +217,10 @@ def _from_usage_block(usage: Any, anthropic: bool) -> Usage:
     lc_out = get("output_token_details")
     if lc_out is not None:
         reasoning = _opt(lc_out, "reasoning")
+    total = _opt_of(get, "total_tokens")
+    output_tokens = _sibling_reasoning(total, input_tokens, output_tokens, reasoning or 0)
     return _build(
-        _opt_of(get, "total_tokens"),
-        input_tokens,
-        output_tokens,
-        cached or 0,
-        cache_write,
-        reasoning or 0,
-        cost,
+        total, input_tokens, output_tokens, cached or 0, cache_write, reasoning or 0, cost
     )
 
 
@@ -229,12 +237,24 @@ def _from_gemini(meta: Any) -> Usage:
     cached = _opt(meta, "cachedContentTokenCount")
     if cached is None:
         cached = _opt(meta, "cached_content_token_count")
-    completion = (
-        None if candidates is None and thoughts is None else (candidates or 0) + (thoughts or 0)
-    )
     total = _opt(meta, "totalTokenCount")
     if total is None:
         total = _opt(meta, "total_token_count")
+    if (
+        prompt is not None
+        and thoughts
+        and total is not None
+        and candidates is not None
+        and candidates >= thoughts
+    ):
+        tool = _opt(meta, "toolUsePromptTokenCount")
+        if tool is None:
+            tool = _opt(meta, "tool_use_prompt_token_count")
+        if prompt + candidates + (tool or 0) == total:
+            candidates -= thoughts  # thoughts inside the candidates (some Vertex versions)
+    completion = (
+        None if candidates is None and thoughts is None else (candidates or 0) + (thoughts or 0)
+    )
     return _build(total, prompt, completion, cached or 0, 0, thoughts or 0)
 
 
@@ -263,13 +283,16 @@ def extract_usage(obj: Any) -> Usage | None:
         "tokens_used" in obj or ("usage" not in obj and any(k in obj for k in _OWN_KEYS))
     ):
         # llmtally's own response dict.
+        total = _opt(obj, "tokens_used")
+        prompt = _opt(obj, "prompt_tokens")
+        reasoning = _opt(obj, "reasoning_tokens") or 0
         return _build(
-            _opt(obj, "tokens_used"),
-            _opt(obj, "prompt_tokens"),
-            _opt(obj, "completion_tokens"),
+            total,
+            prompt,
+            _sibling_reasoning(total, prompt, _opt(obj, "completion_tokens"), reasoning),
             _opt(obj, "cached_tokens") or 0,
             _opt(obj, "cache_write_tokens") or 0,
-            _opt(obj, "reasoning_tokens") or 0,
+            reasoning,
             _cost(obj.get("cost_estimate")),
             _opt(obj, "cache_write_1h_tokens") or 0,
         )
