@@ -23,6 +23,63 @@ ANTHROPIC_USAGE = {
 }
 
 
+# Usage variants a request picks with the ``x-fake-usage`` header (its default is the shapes
+# above). Anthropic: message_start carries the input, cache reads and writes with their
+# 5-minute/1-hour split; the message_delta variants are the formats Anthropic has used.
+ANTHROPIC_CACHE_USAGE = {
+    "input_tokens": 50,
+    "output_tokens": 120,
+    "cache_read_input_tokens": 10_000,
+    "cache_creation_input_tokens": 300,
+    "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200},
+}
+ANTHROPIC_DELTAS: dict[str, dict[str, Any]] = {
+    "output-only": {"output_tokens": 120},
+    "input-repeated": {"input_tokens": 50, "output_tokens": 120},
+    "cumulative": {
+        "input_tokens": 50,
+        "output_tokens": 120,
+        "cache_read_input_tokens": 10_000,
+        "cache_creation_input_tokens": 300,
+    },
+    "null-cache": {
+        "input_tokens": 50,
+        "output_tokens": 120,
+        "cache_read_input_tokens": None,
+        "cache_creation_input_tokens": None,
+    },
+    "thinking": {
+        "input_tokens": 50,
+        "output_tokens": 120,
+        "output_tokens_details": {"thinking_tokens": 90},
+    },
+}
+# OpenAI-shaped: running usage in every chunk (vLLM's continuous usage stats; the cache detail in
+# the first only), and reasoning reported beside the completion (gateways in front of Gemini).
+OPENAI_SIBLING_REASONING = {
+    "prompt_tokens": 21,
+    "completion_tokens": 0,
+    "total_tokens": 81,
+    "completion_tokens_details": {"reasoning_tokens": 60},
+}
+
+
+def _continuous_chunks(model: str) -> list[dict[str, Any]]:
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model}
+    chunks = []
+    for i, text in enumerate(("Pa", "ris", ".")):
+        usage: dict[str, Any] = {
+            "prompt_tokens": 1200,
+            "completion_tokens": 100 * (i + 1),
+            "total_tokens": 1200 + 100 * (i + 1),
+        }
+        if i == 0:
+            usage["prompt_tokens_details"] = {"cached_tokens": 1024}
+        delta = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+        chunks.append({**base, "choices": [delta], "usage": usage})
+    return chunks
+
+
 def _chat(model: str) -> dict[str, Any]:
     return {
         "id": "chatcmpl-1",
@@ -66,8 +123,10 @@ def _message(model: str) -> dict[str, Any]:
     }
 
 
-def _message_events(model: str) -> list[tuple[str, dict[str, Any]]]:
-    start = dict(_message(model), content=[], usage=dict(ANTHROPIC_USAGE, output_tokens=1))
+def _message_events(model: str, variant: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    usage = ANTHROPIC_CACHE_USAGE if variant else ANTHROPIC_USAGE
+    start = dict(_message(model), content=[], usage=dict(usage, output_tokens=1))
+    last = ANTHROPIC_DELTAS[variant] if variant else {"output_tokens": 120}
     return [
         ("message_start", {"type": "message_start", "message": start}),
         (
@@ -100,7 +159,7 @@ def _message_events(model: str) -> list[tuple[str, dict[str, Any]]]:
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                "usage": {"output_tokens": 120},
+                "usage": last,
             },
         ),
         ("message_stop", {"type": "message_stop"}),
@@ -156,7 +215,26 @@ class FakeLLM:
                     self._json(500, {"error": {"message": "boom", "type": "server_error"}})
                     return
                 stream = bool(body.get("stream"))
-                if self.path.endswith("/chat/completions"):
+                variant = self.headers.get("x-fake-usage")
+                if self.path.endswith("/chat/completions") and variant == "sibling-reasoning":
+                    if not stream:
+                        self._json(200, {**_chat(model), "usage": OPENAI_SIBLING_REASONING})
+                        return
+                    chunks = [
+                        *_chat_chunks(model, False),
+                        {
+                            "id": "c",
+                            "object": "chat.completion.chunk",
+                            "created": 1,
+                            "model": model,
+                            "choices": [],
+                            "usage": OPENAI_SIBLING_REASONING,
+                        },
+                    ]
+                    self._sse([(None, c) for c in chunks], done=True)
+                elif self.path.endswith("/chat/completions") and variant == "continuous":
+                    self._sse([(None, c) for c in _continuous_chunks(model)], done=True)
+                elif self.path.endswith("/chat/completions"):
                     if not stream:
                         self._json(200, _chat(model))
                         return
@@ -236,9 +314,14 @@ class FakeLLM:
                     self._sse([("completion", done)], done=False)
                 elif self.path.split("?")[0].endswith("/messages"):
                     if not stream:
-                        self._json(200, _message(model))
+                        message = _message(model)
+                        if variant:
+                            message["usage"] = {**ANTHROPIC_CACHE_USAGE, **{
+                                k: v for k, v in ANTHROPIC_DELTAS[variant].items()
+                                if v is not None}}  # fmt: skip
+                        self._json(200, message)
                         return
-                    self._sse(_message_events(model), done=False)
+                    self._sse(_message_events(model, variant), done=False)
                 else:
                     self._json(404, {"error": {"message": "not found"}})
 
