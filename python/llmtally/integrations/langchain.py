@@ -147,16 +147,30 @@ def _token_usage(response: LLMResult) -> Any:
 _ZERO_USAGE: dict[str, int] = {"prompt_tokens": 0, "completion_tokens": 0}
 
 
-def _batch_share(response: LLMResult) -> bool:
-    """True for a run whose ``llm_output`` says ``token_usage: {}`` on purpose (what
-    ``LLMResult.flatten()`` gives every run of a batch but the first)."""
+def _batch_share(response: LLMResult, message: Any, batch_size: int) -> bool:
+    """True for a run whose ``llm_output`` says ``token_usage: {}`` on purpose: what
+    ``LLMResult.flatten()`` gives every run of a text-completion batch but the first. A chat
+    model's runs are not flattened, and a single run's ``{}`` is a provider that reported
+    nothing (a streamed completion): those are estimated, never a silent zero."""
     output = response.llm_output
-    return isinstance(output, dict) and output.get("token_usage") == {}
+    return (
+        batch_size > 1
+        and message is None
+        and isinstance(output, dict)
+        and output.get("token_usage") == {}
+    )
 
 
-def _reported_usage(response: LLMResult, message: Any) -> Usage | None:
+def _batch_size(kwargs: Mapping[str, Any]) -> int:
+    """The ``batch_size`` LangChain gives ``on_llm_start`` (1 when absent)."""
+    size = kwargs.get("batch_size")
+    return size if type(size) is int else 1
+
+
+def _reported_usage(response: LLMResult, message: Any, batch_size: int = 1) -> Usage | None:
     """The provider's usage: the message's ``usage_metadata``, else ``llm_output``'s
-    ``token_usage``. Raises ``BadUsage`` for counts that cannot be trusted."""
+    ``token_usage`` (zero for the runs of a batch after the first). Raises ``BadUsage`` for
+    counts that cannot be trusted."""
     usage_metadata = getattr(message, "usage_metadata", None) if message is not None else None
     if usage_metadata:
         # A plain dict reads in about a tenth of the time of the pydantic message.
@@ -166,7 +180,7 @@ def _reported_usage(response: LLMResult, message: Any) -> Usage | None:
     token_usage = _token_usage(response)
     if token_usage is not None:
         return extract_usage({"usage": token_usage})
-    if _batch_share(response):
+    if _batch_share(response, message, batch_size):
         return Usage(total_tokens=0, prompt_tokens=0, completion_tokens=0)
     return None
 
@@ -193,11 +207,12 @@ def _run_key(run_id: Any) -> str:
 
 
 class _OpenCall:
-    __slots__ = ("call", "trace_id")
+    __slots__ = ("batch_size", "call", "trace_id")
 
-    def __init__(self, call: LLMCall, trace_id: Any) -> None:
+    def __init__(self, call: LLMCall, trace_id: Any, batch_size: int = 1) -> None:
         self.call = call
         self.trace_id = trace_id
+        self.batch_size = batch_size
 
 
 def _end_evicted(run: _OpenCall | _OpenScope) -> None:
@@ -319,6 +334,7 @@ class LlmtallyCallbackHandler(_LCAsyncHandler):
         parent_run_id: UUID | None,
         metadata: dict[str, Any] | None,
         kwargs: dict[str, Any],
+        text: bool = False,
     ) -> None:
         model, provider = _model_and_provider(serialized, metadata, kwargs)
         context, trace = self._links(run_id, parent_run_id, metadata)
@@ -329,7 +345,8 @@ class LlmtallyCallbackHandler(_LCAsyncHandler):
         # A CallbackAbort here stops the LangChain run, on purpose; the call ends in another
         # callback, maybe in another task.
         await call.start()
-        self._put(context["run_id"], _OpenCall(call, call.context.get("trace_id")))
+        batch = _batch_size(kwargs) if text else 1
+        self._put(context["run_id"], _OpenCall(call, call.context.get("trace_id"), batch))
 
     async def on_chat_model_start(
         self,
@@ -365,7 +382,9 @@ class LlmtallyCallbackHandler(_LCAsyncHandler):
         """Open an llmtally LLM call for a text LLM run (the prompt as one user message)."""
         try:
             converted = [{"role": "user", "content": p} for p in prompts if isinstance(p, str)]
-            await self._start_llm(converted, serialized, run_id, parent_run_id, metadata, kwargs)
+            await self._start_llm(
+                converted, serialized, run_id, parent_run_id, metadata, kwargs, text=True
+            )
         except CallbackAbort:
             raise
         except Exception as exc:
@@ -417,7 +436,7 @@ class LlmtallyCallbackHandler(_LCAsyncHandler):
                 token_usage = _token_usage(response)
                 if token_usage is not None:
                     call.set_response({"usage": token_usage, "content": text})
-                elif _batch_share(response):
+                elif _batch_share(response, message, run.batch_size):
                     # Runs 2..n of a batch: LangChain gives the batch's usage to the first run
                     # and an explicit empty token_usage to the others, which is zero, not unknown.
                     call.set_response({"usage": _ZERO_USAGE, "content": text})
@@ -679,15 +698,21 @@ def _isolated(method: _F) -> _F:
 
 
 class _Start:
-    __slots__ = ("first_token_at", "messages", "model", "provider", "started_at")
+    __slots__ = ("batch_size", "first_token_at", "messages", "model", "provider", "started_at")
 
     def __init__(
-        self, model: str | None, provider: str | None, messages: Any, started_at: float
+        self,
+        model: str | None,
+        provider: str | None,
+        messages: Any,
+        started_at: float,
+        batch_size: int = 1,
     ) -> None:
         self.model = model
         self.provider = provider
         self.messages = messages
         self.started_at = started_at
+        self.batch_size = batch_size
         self.first_token_at: float | None = None
 
 
@@ -716,8 +741,16 @@ class _NativeCallback(BaseCallbackHandler):
         level = logging.ERROR if first else logging.DEBUG
         logger.log(level, "%s.%s failed (isolated): %r", type(self).__name__, event, exc)
 
-    def _start(self, run_id: Any, model: str | None, provider: str | None, messages: Any) -> None:
-        start = _Start(model, provider, messages if self._keep_messages else None, self._clock())
+    def _start(
+        self,
+        run_id: Any,
+        model: str | None,
+        provider: str | None,
+        messages: Any,
+        batch_size: int = 1,
+    ) -> None:
+        kept = messages if self._keep_messages else None
+        start = _Start(model, provider, kept, self._clock(), batch_size)
         with self._lock:
             if len(self._starts) >= MAX_OPEN_RUNS:
                 self._starts.popitem(last=False)
@@ -761,14 +794,14 @@ class _NativeCallback(BaseCallbackHandler):
         converted = None
         if self._keep_messages:
             converted = [{"role": "user", "content": p} for p in prompts if isinstance(p, str)]
-        self._start(run_id, model, provider, converted)
+        self._start(run_id, model, provider, converted, _batch_size(kwargs))
 
     def _usage(self, response: LLMResult, start: _Start | None) -> tuple[Usage, bool, str]:
         """``(usage, estimated, model)`` of a finished run."""
         message, text, found_model = _generation_parts(response)
         model = found_model or (start.model if start is not None else None) or "unknown"
         try:
-            usage = _reported_usage(response, message)
+            usage = _reported_usage(response, message, start.batch_size if start else 1)
         except BadUsage as exc:
             with self._lock:
                 self.bad_input += 1
@@ -1080,7 +1113,7 @@ class PerformanceCallback(_NativeCallback):
         message, _, found_model = _generation_parts(response)
         completion: int | None = None
         try:
-            usage = _reported_usage(response, message)
+            usage = _reported_usage(response, message, start.batch_size)
             completion = usage.completion_tokens if usage is not None else None
         except BadUsage:
             completion = None
