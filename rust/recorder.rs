@@ -21,7 +21,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
+use pyo3::types::{PyDict, PyString, PyTuple};
 
 use crate::cost::Prices;
 use crate::histogram::Histogram;
@@ -292,15 +292,28 @@ enum Sink {
         key_for: Py<PyAny>,
         keys: Mutex<HashMap<String, (String, Py<PyString>)>>,
     },
-    /// `TokenCounter` / `CostTracker`: `provider \x1f model \x1f user`.
-    /// At most `max` keys: a new one past it goes to `provider \x1f <other> \x1f <other>`.
-    PerCall { ledger: Py<Ledger>, max: u64 },
-    /// `PerformanceTracker`: per-model accumulators in the tracker's dict, at most `max` models
-    /// (later ones share the `"<other>"` entry).
-    Perf { models: Py<PyDict>, max: usize },
+    /// `TokenCounter` / `CostTracker`: the ledger slot of the tuple `(provider, model, user)`,
+    /// found in the tracker's table (`slots`), else given by `admit(key)`, where the tracker
+    /// applies its caps (a key past them shares an `"<other>"` slot).
+    PerCall {
+        ledger: Py<Ledger>,
+        slots: Py<PyDict>,
+        admit: Py<PyAny>,
+    },
+    /// `PerformanceTracker`: per-model accumulators in the tracker's dict, else from
+    /// `admit(model)` (past its cap, the shared `"<other>"` entry).
+    Perf {
+        models: Py<PyDict>,
+        admit: Py<PyAny>,
+    },
 }
 
 const MAX_CACHED_USERS: usize = 100_000;
+/// Longer user ids are not cached (the cache stays small in bytes whatever the ids).
+const MAX_CACHED_USER_LEN: usize = 256;
+/// A longer user id (in characters) is left to Python, which applies the identity rule's size
+/// limit in UTF-8 bytes (`llmtally.identity.MAX_USER_ID_BYTES` / 4: within it whatever it holds).
+const MAX_FAST_USER_CHARS: usize = 16 * 1024;
 /// Outcomes of `Recorder.end`.
 pub const DECLINED: i64 = -2;
 pub const RECORDED: i64 = -1;
@@ -365,11 +378,13 @@ fn response_cost(response: &Bound<'_, PyDict>) -> PyResult<Option<i64>> {
     Ok(Some((usd * 1e12).round() as i64))
 }
 
-/// A user id kwarg: `Some(None)` for none (or empty), `None` when it is not a string.
+/// A user id kwarg: `Some(None)` for none (or empty), `None` when it is not a string or is
+/// long enough for the identity rule's size limit to matter (the handlers' own path decides).
 fn user_of<'py>(v: Option<Bound<'py, PyAny>>) -> PyResult<Option<Option<Bound<'py, PyString>>>> {
     Ok(match opt_str(v) {
         None => None,
-        Some(Some(u)) if u.to_str()?.is_empty() => Some(None),
+        Some(Some(u)) if u.len()? == 0 => Some(None),
+        Some(Some(u)) if u.len()? > MAX_FAST_USER_CHARS => None,
         Some(u) => Some(u),
     })
 }
@@ -435,7 +450,7 @@ impl Recorder {
         };
         // The model the response reports, else the call's.
         let model = match opt_str(response.get_item(intern!(py, "model"))?) {
-            Some(Some(m)) if !m.to_str()?.is_empty() => m,
+            Some(Some(m)) if m.len()? > 0 => m,
             Some(_) => call_model.clone(),
             None => return Ok(None),
         };
@@ -480,8 +495,9 @@ impl Recorder {
 
 #[pymethods]
 impl Recorder {
-    /// `sinks`: tuples `("user_key", ledger, prefix, cycle_or_None)`,
-    /// `("call_user", ledger, key_for)`, `("per_call", ledger)`, `("perf", models_dict)`.
+    /// `sinks`: tuples `("user_key", store, prefix, cycle_or_None)`,
+    /// `("call_user", store, key_for)`, `("per_call", ledger, slots, admit)`,
+    /// `("perf", models, admit)`.
     /// `flush_at`: pending keys at which `end` asks for an early flush.
     #[new]
     fn py_new(sinks: Vec<Bound<'_, PyAny>>, flush_at: u64) -> PyResult<Self> {
@@ -501,11 +517,12 @@ impl Recorder {
                 },
                 "per_call" => Sink::PerCall {
                     ledger: spec.get_item(1)?.extract()?,
-                    max: spec.get_item(2)?.extract()?,
+                    slots: spec.get_item(2)?.cast_into::<PyDict>()?.unbind(),
+                    admit: spec.get_item(3)?.unbind(),
                 },
                 "perf" => Sink::Perf {
                     models: spec.get_item(1)?.cast_into::<PyDict>()?.unbind(),
-                    max: spec.get_item(2)?.extract()?,
+                    admit: spec.get_item(2)?.unbind(),
                 },
                 other => {
                     return Err(PyValueError::new_err(format!(
@@ -692,10 +709,8 @@ impl Recorder {
     }
 
     fn apply(&self, py: Python<'_>, call: &Call<'_>) -> PyResult<(i64, bool)> {
-        let user = match &call.user {
-            Some(u) => u.to_str()?,
-            None => "anonymous",
-        };
+        let anonymous = intern!(py, "anonymous");
+        let user_obj = call.user.as_ref().unwrap_or(anonymous);
         let needs_cycle = self
             .sinks
             .iter()
@@ -707,64 +722,56 @@ impl Recorder {
         };
         // Keys that need Python are made before anything is written.
         let mut made: Vec<Option<String>> = Vec::with_capacity(self.sinks.len());
+        let mut tracker_key: Option<Bound<'_, PyTuple>> = None;
         for sink in &self.sinks {
-            let Sink::CallUser { key_for, keys, .. } = sink else {
-                made.push(None);
-                continue;
-            };
-            let cached = {
-                let keys = keys.lock().unwrap_or_else(|p| p.into_inner());
-                match keys.get(user) {
-                    Some((c, k)) if *c == cycle => Some(k.clone_ref(py)),
-                    _ => None,
-                }
-            };
-            let key = match cached {
-                Some(k) => k,
-                None => {
-                    let Ok(k) = key_for.bind(py).call1((user, cycle.as_str())) else {
+            match sink {
+                Sink::CallUser { key_for, keys, .. } => {
+                    // A name with no UTF-8 form (a lone surrogate): the handlers' own path.
+                    let Ok(user) = user_obj.to_str() else {
+                        return Ok((DECLINED, false));
+                    };
+                    let Some(key) = call_user_key(py, key_for, keys, user, &cycle)? else {
                         return Ok((DECLINED, false)); // the handler's own path reports it
                     };
-                    let k = k.cast_into::<PyString>()?.unbind();
-                    let mut keys = keys.lock().unwrap_or_else(|p| p.into_inner());
-                    if keys.len() >= MAX_CACHED_USERS {
-                        keys.clear();
-                    }
-                    keys.insert(user.to_owned(), (cycle.clone(), k.clone_ref(py)));
-                    k
+                    made.push(Some(key));
                 }
-            };
-            made.push(Some(key.bind(py).to_str()?.to_owned()));
+                Sink::PerCall { slots, admit, .. } => {
+                    let key = match &tracker_key {
+                        Some(k) => k.clone(),
+                        None => {
+                            let k = PyTuple::new(
+                                py,
+                                [
+                                    call.provider.as_any(),
+                                    call.model.as_any(),
+                                    user_obj.as_any(),
+                                ],
+                            )?;
+                            tracker_key = Some(k.clone());
+                            k
+                        }
+                    };
+                    let slot = match slots.bind(py).get_item(&key)? {
+                        Some(slot) => slot,
+                        None => admit.bind(py).call1((key,))?,
+                    };
+                    made.push(Some(slot.cast_into::<PyString>()?.to_str()?.to_owned()));
+                }
+                _ => made.push(None),
+            }
         }
         // Per-model accumulators, found or made.
         let mut perfs: Vec<Option<Bound<'_, PerfModel>>> = Vec::with_capacity(self.sinks.len());
         for sink in &self.sinks {
-            let Sink::Perf { models, max } = sink else {
+            let Sink::Perf { models, admit } = sink else {
                 perfs.push(None);
                 continue;
             };
-            let models = models.bind(py);
-            let found = match models.get_item(&call.call_model)? {
-                Some(p) => Some(p),
-                // Past the cap (or a name too long to keep): the shared "<other>" entry.
-                None if models.len() >= *max || call.call_model.len()? > MAX_MODEL_NAME => {
-                    models.get_item(intern!(py, "<other>"))?
-                }
-                None => None,
+            let found = match models.bind(py).get_item(&call.call_model)? {
+                Some(p) => p,
+                None => admit.bind(py).call1((&call.call_model,))?,
             };
-            perfs.push(Some(match found {
-                Some(p) => p.cast_into::<PerfModel>()?,
-                None => {
-                    let p = Bound::new(py, PerfModel::create(py)?)?;
-                    let name = if models.len() >= *max || call.call_model.len()? > MAX_MODEL_NAME {
-                        intern!(py, "<other>").clone().into_any()
-                    } else {
-                        call.call_model.clone().into_any()
-                    };
-                    models.set_item(name, &p)?;
-                    p
-                }
-            }));
+            perfs.push(Some(found.cast_into::<PerfModel>()?));
         }
         // The stores' current ledgers.
         let mut ledgers: Vec<Option<Bound<'_, Ledger>>> = Vec::with_capacity(self.sinks.len());
@@ -780,8 +787,6 @@ impl Recorder {
             });
         }
         // Everything that can fail is done: from here on, every sink is written.
-        let provider = call.provider.to_str()?;
-        let model = call.model.to_str()?;
         let mut failed = RECORDED;
         let mut flush = false;
         let mut key = String::new();
@@ -805,24 +810,10 @@ impl Recorder {
                     key.push_str(made[i].as_deref().unwrap_or_default());
                     (ledger.get().core(), true)
                 }
-                (Sink::PerCall { ledger, max }, _) => {
-                    let core = ledger.get().core();
+                (Sink::PerCall { ledger, .. }, _) => {
                     key.clear();
-                    push_part(&mut key, provider);
-                    key.push('\x1f');
-                    // In characters, as Python counts (a byte count would disagree on UTF-8).
-                    let keep =
-                        model.len() <= MAX_MODEL_NAME || model.chars().count() <= MAX_MODEL_NAME;
-                    push_part(&mut key, if keep { model } else { "<other>" });
-                    key.push('\x1f');
-                    push_part(&mut key, user);
-                    if core.pending() >= *max && !core.contains(&key) {
-                        // Past the cap: one shared key per provider, counted in "<other>".
-                        key.clear();
-                        push_part(&mut key, provider);
-                        key.push_str("\x1f<other>\x1f<other>");
-                    }
-                    (core, false)
+                    key.push_str(made[i].as_deref().unwrap_or_default());
+                    (ledger.get().core(), false)
                 }
                 (Sink::Perf { .. }, _) => {
                     if let Some(perf) = &perfs[i] {
@@ -842,6 +833,41 @@ impl Recorder {
         }
         Ok((failed, flush))
     }
+}
+
+/// A `UsageRecorder`'s store key of `user` in `cycle`, from its cache or its `key_for`; `None`
+/// when `key_for` refused (nothing is written then). Short ids only are cached, so the cache
+/// stays small in bytes whatever the ids.
+fn call_user_key(
+    py: Python<'_>,
+    key_for: &Py<PyAny>,
+    keys: &Mutex<HashMap<String, (String, Py<PyString>)>>,
+    user: &str,
+    cycle: &str,
+) -> PyResult<Option<String>> {
+    let cached = {
+        let keys = keys.lock().unwrap_or_else(|p| p.into_inner());
+        match keys.get(user) {
+            Some((c, k)) if c == cycle => Some(k.bind(py).to_str()?.to_owned()),
+            _ => None,
+        }
+    };
+    if cached.is_some() {
+        return Ok(cached);
+    }
+    let Ok(k) = key_for.bind(py).call1((user, cycle)) else {
+        return Ok(None);
+    };
+    let k = k.cast_into::<PyString>()?;
+    let out = k.to_str()?.to_owned();
+    if user.len() <= MAX_CACHED_USER_LEN {
+        let mut keys = keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.len() >= MAX_CACHED_USERS {
+            keys.clear();
+        }
+        keys.insert(user.to_owned(), (cycle.to_owned(), k.unbind()));
+    }
+    Ok(Some(out))
 }
 
 /// Ids remembered as counted: the last 2^20 (about a million) ids made, one bit each.
@@ -990,24 +1016,5 @@ mod tests {
         // A slot reused 64 seconds later starts again.
         w.record(1064);
         assert_eq!(w.last_minute(1064.0), 2);
-    }
-}
-
-/// The longest model name kept as its own tracker entry (longer ones share `"<other>"`).
-const MAX_MODEL_NAME: usize = 256;
-
-/// One part of a `provider \x1f model \x1f user` tracker key, escaped as `llmtally.identity`
-/// does (`\x1e` -> `\x1e0`, `\x1f` -> `\x1e1`) so no name can forge another's key.
-fn push_part(key: &mut String, part: &str) {
-    if !part.contains(['\x1e', '\x1f']) {
-        key.push_str(part);
-        return;
-    }
-    for ch in part.chars() {
-        match ch {
-            '\x1e' => key.push_str("\x1e0"),
-            '\x1f' => key.push_str("\x1e1"),
-            c => key.push(c),
-        }
     }
 }

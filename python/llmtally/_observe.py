@@ -14,7 +14,8 @@ import weakref
 from typing import Any
 
 from llmtally._core import Histogram, Ledger
-from llmtally.identity import charged_user, join_key, split_key
+from llmtally._names import MAX_NAME_CHARS, OTHER, KeyTable, name
+from llmtally.identity import charged_user
 
 __all__ = ["HandlerStats", "state", "stats_for"]
 
@@ -24,6 +25,12 @@ logger = logging.getLogger("llmtally")
 MAX_USERS = 10_000
 #: (provider, model) pairs given their own series; later ones count under model ``"<other>"``.
 MAX_MODELS = 1_000
+#: Providers given their own label; later ones are ``"<other>"``.
+MAX_PROVIDERS = 100
+#: (provider, model, user) entries counted apart, and the memory they may take; past either, a
+#: new one counts under user ``"<other>"`` (its model's series stay exact).
+MAX_KEYS = 100_000
+MAX_BYTES = 32 * 1024 * 1024
 
 
 class HandlerStats:
@@ -61,13 +68,20 @@ class _State:
         self.on = False
         self.lock = threading.Lock()
         self.handlers: dict[str, HandlerStats] = {}
-        # provider \x1f model \x1f user -> counters (tokens, cost, calls, errors, timeouts)
+        # (provider, model, user) labels -> a slot of the ledger of counters (tokens, cost,
+        # calls, errors, timeouts)
         self.llm = Ledger()
-        self.llm_totals: dict[str, list[int]] = {}
+        self.table = KeyTable(
+            MAX_KEYS,
+            MAX_BYTES,
+            lambda key: (key[0], key[1], OTHER),
+            max_others=MAX_MODELS + MAX_PROVIDERS + 2,
+        )
+        self.llm_totals: dict[tuple[str, ...], list[int]] = {}
         self.users: set[str] = set()
         self.models: set[tuple[str, str]] = set()
+        self.providers: set[str] = set()
         self.errors = 0  # calls left out of the metrics (a label that cannot be made)
-        self._keys: dict[tuple[Any, Any, Any], str] = {}
         self.flush_batches: dict[tuple[str, str], int] = {}
         self.managers: weakref.WeakSet[Any] = weakref.WeakSet()
         self.stores: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -75,36 +89,41 @@ class _State:
     def model_label(self, provider: Any, model: Any) -> tuple[str, str]:
         """``(provider, model)`` labels; past ``MAX_MODELS`` pairs, ``"<other>"`` (model names
         come from callers and providers: the series must stay bounded)."""
-        pair = (_label(provider or "unknown"), _label(model or "unknown"))
+        label = _label(name(provider))
+        if label not in self.providers:
+            if len(self.providers) >= MAX_PROVIDERS:
+                label = OTHER
+            else:
+                self.providers.add(label)
+        pair = (label, _label(name(model)))
         if pair in self.models:
             return pair
         if len(self.models) >= MAX_MODELS:
-            return pair[0], "<other>"
+            return pair[0], OTHER
         self.models.add(pair)
         return pair
 
     def user_label(self, user: Any) -> str:
-        name = charged_user(user)[0]
-        if name in self.users:
-            return name
-        if len(self.users) >= MAX_USERS:
-            return "<other>"
-        self.users.add(name)
-        return name
+        """The charged user (the identity rule); ``"<other>"`` past ``MAX_USERS`` users or
+        for an id longer than ``MAX_NAME_CHARS``."""
+        label = _label(charged_user(user)[0])
+        if label in self.users:
+            return label
+        if len(self.users) >= MAX_USERS or len(label) > MAX_NAME_CHARS:
+            return OTHER
+        self.users.add(label)
+        return label
 
     def _key(self, provider: Any, model: Any, user: Any) -> str:
-        parts = (provider, model, user)
+        if user is None:
+            user = "anonymous"
         try:
-            key = self._keys.get(parts)
-        except TypeError:  # an unhashable id: labelled by its text, not cached
-            return join_key(*self.model_label(provider, model), self.user_label(_label(user)))
-        if key is None:
-            if len(self._keys) >= 100_000:
-                self._keys.clear()
-            key = self._keys[parts] = join_key(
-                *self.model_label(provider, model), self.user_label(user)
-            )
-        return key
+            found = self.table.slots.get((provider, model, user))
+        except TypeError:  # an unhashable id: bad input, labelled by the identity rule
+            found = None
+        if found is not None:
+            return found  # the labels are the names as given
+        return self.table.slot(*self.model_label(provider, model), self.user_label(user))
 
     def _add(self, key: str, *counts: int, **named: int) -> None:
         try:
@@ -174,17 +193,16 @@ class _State:
         """Totals so far per (provider, model, user): drained from the ledger into Python
         integers, so they only grow."""
         with self.lock:
-            for key, counters in self.llm.drain().items():
+            names = {slot: key for key, slot in self.table.slots.items()}
+            for slot, counters in self.llm.drain().items():
+                key = names[slot]
                 acc = self.llm_totals.get(key)
                 if acc is None:
                     self.llm_totals[key] = list(counters)
                 else:
                     for i, v in enumerate(counters):
                         acc[i] += v
-            return {
-                tuple(split_key(k)): list(v)  # type: ignore[misc]
-                for k, v in self.llm_totals.items()
-            }
+            return {(k[0], k[1], k[2]): list(v) for k, v in self.llm_totals.items()}
 
     def flushed(self, backend: str, ok: bool) -> None:
         key = (backend, "success" if ok else "error")

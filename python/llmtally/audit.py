@@ -20,7 +20,7 @@ from typing import Any
 from llmtally.dispatch import is_timeout
 from llmtally.errors import ConfigError
 from llmtally.events import AsyncCallbackHandler
-from llmtally.identity import charged_user
+from llmtally.identity import user_of
 
 __all__ = ["AuditLogger", "redact"]
 
@@ -101,6 +101,7 @@ class AuditLogger(AsyncCallbackHandler):
         self._writer: threading.Thread | None = None
         self._closed = False
         self.records = 0
+        self.bad_input = 0  # bad user ids (charged to "anonymous")
         self.dropped = 0
         self.write_errors = 0
 
@@ -159,7 +160,7 @@ class AuditLogger(AsyncCallbackHandler):
             "ts": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"),
             "event": "llm_call",
             "outcome": outcome,
-            "user_id": charged_user(kwargs.get("user_id"))[0],
+            "user_id": user_of(kwargs.get("user_id"), self),
             "provider": kwargs.get("provider"),
             "model": kwargs.get("model"),
             "request_id": kwargs.get("request_id"),

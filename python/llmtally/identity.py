@@ -11,9 +11,9 @@ the store and the CLI.
 from __future__ import annotations
 
 import logging
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
-__all__ = ["ANONYMOUS", "MAX_USER_ID_BYTES", "charged_user", "describe", "join_key", "split_key"]
+__all__ = ["ANONYMOUS", "MAX_USER_ID_BYTES", "charged_user", "describe", "user_of"]
 
 logger = logging.getLogger("llmtally")
 
@@ -41,10 +41,31 @@ def charged_user(value: Any) -> tuple[str, bool]:
     if isinstance(value, bool):
         return ANONYMOUS, True
     if isinstance(value, int):
-        return str(int(value)), False
+        text = _decimal(value)
+        return (ANONYMOUS, True) if text is None else (text, False)
     if isinstance(value, str):  # a str subclass: its text
         return charged_user(str.__str__(value))
     return ANONYMOUS, True
+
+
+_CHUNK: Final = 10**1000
+
+
+def _decimal(value: int) -> str | None:
+    """An int's decimal string (whatever ``sys.set_int_max_str_digits`` says, and without
+    calling a subclass's methods), or ``None`` when it is longer than ``MAX_USER_ID_BYTES``."""
+    if value.bit_length() <= 3000:  # under 1,000 digits: within any str conversion limit
+        return int.__repr__(value)
+    if value.bit_length() > MAX_USER_ID_BYTES * 3.33:  # over 64 Ki digits
+        return None
+    n = -value if value < 0 else int(value + 0)
+    chunks = []
+    while n:
+        n, rest = divmod(n, _CHUNK)
+        chunks.append(rest)
+    text = ("-" if value < 0 else "") + int.__repr__(chunks.pop())
+    text += "".join(f"{c:01000d}" for c in reversed(chunks))
+    return text if len(text) <= MAX_USER_ID_BYTES else None
 
 
 def describe(value: Any) -> str:
@@ -54,38 +75,19 @@ def describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-# In-process tracker keys are (provider, model, user) joined into one str for the Rust ledger.
-# Each part is escaped so no name can forge another's key: \x1e -> \x1e0, \x1f -> \x1e1, then
-# the parts are joined with \x1f (the core's recorder escapes the same way).
-_SEP: Final = "\x1f"
-_ESC: Final = "\x1e"
+class _Counted(Protocol):
+    bad_input: int
 
 
-def _escape(part: str) -> str:
-    if _ESC in part or _SEP in part:
-        return part.replace(_ESC, _ESC + "0").replace(_SEP, _ESC + "1")
-    return part
-
-
-def _unescape(part: str) -> str:
-    if _ESC not in part:
-        return part
-    out, i = [], 0
-    while i < len(part):
-        ch = part[i]
-        if ch == _ESC and i + 1 < len(part):
-            out.append(_ESC if part[i + 1] == "0" else _SEP)
-            i += 2
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
-def join_key(*parts: str) -> str:
-    """One ledger key from its parts; :func:`split_key` gives them back, whatever they hold."""
-    return _SEP.join(_escape(p) for p in parts)
-
-
-def split_key(key: str) -> list[str]:
-    return [_unescape(p) for p in key.split(_SEP)]
+def user_of(value: Any, owner: _Counted) -> str:
+    """The user a handler charges for ``user_id=value``; bad input is counted in
+    ``owner.bad_input`` and logged (a handler called directly; through a manager the id is
+    already normalized where the call entered, so this is one type check and one length check).
+    """
+    if type(value) is str and 0 < len(value) <= _SAFE_CHARS:
+        return value
+    user, bad = charged_user(value)
+    if bad:
+        owner.bad_input += 1
+        logger.warning("user_id is %s: charged to %r", describe(value), user)
+    return user

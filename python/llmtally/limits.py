@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 from llmtally.dispatch import new_id
 from llmtally.errors import BudgetExceeded, ConfigError, RateLimited, StoreError
 from llmtally.events import AsyncCallbackHandler
-from llmtally.identity import charged_user
+from llmtally.identity import charged_user, describe, user_of
 from llmtally.pricing import lookup as price_lookup
 from llmtally.storage import AsyncBackend, Store, resolve_store
 from llmtally.storage._limits import NO_LIMIT, BudgetState, LocalLimits, check_budget
@@ -63,10 +63,6 @@ def _pusd(cost_usd: Any) -> int:
     if not math.isfinite(cost_usd) or cost_usd <= 0:
         return 0
     return round(cost_usd * _PUSD)
-
-
-def _user(kwargs: Mapping[str, Any]) -> str:
-    return charged_user(kwargs.get("user_id"))[0]
 
 
 def _estimate(messages: Any, kwargs: Mapping[str, Any]) -> tuple[int, bool]:
@@ -267,7 +263,7 @@ class BudgetLimiter(AsyncCallbackHandler):
 
     async def on_llm_start(self, messages: list[dict[str, Any]], **kwargs: Any) -> None:
         """Reserve the call's estimate, or raise ``BudgetExceeded``."""
-        user_id = _user(kwargs)
+        user_id = user_of(kwargs.get("user_id"), self)
         try:
             key, cycle = self._key(user_id, kwargs.get("cycle_start_date"))
         except ConfigError as exc:
@@ -517,7 +513,10 @@ class BudgetLimiter(AsyncCallbackHandler):
         deltas), ``reserved`` (calls in flight), ``remaining`` (never below 0) and ``unit``
         (``"tokens"`` when ``max_tokens`` is set, else ``"usd"``); with both limits, the cost
         numbers are under ``"usd"``. ``stale`` is True when the store could not be reached."""
-        user_id = _user({"user_id": user_id})
+        given = user_id
+        user_id, bad = charged_user(given)
+        if bad:
+            raise ConfigError(f"user_id is {describe(given)}: give a str or an int")
         key, cycle = self._key(user_id, cycle_start_date)
         stale = False
         try:
@@ -642,7 +641,7 @@ class RateLimiter(AsyncCallbackHandler):
 
     async def on_llm_start(self, messages: list[dict[str, Any]], **kwargs: Any) -> None:
         """Count the call in its windows, or raise ``RateLimited``."""
-        user_id = _user(kwargs)
+        user_id = user_of(kwargs.get("user_id"), self)
         keys = self._keys(user_id)
         tokens = 0
         if self.tokens_per_minute is not None:

@@ -21,7 +21,7 @@ from llmtally import dispatch
 from llmtally._core import BadUsage, Usage, extract_text, extract_usage
 from llmtally.dispatch import RequestWindow, is_timeout
 from llmtally.events import CustomAsyncCallbackHandler
-from llmtally.identity import charged_user
+from llmtally.identity import user_of
 from llmtally.storage import Store, resolve_store
 from llmtally.storage.keys import current_cycle, usage_key, validate_cycle, validate_user_id
 from llmtally.tokens import estimate_tokens
@@ -288,6 +288,9 @@ class DetailedRedisTokenCallbackHandler(RedisTokenCallbackHandler):
         return super()._complete(usage, response, started, kwargs)
 
 
+_MAX_CACHED_USER = 256
+
+
 class UsageRecorder(_Meter):
     """One handler for every user: charges each call to its ``user_id`` kwarg (``"anonymous"``
     without one) and its ``cycle_start_date`` kwarg (default the current UTC month).
@@ -303,15 +306,16 @@ class UsageRecorder(_Meter):
         return ("call_user", self._store, usage_key)
 
     def _key_for(self, kwargs: Mapping[str, Any]) -> str:
-        user_id = charged_user(kwargs.get("user_id"))[0]
+        user_id = user_of(kwargs.get("user_id"), self)
         cycle = kwargs.get("cycle_start_date") or current_cycle()
         found = self._keys.get(user_id)
         if found is not None and found[0] == cycle:
             return found[1]
-        if len(self._keys) >= 100_000:
-            self._keys.clear()
-        key = usage_key(str(user_id), validate_cycle(cycle))
-        self._keys[user_id] = (cycle, key)
+        key = usage_key(user_id, validate_cycle(cycle))
+        if len(user_id) <= _MAX_CACHED_USER:  # the cache stays small in bytes, whatever the ids
+            if len(self._keys) >= 100_000:
+                self._keys.clear()
+            self._keys[user_id] = (cycle, key)
         return key
 
 

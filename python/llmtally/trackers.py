@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from llmtally._core import LEDGER_FIELDS, Ledger, PerfModel
+from llmtally._names import OTHER, KeyTable, check_cap, name
 from llmtally.dispatch import is_timeout
-from llmtally.errors import ConfigError
 from llmtally.events import AsyncCallbackHandler
-from llmtally.identity import charged_user, join_key, split_key
+from llmtally.identity import user_of
 
 __all__ = [
     "CostTracker",
@@ -36,31 +36,40 @@ _F = {name: i for i, name in enumerate(LEDGER_FIELDS)}
 
 MAX_KEYS = 100_000
 """Default cap of (provider, model, user) entries in a ``TokenCounter``/``CostTracker``."""
+MAX_BYTES = 48 * 1024 * 1024
+"""Default cap of the memory those entries take (names included), in bytes."""
 MAX_MODELS = 1_000
-"""Default cap of models a ``PerformanceTracker`` keeps apart."""
-MAX_MODEL_NAME = 256
-"""A longer model name is counted under ``"<other>"``."""
-OTHER = "<other>"
+"""Default cap of models a ``PerformanceTracker`` keeps apart (each about 64 KiB)."""
 
 
-def _sum(ledger: Ledger, keep: Callable[[list[str]], bool] | None = None) -> list[int]:
+def _overflow(key: tuple[str, ...]) -> tuple[str, ...]:
+    """Where a (provider, model, user) past the caps is counted: its provider, ``"<other>"``."""
+    return (key[0], OTHER, OTHER)
+
+
+def _sum(
+    ledger: Ledger,
+    table: KeyTable,
+    keep: Callable[[tuple[str, ...]], bool] | None = None,
+) -> list[int]:
     total = [0] * len(LEDGER_FIELDS)
-    for key in ledger.keys():  # noqa: SIM118 (a method of the ledger)
-        if keep is not None and not keep(split_key(key)):
-            continue
-        for i, v in enumerate(ledger.get(key)):
+    if keep is None:
+        slots: Any = ledger.keys()
+    else:
+        slots = [slot for key, slot in list(table.slots.items()) if keep(key)]
+    for slot in slots:
+        for i, v in enumerate(ledger.get(slot)):
             total[i] += v
     return total
 
 
-def _group(ledger: Ledger, part: int) -> dict[str, list[int]]:
+def _group(ledger: Ledger, table: KeyTable, part: int) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
-    for key in ledger.keys():  # noqa: SIM118
-        name = split_key(key)[part]
-        acc = out.setdefault(name, [0] * len(LEDGER_FIELDS))
-        for i, v in enumerate(ledger.get(key)):
+    for key, slot in list(table.slots.items()):
+        acc = out.setdefault(key[part], [0] * len(LEDGER_FIELDS))
+        for i, v in enumerate(ledger.get(slot)):
             acc[i] += v
-    return out
+    return {k: v for k, v in out.items() if any(v)}
 
 
 def _counts(c: list[int]) -> dict[str, Any]:
@@ -86,35 +95,38 @@ class _LedgerTracker(AsyncCallbackHandler):
         "on_llm_error": "_track_error",
     }
 
-    def __init__(self, *, max_keys: int = MAX_KEYS) -> None:
-        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
-            raise ConfigError(f"max_keys must be an int >= 1, not {max_keys!r}")
+    def __init__(self, *, max_keys: int = MAX_KEYS, max_bytes: int = MAX_BYTES) -> None:
+        #: (provider, model, user) entries kept apart, and the memory they may take; past
+        #: either, a new one is counted under (provider, ``"<other>"``, ``"<other>"``) and in
+        #: :attr:`overflowed`, so memory stays bounded whatever the input.
+        self.max_keys = check_cap("max_keys", max_keys)
+        self.max_bytes = check_cap("max_bytes", max_bytes)
         self._ledger = Ledger()
-        self._keys: dict[tuple[Any, Any, Any], str] = {}
+        self._table = KeyTable(self.max_keys, self.max_bytes, _overflow)
         self.bad_input = 0
-        #: (provider, model, user) entries kept apart; past it, new ones are counted under
-        #: ``"<other>"`` (model and user), so memory stays bounded whatever the input.
-        self.max_keys = max_keys
+
+    @property
+    def overflowed(self) -> int:
+        """Calls counted under ``"<other>"`` because the caps were reached."""
+        return self._table.overflowed
 
     def _llmtally_sink(self) -> tuple[Any, ...] | None:
-        return ("per_call", self._ledger, self.max_keys)
+        # The core looks (provider, model, user) up in the table's slots; a key it does not
+        # find goes through the table's admit (the caps are decided in one place).
+        return ("per_call", self._ledger, self._table.slots, self._admit)
+
+    def _admit(self, key: tuple[Any, Any, Any]) -> str:
+        """The slot of a (provider, model, user) the core did not find as given."""
+        provider, model, user = key
+        return self._table.slot(name(provider), name(model), user_of(user, self))
 
     def _key(self, kwargs: Mapping[str, Any], response: Any = None) -> str:
-        provider = kwargs.get("provider") or "unknown"
-        model = kwargs.get("model") or "unknown"
+        model = kwargs.get("model")
         if type(response) is dict:
             model = response.get("model") or model
-        user = charged_user(kwargs.get("user_id"))[0]
-        found = self._keys.get((provider, model, user))
-        if found is None:
-            name = str(model)
-            key = join_key(str(provider), name if len(name) <= MAX_MODEL_NAME else OTHER, user)
-            if len(self._ledger) >= self.max_keys and key not in self._ledger:
-                return join_key(str(provider), OTHER, OTHER)  # past the cap: not cached
-            if len(self._keys) >= 100_000:
-                self._keys.clear()
-            found = self._keys[(provider, model, user)] = key
-        return found
+        return self._table.slot(
+            name(kwargs.get("provider")), name(model), user_of(kwargs.get("user_id"), self)
+        )
 
     def _track_end(self, response: Any, kwargs: Mapping[str, Any]) -> None:
         key = self._key(kwargs, response)
@@ -148,11 +160,12 @@ class _LedgerTracker(AsyncCallbackHandler):
         self._track_error(error, kwargs)
 
     def _totals(self) -> list[int]:
-        return _sum(self._ledger)
+        return _sum(self._ledger, self._table)
 
     def reset(self) -> None:
         """Forget everything counted so far."""
         self._ledger.drain()
+        self._table.clear()
 
 
 class TokenCounter(_LedgerTracker):
@@ -195,7 +208,7 @@ class TokenCounter(_LedgerTracker):
 
     def by_model(self) -> dict[str, dict[str, Any]]:
         """Token counts per model."""
-        return {m: _counts(c) for m, c in _group(self._ledger, 1).items()}
+        return {m: _counts(c) for m, c in _group(self._ledger, self._table, 1).items()}
 
     def summary(self) -> dict[str, Any]:
         """Every total at once."""
@@ -212,8 +225,8 @@ class CostTracker(_LedgerTracker):
     # Declared again: CostTracker's own _track_end is the built-in recorder of this class.
     _llmtally_fast: ClassVar[dict[str, str | None]] = _LedgerTracker._llmtally_fast
 
-    def __init__(self, *, max_keys: int = MAX_KEYS) -> None:
-        super().__init__(max_keys=max_keys)
+    def __init__(self, *, max_keys: int = MAX_KEYS, max_bytes: int = MAX_BYTES) -> None:
+        super().__init__(max_keys=max_keys, max_bytes=max_bytes)
         self.unpriced_requests = 0
         self._unpriced_models: set[str] = set()
 
@@ -221,7 +234,8 @@ class CostTracker(_LedgerTracker):
         if type(response) is not dict or response.get("cost_estimate") is None:
             self.unpriced_requests += 1
             model = response.get("model") if type(response) is dict else kwargs.get("model")
-            self._unpriced_models.add(str(model or "unknown"))
+            if len(self._unpriced_models) < MAX_MODELS:
+                self._unpriced_models.add(name(model))
         super()._track_end(response, kwargs)
 
     @property
@@ -246,29 +260,29 @@ class CostTracker(_LedgerTracker):
 
     def by_provider(self) -> dict[str, dict[str, Any]]:
         """Cost and tokens per provider."""
-        return {p: _counts(c) for p, c in _group(self._ledger, 0).items()}
+        return {p: _counts(c) for p, c in _group(self._ledger, self._table, 0).items()}
 
     def by_model(self) -> dict[str, dict[str, Any]]:
         """Cost and tokens per model."""
-        return {m: _counts(c) for m, c in _group(self._ledger, 1).items()}
+        return {m: _counts(c) for m, c in _group(self._ledger, self._table, 1).items()}
 
     def by_user(self) -> dict[str, dict[str, Any]]:
         """Cost and tokens per user."""
-        return {u: _counts(c) for u, c in _group(self._ledger, 2).items()}
+        return {u: _counts(c) for u, c in _group(self._ledger, self._table, 2).items()}
 
     def cost_for(
         self, *, provider: str | None = None, model: str | None = None, user_id: str | None = None
     ) -> float:
         """Cost (USD) of the calls matching every given filter."""
 
-        def keep(parts: list[str]) -> bool:
+        def keep(parts: tuple[str, ...]) -> bool:
             return (
                 (provider is None or parts[0] == provider)
                 and (model is None or parts[1] == model)
                 and (user_id is None or parts[2] == user_id)
             )
 
-        return _sum(self._ledger, keep)[_F["cost_pusd"]] / 1e12
+        return _sum(self._ledger, self._table, keep)[_F["cost_pusd"]] / 1e12
 
     def summary(self) -> dict[str, Any]:
         """Totals, with ``unpriced_requests``."""
@@ -308,32 +322,39 @@ class PerformanceTracker(AsyncCallbackHandler):
     def __init__(
         self, *, clock: Callable[[], float] | None = None, max_models: int = MAX_MODELS
     ) -> None:
-        if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
-            raise ConfigError(f"max_models must be an int >= 1, not {max_models!r}")
         # Per model: latency, ttft and tokens/s histograms, errors, requests per minute (each
         # about 64 KiB): at most max_models apart, later ones share "<other>".
+        self.max_models = check_cap("max_models", max_models)
         self._models: dict[str, PerfModel] = {}
-        self.max_models = max_models
+        #: Calls counted under ``"<other>"`` because ``max_models`` was reached.
+        self.overflowed = 0
         # Without a clock, requests/min counts on the core's own monotonic clock.
         self._clock = clock
 
     def _llmtally_sink(self) -> tuple[Any, ...] | None:
         # The manager's one-crossing recorder keeps time on the core's clock: only then.
-        return ("perf", self._models, self.max_models) if self._clock is None else None
+        return ("perf", self._models, self._admit) if self._clock is None else None
 
     def _now(self) -> float | None:
         return None if self._clock is None else self._clock()
 
-    def _perf(self, model: Any) -> PerfModel:
-        key = model if type(model) is str else str(model or "unknown")
+    def _admit(self, model: Any) -> PerfModel:
+        """The accumulators of a model not found by name: its own while there is room (a name
+        over ``MAX_NAME_CHARS`` is ``"<other>"``), else the shared ``"<other>"`` entry."""
+        key = name(model)
         found = self._models.get(key)
         if found is None:
-            if len(self._models) >= self.max_models or len(key) > MAX_MODEL_NAME:
+            if len(self._models) >= self.max_models:
+                self.overflowed += 1
                 key = OTHER
                 found = self._models.get(key)
             if found is None:
                 found = self._models[key] = PerfModel()
         return found
+
+    def _perf(self, model: Any) -> PerfModel:
+        found = self._models.get(model) if type(model) is str else None
+        return found if found is not None else self._admit(model)
 
     def _track_end(self, response: Any, kwargs: Mapping[str, Any]) -> None:
         duration_ms = kwargs.get("duration_ms")
@@ -498,11 +519,11 @@ class StreamingProgress(AsyncCallbackHandler):
         *,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        for name, fn in (("on_chunk", on_chunk), ("on_complete", on_complete)):
+        for arg, fn in (("on_chunk", on_chunk), ("on_complete", on_complete)):
             if fn is not None and not callable(fn):
                 from llmtally.errors import ConfigError
 
-                raise ConfigError(f"{name} must be callable, not {type(fn).__name__}")
+                raise ConfigError(f"{arg} must be callable, not {type(fn).__name__}")
         self._on_chunk = on_chunk
         self._on_complete = on_complete
         self._clock = clock
