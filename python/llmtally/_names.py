@@ -11,13 +11,22 @@ bounded by the identity rule (:mod:`llmtally.identity`).
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable
 from typing import Any, Final
 
 from llmtally.errors import ConfigError
 
-__all__ = ["MAX_NAME_CHARS", "OTHER", "KeyTable", "check_cap", "name"]
+__all__ = [
+    "MAX_ID_CHARS",
+    "MAX_NAME_CHARS",
+    "OTHER",
+    "KeyTable",
+    "check_cap",
+    "name",
+    "request_key",
+]
 
 OTHER: Final = "<other>"
 MAX_NAME_CHARS: Final = 256
@@ -44,6 +53,27 @@ def name(value: Any, default: str = "unknown") -> str:
     if type(text) is not str:
         return OTHER
     return name(text, default)
+
+
+MAX_ID_CHARS: Final = 256
+"""The longest request id kept as given; a longer one is kept as a digest of its text."""
+
+
+def request_key(value: Any) -> str | None:
+    """A request id as in-process windows keep it: its text (``str(value)``), or
+    ``"sha256:<hex>"`` of a text longer than ``MAX_ID_CHARS`` (the same id gives the same key,
+    so duplicates are still found); ``None`` when it has no text (its ``str()`` fails)."""
+    if type(value) is not str:
+        try:
+            value = str.__str__(value) if isinstance(value, str) else str(value)
+        except Exception:
+            return None
+        if type(value) is not str:
+            return None
+    if len(value) <= MAX_ID_CHARS:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"sha256:{digest}"
 
 
 def check_cap(what: str, value: Any) -> int:

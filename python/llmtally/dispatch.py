@@ -41,6 +41,7 @@ from llmtally._core import (
 from llmtally._core import RECORDED as _RECORDED
 from llmtally._core import IdMaker as _IdMaker
 from llmtally._core import Recorder as _Recorder
+from llmtally._names import MAX_ID_CHARS, request_key
 from llmtally._observe import state as _observed
 from llmtally._observe import stats_for
 from llmtally.config import settings, validate_timeout
@@ -962,7 +963,7 @@ def _normalize_user(manager: CallbackManager, context: dict[str, Any]) -> None:
     handler then sees the same ``user_id``. An empty id is no id (an enclosing scope's, else
     ``"anonymous"``); bad input is counted and charged to ``"anonymous"``."""
     value = context["user_id"]
-    if value == "":
+    if isinstance(value, str) and not str.__len__(value):
         del context["user_id"]
         return
     user, bad = charged_user(value)
@@ -1084,13 +1085,12 @@ class LLMCall:
         self.provider = provider = provider or "unknown"
         self.model = model = model or "unknown"
         given = context.get("request_id")
-        if given is not None and not isinstance(given, str):
-            try:
-                given = str(given)
-            except Exception as exc:  # an id whose str() fails: bad input, one is made
+        if given is not None and (type(given) is not str or len(given) > MAX_ID_CHARS):
+            # Its text (a digest past MAX_ID_CHARS: the windows of ids stay small in bytes).
+            given = request_key(given)
+            if given is None:  # an id whose str() fails: bad input, one is made
                 manager._stats.bad_input += 1
-                logger.warning("request_id could not be read (%r): a new one is used", exc)
-                given = None
+                logger.warning("request_id could not be read: a new one is used")
                 del context["request_id"]
             else:
                 context["request_id"] = given

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from llmtally import dispatch
 from llmtally._core import BadUsage, Usage, extract_text, extract_usage
+from llmtally._names import request_key
 from llmtally.dispatch import RequestWindow, is_timeout
 from llmtally.events import CustomAsyncCallbackHandler
 from llmtally.identity import user_of
@@ -105,7 +106,7 @@ class _Meter(CustomAsyncCallbackHandler):
         starts = self._starts
         if len(starts) >= _MAX_STARTS:
             starts.clear()
-        starts[kwargs.get("request_id")] = (messages, kwargs.get("model"))
+        starts[request_key(kwargs.get("request_id"))] = (messages, kwargs.get("model"))
 
     def _is_duplicate(self, request_id: Any) -> bool:
         # No id: count every end. An id made by this process's manager is unique by
@@ -117,14 +118,19 @@ class _Meter(CustomAsyncCallbackHandler):
         window = self._window
         if window is None:
             window = self._window = RequestWindow()
-        if window.seen(str(request_id)):
+        key = request_key(request_id)
+        if key is None:  # an id with no text: counted as bad input, its end counted
+            self.bad_input += 1
+            logger.warning("request_id could not be read: the end is counted")
+            return False
+        if window.seen(key):
             self.duplicates += 1
             return True
         return False
 
     def _meter_end(self, response: Any, kwargs: Mapping[str, Any]) -> None:
         request_id = kwargs.get("request_id")
-        started = self._starts.pop(request_id, None) if self._starts else None
+        started = self._starts.pop(request_key(request_id), None) if self._starts else None
         if self._is_duplicate(request_id):
             return
         key = self._key_for(kwargs)
@@ -194,7 +200,7 @@ class _Meter(CustomAsyncCallbackHandler):
 
     def _meter_error(self, error: BaseException, kwargs: Mapping[str, Any]) -> None:
         if self._starts:
-            self._starts.pop(kwargs.get("request_id"), None)
+            self._starts.pop(request_key(kwargs.get("request_id")), None)
         if kwargs.get("aborted"):
             return  # refused before it ran (budget, rate limit): not a provider error
         if is_timeout(error):

@@ -328,3 +328,38 @@ async def test_a_request_id_whose_str_raises_never_breaks_the_call() -> None:
         call.set_response(USAGE)
     assert tokens.total_tokens == 5 and call.request_id
     assert (await manager.health())["bad_input"] == 1
+
+
+async def test_an_id_whose_comparison_raises_never_breaks_the_call() -> None:
+    class Hostile:
+        def __eq__(self, other: object) -> bool:
+            raise RuntimeError("no")
+
+        __hash__ = object.__hash__
+
+    cost = CostTracker()
+    manager = CallbackManager([cost])
+    async with manager.llm_call(MESSAGES, model="gpt-4o", user_id=Hostile()) as call:
+        call.set_response(USAGE)
+    assert list(cost.by_user()) == ["anonymous"]
+    assert (await manager.health())["bad_input"] == 1
+
+
+async def test_a_long_request_id_is_kept_as_a_digest_and_still_deduplicated() -> None:
+    store = llmtally.open_store("memory://")
+    rec, tokens, recorder = Recorder(), TokenCounter(), llmtally.UsageRecorder(store=store)
+    manager = CallbackManager([rec, tokens, recorder])
+    long_id = "r" * 1_000_000
+    for _ in range(2):
+        async with manager.llm_call(MESSAGES, model="gpt-4o", request_id=long_id) as call:
+            call.set_response(USAGE)
+    ids = {kwargs["request_id"] for _, kwargs in rec.of("on_llm_end")}
+    assert len(ids) == 1 and next(iter(ids)).startswith("sha256:") and len(next(iter(ids))) == 71
+    assert tokens.total_tokens == 5  # the second end of the same request is a duplicate
+    # A handler called directly keeps the same digest in its window.
+    end = {"tokens_used": 5, "prompt_tokens": 3, "completion_tokens": 2}
+    direct = llmtally.UsageRecorder(store=store)
+    for _ in range(2):
+        await direct.on_llm_end(end, model="gpt-4o", request_id=long_id)
+    assert direct.duplicates == 1
+    await store.aclose()
