@@ -192,14 +192,94 @@ def test_stored_ids_are_printed_safely_and_exported_faithfully(tmp_path: Path) -
     assert sorted(r["user_id"] for r in exported) == sorted([*HOSTILE, "plain"])
 
 
-def test_an_unreachable_store_is_one_line_and_exit_1() -> None:
-    result = run("usage", "--store", "redis+cluster://127.0.0.1:1")
-    assert result.returncode == 1
+def _unescape(text: str) -> str:
+    """The inverse of the CLI's escaping of stored ids."""
+    return re.sub(
+        r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})",
+        lambda m: "\\" if m.group(1) == "\\" else chr(int(m.group(1)[1:], 16)),
+        text,
+    )
+
+
+def test_stored_ids_are_escaped_reversibly_whole_and_in_valid_utf8(tmp_path: Path) -> None:
+    import asyncio
+    import csv
+    import io
+
+    import llmtally
+
+    url = f"sqlite:///{tmp_path}/hostile.db"
+    long_a, long_b = "a" * 30 + "-one", "a" * 30 + "-two"  # the same first 24 characters
+    users = [*HOSTILE, long_a, long_b, "tab\there", r"looks\u0041escaped\x1b", "\u202e-bidi"]
+
+    async def seed() -> None:
+        repo = llmtally.TokenUsageRepository(store=url)
+        for user in users:
+            await repo.increment_detailed_usage(user, 3, 2, "2026-12-01")
+        await repo.store.aclose()
+
+    asyncio.run(seed())
+    table = run("usage", "--cycle", "2026-12-01", "--store", url)
+    shown = {line.split()[0] for line in table.stdout.splitlines() if "2026-12-01" in line}
+    assert long_a in shown and long_b in shown  # whole, not cut to the column
+    csv_bytes = subprocess.run(
+        [sys.executable, "-m", "llmtally.cli", "export", "--format", "csv", "--cycle",
+         "2026-12-01", "--store", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    ).stdout  # fmt: skip
+    text = csv_bytes.decode("utf-8")  # strict: valid UTF-8
+    assert "\x1b" not in text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert sorted(_unescape(r["user_id"]) for r in rows) == sorted(users)
+    # A terminal that cannot encode a character: an escape, no traceback.
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    ascii_run = subprocess.run(
+        [sys.executable, "-m", "llmtally.cli", "usage", "--cycle", "2026-12-01", "--store", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert ascii_run.returncode == 0, ascii_run.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["usage", "--store", "redis+cluster://127.0.0.1:1"],
+        ["usage", "--store", "redis://127.0.0.1:1"],
+        ["export", "--format", "csv", "--store", "redis+cluster://127.0.0.1:1"],
+        ["limit", "get", "bob", "--store", "redis+cluster://127.0.0.1:1"],
+        ["limit", "set", "bob", "5", "--store", "redis://127.0.0.1:1/0"],
+        ["usage", "--store", "unix:///nonexistent/llmtally.sock"],
+    ],
+)
+def test_an_unreachable_store_is_one_line_and_exit_1(args: list[str]) -> None:
+    """Nothing listens on loopback port 1: one line on stderr, exit 1, at once."""
+    result = subprocess.run(
+        [sys.executable, "-m", "llmtally.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llmtally: error:")
+    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_demo_refuses_an_absurd_number_of_calls() -> None:
-    result = run("demo", "--calls", str(10**20))
+@pytest.mark.parametrize("calls", [str(10**20), "1000001", "0", "-5", "1e9", "x" * 10_000])
+def test_demo_refuses_an_absurd_number_of_calls(calls: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "llmtally.cli", "demo", "--calls", calls],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert result.returncode == 2
-    assert "more than 1,000,000" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmtally: error:")
+    if calls in (str(10**20), "1000001"):
+        assert "more than 1,000,000" in lines[0]

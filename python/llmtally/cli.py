@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import io
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from llmtally import __version__
 from llmtally.dispatch import CallbackManager
 from llmtally.errors import ConfigError, LlmtallyError, StoreError
 from llmtally.events import AsyncCallbackHandler
+from llmtally.identity import charged_user
 from llmtally.metering import UsageRecorder
 from llmtally.repository import TokenUsageRepository
 from llmtally.storage import open_store
@@ -59,7 +61,7 @@ class _DemoTally(AsyncCallbackHandler):
     chunks: int = 0
 
     def _user(self, kwargs: dict[str, Any]) -> _UserTotals:
-        user_id = kwargs.get("user_id", "anonymous")
+        user_id = charged_user(kwargs.get("user_id"))[0]
         found = self.users.get(user_id)
         if found is None:
             found = self.users[user_id] = _UserTotals()
@@ -387,7 +389,8 @@ async def _usage(args: argparse.Namespace, out: TextIO) -> int:
     for r in records:
         limit = "-" if r["limit"] is None else str(r["limit"])
         out.write(
-            f"  {_safe(r['user_id'])[:24]:<24} {r['cycle_start_date']:<10} {r['calls']:>7}"
+            # The whole id, escaped (a longer one widens its row: no two ids look the same).
+            f"  {_safe(r['user_id']):<24} {r['cycle_start_date']:<10} {r['calls']:>7}"
             f" {r['errors']:>6} {r['prompt_tokens']:>10} {r['completion_tokens']:>10}"
             f" {r['total_tokens']:>11} {r['cost_usd']:>11.6f} {limit:>11}\n"
         )
@@ -548,21 +551,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_bench(sys.stdout, quick=args.quick)
     commands = {"demo": _demo, "usage": _usage, "limit": _limit, "export": _export}
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A terminal that cannot show a character gets an escape, not a traceback.
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return asyncio.run(commands[args.command](args, sys.stdout))
     except StoreError as exc:
         # An unreachable or failing store: one line, no traceback.
-        sys.stderr.write(f"llmtally: error: {exc}\n")
+        sys.stderr.write(f"llmtally: error: {_safe(str(exc))}\n")
         return 1
     except LlmtallyError as exc:
         # A bad store URL or argument: one line, no traceback.
-        sys.stderr.write(f"llmtally: error: {exc}\n")
+        sys.stderr.write(f"llmtally: error: {_safe(str(exc))}\n")
         return 2
     except BrokenPipeError:
         # The reader went away (`llmtally usage | head`): stop quietly, as Unix tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        # The store's host or file could not be reached: one line, no traceback.
+        sys.stderr.write(f"llmtally: error: {_safe(str(exc))}\n")
+        return 1
     finally:
         logger.setLevel(level)
 
