@@ -312,7 +312,8 @@ class LlmtallyCallbackHandler(_LCAsyncHandler):
         kwargs = dict(self._context)
         if metadata:
             user = metadata.get("user_id")
-            if isinstance(user, str) and user:
+            # Any id but None or "": the manager applies the identity rule (0 is "0").
+            if user is not None and not (isinstance(user, str) and not str.__len__(user)):
                 kwargs["user_id"] = user
         key = _run_key(run_id)
         kwargs["run_id"] = key

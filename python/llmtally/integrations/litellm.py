@@ -163,13 +163,14 @@ def _metadata_of(kwargs: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return metadata if isinstance(metadata, Mapping) else None
 
 
-def _user_of(kwargs: Mapping[str, Any]) -> str | None:
-    """The user a call charges: ``metadata["user_id"]``, else LiteLLM's ``user`` parameter."""
+def _user_of(kwargs: Mapping[str, Any]) -> Any:
+    """The user a call charges: ``metadata["user_id"]`` (any value but ``None`` or ``""``: the
+    manager applies the identity rule, so ``0`` is ``"0"``), else LiteLLM's ``user``."""
     metadata = _metadata_of(kwargs)
     if metadata is not None:
-        found = _str(metadata.get("user_id"))
-        if found is not None:
-            return found
+        given = metadata.get("user_id")
+        if given is not None and not (isinstance(given, str) and not str.__len__(given)):
+            return given
     found = _str(kwargs.get("user"))
     if found is None:
         found = _str(_get(kwargs.get("optional_params"), "user"))
@@ -445,7 +446,9 @@ class LlmtallyLogger(CustomLogger):
 
     def _context_of(self, kwargs: Mapping[str, Any], key: str) -> dict[str, Any]:
         context = dict(self._context)
-        user = _user_of(kwargs) or self.user_id
+        user = _user_of(kwargs)
+        if user is None:
+            user = self.user_id
         if user is not None:
             context["user_id"] = user
         context["request_id"] = key

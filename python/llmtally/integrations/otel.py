@@ -44,6 +44,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from llmtally._core import __version__
 from llmtally.errors import ConfigError
 from llmtally.events import AsyncCallbackHandler
+from llmtally.identity import user_of
 
 __all__ = ["OpenTelemetryHandler"]
 
@@ -240,6 +241,7 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
         self._open: dict[Any, _Open] = {}
         self._metric_attrs: dict[tuple[Any, ...], tuple[dict[str, Any], ...]] = {}
         self.errors = 0
+        self.bad_input = 0  # bad user ids (charged to "anonymous")
         self.evicted = 0
 
     # -- state ---------------------------------------------------------------------------------
@@ -310,9 +312,8 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
             parent = opened.get(parent_id)
             if parent is not None:
                 context = trace.set_span_in_context(parent.span)
-        user = kwargs.get("user_id")
-        if isinstance(user, str) and user:
-            attributes["enduser.id"] = user
+        if kwargs.get("user_id") is not None:  # the charged user, by the identity rule
+            attributes["enduser.id"] = user_of(kwargs.get("user_id"), self)
         conversation = kwargs.get("conversation_id")
         if isinstance(conversation, str) and conversation:
             attributes["gen_ai.conversation.id"] = conversation
@@ -339,9 +340,8 @@ class OpenTelemetryHandler(AsyncCallbackHandler):
         start_ns = None
         if _is_ms(duration_ms):
             start_ns = time.time_ns() - int(duration_ms * 1e6)
-        user = kwargs.get("user_id")
-        if isinstance(user, str) and user:
-            attributes["enduser.id"] = user
+        if kwargs.get("user_id") is not None:  # the charged user, by the identity rule
+            attributes["enduser.id"] = user_of(kwargs.get("user_id"), self)
         return self._tracer.start_span(name, None, span_kind, attributes, start_time=start_ns)
 
     @staticmethod
