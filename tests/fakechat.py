@@ -25,6 +25,9 @@ class FakeChat(BaseChatModel):
     reply: str = "Paris is the capital of France."
     usage: UsageMetadata | None = USAGE
     fail: Exception | None = None
+    #: Stream the usage in two parts, as Anthropic's models do: the input on the first chunk,
+    #: the output on the last (LangChain sums the chunks' ``usage_metadata``).
+    split_usage: bool = False
 
     @property
     def _llm_type(self) -> str:
@@ -69,11 +72,19 @@ class FakeChat(BaseChatModel):
         chunks = []
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
+            usage = self.usage if last else None
+            if self.split_usage and self.usage is not None and (i == 0 or last):
+                if i == 0:
+                    n = self.usage["input_tokens"]
+                    usage = {"input_tokens": n, "output_tokens": 0, "total_tokens": n}
+                else:
+                    n = self.usage["output_tokens"]
+                    usage = {"input_tokens": 0, "output_tokens": n, "total_tokens": n}
             chunks.append(
                 ChatGenerationChunk(
                     message=AIMessageChunk(
                         content=piece,
-                        usage_metadata=self.usage if last else None,
+                        usage_metadata=usage,
                         response_metadata={"model_name": self.model_name} if last else {},
                     )
                 )

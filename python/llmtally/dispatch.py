@@ -1038,6 +1038,35 @@ _open_calls = _OpenCalls()
 _store_module.before_exit(_open_calls.abandon_all)
 
 
+def price_response(response: dict[str, Any], provider: str | None) -> Exception | None:
+    """Price a normalized response dict from the price table when the provider reported no cost
+    (``cost_estimate``, ``cost_pusd``, ``cost_source: "table"``); an unknown model keeps
+    ``cost_estimate: None``. Returns the error of counts no price can take, else ``None``."""
+    if response["cost_estimate"] is not None or "completion_tokens" not in response:
+        return None
+    model = response["model"]
+    if "prompt_tokens" not in response or not model or model == "unknown":
+        return None
+    prices = price_lookup(model, provider if provider != "unknown" else None)
+    if prices is None:
+        return None
+    try:
+        pusd = prices.cost_pusd(
+            response["prompt_tokens"],
+            response["completion_tokens"],
+            response["cached_tokens"],
+            response["cache_write_tokens"],
+            response.get("cache_write_1h_tokens", 0),
+            response["reasoning_tokens"],
+        )
+    except (ValueError, OverflowError) as exc:
+        return exc
+    response["cost_estimate"] = pusd / 1e12
+    response["cost_pusd"] = pusd
+    response["cost_source"] = "table"
+    return None
+
+
 class LLMCall:
     """One LLM call in flight; returned by :meth:`CallbackManager.llm_call`.
 
@@ -1116,10 +1145,12 @@ class LLMCall:
         self._response = response
         self._response_set = True
 
-    async def chunk(self, chunk: Any) -> None:
+    async def chunk(self, chunk: Any, *, usage: Any = None) -> None:
         """Record one streamed chunk (text, or a provider chunk/event) and fire
-        ``on_llm_stream_chunk``. The first chunk sets the time to first token."""
-        self.record_chunk(chunk)
+        ``on_llm_stream_chunk``. The first chunk sets the time to first token. ``usage`` is
+        the usage the chunk carries when the chunk itself is only text (a framework's chunk),
+        in any shape a response's usage takes (merged like a provider chunk's)."""
+        self.record_chunk(chunk, usage=usage)
         targets = self._table.by_event["on_llm_stream_chunk"]
         if targets:
             await self._manager._dispatcher.fire(
@@ -1132,8 +1163,9 @@ class LLMCall:
         chunks with :meth:`record_chunk` without a trip to an event loop."""
         return bool(self._table.by_event["on_llm_stream_chunk"])
 
-    def record_chunk(self, chunk: Any) -> None:
-        """Record one streamed chunk (its text and usage) without firing any event."""
+    def record_chunk(self, chunk: Any, *, usage: Any = None) -> None:
+        """Record one streamed chunk (its text and usage, see :meth:`chunk`) without firing
+        any event."""
         if self._first_chunk_at is None:
             self._first_chunk_at = time.perf_counter()
         self._chunks += 1
@@ -1146,6 +1178,8 @@ class LLMCall:
                     self._texts.append(text)
             if type(chunk) is not str:
                 self._stream_usage = merge_stream_usage(self._stream_usage, chunk)
+            if usage is not None:
+                self._stream_usage = merge_stream_usage(self._stream_usage, usage)
         except BadUsage as exc:
             self._manager._stats.bad_input += 1
             logger.warning("skipped bad usage in stream chunk of %s: %s", self.request_id, exc)
@@ -1538,31 +1572,10 @@ class LLMCall:
     def _price(self, response: dict[str, Any]) -> None:
         """Cost from the price table when the provider reported none (``cost_source: "table"``);
         an unknown model keeps ``cost_estimate: None``, counted and warned once per model."""
-        if response["cost_estimate"] is not None or "completion_tokens" not in response:
-            return
-        model = response["model"]
-        if "prompt_tokens" not in response or not model or model == "unknown":
-            return
-        provider = self.provider if self.provider != "unknown" else None
-        prices = price_lookup(model, provider)  # one dict hit once seen
-        if prices is None:
-            return
-        try:
-            pusd = prices.cost_pusd(
-                response["prompt_tokens"],
-                response["completion_tokens"],
-                response["cached_tokens"],
-                response["cache_write_tokens"],
-                response.get("cache_write_1h_tokens", 0),
-                response["reasoning_tokens"],
-            )
-        except (ValueError, OverflowError) as exc:
+        problem = price_response(response, self.provider)
+        if problem is not None:
             self._manager._stats.bad_input += 1
-            logger.warning("cost of %s not computed: %s", self.request_id, exc)
-            return
-        response["cost_estimate"] = pusd / 1e12
-        response["cost_pusd"] = pusd
-        response["cost_source"] = "table"
+            logger.warning("cost of %s not computed: %s", self.request_id, problem)
 
     def _add_stream_fields(self, response: dict[str, Any] | None) -> dict[str, Any]:
         assert response is not None

@@ -81,6 +81,7 @@ def _counts(c: list[int]) -> dict[str, Any]:
         "cache_write_tokens": c[_F["cache_write_tokens"]],
         "reasoning_tokens": c[_F["reasoning_tokens"]],
         "cost_usd": c[_F["cost_pusd"]] / 1e12,
+        "cost_pusd": c[_F["cost_pusd"]],
         "requests": c[_F["calls"]],
         "errors": c[_F["errors"]],
         "timeouts": c[_F["timeouts"]],
@@ -142,6 +143,10 @@ class _LedgerTracker(AsyncCallbackHandler):
                 return
         self.bad_input += 1
         self._ledger.add(key, calls=1)
+
+    def _track_call(self, kwargs: Mapping[str, Any]) -> None:
+        """Count a finished call whose usage is not wanted (a request, no tokens)."""
+        self._ledger.add(self._key(kwargs), calls=1)
 
     def _track_error(self, error: BaseException, kwargs: Mapping[str, Any]) -> None:
         if kwargs.get("aborted"):
@@ -209,6 +214,10 @@ class TokenCounter(_LedgerTracker):
     def by_model(self) -> dict[str, dict[str, Any]]:
         """Token counts per model."""
         return {m: _counts(c) for m, c in _group(self._ledger, self._table, 1).items()}
+
+    def by_provider(self) -> dict[str, dict[str, Any]]:
+        """Token counts per provider."""
+        return {p: _counts(c) for p, c in _group(self._ledger, self._table, 0).items()}
 
     def summary(self) -> dict[str, Any]:
         """Every total at once."""

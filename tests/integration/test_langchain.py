@@ -510,3 +510,96 @@ async def test_a_text_completion_batch_is_counted_once_with_the_providers_usage(
     assert (tokens.prompt_tokens, tokens.completion_tokens, tokens.total_tokens) == (300, 30, 330)
     assert [r["estimated"] for (r,), _ in rec.of("on_llm_end")] == [False] * 3
     assert (native.prompt_tokens, native.completion_tokens) == (300, 30)
+
+
+# ---------------------------------------------------------------------------------------------
+# The native callbacks are adapters over llmtally's trackers: the same numbers, the same caps.
+
+
+async def test_native_callbacks_count_what_the_trackers_count_through_the_manager() -> None:
+    tokens, cost = llmtally.TokenCounter(), llmtally.CostTracker()
+    handler = LlmtallyCallbackHandler([tokens, cost])
+    native_tokens, native_cost = TokenCountingCallback(), CostTrackingCallback()
+    cache: Any = {
+        "input_tokens": 100,
+        "output_tokens": 20,
+        "total_tokens": 120,
+        "input_token_details": {"cache_read": 60},
+        "output_token_details": {"reasoning": 5},
+    }
+    both = config(handler, native_tokens, native_cost)
+    await FakeChat().ainvoke(QUESTION, config=both)
+    await FakeChat(usage=cache).ainvoke(QUESTION, config=both)
+    _ = [c async for c in FakeChat().astream(QUESTION, config=both)]
+    await FakeChat(usage=None).ainvoke(QUESTION, config=both)  # estimated on both paths
+    await FakeChat(model_name="in-house-model-x", provider="acme").ainvoke(QUESTION, config=both)
+    with pytest.raises(TimeoutError):
+        await FakeChat(fail=TimeoutError()).ainvoke(QUESTION, config=both)
+
+    assert native_tokens.tracker.summary() == tokens.summary()
+    assert native_tokens.summary()["requests"] == tokens.requests == 5
+    assert native_tokens.estimated_requests == 1
+    assert native_tokens.cached_tokens == 60 and native_tokens.reasoning_tokens == 5
+    assert native_tokens.by_model()["gpt-4o-mini"]["timeouts"] == 1
+    assert native_cost.total_cost_pusd == cost.total_cost_pusd
+    assert native_cost.by_model() == cost.by_model()
+    assert (native_cost.priced_requests, native_cost.unpriced_requests) == (4, 1)
+    assert native_cost.unpriced_models == cost.unpriced_models == ["in-house-model-x"]
+    # gpt-4o-mini: 40 uncached + 60 cached input, 20 output (the 5 reasoning inside).
+    cached_pusd = 40 * 150_000 + 60 * 75_000 + 20 * 600_000
+    estimated = cost.by_model()["gpt-4o-mini"]["cost_pusd"] - 2 * COST_PUSD - cached_pusd
+    assert estimated > 0  # the estimated run is priced too, never 0
+    assert native_cost.callback_errors == native_tokens.callback_errors == 0
+
+
+async def test_native_callbacks_keep_memory_bounded_whatever_the_model_names() -> None:
+    counter = TokenCountingCallback(max_keys=10)
+    cost = CostTrackingCallback(max_keys=10)
+    defects = DefectAnalysisCallback(max_keys=10)
+    for i in range(25):
+        await FakeChat(model_name=f"m{i}").ainvoke(QUESTION, config=config(counter, cost, defects))
+    by_model = counter.by_model()
+    assert len(by_model) == 11 and by_model["<other>"]["requests"] == 15
+    assert counter.total_tokens == 25 * 120 and counter.tracker.overflowed == 15
+    assert len(cost.by_model()) == 11 and cost.tracker.overflowed == 15
+    assert sum(s["requests"] for s in defects.stats().values()) == 25
+    assert defects.stats()["<other>"]["requests"] == 15
+
+
+def test_a_native_callbacks_open_runs_are_bounded() -> None:
+    from llmtally.integrations import langchain as lc
+
+    counter = TokenCountingCallback()
+    counter._starts.capacity = 3
+    for _ in range(5):  # five starts whose end never comes
+        counter.on_chat_model_start({}, [[]], run_id=uuid.uuid4())
+    assert len(counter._starts) == 3 and counter._starts.evicted == 2
+    assert lc.MAX_OPEN_RUNS == 100_000
+
+
+async def test_a_streams_usage_reaches_the_call_chunk_by_chunk() -> None:
+    rec, tokens = Recorder(), llmtally.TokenCounter()
+    handler = LlmtallyCallbackHandler([rec, tokens])
+    _ = [c async for c in FakeChat(split_usage=True).astream(QUESTION, config=config(handler))]
+    assert (tokens.prompt_tokens, tokens.completion_tokens, tokens.total_tokens) == (100, 20, 120)
+
+    # Abandoned after two chunks: the input reported on the first chunk is kept, the output
+    # is the estimate of the two words received, and the call says so.
+    stream = FakeChat(split_usage=True).astream(QUESTION, config=config(handler))
+    async for i, _chunk in _enumerate(stream):
+        if i == 1:
+            break
+    await stream.aclose()
+    assert len(rec.of("on_llm_end")) == 2 and rec.of("on_llm_error") == []
+    assert handler.open_runs == 0
+    last_response = rec.of("on_llm_end")[-1][0][0]
+    assert last_response["finish_reason"] == "abandoned" and last_response["estimated"] is True
+    assert last_response["prompt_tokens"] == 100
+    assert 0 < last_response["completion_tokens"] < 20
+
+
+async def _enumerate(stream: Any) -> Any:
+    i = 0
+    async for item in stream:
+        yield i, item
+        i += 1

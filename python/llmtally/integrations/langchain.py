@@ -27,7 +27,7 @@ import inspect
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
@@ -38,14 +38,21 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage, get_buffer_string
 from langchain_core.outputs import ChatGeneration, LLMResult
 
-from llmtally._core import BadUsage, Usage, extract_usage
+from llmtally._core import BadUsage, Usage, extract_usage, make_response
+from llmtally._names import OTHER
 from llmtally._runtime import runner
-from llmtally.dispatch import CallbackManager, LLMCall, current_run, is_timeout
+from llmtally.dispatch import CallbackManager, LLMCall, current_run, price_response
 from llmtally.errors import CallbackAbort
 from llmtally.integrations._runs import FailureGuard, OpenRuns
-from llmtally.pricing import lookup as price_lookup
 from llmtally.tokens import estimate_tokens
-from llmtally.trackers import PerformanceTracker
+from llmtally.trackers import (
+    MAX_BYTES,
+    MAX_KEYS,
+    MAX_MODELS,
+    CostTracker,
+    PerformanceTracker,
+    TokenCounter,
+)
 
 __all__ = [
     "CompositeCallback",
@@ -401,11 +408,16 @@ class LlmtallyCallbackHandler(_LCAsyncHandler):
         tags: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        """A streamed token: ``call.chunk(text)`` (first one sets the time to first token)."""
+        """A streamed token: ``call.chunk(text)`` (first one sets the time to first token),
+        with the usage the chunk's message carries (LangChain's chunks carry deltas, summed),
+        so a stream abandoned mid-way ends with the usage seen so far."""
         try:
             run = self._runs.get(_run_key(run_id))
             if isinstance(run, _OpenCall):
-                await run.call.chunk(token if isinstance(token, str) else _text_of(token))
+                text = token if isinstance(token, str) else _text_of(token)
+                found = getattr(getattr(chunk, "message", None), "usage_metadata", None)
+                usage = {"usage_metadata": found} if found else None
+                await run.call.chunk(text, usage=usage)
         except CallbackAbort as abort:
             logger.debug("abort %r on a stream chunk ignored: the run already started", abort)
         except Exception as exc:
@@ -717,8 +729,16 @@ class _Start:
         self.first_token_at: float | None = None
 
 
+def _forget(start: object) -> None:
+    """A native callback's run pushed out of the registry: nothing to end (its end, if it comes,
+    is still counted, without the start's model and prompt)."""
+
+
 class _NativeCallback(BaseCallbackHandler):
-    """Per-run start records (bounded), a lock, and failure isolation."""
+    """The shared part of the LangChain-native callbacks: the runs' start records (in the same
+    bounded registry as :class:`LlmtallyCallbackHandler`), a lock, failure isolation, and the
+    reading of a finished run into llmtally's normalized response dict, which the subclasses
+    hand to a tracker of :mod:`llmtally.trackers` (one counting stack for both kinds)."""
 
     run_inline = True
     raise_error = False
@@ -728,19 +748,19 @@ class _NativeCallback(BaseCallbackHandler):
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.RLock()
-        self._starts: OrderedDict[Any, _Start] = OrderedDict()
-        self.callback_errors = 0
+        self._starts: OpenRuns[_Start] = OpenRuns(MAX_OPEN_RUNS, "LangChain runs", _forget)
+        self._guard = FailureGuard(type(self).__name__)
         self.bad_input = 0
-        self._logged: set[tuple[str, type]] = set()
         self._clock: Callable[[], float] = time.perf_counter
+
+    @property
+    def callback_errors(self) -> int:
+        """The callback's own failures (isolated, never raised into LangChain)."""
+        return self._guard.errors
 
     def _own_failure(self, event: str, exc: BaseException) -> None:
         with self._lock:
-            self.callback_errors += 1
-            first = (event, type(exc)) not in self._logged
-            self._logged.add((event, type(exc)))
-        level = logging.ERROR if first else logging.DEBUG
-        logger.log(level, "%s.%s failed (isolated): %r", type(self).__name__, event, exc)
+            self._guard(event, exc)
 
     def _start(
         self,
@@ -751,15 +771,10 @@ class _NativeCallback(BaseCallbackHandler):
         batch_size: int = 1,
     ) -> None:
         kept = messages if self._keep_messages else None
-        start = _Start(model, provider, kept, self._clock(), batch_size)
-        with self._lock:
-            if len(self._starts) >= MAX_OPEN_RUNS:
-                self._starts.popitem(last=False)
-            self._starts[run_id] = start
+        self._starts.put(_run_key(run_id), _Start(model, provider, kept, self._clock(), batch_size))
 
     def _end(self, run_id: Any) -> _Start | None:
-        with self._lock:
-            return self._starts.pop(run_id, None)
+        return self._starts.pop(_run_key(run_id))
 
     @_isolated
     def on_chat_model_start(
@@ -814,38 +829,62 @@ class _NativeCallback(BaseCallbackHandler):
         estimate_model = model if model != "unknown" else None
         return _estimated_usage(messages, text, estimate_model), True, model
 
+    def _finished(
+        self, response: LLMResult, run_id: Any
+    ) -> tuple[dict[str, Any], dict[str, Any], _Start | None]:
+        """A finished run as the normalized response dict a tracker's ``on_llm_end`` takes
+        (priced from the table when the provider gave no cost), the context kwargs
+        (``provider``, ``model``), and its start record."""
+        now = self._clock()
+        start = self._end(run_id)
+        usage, estimated, model = self._usage(response, start)
+        provider = (start.provider if start is not None else None) or "unknown"
+        duration = now - start.started_at if start is not None else 0.0
+        out = make_response(usage, None, estimated, None, provider, model, duration, "")
+        problem = price_response(out, provider)
+        if problem is not None:
+            with self._lock:
+                self.bad_input += 1
+            logger.warning("cost of a LangChain run not computed: %s", problem)
+        return out, {"provider": provider, "model": model}, start
 
-def _new_counts() -> dict[str, int]:
+    def _failed(self, run_id: Any) -> dict[str, Any]:
+        """The context kwargs of a failed run (its start record dropped)."""
+        start = self._end(run_id)
+        if start is None:
+            return {"provider": "unknown", "model": "unknown"}
+        return {"provider": start.provider or "unknown", "model": start.model or "unknown"}
+
+
+def _token_counts(c: Mapping[str, Any], estimated: int) -> dict[str, int]:
+    """A tracker's counts under this callback's names (``input``/``output`` with the
+    ``prompt``/``completion`` aliases)."""
     return {
-        "total_tokens": 0,
-        "input_tokens": 0,
-        "output_tokens": 0,
-        "cached_tokens": 0,
-        "cache_write_tokens": 0,
-        "reasoning_tokens": 0,
-        "requests": 0,
-        "estimated_requests": 0,
+        "total_tokens": c["total_tokens"],
+        "input_tokens": c["prompt_tokens"],
+        "output_tokens": c["completion_tokens"],
+        "prompt_tokens": c["prompt_tokens"],
+        "completion_tokens": c["completion_tokens"],
+        "cached_tokens": c["cached_tokens"],
+        "cache_write_tokens": c["cache_write_tokens"],
+        "reasoning_tokens": c["reasoning_tokens"],
+        "requests": c["requests"],
+        "estimated_requests": estimated,
+        "errors": c["errors"],
+        "timeouts": c["timeouts"],
     }
 
 
-def _add(counts: dict[str, int], usage: Usage, estimated: bool) -> None:
-    counts["total_tokens"] += usage.total_tokens
-    counts["input_tokens"] += usage.prompt_tokens or 0
-    counts["output_tokens"] += usage.completion_tokens or 0
-    counts["cached_tokens"] += usage.cached_tokens
-    counts["cache_write_tokens"] += usage.cache_write_tokens
-    counts["reasoning_tokens"] += usage.reasoning_tokens
-    counts["requests"] += 1
-    counts["estimated_requests"] += int(estimated)
-
-
 class TokenCountingCallback(_NativeCallback):
-    """Token totals of every LangChain LLM run it sees, and per model and provider.
+    """Token totals of every LangChain LLM run it sees, and per model and provider, kept in a
+    :class:`~llmtally.TokenCounter` (``tracker``; capped by ``max_keys``/``max_bytes``, later
+    models counted under ``"<other>"``).
 
     Provider-reported usage (``usage_metadata``, else ``llm_output["token_usage"]``) wins; a run
     without it is estimated from its prompt and output (counted in ``estimated_requests``).
     ``input_tokens`` (= ``prompt_tokens``) include cache reads and writes, ``output_tokens``
-    (= ``completion_tokens``) include reasoning.
+    (= ``completion_tokens``) include reasoning. Failed runs are counted in ``errors`` and
+    ``timeouts`` per model.
 
     >>> counter = TokenCountingCallback()
     >>> counter.total_tokens, counter.prompt_tokens, counter.completion_tokens
@@ -854,11 +893,11 @@ class TokenCountingCallback(_NativeCallback):
 
     _keep_messages = True
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_keys: int = MAX_KEYS, max_bytes: int = MAX_BYTES) -> None:
         super().__init__()
-        self._totals = _new_counts()
-        self._models: dict[str, dict[str, int]] = {}
-        self._providers: dict[str, dict[str, int]] = {}
+        self.tracker = TokenCounter(max_keys=max_keys, max_bytes=max_bytes)
+        self.estimated_requests = 0
+        self._estimated: Counter[tuple[str, str]] = Counter()
 
     @_isolated
     def on_llm_end(
@@ -870,13 +909,15 @@ class TokenCountingCallback(_NativeCallback):
         tags: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        start = self._end(run_id)
-        usage, estimated, model = self._usage(response, start)
-        provider = (start.provider if start is not None else None) or "unknown"
+        out, context, _ = self._finished(response, run_id)
         with self._lock:
-            _add(self._totals, usage, estimated)
-            _add(self._models.setdefault(model, _new_counts()), usage, estimated)
-            _add(self._providers.setdefault(provider, _new_counts()), usage, estimated)
+            self.tracker._track_end(out, context)
+            if out["estimated"]:
+                self.estimated_requests += 1
+                key = (context["provider"], context["model"])
+                if key not in self._estimated and len(self._estimated) >= MAX_MODELS:
+                    key = (context["provider"], OTHER)
+                self._estimated[key] += 1
 
     @_isolated
     def on_llm_error(
@@ -888,52 +929,60 @@ class TokenCountingCallback(_NativeCallback):
         tags: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        self._end(run_id)
+        context = self._failed(run_id)
+        with self._lock:
+            self.tracker._track_error(error, context)
 
     @property
     def input_tokens(self) -> int:
-        return self._totals["input_tokens"]
+        return self.tracker.prompt_tokens
 
     @property
     def output_tokens(self) -> int:
-        return self._totals["output_tokens"]
+        return self.tracker.completion_tokens
 
     @property
     def total_tokens(self) -> int:
-        return self._totals["total_tokens"]
+        return self.tracker.total_tokens
 
     @property
     def cached_tokens(self) -> int:
-        return self._totals["cached_tokens"]
+        return self.tracker.cached_tokens
 
     @property
     def cache_write_tokens(self) -> int:
-        return self._totals["cache_write_tokens"]
+        return self.tracker.cache_write_tokens
 
     @property
     def reasoning_tokens(self) -> int:
-        return self._totals["reasoning_tokens"]
+        return self.tracker.reasoning_tokens
 
     @property
     def requests(self) -> int:
-        return self._totals["requests"]
-
-    @property
-    def estimated_requests(self) -> int:
-        return self._totals["estimated_requests"]
+        return self.tracker.requests
 
     prompt_tokens = input_tokens
     completion_tokens = output_tokens
 
+    def _estimated_by(self, part: int) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for key, n in self._estimated.items():
+            out[key[part]] += n
+        return out
+
     def by_model(self) -> dict[str, dict[str, int]]:
         """Counts per model (the response's model name when it reports one)."""
         with self._lock:
-            return {m: dict(c) for m, c in self._models.items()}
+            estimated = self._estimated_by(1)
+            return {m: _token_counts(c, estimated[m]) for m, c in self.tracker.by_model().items()}
 
     def by_provider(self) -> dict[str, dict[str, int]]:
         """Counts per provider (LangChain's ``ls_provider``)."""
         with self._lock:
-            return {p: dict(c) for p, c in self._providers.items()}
+            estimated = self._estimated_by(0)
+            return {
+                p: _token_counts(c, estimated[p]) for p, c in self.tracker.by_provider().items()
+            }
 
     @property
     def provider_usage(self) -> dict[str, dict[str, int]]:
@@ -943,15 +992,13 @@ class TokenCountingCallback(_NativeCallback):
     def summary(self) -> dict[str, int]:
         """Every total, with ``prompt_tokens``/``completion_tokens`` as aliases."""
         with self._lock:
-            out = dict(self._totals)
-        out["prompt_tokens"] = out["input_tokens"]
-        out["completion_tokens"] = out["output_tokens"]
-        return out
+            return _token_counts(self.tracker.summary(), self.estimated_requests)
 
 
 class CostTrackingCallback(_NativeCallback):
-    """Cost of every LangChain LLM run, in total and per model and provider, from llmtally's
-    price table (``register_model`` overrides included); a cost the provider reports wins.
+    """Cost of every LangChain LLM run, in total and per model and provider, kept in a
+    :class:`~llmtally.CostTracker` (``tracker``; capped like it) and priced from llmtally's price
+    table (``register_model`` overrides included); a cost the provider reports wins.
 
     Runs of a model without a price are counted in ``unpriced_requests`` (their tokens still
     in the per-model numbers), never priced at 0. ``budget_usd`` with ``on_alert`` calls
@@ -968,6 +1015,8 @@ class CostTrackingCallback(_NativeCallback):
         *,
         budget_usd: float | None = None,
         on_alert: Callable[[dict[str, Any]], Any] | None = None,
+        max_keys: int = MAX_KEYS,
+        max_bytes: int = MAX_BYTES,
     ) -> None:
         super().__init__()
         if budget_usd is not None and not budget_usd > 0:
@@ -977,12 +1026,7 @@ class CostTrackingCallback(_NativeCallback):
         self.budget_usd = budget_usd
         self._on_alert = on_alert
         self._alerted = False
-        self.total_cost_pusd = 0
-        self.priced_requests = 0
-        self.unpriced_requests = 0
-        self._unpriced_models: set[str] = set()
-        self._models: dict[str, dict[str, Any]] = {}
-        self._providers: dict[str, int] = {}
+        self.tracker = CostTracker(max_keys=max_keys, max_bytes=max_bytes)
 
     @_isolated
     def on_llm_end(
@@ -994,38 +1038,19 @@ class CostTrackingCallback(_NativeCallback):
         tags: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        start = self._end(run_id)
-        usage, _, model = self._usage(response, start)
-        provider = start.provider if start is not None else None
-        pusd: int | None = None
-        if usage.cost_usd is not None:
-            pusd = round(usage.cost_usd * 1e12)
-        else:
-            prices = price_lookup(model, provider) if model != "unknown" else None
-            if prices is not None:
-                pusd = prices.usage_cost_pusd(usage)
+        out, context, _ = self._finished(response, run_id)
         alert = None
         with self._lock:
-            entry = self._models.setdefault(
-                model,
-                {"cost_pusd": 0, "requests": 0, "unpriced_requests": 0, "total_tokens": 0},
-            )
-            entry["requests"] += 1
-            entry["total_tokens"] += usage.total_tokens
-            if pusd is None:
-                self.unpriced_requests += 1
-                entry["unpriced_requests"] += 1
-                self._unpriced_models.add(model)
-                return
-            self.priced_requests += 1
-            self.total_cost_pusd += pusd
-            entry["cost_pusd"] += pusd
-            key = provider or "unknown"
-            self._providers[key] = self._providers.get(key, 0) + pusd
+            self.tracker._track_end(out, context)
             budget = self.budget_usd
-            if budget is not None and not self._alerted and self.total_cost_pusd >= budget * 1e12:
+            if (
+                budget is not None
+                and not self._alerted
+                and out["cost_estimate"] is not None
+                and self.tracker.total_cost_pusd >= budget * 1e12
+            ):
                 self._alerted = True
-                alert = {"total_cost": self.total_cost, "budget_usd": budget, "model": model}
+                alert = {"total_cost": self.total_cost, "budget_usd": budget, "model": out["model"]}
         if alert is not None and self._on_alert is not None:
             self._on_alert(alert)
 
@@ -1039,27 +1064,43 @@ class CostTrackingCallback(_NativeCallback):
         tags: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        self._end(run_id)
+        context = self._failed(run_id)
+        with self._lock:
+            self.tracker._track_error(error, context)
 
     @property
     def total_cost(self) -> float:
         """USD of the priced runs (exact sum in pico-USD underneath)."""
-        return self.total_cost_pusd / 1e12
+        return self.tracker.total_cost
+
+    @property
+    def total_cost_pusd(self) -> int:
+        return self.tracker.total_cost_pusd
+
+    @property
+    def unpriced_requests(self) -> int:
+        return self.tracker.unpriced_requests
+
+    @property
+    def priced_requests(self) -> int:
+        return self.tracker.request_count - self.tracker.unpriced_requests
 
     @property
     def unpriced_models(self) -> list[str]:
-        return sorted(self._unpriced_models)
+        return self.tracker.unpriced_models
 
     def by_model(self) -> dict[str, dict[str, Any]]:
-        """``cost_usd``, ``requests``, ``unpriced_requests``, ``total_tokens`` per model."""
+        """``cost_usd``, ``cost_pusd``, ``requests``, the token counts, ``errors`` and
+        ``timeouts`` per model."""
         with self._lock:
-            return {m: {**e, "cost_usd": e["cost_pusd"] / 1e12} for m, e in self._models.items()}
+            return self.tracker.by_model()
 
     @property
     def provider_costs(self) -> dict[str, float]:
-        """USD per provider (the seed's attribute)."""
+        """USD per provider with priced runs (the seed's attribute)."""
         with self._lock:
-            return {p: v / 1e12 for p, v in self._providers.items()}
+            by = self.tracker.by_provider()
+        return {p: c["cost_usd"] for p, c in by.items() if c["cost_pusd"]}
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -1093,7 +1134,7 @@ class PerformanceCallback(_NativeCallback):
         tags: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        start = self._starts.get(run_id)
+        start = self._starts.get(_run_key(run_id))
         if start is not None and start.first_token_at is None:
             start.first_token_at = self._clock()
 
@@ -1326,28 +1367,20 @@ class StreamingCallback(_NativeCallback):
 
 class DefectAnalysisCallback(_NativeCallback):
     """Error classes and rates of LangChain LLM runs per model (timeouts apart), and tool
-    failures per tool.
+    failures per tool. Runs are counted in a :class:`~llmtally.TokenCounter` (``tracker``,
+    capped like it); error classes are kept for at most ``MAX_MODELS`` models and tool failures
+    for as many (tool, error) pairs, later ones under ``"<other>"``.
 
     >>> DefectAnalysisCallback().error_rate()
     0.0
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_keys: int = MAX_KEYS, max_bytes: int = MAX_BYTES) -> None:
         super().__init__()
-        self._models: dict[str, dict[str, Any]] = {}
-        self._tools: dict[Any, str] = {}
+        self.tracker = TokenCounter(max_keys=max_keys, max_bytes=max_bytes)
+        self._error_types: dict[str, Counter[str]] = {}
+        self._tools: OpenRuns[str] = OpenRuns(MAX_OPEN_RUNS, "LangChain tool runs", _forget)
         self.tool_errors: Counter[str] = Counter()
-
-    def _entry(self, model: str) -> dict[str, Any]:
-        entry = self._models.get(model)
-        if entry is None:
-            entry = self._models[model] = {
-                "requests": 0,
-                "errors": 0,
-                "timeouts": 0,
-                "error_types": Counter(),
-            }
-        return entry
 
     @_isolated
     def on_llm_end(
@@ -1362,8 +1395,9 @@ class DefectAnalysisCallback(_NativeCallback):
         start = self._end(run_id)
         _, _, found_model = _generation_parts(response)
         model = found_model or (start.model if start is not None else None) or "unknown"
+        provider = (start.provider if start is not None else None) or "unknown"
         with self._lock:
-            self._entry(model)["requests"] += 1
+            self.tracker._track_call({"provider": provider, "model": model})
 
     @_isolated
     def on_llm_error(
@@ -1375,13 +1409,13 @@ class DefectAnalysisCallback(_NativeCallback):
         tags: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        start = self._end(run_id)
-        model = (start.model if start is not None else None) or "unknown"
+        context = self._failed(run_id)
         with self._lock:
-            entry = self._entry(model)
-            entry["requests"] += 1
-            entry["timeouts" if is_timeout(error) else "errors"] += 1
-            entry["error_types"][type(error).__name__] += 1
+            self.tracker._track_error(error, context)
+            model = context["model"]
+            if model not in self._error_types and len(self._error_types) >= MAX_MODELS:
+                model = OTHER
+            self._error_types.setdefault(model, Counter())[type(error).__name__] += 1
 
     @_isolated
     def on_tool_start(
@@ -1396,21 +1430,20 @@ class DefectAnalysisCallback(_NativeCallback):
         inputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
-        with self._lock:
-            if len(self._tools) >= MAX_OPEN_RUNS:
-                self._tools.pop(next(iter(self._tools)))
-            self._tools[run_id] = _scope_name(serialized, kwargs)
+        self._tools.put(_run_key(run_id), _scope_name(serialized, kwargs))
 
     @_isolated
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> Any:
-        with self._lock:
-            self._tools.pop(run_id, None)
+        self._tools.pop(_run_key(run_id))
 
     @_isolated
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> Any:
+        name = self._tools.pop(_run_key(run_id)) or "unknown"
+        key = f"{name}:{type(error).__name__}"
         with self._lock:
-            name = self._tools.pop(run_id, "unknown")
-            self.tool_errors[f"{name}:{type(error).__name__}"] += 1
+            if key not in self.tool_errors and len(self.tool_errors) >= MAX_MODELS:
+                key = OTHER
+            self.tool_errors[key] += 1
 
     def error_rate(self, model: str | None = None) -> float:
         """Failed runs (errors and timeouts) over all runs; 0.0 before any."""
@@ -1421,17 +1454,19 @@ class DefectAnalysisCallback(_NativeCallback):
         return failed / requests if requests else 0.0
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per model: ``requests``, ``errors``, ``timeouts``, ``error_rate``, ``error_types``."""
+        """Per model: ``requests`` (ended and failed runs), ``errors``, ``timeouts``,
+        ``error_rate``, ``error_types``."""
         with self._lock:
             out = {}
-            for model, e in self._models.items():
-                failed = e["errors"] + e["timeouts"]
+            for model, c in self.tracker.by_model().items():
+                failed = c["errors"] + c["timeouts"]
+                requests = c["requests"] + failed
                 out[model] = {
-                    "requests": e["requests"],
-                    "errors": e["errors"],
-                    "timeouts": e["timeouts"],
-                    "error_rate": failed / e["requests"] if e["requests"] else 0.0,
-                    "error_types": dict(e["error_types"]),
+                    "requests": requests,
+                    "errors": c["errors"],
+                    "timeouts": c["timeouts"],
+                    "error_rate": failed / requests if requests else 0.0,
+                    "error_types": dict(self._error_types.get(model, {})),
                 }
             return out
 
