@@ -55,10 +55,15 @@ class Runner:
         """True when called from the runner's own thread (a handler calling sync code)."""
         return self._thread is not None and threading.current_thread() is self._thread
 
-    def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
-        """Start ``coro`` on the loop, in a copy of the caller's context; returns at once."""
+    def submit(
+        self, coro: Coroutine[Any, Any, _T], context: contextvars.Context | None = None
+    ) -> concurrent.futures.Future[_T]:
+        """Start ``coro`` on the loop, in ``context`` (default a copy of the caller's context);
+        returns at once. Given a context, what the coroutine sets in it stays there: the
+        caller can go on in it with ``context.run`` once the future is done."""
         loop = self._start()
-        context = contextvars.copy_context()
+        if context is None:
+            context = contextvars.copy_context()
         future: concurrent.futures.Future[_T] = concurrent.futures.Future()
 
         def create() -> None:
@@ -75,21 +80,27 @@ class Runner:
                 else:
                     future.set_result(task.result())
 
-            task.add_done_callback(done)
+            # Not in ``context``: the caller may enter it as soon as the future is done.
+            task.add_done_callback(done, context=_EMPTY)
 
         loop.call_soon_threadsafe(create)
         return future
 
-    def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T | None:
+    def run(
+        self,
+        coro: Coroutine[Any, Any, _T],
+        timeout: float | None = None,
+        context: contextvars.Context | None = None,
+    ) -> _T | None:
         """Run ``coro`` on the loop and wait for it, raising what it raises (up to ``timeout``
-        seconds; past it the coroutine goes on in the background and ``None`` is returned).
-        From the runner's own thread (sync code inside a handler), it runs on a loop of its
-        own in a helper thread."""
+        seconds; past it the coroutine goes on in the background and ``None`` is returned),
+        in ``context`` as :meth:`submit` does. From the runner's own thread (sync code inside
+        a handler), it runs on a loop of its own in a helper thread."""
         if self.in_loop():
             # Sync code called from a handler on this loop: the loop is blocked by its caller,
             # so the coroutine runs to its end on a loop of its own, in a helper thread.
             return _run_aside(coro, timeout)
-        future = self.submit(coro)
+        future = self.submit(coro, context)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -120,5 +131,7 @@ def _run_aside(coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T | Non
         raise value
     return value  # type: ignore[no-any-return, unused-ignore]
 
+
+_EMPTY = contextvars.Context()
 
 runner = Runner()

@@ -476,3 +476,56 @@ async def test_the_sdks_http_request_runs_under_the_llm_span(fake: FakeLLM) -> N
     assert [s.name for s in spans.get_finished_spans()] == ["chat gpt-4o", "chat gpt-4o"]
     await client.close()
     provider.shutdown()
+
+
+def test_the_sync_sdks_http_request_runs_under_the_llm_span(
+    fake: FakeLLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same with a sync client: the start's handlers run on the background loop, and the
+    request in the context they left, so the LLM span is current on the caller's thread while
+    the SDK sends; the caller's own context is untouched after the call."""
+    httpx = pytest.importorskip("httpx")
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from llmtally.otel import OpenTelemetryHandler
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    current: list[str] = []
+
+    class Transport(httpx.HTTPTransport):  # type: ignore[misc, name-defined]
+        def handle_request(self, request: Any) -> Any:
+            span = trace.get_current_span()
+            current.append(getattr(span, "name", "") if span.get_span_context().is_valid else "")
+            return super().handle_request(request)
+
+    client = openai.OpenAI(
+        api_key="k",
+        base_url=fake.url + "/v1",
+        max_retries=0,
+        http_client=httpx.Client(transport=Transport()),
+    )
+    instrument(client, [OpenTelemetryHandler(provider)], user_id="alice")
+    tracer = provider.get_tracer("app")
+    with tracer.start_as_current_span("handle request") as outer, caplog.at_level("ERROR"):
+        client.chat.completions.create(**KW_CHAT)
+        assert trace.get_current_span() is outer  # the caller's span is current again
+        for _ in client.chat.completions.create(**KW_CHAT, stream=True):
+            pass
+        assert trace.get_current_span() is outer
+    assert current == ["chat gpt-4o", "chat gpt-4o"]
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    assert sorted(finished) == ["chat gpt-4o", "handle request"]
+    llm_spans = [s for s in spans.get_finished_spans() if s.name == "chat gpt-4o"]
+    assert len(llm_spans) == 2
+    assert all(
+        s.parent is not None and s.parent.span_id == outer.get_span_context().span_id
+        for s in llm_spans
+    )  # under the caller's span, carried to the background loop
+    assert [r for r in caplog.records if "detach" in r.getMessage().lower()] == []
+    client.close()
+    provider.shutdown()

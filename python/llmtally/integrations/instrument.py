@@ -435,13 +435,15 @@ def _wait(coro: Coroutine[Any, Any, Any]) -> Any:
     return runner.run(coro)
 
 
-def _settle_sync(result: Any, request: _Request) -> Any:
+def _settle_sync(result: Any, request: _Request, context: contextvars.Context) -> Any:
+    """End the call of a finished sync request (in the request's ``context``), or meter the
+    stream or raw response it returned (their ends come from the caller's code)."""
     call = request.call
     if request.raw is not None and hasattr(result, "http_response"):
         return _raw_sync(result, request)
     if _is_stream(result):
         return _meter_sync_stream(result, call)
-    _wait(call.end(result))
+    runner.run(call.end(result), context=context)
     return result
 
 
@@ -609,13 +611,17 @@ def _patch_request(client: Any, meter: _Instrumentation) -> None:
             if request is None:
                 return original(cast_to, options, *args, **kwargs)
             call = request.call
-            _wait(call.start())
+            # The start's handlers run in this context, and the request in it after them: what
+            # they make current (the OpenTelemetry span the HTTP spans nest under) is current
+            # for the request, and stays with it, not with the caller.
+            context = contextvars.copy_context()
+            runner.run(call.start(), context=context)
             try:
-                result = original(cast_to, options, *args, **kwargs)
+                result = context.run(original, cast_to, options, *args, **kwargs)
             except BaseException as exc:
-                _wait(call.fail(exc))
+                runner.run(call.fail(exc), context=context)
                 raise
-            return _settle_sync(result, request)
+            return _settle_sync(result, request, context)
 
         client.request = request_sync
 
