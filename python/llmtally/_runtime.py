@@ -13,14 +13,17 @@ import concurrent.futures
 import contextvars
 import logging
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
-__all__ = ["Runner", "runner"]
+__all__ = ["OpenRuns", "Runner", "runner"]
 
 logger = logging.getLogger("llmtally")
 
 _T = TypeVar("_T")
+_K = TypeVar("_K")
+_R = TypeVar("_R")
 
 
 class Runner:
@@ -130,6 +133,59 @@ def _run_aside(coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T | Non
     if not ok:
         raise value
     return value  # type: ignore[no-any-return, unused-ignore]
+
+
+class OpenRuns(Generic[_K, _R]):
+    """Runs waiting for their end hook, by key; thread-safe and bounded. Past ``capacity``
+    the oldest is handed to ``evict`` (an LLM call is ended as abandoned there, never silently
+    dropped) and counted in ``evicted``; the first eviction is logged."""
+
+    def __init__(self, capacity: int, what: str, evict: Callable[[_R], object]) -> None:
+        self.capacity = capacity
+        self.evicted = 0
+        self._what = what
+        self._evict = evict
+        self._runs: OrderedDict[_K, _R] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def __contains__(self, key: _K) -> bool:
+        return key in self._runs
+
+    def put(self, key: _K, run: _R) -> None:
+        evicted: list[_R] = []
+        with self._lock:
+            runs = self._runs
+            while len(runs) >= self.capacity:
+                evicted.append(runs.popitem(last=False)[1])
+            runs[key] = run
+            self.evicted += len(evicted)
+            first = bool(evicted) and self.evicted == len(evicted)
+        if first:
+            logger.warning(
+                "more than %d %s open at once: the oldest are ended as abandoned",
+                self.capacity,
+                self._what,
+            )
+        for old in evicted:
+            try:
+                self._evict(old)
+            except Exception as exc:
+                logger.error("ending an evicted %s failed: %r", self._what, exc)
+
+    def get(self, key: _K) -> _R | None:
+        return self._runs.get(key)
+
+    def pop(self, key: _K) -> _R | None:
+        with self._lock:
+            return self._runs.pop(key, None)
+
+    def values(self) -> list[_R]:
+        """The open runs now (a copy)."""
+        with self._lock:
+            return list(self._runs.values())
 
 
 _EMPTY = contextvars.Context()

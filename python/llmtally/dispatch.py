@@ -973,44 +973,44 @@ def _normalize_user(manager: CallbackManager, context: dict[str, Any]) -> None:
     context["user_id"] = user
 
 
+def _abandon_evicted(call: LLMCall) -> None:
+    call._open = False
+    _runtime.runner.submit(call.abandon())
+
+
 class _OpenCalls:
-    """Calls started with :meth:`LLMCall.start` and not ended yet: ended as abandoned at exit,
-    and bounded (past ``capacity``, the oldest is ended as abandoned, in the background)."""
+    """Calls started with :meth:`LLMCall.start` and not ended yet (in the bounded registry the
+    integrations use: past ``capacity``, the oldest is ended as abandoned, in the background),
+    ended as abandoned at exit."""
 
     def __init__(self, capacity: int = 100_000) -> None:
-        self.capacity = capacity
-        self._calls: dict[int, LLMCall] = {}
-        self._lock = threading.Lock()
+        self._runs: _runtime.OpenRuns[int, LLMCall] = _runtime.OpenRuns(
+            capacity, "LLM calls", _abandon_evicted
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self._runs.capacity
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        self._runs.capacity = value
 
     def __len__(self) -> int:
-        return len(self._calls)
+        return len(self._runs)
 
     def add(self, call: LLMCall) -> None:
-        evicted: LLMCall | None = None
-        with self._lock:
-            call._open = True
-            self._calls[id(call)] = call
-            if len(self._calls) > self.capacity:
-                evicted = self._calls.pop(next(iter(self._calls)))
-                evicted._open = False
-        if evicted is not None:
-            logger.warning(
-                "more than %d LLM calls open at once: the oldest (%s) ended as abandoned",
-                self.capacity,
-                evicted.request_id,
-            )
-            _runtime.runner.submit(evicted.abandon())
+        call._open = True
+        self._runs.put(id(call), call)
 
     def discard(self, call: LLMCall) -> None:
-        with self._lock:
-            self._calls.pop(id(call), None)
-            call._open = False
+        self._runs.pop(id(call))
+        call._open = False
 
     def abandon_all(self, timeout_s: float) -> None:
         """End every open call as abandoned (at interpreter exit), waiting up to
         ``timeout_s``."""
-        with self._lock:
-            calls = list(self._calls.values())
+        calls = self._runs.values()
         if not calls:
             return
         try:

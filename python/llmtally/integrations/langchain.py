@@ -287,7 +287,7 @@ class LlmtallyCallbackHandler(_LCAsyncHandler):
         if user_id is not None:
             context["user_id"] = user_id
         self._context = context
-        self._runs: OpenRuns[_OpenCall | _OpenScope] = OpenRuns(
+        self._runs: OpenRuns[str, _OpenCall | _OpenScope] = OpenRuns(
             MAX_OPEN_RUNS, "LangChain runs", _end_evicted
         )
         self._lock = threading.Lock()
@@ -748,7 +748,7 @@ class _NativeCallback(BaseCallbackHandler):
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.RLock()
-        self._starts: OpenRuns[_Start] = OpenRuns(MAX_OPEN_RUNS, "LangChain runs", _forget)
+        self._starts: OpenRuns[str, _Start] = OpenRuns(MAX_OPEN_RUNS, "LangChain runs", _forget)
         self._guard = FailureGuard(type(self).__name__)
         self.bad_input = 0
         self._clock: Callable[[], float] = time.perf_counter
@@ -1379,7 +1379,7 @@ class DefectAnalysisCallback(_NativeCallback):
         super().__init__()
         self.tracker = TokenCounter(max_keys=max_keys, max_bytes=max_bytes)
         self._error_types: dict[str, Counter[str]] = {}
-        self._tools: OpenRuns[str] = OpenRuns(MAX_OPEN_RUNS, "LangChain tool runs", _forget)
+        self._tools: OpenRuns[str, str] = OpenRuns(MAX_OPEN_RUNS, "LangChain tool runs", _forget)
         self.tool_errors: Counter[str] = Counter()
 
     @_isolated

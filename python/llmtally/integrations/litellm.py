@@ -380,7 +380,7 @@ class LlmtallyLogger(CustomLogger):
         self.user_id = user_id
         self.sync_timeout_s = sync_timeout_s
         self._context = context
-        self._open: OpenRuns[_Open] = OpenRuns(
+        self._open: OpenRuns[str, _Open] = OpenRuns(
             MAX_OPEN_CALLS, "LiteLLM calls", lambda run: runner.submit(run.call.abandon())
         )
         self._ended: OrderedDict[str, bool] = OrderedDict()
