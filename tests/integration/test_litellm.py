@@ -414,6 +414,23 @@ async def test_the_user_charged_metadata_then_user_then_the_default(fake: FakeLL
     assert cost.by_user()["anonymous"]["requests"] == 1
 
 
+@pytest.mark.parametrize(
+    ("given", "charged"), [(0, "0"), (42, "42"), (["bob"], "anonymous"), (True, "anonymous")]
+)
+async def test_a_metadata_user_id_of_any_type_is_charged_by_the_rule(
+    fake: FakeLLM, given: Any, charged: str
+) -> None:
+    """LiteLLM's ``metadata["user_id"]`` reaches the manager as given: ``0`` is charged as
+    ``"0"`` (not dropped for the default), a list or a bool is bad input charged to
+    ``"anonymous"``, the same rule as every other path."""
+    cost = llmtally.CostTracker()
+    logger = use(cost, user_id="default")
+    await litellm.acompletion(**call_kwargs(fake, metadata={"user_id": given}))
+    assert await logger.drain()
+    assert list(cost.by_user()) == [charged]
+    assert cost.by_user()[charged]["requests"] == 1
+
+
 async def test_a_logger_given_to_one_call_only_counts_it_at_its_end(fake: FakeLLM) -> None:
     """LiteLLM's async start hook sees only ``litellm.callbacks``: a logger passed in one
     call's ``callbacks=`` opens and ends the call when LiteLLM logs its success."""
