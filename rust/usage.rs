@@ -421,6 +421,36 @@ fn usage_block(usage: &Bound<'_, PyAny>, anthropic: bool) -> R<Found> {
             report: r,
         });
     }
+    let bedrock_input = opt(usage, k!(py, "inputTokens"), "inputTokens")?;
+    let bedrock_output = opt(usage, k!(py, "outputTokens"), "outputTokens")?;
+    if bedrock_input.is_some() || bedrock_output.is_some() {
+        // Amazon Bedrock Converse: like Anthropic, `inputTokens` excludes the cache reads and
+        // writes (siblings); `totalTokens` includes them.
+        r.prompt = bedrock_input;
+        r.completion = bedrock_output;
+        r.total = opt(usage, k!(py, "totalTokens"), "totalTokens")?;
+        r.cached = first_of(
+            usage,
+            [
+                k!(py, "cacheReadInputTokens"),
+                k!(py, "cacheReadInputTokenCount"),
+            ],
+            "cacheReadInputTokens",
+        )?;
+        r.cache_write = first_of(
+            usage,
+            [
+                k!(py, "cacheWriteInputTokens"),
+                k!(py, "cacheWriteInputTokenCount"),
+            ],
+            "cacheWriteInputTokens",
+        )?;
+        return Ok(Found {
+            shape: Shape::Anthropic,
+            additive: false,
+            report: r,
+        });
+    }
     let input = opt(usage, k!(py, "input_tokens"), "input_tokens")?;
     let output = opt(usage, k!(py, "output_tokens"), "output_tokens")?;
     let cache_read = opt(
@@ -632,6 +662,16 @@ fn find(obj: &Bound<'_, PyAny>) -> R<Option<Found>> {
             found.report.cost = provider_cost(&target)?;
         }
         return Ok(Some(found));
+    }
+    if let Some(event) = get(&target, k!(py, "metadata"))? {
+        // A Bedrock ConverseStream `metadata` event: `{"metadata": {"usage": {...}}}`.
+        if let Some(usage) = get(&event, k!(py, "usage"))? {
+            if get(&usage, k!(py, "inputTokens"))?.is_some()
+                || get(&usage, k!(py, "outputTokens"))?.is_some()
+            {
+                return Ok(Some(usage_block(&usage, false)?));
+            }
+        }
     }
     let meta = match get(&target, k!(py, "usage_metadata"))? {
         Some(m) => Some(m),

@@ -360,3 +360,68 @@ async def test_thinking_and_reasoning_tokens_of_every_shape_are_reasoning_inside
     assert [
         (r["completion_tokens"], r["reasoning_tokens"]) for (r,), _ in rec.of("on_llm_end")
     ] == [(900, 850)] * 2
+
+
+# -- Amazon Bedrock Converse ---------------------------------------------------------------------
+# The documented shape: inputTokens excludes the cache reads and writes (siblings), totalTokens
+# includes them (AWS's prompt-caching example: 4 + 500 + 1,534 = 2,038).
+
+CONVERSE = {
+    "output": {"message": {"role": "assistant", "content": [{"text": "Paris."}]}},
+    "stopReason": "end_turn",
+    "usage": {
+        "inputTokens": 4,
+        "outputTokens": 500,
+        "totalTokens": 2038,
+        "cacheReadInputTokens": 0,
+        "cacheWriteInputTokens": 1534,
+    },
+}
+
+
+def test_a_bedrock_converse_response_folds_the_cache_into_the_prompt() -> None:
+    usage = extract_usage(CONVERSE)
+    assert usage == Usage(
+        total_tokens=2038,
+        prompt_tokens=1538,
+        completion_tokens=500,
+        cached_tokens=0,
+        cache_write_tokens=1534,
+    )
+
+
+async def test_a_bedrock_converse_stream_is_counted_from_its_metadata_event() -> None:
+    events: list[dict[str, Any]] = [
+        {"messageStart": {"role": "assistant"}},
+        {"contentBlockDelta": {"delta": {"text": "Par"}, "contentBlockIndex": 0}},
+        {"contentBlockDelta": {"delta": {"text": "is."}, "contentBlockIndex": 0}},
+        {"messageStop": {"stopReason": "end_turn"}},
+        {
+            "metadata": {
+                "usage": {
+                    "inputTokens": 10,
+                    "outputTokens": 20,
+                    "totalTokens": 130,
+                    "cacheReadInputTokenCount": 100,
+                },
+                "metrics": {"latencyMs": 412},
+            }
+        },
+    ]
+    merged = None
+    for event in events:
+        merged = merge_stream_usage(merged, event)
+    assert merged == Usage(
+        total_tokens=130, prompt_tokens=110, completion_tokens=20, cached_tokens=100
+    )
+    rec = Recorder()
+    async with CallbackManager([rec]).llm_call(provider="bedrock", model="amazon.nova-pro") as call:
+        for event in events:
+            await call.chunk(event)
+    (response,), _ = rec.of("on_llm_end")[0]
+    assert (response["tokens_used"], response["prompt_tokens"], response["cached_tokens"]) == (
+        130,
+        110,
+        100,
+    )
+    assert response["estimated"] is False
