@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtally._core import Prices, Usage
+from llmtally._names import MAX_NAME_CHARS, OTHER
 from llmtally.errors import ConfigError
 
 __all__ = [
@@ -278,10 +279,18 @@ def lookup(model: str, provider: str | None = None) -> Prices | None:
     key = (model, provider)
     prices: Prices | None = _cache.get(key, _MISSING)
     if prices is _MISSING:
+        if _too_long(model) or _too_long(provider):
+            # No listed name is this long: unpriced, and neither cached nor kept by name.
+            _count_miss(OTHER, None if _too_long(provider) else provider)
+            return None
         prices = _lookup_slow(key)
     if prices is None:
         _count_miss(model, provider)
     return prices
+
+
+def _too_long(name: Any) -> bool:
+    return isinstance(name, str) and len(name) > MAX_NAME_CHARS
 
 
 def cached(model: str, provider: str | None) -> Prices | None:

@@ -136,6 +136,33 @@ async def test_a_long_model_name_is_not_kept_verbatim() -> None:
     assert perf.models() == ["<other>"]
 
 
+def test_the_price_lookups_of_long_model_names_are_bounded() -> None:
+    """2,000 distinct 64 KiB model names through the manager: the price table neither caches
+    nor keeps them by name (unpriced, counted under "<other>"); uncapped, 125 MB stayed."""
+    got = run(
+        """
+        from llmtally import pricing
+        manager = llmtally.CallbackManager([llmtally.CostTracker()])
+        async def main():
+            before = rss_mb()
+            for i in range(2_000):
+                model = str(i).rjust(64 * 1024, "m")
+                async with manager.llm_call(None, provider="openai", model=model) as call:
+                    call.set_response(response)
+            return rss_mb() - before
+        grown = asyncio.run(main())
+        print(json.dumps({
+            "grown_mb": grown,
+            "cached": len(pricing._cache),
+            "unpriced": pricing.unpriced_models(),
+        }))
+        """
+    )
+    assert got["unpriced"] == {"<other>": 2_000}
+    assert got["cached"] < 10
+    assert got["grown_mb"] < 30, got
+
+
 async def test_the_caps_are_configurable() -> None:
     cost, perf = CostTracker(max_keys=2), PerformanceTracker(max_models=1)
     manager = CallbackManager([cost, perf])
