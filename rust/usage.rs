@@ -5,7 +5,7 @@
 //! siblings (Anthropic, Gemini) are folded in. Reads dicts natively and SDK objects through
 //! attributes; one call per response, no Python-level helper calls.
 
-use pyo3::exceptions::{PyAttributeError, PyValueError};
+use pyo3::exceptions::PyAttributeError;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
@@ -13,12 +13,9 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
 /// Token counts must be integers in `[0, MAX_TOKENS)`.
 pub const MAX_TOKENS: u64 = 1_000_000_000_000;
 
-pyo3::create_exception!(
-    _core,
-    BadUsage,
-    PyValueError,
-    "Usage that cannot be trusted (wrong type, out of range, inconsistent); it is skipped whole."
-);
+// Usage that cannot be trusted: `llmtally.errors.BadUsage` (a `BadInput`, so an
+// `LlmtallyError` and a `ValueError`), defined in Python with the other errors.
+pyo3::import_exception!(llmtally.errors, BadUsage);
 
 /// A normalized usage record; `None` means the provider did not say.
 #[pyclass(frozen, module = "llmtally._core", name = "Usage", get_all)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import shutil
 import subprocess
 import sys
@@ -44,17 +43,26 @@ def test_rustfmt() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_native_stub_matches_the_module() -> None:
-    stub = ast.parse((ROOT / "python/llmtally/_core.pyi").read_text())
-    declared: set[str] = set()
-    for node in stub.body:
-        if isinstance(node, ast.FunctionDef | ast.ClassDef):
-            declared.add(node.name)
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            declared.add(node.target.id)
-    public = {name for name in dir(_core) if not name.startswith("_")} | {"__version__"}
-    assert {n for n in declared if not n.startswith("_")} | {"__version__"} == public
-    assert all(hasattr(_core, name) for name in declared)
+def test_native_stub_passes_stubtest() -> None:
+    """Every signature in ``_core.pyi`` against the compiled module (mypy's stubtest)."""
+    pytest.importorskip("mypy.stubtest")
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "llmtally._core"],
+        cwd=ROOT / "python",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bad_usage_is_an_llmtally_error_raised_by_the_core() -> None:
+    from llmtally.errors import BadInput, BadUsage, LlmtallyError
+
+    assert _core.BadUsage is BadUsage
+    assert issubclass(BadUsage, BadInput) and issubclass(BadUsage, ValueError)
+    with pytest.raises(LlmtallyError, match="outside"):
+        _core.extract_usage({"usage": {"prompt_tokens": -1}})
 
 
 def _policy_action(category: type[Warning], module: str) -> str:

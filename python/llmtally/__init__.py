@@ -33,6 +33,7 @@ from llmtally.dispatch import (
 )
 from llmtally.errors import (
     BadInput,
+    BadUsage,
     BudgetExceeded,
     CallbackAbort,
     ConfigError,
@@ -87,6 +88,7 @@ __all__ = [
     "AuditLogger",
     "AsyncCallbackHandler",
     "BadInput",
+    "BadUsage",
     "BudgetExceeded",
     "BudgetLimiter",
     "CallbackAbort",

@@ -5,8 +5,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, final
 
+from llmtally.errors import BadUsage as BadUsage
+
 __all__ = [
+    "DECLINED",
     "LEDGER_FIELDS",
+    "RECORDED",
     "READ_BAD_USAGE",
     "READ_NOT_A_RESPONSE",
     "READ_NO_USAGE",
@@ -14,8 +18,11 @@ __all__ = [
     "BadUsage",
     "Batch",
     "Histogram",
+    "IdMaker",
     "Ledger",
+    "PerfModel",
     "Prices",
+    "Recorder",
     "Usage",
     "__version__",
     "_estimate_feature_names",
@@ -31,6 +38,7 @@ __all__ = [
     "merge_stream_usage",
     "normalize_usage_block",
     "read_response",
+    "response_meta",
 ]
 
 __version__: Final[str]
@@ -81,8 +89,8 @@ class Usage:
     def cost_usd(self) -> float | None: ...
     @property
     def warning(self) -> str | None: ...
-    def __init__(
-        self,
+    def __new__(
+        cls,
         total_tokens: int | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
@@ -91,10 +99,7 @@ class Usage:
         cache_write_1h_tokens: int = 0,
         reasoning_tokens: int = 0,
         cost_usd: float | None = None,
-    ) -> None: ...
-
-class BadUsage(ValueError):
-    """Usage that cannot be trusted (wrong type, out of range, inconsistent); skipped whole."""
+    ) -> Usage: ...
 
 def extract_usage(obj: Any) -> Usage | None:
     """The usage reported in a response, stream chunk/event or usage dict, or ``None``.
@@ -207,7 +212,7 @@ class Ledger:
     def journal_errors(self) -> tuple[int, str | None]: ...
     @property
     def overflows(self) -> int: ...
-    def __contains__(self, key: object) -> bool:
+    def __contains__(self, key: object, /) -> bool:
         """True when ``key`` has counters."""
 
     def __len__(self) -> int: ...
@@ -246,7 +251,7 @@ class Batch:
 class Histogram:
     """Fixed-memory log-linear histogram; percentiles within 0.8% of the true sample."""
 
-    def __init__(self, scale: float = 1000.0) -> None: ...
+    def __new__(cls, scale: float = 1000.0) -> Histogram: ...
     def record(self, value: float, n: int = 1) -> None: ...
     def percentile(self, p: float) -> float | None: ...
     def percentiles(self, ps: list[float]) -> list[float | None]: ...
@@ -267,7 +272,7 @@ class Histogram:
 class IdMaker:
     """Ids ``"<prefix>-<hex counter>"``, from 1."""
 
-    def __init__(self, prefix: str) -> None: ...
+    def __new__(cls, prefix: str) -> IdMaker: ...
     def next(self) -> str: ...
     def mark(self, id: str) -> None: ...
     def counted(self, id: str) -> bool: ...
@@ -306,7 +311,7 @@ DECLINED: Final[int]
 class Recorder:
     """Every built-in accumulator of one end event, updated in one crossing."""
 
-    def __init__(self, sinks: list[tuple[Any, ...]], flush_at: int) -> None: ...
+    def __new__(cls, sinks: list[tuple[Any, ...]], flush_at: int) -> Recorder: ...
     def end(self, response: object, kwargs: dict[str, Any], id_prefix: str) -> tuple[int, bool]: ...
     def finish(
         self,
@@ -337,8 +342,8 @@ class Recorder:
 class Prices:
     """A model's prices in USD per 1M tokens (at most six decimals), as exact integers."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         input_price: float,
         output_price: float,
         cache_read_price: float | None = None,
@@ -346,7 +351,7 @@ class Prices:
         cache_write_1h_price: float | None = None,
         reasoning_price: float | None = None,
         tiers: Sequence[Sequence[float | None]] | None = None,
-    ) -> None:
+    ) -> Prices:
         """``tiers``: ``(above_prompt_tokens, input, output[, cache_read[, cache_write]])``."""
     def cost_pusd(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "BadInput",
+    "BadUsage",
     "BudgetExceeded",
     "CallbackAbort",
     "ConfigError",
@@ -44,6 +45,15 @@ class BadInput(LlmtallyError, ValueError):
     """Malformed data handed to llmtally where the caller can be told (never inside a callback)."""
 
     slug = "bad_input"
+
+
+class BadUsage(BadInput):
+    """Usage that cannot be trusted (a count of the wrong type, outside ``[0, 10**12)``, or
+    parts larger than their whole): it is skipped whole. Raised by the core's readers
+    (``extract_usage``, ``merge_stream_usage``, ``Usage(...)``); inside the event path it is
+    counted as bad input, never raised."""
+
+    slug = "bad_usage"
 
 
 class TokenizerUnavailable(LlmtallyError, LookupError):

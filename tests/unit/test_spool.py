@@ -34,7 +34,9 @@ if progress != "-":
     with open(progress, "r+b") as f:
         page = mmap.mmap(f.fileno(), 8)
 done = 0
-store = llmtally.open_store(url, spool=spool, flush_interval_s=3600 if mode == "held" else 0.01)
+# "held" and "applied" write only when told (a timed flush could die before "done" is
+# printed, on a slow machine); "flushing" writes all along.
+store = llmtally.open_store(url, spool=spool, flush_interval_s=0.01 if mode == "flushing" else 3600)
 manager = llmtally.CallbackManager([llmtally.UsageRecorder(store=store)])
 messages = [{"role": "user", "content": "hi"}]
 response = {"usage": {"prompt_tokens": 3, "completion_tokens": 2}}
