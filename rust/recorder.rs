@@ -611,7 +611,7 @@ impl Recorder {
         };
         let content = extract_text(obj)?;
         let table_cost = match prices {
-            Some(p) if same_model && u.cost_usd.is_none() => p.get().usage_cost(&u),
+            Some(p) if same_model && u.cost_usd.is_none() => p.get().call_cost(&u, obj),
             _ => None,
         };
         let cost_pusd = match u.cost_usd {

@@ -265,10 +265,14 @@ fn add_table_cost(
     d: &Bound<'_, PyDict>,
     usage: Option<&Usage>,
     table_cost: Option<i64>,
+    price_version: Option<&Bound<'_, PyString>>,
 ) -> PyResult<()> {
     if let (Some(u), Some(pusd)) = (usage, table_cost) {
         if u.cost_usd.is_none() {
             d.set_item(intern!(d.py(), "cost_pusd"), pusd)?;
+            if let Some(v) = price_version {
+                d.set_item(intern!(d.py(), "price_version"), v)?;
+            }
         }
     }
     Ok(())
@@ -278,7 +282,8 @@ fn add_table_cost(
 #[pyfunction]
 #[pyo3(name = "make_response", signature = (
     usage, usage_error, estimated, content, provider, model, duration_s, request_id,
-    ttft_s=None, chunks=0, table_cost_pusd=None, response_id=None, finish_reason=None
+    ttft_s=None, chunks=0, table_cost_pusd=None, response_id=None, finish_reason=None,
+    price_version=None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn py_make_response<'py>(
@@ -296,6 +301,7 @@ pub fn py_make_response<'py>(
     table_cost_pusd: Option<i64>,
     response_id: Option<&Bound<'py, PyAny>>,
     finish_reason: Option<&Bound<'py, PyAny>>,
+    price_version: Option<&Bound<'py, PyString>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     fill(
@@ -315,7 +321,7 @@ pub fn py_make_response<'py>(
         d.set_item(intern!(py, "time_to_first_token"), t)?;
         d.set_item(intern!(py, "chunks"), chunks)?;
     }
-    add_table_cost(&d, usage.map(|u| u.get()), table_cost_pusd)?;
+    add_table_cost(&d, usage.map(|u| u.get()), table_cost_pusd, price_version)?;
     Ok(d)
 }
 
@@ -325,7 +331,8 @@ pub fn py_make_response<'py>(
 /// `READ_OK`: `response` is complete; `message` is a usage warning or `None`; `usage` is the
 /// normalized `Usage`. When `prices` (the call model's) are given, the provider reported no
 /// cost and the response names no other model, the cost is priced here (`cost_source`
-/// `"table"`, exact `cost_pusd`).
+/// `"table"`, exact `cost_pusd`, `price_version`), with the service tier and geography the
+/// response states when the model's prices depend on them.
 /// `READ_BAD_USAGE`: usage skipped whole (`message` says why); `response` has `usage_error`.
 /// `READ_NO_USAGE`: the response carries no usage; `response` is `None` (the caller estimates).
 /// `READ_NOT_A_RESPONSE`: neither a dict nor an SDK object; `response` is `None`.
@@ -368,7 +375,11 @@ pub fn py_finish_response<'py>(
     match usage {
         Ok(u) => {
             let table_cost = match prices {
-                Some(p) if same_model && u.cost_usd.is_none() => p.get().usage_cost(&u),
+                Some(p) if same_model && u.cost_usd.is_none() => p.get().call_cost(&u, obj),
+                _ => None,
+            };
+            let version = match (prices, table_cost) {
+                (Some(p), Some(_)) => p.get().version_of(py),
                 _ => None,
             };
             fill(
@@ -384,7 +395,7 @@ pub fn py_finish_response<'py>(
                 table_cost,
                 meta,
             )?;
-            add_table_cost(&d, Some(&u), table_cost)?;
+            add_table_cost(&d, Some(&u), table_cost, version.as_ref())?;
             let warning = u.warning.clone();
             let usage = Bound::new(py, u)?;
             Ok((OK, Some(d), warning, Some(usage)))

@@ -27,6 +27,7 @@ __all__ = [
     "__version__",
     "_estimate_feature_names",
     "_estimate_pieces",
+    "call_modifiers",
     "current_cycle",
     "estimate_messages",
     "estimate_text",
@@ -147,8 +148,10 @@ def make_response(
     table_cost_pusd: int | None = None,
     response_id: str | None = None,
     finish_reason: str | None = None,
+    price_version: str | None = None,
 ) -> dict[str, Any]:
-    """The normalized response dict given to ``on_llm_end``."""
+    """The normalized response dict given to ``on_llm_end`` (``price_version`` beside a table
+    cost)."""
 
 READ_NO_USAGE: Final[int]
 
@@ -340,7 +343,17 @@ class Recorder:
 
 @final
 class Prices:
-    """A model's prices in USD per 1M tokens (at most six decimals), as exact integers."""
+    """A model's prices in USD per 1M tokens (at most six decimals), as exact integers.
+
+    Every kind (input, output, cache read, 5-minute and 1-hour cache writes, reasoning) has a
+    price in every long-context tier, resolved once here: a kind the tier lists takes the
+    tier's price; a kind priced on its own below keeps it; a kind without a price of its own
+    derives from the tier's (cache prices from the tier's input, 1 h writes from its 5-minute
+    writes, reasoning from its output). ``inclusive``: a prompt of exactly a threshold is in
+    the tier (xAI). ``service_tiers``: whole tables for ``flex``/``priority``/``batch``;
+    ``geo``: cost multipliers by inference geography; ``off_peak``: the table billed inside
+    ``off_peak_windows`` (``(weekday bits, Monday = 1, start minute, end minute)``, UTC).
+    """
 
     def __new__(
         cls,
@@ -351,8 +364,16 @@ class Prices:
         cache_write_1h_price: float | None = None,
         reasoning_price: float | None = None,
         tiers: Sequence[Sequence[float | None]] | None = None,
+        *,
+        inclusive: bool = False,
+        version: str | None = None,
+        service_tiers: dict[str, Prices] | None = None,
+        geo: Sequence[tuple[str, float]] | None = None,
+        off_peak: Prices | None = None,
+        off_peak_windows: Sequence[tuple[int, int, int]] | None = None,
     ) -> Prices:
-        """``tiers``: ``(above_prompt_tokens, input, output[, cache_read[, cache_write]])``."""
+        """``tiers``: ``(above_prompt_tokens, input, output[, cache_read[, cache_write[,
+        cache_write_1h[, reasoning]]]])``; ``None`` in a tier: not listed there."""
     def cost_pusd(
         self,
         prompt_tokens: int = 0,
@@ -361,8 +382,25 @@ class Prices:
         cache_write_tokens: int = 0,
         cache_write_1h_tokens: int = 0,
         reasoning_tokens: int = 0,
-    ) -> int: ...
-    def usage_cost_pusd(self, usage: Usage) -> int | None: ...
+        *,
+        service_tier: str | None = None,
+        inference_geo: str | None = None,
+        at: float | None = None,
+    ) -> int:
+        """Cost in pico-USD; ``at``: UNIX seconds of the call (default now) for off-peak."""
+    def usage_cost_pusd(
+        self,
+        usage: Usage,
+        *,
+        service_tier: str | None = None,
+        inference_geo: str | None = None,
+        at: float | None = None,
+    ) -> int | None: ...
+    def rates(
+        self, prompt_tokens: int = 0, *, service_tier: str | None = None, at: float | None = None
+    ) -> tuple[float, float, float, float, float, float]:
+        """``(input, output, cache_read, cache_write, cache_write_1h, reasoning)`` USD per 1M
+        tokens billed for a prompt of ``prompt_tokens``, before a geo multiplier."""
     @property
     def input_price(self) -> float: ...
     @property
@@ -375,6 +413,20 @@ class Prices:
     def cache_write_1h_price(self) -> float: ...
     @property
     def reasoning_price(self) -> float: ...
+    @property
+    def version(self) -> str | None:
+        """The effective date of this price version (``YYYY-MM-DD``), or ``"registered"``."""
+    @property
+    def inclusive(self) -> bool: ...
+    @property
+    def has_modifiers(self) -> bool:
+        """Whether a call's service tier, geography or time can change its price."""
+    @property
+    def service_tiers(self) -> list[str]: ...
+
+def call_modifiers(obj: object) -> tuple[str | None, str | None]:
+    """``(service_tier, inference_geo)`` a provider response states (OpenAI top-level
+    ``service_tier``; Anthropic ``usage.service_tier``, ``usage.inference_geo``)."""
 
 def current_cycle() -> str:
     """``YYYY-MM-01`` of the current UTC month: the process's one billing-cycle clock."""

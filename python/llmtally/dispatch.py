@@ -32,6 +32,7 @@ from llmtally._core import (
     READ_BAD_USAGE,
     READ_NOT_A_RESPONSE,
     READ_OK,
+    call_modifiers,
     extract_usage,
     finish_response,
     make_response,
@@ -1038,10 +1039,14 @@ _open_calls = _OpenCalls()
 _store_module.before_exit(_open_calls.abandon_all)
 
 
-def price_response(response: dict[str, Any], provider: str | None) -> Exception | None:
+def price_response(
+    response: dict[str, Any], provider: str | None, raw: Any = None
+) -> Exception | None:
     """Price a normalized response dict from the price table when the provider reported no cost
-    (``cost_estimate``, ``cost_pusd``, ``cost_source: "table"``); an unknown model keeps
-    ``cost_estimate: None``. Returns the error of counts no price can take, else ``None``."""
+    (``cost_estimate``, ``cost_pusd``, ``cost_source: "table"``, ``price_version``), with the
+    service tier and inference geography the provider's response ``raw`` states when the
+    model's prices depend on them; an unknown model keeps ``cost_estimate: None``. Returns the
+    error of counts no price can take, else ``None``."""
     if response["cost_estimate"] is not None or "completion_tokens" not in response:
         return None
     model = response["model"]
@@ -1050,6 +1055,9 @@ def price_response(response: dict[str, Any], provider: str | None) -> Exception 
     prices = price_lookup(model, provider if provider != "unknown" else None)
     if prices is None:
         return None
+    service_tier = inference_geo = None
+    if raw is not None and prices.has_modifiers:
+        service_tier, inference_geo = call_modifiers(raw)
     try:
         pusd = prices.cost_pusd(
             response["prompt_tokens"],
@@ -1058,12 +1066,16 @@ def price_response(response: dict[str, Any], provider: str | None) -> Exception 
             response["cache_write_tokens"],
             response.get("cache_write_1h_tokens", 0),
             response["reasoning_tokens"],
+            service_tier=service_tier,
+            inference_geo=inference_geo,
         )
     except (ValueError, OverflowError) as exc:
         return exc
     response["cost_estimate"] = pusd / 1e12
     response["cost_pusd"] = pusd
     response["cost_source"] = "table"
+    if prices.version is not None:
+        response["price_version"] = prices.version
     return None
 
 
@@ -1397,13 +1409,14 @@ class LLMCall:
             before = _Dispatcher._failures(group.members[0][0], group, GROUP)
             t0 = time.perf_counter()
         try:
+            prices = cached_prices(self.model, self.provider)
             code, usage, found_model, content, table_cost, message, outcome, flush, rid, reason = (
                 group.recorder.finish(
                     self._response,
                     self.provider,
                     self.model,
                     duration_s,
-                    cached_prices(self.model, self.provider),
+                    prices,
                     kwargs.get("user_id"),
                     kwargs.get("cycle_start_date"),
                     _ids,  # the core marks the id counted (a caller handing it back: duplicate)
@@ -1420,7 +1433,7 @@ class LLMCall:
             stats.usage_warnings += 1
             logger.warning("usage of %s: %s (total kept)", self.request_id, message)
         self._usage = usage
-        self._parts = (found_model, content, table_cost, duration_s, rid, reason)
+        self._parts = (found_model, content, table_cost, duration_s, rid, reason, prices)
         if outcome != _RECORDED:
             group.refused(self._manager._dispatcher, "on_llm_end", outcome)
         group.kick(flush)
@@ -1439,7 +1452,7 @@ class LLMCall:
         """The normalized response dict given to ``on_llm_end`` (``None`` before the end)."""
         found = self._response_dict
         if found is None and self._parts is not None:
-            found_model, content, table_cost, duration_s, rid, reason = self._parts
+            found_model, content, table_cost, duration_s, rid, reason, prices = self._parts
             found = self._response_dict = make_response(
                 self._usage,
                 None,
@@ -1454,6 +1467,7 @@ class LLMCall:
                 table_cost,
                 rid,
                 reason,
+                None if table_cost is None or prices is None else prices.version,
             )
             self._parts = None
         return found
@@ -1572,7 +1586,7 @@ class LLMCall:
     def _price(self, response: dict[str, Any]) -> None:
         """Cost from the price table when the provider reported none (``cost_source: "table"``);
         an unknown model keeps ``cost_estimate: None``, counted and warned once per model."""
-        problem = price_response(response, self.provider)
+        problem = price_response(response, self.provider, self._response)
         if problem is not None:
             self._manager._stats.bad_input += 1
             logger.warning("cost of %s not computed: %s", self.request_id, problem)

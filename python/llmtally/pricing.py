@@ -27,11 +27,14 @@ of each name logs a warning and every miss is counted (:func:`unpriced_models`).
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
+import os
 import re
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -116,6 +119,8 @@ _BEDROCK_VERSION = re.compile(r"(?:-v\d+(?::\d+)?|:\d+)$")
 _DATE = re.compile(r"(?:-\d{4}-\d{2}-\d{2}|-\d{8}|-\d{2}-\d{4}|-\d{2}-\d{2}|-\d{3,4})$")
 _FINE_TUNED = re.compile(r"^(ft:[^:]+):.*$")
 
+_AZURE_REGIONS = frozenset({"eu", "us", "us-gov", "apac", "global", "global-standard"})
+
 _lock = threading.Lock()
 _generation = 0  # bumped by register_model; a resolve started before it is not cached
 _cache: dict[tuple[Any, Any], Any] = {}  # (model, provider) -> Prices | None
@@ -125,17 +130,48 @@ _registered_any: dict[str, Prices] = {}  # by name, whatever the provider (last 
 _unpriced: dict[str, int] = {}
 _bundled: _Table | None = None
 
+BUNDLED = Path(__file__).parent / "data" / "prices.json"
+
+
+def table_path() -> Path:
+    """The price table in use: ``LLMTALLY_PRICES`` when set, else the one ``llmtally prices
+    update`` wrote (``$XDG_DATA_HOME/llmtally/prices.json``) when present, else the bundled
+    one."""
+    given = os.environ.get("LLMTALLY_PRICES", "").strip()
+    if given:
+        return Path(given)
+    user = user_table_path()
+    return user if user.is_file() else BUNDLED
+
+
+def user_table_path() -> Path:
+    """Where ``llmtally prices update`` writes: ``$XDG_DATA_HOME/llmtally/prices.json``."""
+    data_home = os.environ.get("XDG_DATA_HOME", "").strip() or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "llmtally" / "prices.json"
+
+
+def _day(at: float | None) -> str:
+    """The UTC date (``YYYY-MM-DD``) of a UNIX time, default now."""
+    moment = time.time() if at is None else at
+    return datetime.datetime.fromtimestamp(moment, datetime.UTC).date().isoformat()
+
 
 class _Table:
-    """The bundled rows, turned into :class:`Prices` on first use of each row."""
+    """The table's rows, each version turned into :class:`Prices` on its first use."""
 
     def __init__(self, doc: dict[str, Any]) -> None:
+        if doc.get("format") != 2:
+            raise ConfigError(f"price table format {doc.get('format')!r} is not 2")
         self.source: str = doc.get("source", "")
+        self.since: str = doc.get("since", "")
         self.models: dict[str, list[Any]] = doc["models"]
         self.providers: dict[str, dict[str, list[Any]]] = doc["providers"]
-        self._built: dict[int, Prices] = {}
+        self.regions: dict[str, dict[str, dict[str, list[Any]]]] = doc.get("regions", {})
+        self._built: dict[tuple[int, int], Prices] = {}
 
-    def get(self, provider: str | None, name: str) -> Prices | None:
+    def row(self, provider: str | None, name: str, region: str | None = None) -> list[Any] | None:
+        if region is not None:
+            return self.regions.get(provider or "", {}).get(region, {}).get(name)
         row = None
         if provider is not None:
             rows = self.providers.get(provider)
@@ -143,17 +179,30 @@ class _Table:
                 row = rows.get(name)
         if row is None:
             row = self.models.get(name)
-        if row is None:
-            return None
-        prices = self._built.get(id(row))
+        return row
+
+    def version(self, row: list[Any], day: str) -> tuple[Prices, bool]:
+        """The version of ``row`` in force on ``day``, and whether a later one is dated after
+        ``day`` (a price announced ahead)."""
+        extra = row[7] if len(row) == 8 and isinstance(row[7], dict) else {}
+        versions = [(extra.get("since", self.since), row), *extra.get("history", ())]
+        index = next((i for i, (since, _) in enumerate(versions) if since <= day), None)
+        if index is None:
+            index = len(versions) - 1  # before the first known version: the earliest one
+        key = (id(row), index)
+        prices = self._built.get(key)
         if prices is None:
-            prices = self._built[id(row)] = _prices_of_row(row)
-        return prices
+            since, version_row = versions[index]
+            prices = self._built[key] = _prices_of_row(version_row, since)
+        return prices, index > 0
 
 
-def _prices_of_row(row: list[Any]) -> Prices:
-    padded = [*row, None, None, None, None, None, None, None][:7]
+def _prices_of_row(row: list[Any], version: str | None = None) -> Prices:
+    """A table row (see ``llmtally.price_table``) as :class:`Prices`."""
+    padded = [*row, None, None, None, None, None, None, None, None][:8]
+    extra: dict[str, Any] = padded[7] or {}
     tiers = padded[6]
+    off_peak = extra.get("off_peak")
     return Prices(
         padded[0],
         padded[1],
@@ -161,19 +210,38 @@ def _prices_of_row(row: list[Any]) -> Prices:
         padded[3],
         padded[4],
         padded[5],
-        [[t[0], *t[1:5]] for t in tiers] if tiers else None,
+        tiers or None,
+        inclusive=bool(extra.get("inclusive")),
+        version=version,
+        service_tiers={
+            name: _prices_of_row(tier_row, version)
+            for name, tier_row in (extra.get("service_tiers") or {}).items()
+        }
+        or None,
+        geo=sorted((extra.get("geo") or {}).items()) or None,
+        off_peak=None if off_peak is None else _prices_of_row(off_peak["row"], version),
+        off_peak_windows=None if off_peak is None else [tuple(w) for w in off_peak["windows"]],
     )
 
 
 def _table() -> _Table:
     global _bundled
     if _bundled is None:
-        text = (Path(__file__).parent / "data" / "prices.json").read_text("utf-8")
-        table = _Table(json.loads(text))
+        table = _Table(json.loads(table_path().read_text("utf-8")))
         with _lock:
             if _bundled is None:
                 _bundled = table
     return _bundled
+
+
+def reload() -> None:
+    """Read the price table again (after ``llmtally prices update``) and forget cached
+    lookups."""
+    global _bundled, _generation
+    with _lock:
+        _bundled = None
+        _generation += 1
+        _cache.clear()
 
 
 def _provider_name(provider: str | None) -> str | None:
@@ -185,16 +253,19 @@ def _provider_name(provider: str | None) -> str | None:
     return _PROVIDER_ALIASES.get(p, p) or None
 
 
-def _names(model: str) -> tuple[str | None, str, list[str]]:
-    """The provider a model name implies (or ``None``), the name without provider prefixes, and
-    the candidate names, best first.
+def _names(model: str) -> tuple[str | None, str | None, str, list[str]]:
+    """The provider a model name implies (or ``None``), the region it names (``bedrock/<region>/``
+    or ``azure/<eu|us|global|...>/``, else ``None``), the name without provider prefixes and
+    region, and the candidate names, best first.
 
     The name as given (lower case) comes first, then the name after each provider prefix is
     removed (``groq/openai/gpt-oss-120b`` -> ``openai/gpt-oss-120b`` -> ``gpt-oss-120b``), then
-    generalizations of those (Vertex versions, Bedrock ids, ``-latest``, dates).
+    generalizations of those (Vertex versions, Bedrock ids, ``-latest``, dates). A regional
+    name's candidates are the names after its region only.
     """
     name = model.strip().lower()
     implied: str | None = None
+    region: str | None = None
     forms = [name]
     if name.startswith("arn:"):  # Bedrock inference profile / foundation model ARN
         name = name.rsplit("/", 1)[-1]
@@ -204,8 +275,11 @@ def _names(model: str) -> tuple[str | None, str, list[str]]:
         head, rest = name.split("/", 1)
         if head in _PREFIXES:
             implied = implied or _PREFIXES[head] or None
-        elif not (implied == "bedrock" and (_REGION.match(head) or head == "*")):
-            break  # bedrock/us-east-1/<model> is skipped; other paths are part of the name
+        elif region is None and _is_region(implied, head):
+            region = head
+            forms = []
+        elif not (implied == "bedrock" and head == "*"):
+            break  # other paths are part of the name
         name = rest
         forms.append(name)
     found = list(dict.fromkeys(forms))
@@ -215,7 +289,13 @@ def _names(model: str) -> tuple[str | None, str, list[str]]:
             if variant and variant not in found:
                 found.append(variant)
         i += 1
-    return implied, name, found
+    return implied, region, name, found
+
+
+def _is_region(provider: str | None, segment: str) -> bool:
+    if provider == "bedrock":
+        return _REGION.match(segment) is not None
+    return provider == "azure" and segment in _AZURE_REGIONS
 
 
 def _variants(name: str) -> Iterable[str]:
@@ -243,13 +323,15 @@ def _variants(name: str) -> Iterable[str]:
         yield undated
 
 
-def _resolve(model: Any, provider: Any) -> Prices | None:
+def _resolve(model: Any, provider: Any, at: float | None = None) -> tuple[Prices | None, bool]:
+    """The prices of a model at ``at`` (default now), and whether the answer may change later
+    (a version dated ahead of now: not to be cached)."""
     if not isinstance(model, str) or not (provider is None or isinstance(provider, str)):
-        return None
-    implied, _, names = _names(model)
+        return None, False
+    implied, region, _, names = _names(model)
     p = _provider_name(provider) or implied
     registered, registered_any = _registered, _registered_any
-    if registered:
+    if registered and region is None:
         for name in names:
             found = registered.get((p, name)) if p is not None else None
             if found is None:
@@ -257,33 +339,43 @@ def _resolve(model: Any, provider: Any) -> Prices | None:
             if found is None and p is None:
                 found = registered_any.get(name)
             if found is not None:
-                return found
+                return found, False
     table = _table()
+    day = _day(at)
     for name in names:
-        found = table.get(p, name)
-        if found is not None:
-            return found
-    return None
+        row = table.row(p, name, region)
+        if row is not None:
+            return table.version(row, day)
+    return None, False  # a regional name without a regional price: never the global one
 
 
-def lookup(model: str, provider: str | None = None) -> Prices | None:
-    """The prices of ``model`` (served by ``provider`` when given), or ``None`` when unknown.
+def lookup(model: str, provider: str | None = None, *, at: float | None = None) -> Prices | None:
+    """The prices of ``model`` (served by ``provider`` when given), in force at ``at`` (UNIX
+    seconds; default now), or ``None`` when unknown.
 
-    A miss is counted (see :func:`unpriced_models`) and logged once per model name.
+    A miss is counted (see :func:`unpriced_models`) and logged once per model name. A name that
+    carries a region (``bedrock/us-gov-west-1/...``, ``azure/eu/...``) has the regional price,
+    or none.
 
     >>> lookup("openai/gpt-4o-2024-08-06").input_price
     2.5
     >>> lookup("claude-sonnet-4-5@20250929", "vertex_ai").cache_write_1h_price
     6.0
     """
-    key = (model, provider)
-    prices: Prices | None = _cache.get(key, _MISSING)
-    if prices is _MISSING:
+    if at is not None:
         if _too_long(model) or _too_long(provider):
-            # No listed name is this long: unpriced, and neither cached nor kept by name.
             _count_miss(OTHER, None if _too_long(provider) else provider)
             return None
-        prices = _lookup_slow(key)
+        prices, _ = _resolve(model, provider, at)
+    else:
+        key = (model, provider)
+        prices = _cache.get(key, _MISSING)
+        if prices is _MISSING:
+            if _too_long(model) or _too_long(provider):
+                # No listed name is this long: unpriced, and neither cached nor kept by name.
+                _count_miss(OTHER, None if _too_long(provider) else provider)
+                return None
+            prices = _lookup_slow(key)
     if prices is None:
         _count_miss(model, provider)
     return prices
@@ -302,12 +394,13 @@ def cached(model: str, provider: str | None) -> Prices | None:
 
 def _lookup_slow(key: tuple[Any, Any]) -> Prices | None:
     generation = _generation
-    prices = _resolve(*key)
-    with _lock:
-        if generation == _generation:
-            if len(_cache) >= _MAX_CACHED:
-                _cache.clear()
-            _cache[key] = prices
+    prices, changes = _resolve(*key)
+    if not changes:
+        with _lock:
+            if generation == _generation:
+                if len(_cache) >= _MAX_CACHED:
+                    _cache.clear()
+                _cache[key] = prices
     return prices
 
 
@@ -339,30 +432,60 @@ def unpriced_models() -> dict[str, int]:
         return dict(_unpriced)
 
 
-def cost_pusd(usage: Usage, model: str, provider: str | None = None) -> int | None:
+def cost_pusd(
+    usage: Usage,
+    model: str,
+    provider: str | None = None,
+    *,
+    service_tier: str | None = None,
+    inference_geo: str | None = None,
+    at: float | None = None,
+) -> int | None:
     """The table cost of ``usage`` in pico-USD (1e-12 USD), or ``None`` when unknown.
 
-    ``None`` when the model has no price or the usage lacks its prompt/completion split.
-    Raises ``OverflowError`` past the 64-bit pico-USD range (about 9.2M USD).
+    ``service_tier`` (``"flex"``, ``"priority"``, ``"batch"``) bills at that tier's prices
+    where the model lists them; ``inference_geo`` applies the model's geography multiplier
+    (Anthropic ``"us"``: 1.1x); ``at`` (UNIX seconds, default now) picks the price version in
+    force and the off-peak window. ``None`` when the model has no price or the usage lacks its
+    prompt/completion split. Raises ``OverflowError`` past the 64-bit pico-USD range.
 
     >>> from llmtally._core import Usage
     >>> cost_pusd(Usage(prompt_tokens=1000, completion_tokens=100), "gpt-4o-mini")
     210000000
+    >>> cost_pusd(Usage(prompt_tokens=1000, completion_tokens=100), "gpt-5", service_tier="flex")
+    1125000000
     """
-    prices = lookup(model, provider)
+    prices = lookup(model, provider, at=at)
     if prices is None:
         return None
-    return prices.usage_cost_pusd(usage)
+    return prices.usage_cost_pusd(
+        usage, service_tier=service_tier, inference_geo=inference_geo, at=at
+    )
 
 
-def cost_usd(usage: Usage, model: str, provider: str | None = None) -> float | None:
+def cost_usd(
+    usage: Usage,
+    model: str,
+    provider: str | None = None,
+    *,
+    service_tier: str | None = None,
+    inference_geo: str | None = None,
+    at: float | None = None,
+) -> float | None:
     """The table cost of ``usage`` in USD, or ``None`` when unknown (see :func:`cost_pusd`).
 
     >>> from llmtally._core import Usage
     >>> cost_usd(Usage(prompt_tokens=1000, completion_tokens=100), "gpt-4o")
     0.0035
     """
-    pusd = cost_pusd(usage, model, provider)
+    pusd = cost_pusd(
+        usage,
+        model,
+        provider,
+        service_tier=service_tier,
+        inference_geo=inference_geo,
+        at=at,
+    )
     return None if pusd is None else pusd / PUSD_PER_USD
 
 
@@ -385,7 +508,8 @@ def _required_price(arg: str, value: Any) -> float:
 
 
 def _tiers(value: Any) -> list[list[float | None]] | None:
-    """``(above_prompt_tokens, input, output[, cache_read[, cache_write]])`` per tier."""
+    """``(above_prompt_tokens, input, output[, cache_read[, cache_write[, cache_write_1h[,
+    reasoning]]]])`` per tier."""
     if value is None:
         return None
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
@@ -397,11 +521,12 @@ def _tiers(value: Any) -> list[list[float | None]] | None:
         if (
             isinstance(tier, str | bytes)
             or not isinstance(tier, Sequence)
-            or not 3 <= len(tier) <= 5
+            or not 3 <= len(tier) <= 7
         ):
             raise ConfigError(
                 f"tiers[{i}] must be (above_prompt_tokens, input_price, output_price"
-                f"[, cache_read_price[, cache_write_price]]), got {tier!r}"
+                f"[, cache_read_price[, cache_write_price[, cache_write_1h_price"
+                f"[, reasoning_price]]]]), got {tier!r}"
             )
         above, inp, out_price, *cache = tier
         if isinstance(above, bool) or not isinstance(above, int) or above < 0:
@@ -413,7 +538,8 @@ def _tiers(value: Any) -> list[list[float | None]] | None:
             _required_price(f"tiers[{i}] input_price", inp),
             _required_price(f"tiers[{i}] output_price", out_price),
         ]
-        for name, price in zip(("cache_read_price", "cache_write_price"), cache, strict=False):
+        kinds = ("cache_read_price", "cache_write_price", "cache_write_1h_price", "reasoning_price")
+        for name, price in zip(kinds, cache, strict=False):
             row.append(_price(f"tiers[{i}] {name}", price))
         out.append(row)
     return out
@@ -436,8 +562,12 @@ def register_model(
     Prices are USD per 1M tokens, at most six decimals. ``cache_read_price`` and
     ``cache_write_price`` default to the input price, ``cache_write_1h_price`` to the cache-write
     price, ``reasoning_price`` to the output price. ``tiers`` lists long-context prices as
-    ``(above_prompt_tokens, input_price, output_price)``: a call whose prompt is above a
-    threshold is priced at that tier. With ``provider``, the price applies to that provider's
+    ``(above_prompt_tokens, input_price, output_price[, cache_read_price[, cache_write_price[,
+    cache_write_1h_price[, reasoning_price]]]])``: a call whose prompt is above a threshold is
+    priced at that tier, every kind of token; a kind the tier does not list keeps its own price
+    from below when it has one, else derives from the tier's (cache prices from the tier's
+    input, reasoning from the tier's output). The response of a call priced so says
+    ``price_version: "registered"``. With ``provider``, the price applies to that provider's
     calls (and to calls that name no provider); without, to every provider.
 
     The name matches like the bundled table's names (any case, with or without a provider prefix,
@@ -465,14 +595,21 @@ def register_model(
     tier_list = _tiers(tiers)
     try:
         prices = Prices(
-            in_usd, out_usd, read_usd, write_usd, write_1h_usd, reasoning_usd, tier_list
+            in_usd,
+            out_usd,
+            read_usd,
+            write_usd,
+            write_1h_usd,
+            reasoning_usd,
+            tier_list,
+            version="registered",
         )
     except (ValueError, OverflowError) as e:  # more than six decimals, too large
         message = str(e)
         if message.startswith("tier "):
             message = f"tiers: {message[len('tier ') :]}"
         raise ConfigError(message) from None
-    implied, base, _ = _names(name)
+    implied, _, base, _ = _names(name)
     key = (_provider_name(provider) or implied, base)
     global _generation
     with _lock:

@@ -138,7 +138,6 @@ def test_long_context_tier_above_200k_prompt_tokens(
         ("vertex_ai/claude-sonnet-4-5@20250929", None, "claude-sonnet-4-5"),
         ("anthropic.claude-sonnet-4-5-20250929-v1:0", "bedrock", "claude-sonnet-4-5"),
         ("eu.anthropic.claude-sonnet-4-20250514-v1:0", None, "claude-sonnet-4-20250514"),
-        ("bedrock/us-east-1/anthropic.claude-sonnet-4-20250514-v1:0", None, "claude-sonnet-4"),
         ("anthropic.claude-3-5-sonnet-20241022-v2:0", None, "claude-3-5-sonnet-20241022"),
         ("gemini/gemini-2.5-pro", None, "gemini-2.5-pro"),
         ("models/gemini-2.5-pro", "google", "gemini-2.5-pro"),
@@ -311,7 +310,8 @@ def _update_prices_script() -> ModuleType:
 
 
 def test_update_script_maps_litellm_fields_exactly(tmp_path: Path) -> None:
-    script = _update_prices_script()
+    from llmtally import price_table
+
     source = {
         "sample_spec": {"mode": "one of: chat"},
         "claude-x-20250101": {
@@ -324,7 +324,9 @@ def test_update_script_maps_litellm_fields_exactly(tmp_path: Path) -> None:
             "cache_creation_input_token_cost_above_1hr": 6e-06,
             "input_cost_per_token_above_200k_tokens": 6e-06,
             "output_cost_per_token_above_200k_tokens": 2.25e-05,
+            "cache_creation_input_token_cost_above_1hr_above_200k_tokens": 1.2e-05,
             "input_cost_per_token_batches": 1.5e-06,
+            "provider_specific_entry": {"us": 1.1},
         },
         "deepseek/deepseek-y": {
             "litellm_provider": "deepseek",
@@ -338,7 +340,7 @@ def test_update_script_maps_litellm_fields_exactly(tmp_path: Path) -> None:
         "azure/eu/gpt-z": {
             "litellm_provider": "azure",
             "mode": "chat",
-            "input_cost_per_token": 1e-06,
+            "input_cost_per_token": 1.1e-06,
             "output_cost_per_token": 1e-06,
         },
         "bedrock/anthropic.claude-x-20250101-v1:0": {
@@ -346,6 +348,12 @@ def test_update_script_maps_litellm_fields_exactly(tmp_path: Path) -> None:
             "mode": "chat",
             "input_cost_per_token": 3.3e-06,
             "output_cost_per_token": 1.65e-05,
+        },
+        "fireworks_ai/accounts/fireworks/models/f-1": {
+            "litellm_provider": "fireworks_ai",
+            "mode": "chat",
+            "input_cost_per_token": 9e-07,
+            "output_cost_per_token": 9e-07,
         },
         "tts-1": {"litellm_provider": "openai", "mode": "audio_speech"},
         "odd": {
@@ -355,23 +363,48 @@ def test_update_script_maps_litellm_fields_exactly(tmp_path: Path) -> None:
             "output_cost_per_token": 1e-06,
         },
     }
-    built, rounded, coverage = script.build(source)
-    table = script.to_json(built)
+    built, rounded, coverage = price_table.build(source)
+    table = price_table.to_json(built)
     models = table["models"]
-    assert models["claude-x-20250101"] == [3, 15, 0.3, 3.75, 6, None, [[200_000, 6, 22.5]]]
+    assert models["claude-x-20250101"] == [
+        3,
+        15,
+        0.3,
+        3.75,
+        6,
+        None,
+        [[200_000, 6, 22.5, None, None, 12]],
+        {
+            "geo": {"us": 1.1},
+            "service_tiers": {
+                "batch": [1.5, 15, 0.3, 3.75, 6, None, [[200_000, 6, 22.5, None, None, 12]]]
+            },
+        },
+    ]
     assert models["claude-x"] == models["claude-x-20250101"]  # undated alias
-    assert models["deepseek-y"] == [0.28, 0.42, 0.028, None, None, 1.1]
-    assert "gpt-z" not in models and "eu/gpt-z" not in models  # regional entries left out
+    assert models["deepseek-y"] == [0.28, 0.42, 0.028, 0, None, 1.1]  # a listed 0 is a price
+    assert "gpt-z" not in models and "eu/gpt-z" not in models  # regional entries apart
+    assert table["regions"]["azure"]["eu"]["gpt-z"] == [1.1, 1]
     assert table["providers"]["bedrock"]["claude-x-20250101"] == [3.3, 16.5]
+    assert models["accounts/fireworks/models/f-1"] == [0.9, 0.9, 0.45]  # cached prompt 50%
     assert models["odd"][0] == 1  # 1.0000001 rounded to six decimals, and reported
     assert rounded and "odd.input_cost_per_token" in rounded[0]
-    assert coverage == {"anthropic": 1, "bedrock": 1, "deepseek": 1, "openai": 1}
+    assert coverage == {
+        "anthropic": 1,
+        "azure (regional)": 1,
+        "bedrock": 1,
+        "deepseek": 1,
+        "fireworks_ai": 1,
+        "openai": 1,
+    }
     out = tmp_path / "prices.json"
     src = tmp_path / "src.json"
     src.write_text(json.dumps(source))
-    assert script.main(["--source", str(src), "--output", str(out)]) == 0
+    script = _update_prices_script()
+    args = ["--source", str(src), "--output", str(out), "--effective", "2026-01-01"]
+    assert script.main(args) == 0
     first = out.read_bytes()
-    assert script.main(["--source", str(src), "--output", str(out)]) == 0
+    assert script.main(args) == 0
     assert out.read_bytes() == first  # deterministic
     assert json.loads(first)["models"]["claude-x"][1] == 15
 

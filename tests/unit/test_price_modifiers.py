@@ -1,0 +1,305 @@
+"""Prices as billed: every kind switches at a tier, modifiers the call states (service tier,
+inference geography, off-peak time), regional names, provider rules and price versions.
+
+Expected costs are computed by hand, in pico-USD: a price of P USD per 1M tokens is P * 1e6
+pico-USD per token.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmtally import CallbackManager, pricing
+from llmtally._core import Prices, Usage, call_modifiers
+from llmtally.pricing import cost_pusd, lookup
+
+M = 1_000_000  # pico-USD per token for a price of 1 USD per 1M tokens
+
+
+def _utc(text: str) -> float:
+    return datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.UTC).timestamp()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_table() -> Iterator[None]:
+    pricing.reload()
+    yield
+    pricing.reload()
+
+
+# --- tiers for every kind -------------------------------------------------------------------
+
+
+def test_reasoning_above_the_tier_is_at_the_tier_output_price() -> None:
+    # gemini-2.5-pro: above 200k prompt tokens, 2.50 in and 15.00 out (thoughts are output).
+    usage = Usage(prompt_tokens=250_000, completion_tokens=4000, reasoning_tokens=3000)
+    assert cost_pusd(usage, "gemini-2.5-pro", "gemini") == 250_000 * 2_500_000 + 4000 * 15 * M
+    assert cost_pusd(usage, "gemini-2.5-pro", "gemini") == 685_000_000_000  # 0.685 USD
+
+
+def test_cached_tokens_of_a_model_without_a_cache_price_follow_the_tier_input() -> None:
+    # gpt-5.4-pro: 30/180, above 272k 60/270, no cache price: cached tokens are input.
+    usage = Usage(prompt_tokens=300_000, completion_tokens=1000, cached_tokens=100_000)
+    assert cost_pusd(usage, "gpt-5.4-pro", "openai") == 300_000 * 60 * M + 1000 * 270 * M
+    assert cost_pusd(usage, "gpt-5.4-pro", "openai") == 18_270_000_000_000
+
+
+def test_one_hour_writes_above_the_tier_at_the_tier_price() -> None:
+    # claude-sonnet-4-5 on Vertex: 1 h writes 6.00, above 200k 12.00 (listed in the tier).
+    prices = lookup("claude-sonnet-4-5@20250929", "vertex_ai")
+    assert prices is not None
+    assert prices.rates(200_000)[4] == 6.0
+    assert prices.rates(200_001)[4] == 12.0
+    usage = Usage(
+        prompt_tokens=250_000,
+        completion_tokens=10,
+        cache_write_tokens=50_000,
+        cache_write_1h_tokens=50_000,
+    )
+    expected = 200_000 * 6 * M + 50_000 * 12 * M + 10 * 22_500_000
+    assert prices.usage_cost_pusd(usage) == expected == 1_800_225_000_000
+
+
+def test_kinds_without_their_own_price_derive_from_the_tier() -> None:
+    p = Prices(1.0, 4.0, tiers=[(100, 2.0, 8.0)])
+    assert p.rates(100) == (1.0, 4.0, 1.0, 1.0, 1.0, 4.0)
+    assert p.rates(101) == (2.0, 8.0, 2.0, 2.0, 2.0, 8.0)
+    # Kinds priced on their own keep that price unless the tier lists one.
+    q = Prices(1.0, 4.0, 0.1, 1.25, 2.0, 3.0, tiers=[(100, 2.0, 8.0, None, 2.5)])
+    assert q.rates(101) == (2.0, 8.0, 0.1, 2.5, 2.0, 3.0)
+    r = Prices(1.0, 4.0, tiers=[(100, 2.0, 8.0, 0.2, 2.5, 4.0, 6.0)])
+    assert r.rates(101) == (2.0, 8.0, 0.2, 2.5, 4.0, 6.0)
+    usage = Usage(
+        prompt_tokens=200,
+        completion_tokens=50,
+        cached_tokens=100,
+        cache_write_tokens=40,
+        cache_write_1h_tokens=10,
+        reasoning_tokens=20,
+    )
+    expected = 60 * 2 * M + 100 * 200_000 + 30 * 2_500_000 + 10 * 4 * M + 30 * 8 * M + 20 * 6 * M
+    assert r.usage_cost_pusd(usage) == expected
+
+
+def test_register_model_takes_every_kind_in_a_tier() -> None:
+    p = pricing.register_model(
+        "acme-tiered-7", input_price=1, output_price=4, tiers=[(100, 2, 8, 0.2, 2.5, 4.0, 6.0)]
+    )
+    assert p.rates(101) == (2.0, 8.0, 0.2, 2.5, 4.0, 6.0)
+    assert p.version == "registered"
+
+
+# --- provider rules ---------------------------------------------------------------------------
+
+
+def test_xai_thresholds_are_inclusive() -> None:
+    # grok-4.3: 1.25/2.50, at or above 200k prompt tokens 2.50/5.00.
+    prices = lookup("grok-4.3", "xai")
+    assert prices is not None and prices.inclusive
+    at = Usage(prompt_tokens=200_000, completion_tokens=100)
+    below = Usage(prompt_tokens=199_999, completion_tokens=100)
+    assert prices.usage_cost_pusd(at) == 200_000 * 2_500_000 + 100 * 5 * M
+    assert prices.usage_cost_pusd(below) == 199_999 * 1_250_000 + 100 * 2_500_000
+
+
+def test_fireworks_cached_prompt_at_half_the_input_price() -> None:
+    usage = Usage(prompt_tokens=1000, completion_tokens=100, cached_tokens=600)
+    name = "accounts/fireworks/models/llama-v3p1-8b-instruct"  # 0.10 in and out
+    assert cost_pusd(usage, name, "fireworks_ai") == 400 * 100_000 + 600 * 50_000 + 100 * 100_000
+
+
+def test_deepseek_off_peak_by_the_call_time() -> None:
+    # deepseek-v4-pro: 1.32/3.96 (cache hits 0.044); off-peak 0.66/1.98 (0.022): weekdays
+    # 00:00-01:00, 04:00-06:00 and 10:00-24:00 UTC, weekends all day.
+    usage = Usage(prompt_tokens=1000, completion_tokens=500, cached_tokens=200)
+    peak = 800 * 1_320_000 + 200 * 44_000 + 500 * 3_960_000
+    off = 800 * 660_000 + 200 * 22_000 + 500 * 1_980_000
+    monday = "2026-01-05"
+    for when, expected in [
+        (f"{monday}T02:30:00", peak),
+        (f"{monday}T08:00:00", peak),
+        (f"{monday}T00:30:00", off),
+        (f"{monday}T05:00:00", off),
+        (f"{monday}T23:59:00", off),
+        ("2026-01-10T08:00:00", off),  # Saturday
+    ]:
+        assert cost_pusd(usage, "deepseek-v4-pro", "deepseek", at=_utc(when)) == expected, when
+
+
+# --- service tiers and geography --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tier", "expected"),
+    [
+        (None, 1000 * 1_250_000 + 100 * 10 * M),
+        ("default", 1000 * 1_250_000 + 100 * 10 * M),
+        ("flex", 1000 * 625_000 + 100 * 5 * M),
+        ("priority", 1000 * 2_500_000 + 100 * 20 * M),
+        ("batch", 1000 * 625_000 + 100 * 5 * M),
+        ("scale", 1000 * 1_250_000 + 100 * 10 * M),  # not listed: the standard price
+    ],
+)
+def test_openai_service_tier(tier: str | None, expected: int) -> None:
+    usage = Usage(prompt_tokens=1000, completion_tokens=100)
+    assert cost_pusd(usage, "gpt-5", "openai", service_tier=tier) == expected
+
+
+def test_anthropic_inference_geo_multiplier() -> None:
+    # claude-opus-4-6: 5/25; served in the US ("inference_geo": "us"): 1.1x.
+    usage = Usage(prompt_tokens=1000, completion_tokens=100)
+    base = 1000 * 5 * M + 100 * 25 * M
+    assert cost_pusd(usage, "claude-opus-4-6", "anthropic") == base == 7_500_000_000
+    assert cost_pusd(usage, "claude-opus-4-6", inference_geo="us") == 8_250_000_000
+    assert cost_pusd(usage, "claude-opus-4-6", inference_geo="global") == base
+    assert cost_pusd(usage, "claude-sonnet-4-5", inference_geo="us") == 1000 * 3 * M + 100 * 15 * M
+
+
+def test_call_modifiers_read_from_provider_bodies() -> None:
+    assert call_modifiers({"service_tier": "flex", "usage": {}}) == ("flex", None)
+    anthropic = {"usage": {"service_tier": "standard", "inference_geo": "us"}}
+    assert call_modifiers(anthropic) == ("standard", "us")
+    assert call_modifiers({"service_tier": 3}) == (None, None)
+    assert call_modifiers(None) == (None, None)
+
+
+async def _end(body: dict[str, Any], provider: str, model: str) -> dict[str, Any]:
+    manager = CallbackManager()
+    async with manager.llm_call(None, provider=provider, model=model) as call:
+        call.set_response(body)
+    assert call.response is not None
+    return call.response
+
+
+@pytest.mark.parametrize("repeat", [1, 2])  # first call: lookup; second: the cached prices
+async def test_a_flex_call_is_billed_flex_through_the_manager(repeat: int) -> None:
+    body = {
+        "model": "gpt-5",
+        "service_tier": "flex",
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100},
+        "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+    }
+    for _ in range(repeat):
+        response = await _end(body, "openai", "gpt-5")
+    assert response["cost_pusd"] == 1_125_000_000
+    assert response["cost_source"] == "table"
+    assert response["price_version"] == lookup("gpt-5").version  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("repeat", [1, 2])
+async def test_a_us_served_anthropic_call_is_billed_1_1x(repeat: int) -> None:
+    body = {
+        "model": "claude-opus-4-6",
+        "usage": {"input_tokens": 1000, "output_tokens": 100, "inference_geo": "us"},
+        "content": [{"type": "text", "text": "hi"}],
+    }
+    for _ in range(repeat):
+        response = await _end(body, "anthropic", "claude-opus-4-6")
+    assert response["cost_pusd"] == 8_250_000_000
+
+
+# --- regions ----------------------------------------------------------------------------------
+
+
+def test_bedrock_region_in_the_name_is_the_regional_price() -> None:
+    usage = Usage(prompt_tokens=1000, completion_tokens=100)
+    name = "bedrock/us-gov-west-1/anthropic.claude-3-haiku-20240307-v1:0"
+    assert cost_pusd(usage, name) == 1000 * 300_000 + 100 * 1_500_000  # not 0.25/1.25
+    assert cost_pusd(usage, "anthropic.claude-3-haiku-20240307-v1:0", "bedrock") == (
+        1000 * 250_000 + 100 * 1_250_000
+    )
+
+
+def test_azure_data_zone_in_the_name_is_the_regional_price() -> None:
+    usage = Usage(prompt_tokens=1000, completion_tokens=100)
+    assert cost_pusd(usage, "azure/eu/gpt-4o-2024-08-06") == 1000 * 2_750_000 + 100 * 11 * M
+
+
+def test_a_region_without_a_regional_price_is_unpriced_and_warned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    usage = Usage(prompt_tokens=1000, completion_tokens=100)
+    name = "bedrock/eu-west-3/anthropic.claude-sonnet-4-20250514-v1:0"
+    with caplog.at_level(logging.WARNING, logger="llmtally.pricing"):
+        assert cost_pusd(usage, name) is None
+    assert any(name in r.getMessage() for r in caplog.records)
+    assert pricing.unpriced_models()[name] >= 1
+
+
+# --- versions ---------------------------------------------------------------------------------
+
+
+def _write_table(path: Path) -> None:
+    table = {
+        "format": 2,
+        "since": "2026-01-01",
+        "source": "test",
+        "models": {
+            "acme-versioned": [
+                2,
+                8,
+                None,
+                None,
+                None,
+                None,
+                None,
+                {"since": "2026-03-01", "history": [["2026-01-01", [4, 16]]]},
+            ],
+            "acme-ahead": [
+                1,
+                1,
+                None,
+                None,
+                None,
+                None,
+                None,
+                {"since": "2999-01-01", "history": [["2026-01-01", [3, 3]]]},
+            ],
+        },
+        "providers": {},
+        "regions": {},
+    }
+    path.write_text(json.dumps(table))
+
+
+def test_a_call_is_priced_by_the_version_in_force_at_its_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "prices.json"
+    _write_table(path)
+    monkeypatch.setenv("LLMTALLY_PRICES", str(path))
+    pricing.reload()
+    usage = Usage(prompt_tokens=1000, completion_tokens=100)
+    old, new = 1000 * 4 * M + 100 * 16 * M, 1000 * 2 * M + 100 * 8 * M
+    assert cost_pusd(usage, "acme-versioned", at=_utc("2026-02-28T23:59:59")) == old
+    assert cost_pusd(usage, "acme-versioned", at=_utc("2026-03-01T00:00:00")) == new
+    assert cost_pusd(usage, "acme-versioned") == new
+    before = lookup("acme-versioned", at=_utc("2025-06-01T00:00:00"))
+    assert before is not None and before.version == "2026-01-01"  # the earliest known
+    current = lookup("acme-versioned")
+    assert current is not None and current.version == "2026-03-01"
+    # A version dated ahead is not in force yet, and the lookup is not cached past its date.
+    ahead = lookup("acme-ahead")
+    assert ahead is not None and (ahead.input_price, ahead.version) == (3.0, "2026-01-01")
+    assert ("acme-ahead", None) not in pricing._cache
+
+
+async def test_the_response_says_which_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "prices.json"
+    _write_table(path)
+    monkeypatch.setenv("LLMTALLY_PRICES", str(path))
+    pricing.reload()
+    body = {"model": "acme-versioned", "usage": {"prompt_tokens": 10, "completion_tokens": 1}}
+    for _ in range(2):
+        response = await _end(body, "openai", "acme-versioned")
+        assert response["price_version"] == "2026-03-01"
+        assert response["cost_pusd"] == 10 * 2 * M + 8 * M
