@@ -330,6 +330,10 @@ def _resolve(model: Any, provider: Any, at: float | None = None) -> tuple[Prices
         return None, False
     implied, region, _, names = _names(model)
     p = _provider_name(provider) or implied
+    if p is not None:
+        # "xai/grok-4.3" served by xAI is xAI's grok-4.3, not another provider's model
+        # literally named "xai/grok-4.3".
+        names = [n for n in names if not n.startswith(f"{p}/")] or names
     registered, registered_any = _registered, _registered_any
     if registered and region is None:
         for name in names:
