@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from llmtally import __version__
@@ -441,6 +442,58 @@ async def _export(args: argparse.Namespace, out: TextIO) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# prices
+
+
+def _prices(args: argparse.Namespace, out: TextIO) -> int:
+    """``llmtally prices update [FILE]``: refresh the price table from LiteLLM's public list
+    (or FILE), keeping versions; every price that moved more than 100x is listed."""
+    import datetime
+    import urllib.request
+
+    from llmtally import pricing
+    from llmtally.price_table import SOURCE_URL, update, write
+
+    if args.file is not None:
+        label = os.path.basename(args.file)
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        label = SOURCE_URL
+        with urllib.request.urlopen(SOURCE_URL, timeout=60) as reply:
+            text = reply.read().decode("utf-8")
+    try:
+        source = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{label} is not JSON: {exc}") from None
+    if not isinstance(source, dict):
+        raise ConfigError(f"{label} is not LiteLLM's price list (a JSON object)")
+    output = pricing.user_table_path() if args.output is None else Path(args.output)
+    current = output if output.is_file() else pricing.table_path()
+    previous = json.loads(current.read_text(encoding="utf-8"))
+    effective = args.effective or datetime.datetime.now(datetime.UTC).date().isoformat()
+    try:
+        result = update(source, previous, effective, label)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not result.table["models"]:
+        raise ConfigError(f"{label} has no chat model priced per token: not written")
+    out.write(
+        f"{len(result.added)} added, {len(result.changed)} changed (effective {effective}),"
+        f" {len(result.removed)} removed\n"
+    )
+    for name, kind, old, new in result.big_moves:
+        out.write(f"MOVED MORE THAN 100x: {_safe(name)} {kind}: {old:g} -> {new:g} USD/1M\n")
+    if args.dry_run:
+        out.write("dry run: nothing written\n")
+        return 0
+    write(result.table, output)
+    pricing.reload()
+    out.write(f"wrote {output}\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -489,7 +542,27 @@ def _parser() -> _Parser:
     export.add_argument("--cycle", type=_cycle_arg, help="cycle start YYYY-MM-DD (default: now)")
     export.add_argument("--all-cycles", action="store_true", help="every cycle in the store")
     export.add_argument("--store", default=None, help=store_help)
+
+    prices = sub.add_parser("prices", help="refresh the price table")
+    prices.add_argument("action", choices=("update",))
+    prices.add_argument(
+        "file", nargs="?", help="LiteLLM's model_prices_and_context_window.json (default: fetch)"
+    )
+    prices.add_argument(
+        "--output", help="where to write (default: $XDG_DATA_HOME/llmtally/prices.json)"
+    )
+    prices.add_argument(
+        "--effective", type=_date_arg, help="effective date of changed prices (default: today)"
+    )
+    prices.add_argument("--dry-run", action="store_true", help="report changes, write nothing")
     return parser
+
+
+def _date_arg(text: str) -> str:
+    try:
+        return validate_cycle(text, "--effective")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cycle_arg(text: str) -> str:
@@ -550,6 +623,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from llmtally.bench import run_bench
 
         return run_bench(sys.stdout, quick=args.quick)
+    if args.command == "prices":
+        try:
+            return _prices(args, sys.stdout)
+        except LlmtallyError as exc:
+            sys.stderr.write(f"llmtally: error: {_safe(str(exc))}\n")
+            return 2
+        except OSError as exc:  # the file or the network
+            sys.stderr.write(f"llmtally: error: {_safe(str(exc))}\n")
+            return 1
     commands = {"demo": _demo, "usage": _usage, "limit": _limit, "export": _export}
     if isinstance(sys.stdout, io.TextIOWrapper):
         # A terminal that cannot show a character gets an escape, not a traceback.

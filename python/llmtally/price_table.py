@@ -509,6 +509,10 @@ def update(
         if _prices_part(old) == _prices_part(row):
             _set_row(table, key, dated(row, since, history))
             continue
+        if effective < since:
+            raise ValueError(
+                f"{key}: effective date {effective} is before its current version's ({since})"
+            )
         result.changed.append(key)
         result.big_moves.extend(_moves(key, old_prices, split(row)[0]))
         if since == effective:  # changed twice the same day: the later one wins

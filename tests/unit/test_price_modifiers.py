@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -303,3 +304,97 @@ async def test_the_response_says_which_version(
         response = await _end(body, "openai", "acme-versioned")
         assert response["price_version"] == "2026-03-01"
         assert response["cost_pusd"] == 10 * 2 * M + 8 * M
+
+
+# --- llmtally prices update -------------------------------------------------------------------
+
+
+def test_prices_update_from_a_file_versions_and_flags_big_moves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llmtally.cli import main
+
+    source = {
+        "azure_ai/jais-30b-chat": {
+            "litellm_provider": "azure_ai",
+            "mode": "chat",
+            "input_cost_per_token": 3.2e-03,  # the stale entry: 1000x too high
+            "output_cost_per_token": 9.71e-03,
+        },
+        "gpt-acme": {
+            "litellm_provider": "openai",
+            "mode": "chat",
+            "input_cost_per_token": 1e-06,
+            "output_cost_per_token": 2e-06,
+        },
+    }
+    old, new, out = tmp_path / "old.json", tmp_path / "new.json", tmp_path / "prices.json"
+    empty = {"format": 2, "since": "2026-01-01", "models": {}, "providers": {}, "regions": {}}
+    out.write_text(json.dumps(empty))  # else the first update is against the bundled table
+    old.write_text(json.dumps(source))
+    assert (
+        main(["prices", "update", str(old), "--output", str(out), "--effective", "2026-01-01"]) == 0
+    )
+    source["azure_ai/jais-30b-chat"]["input_cost_per_token"] = 3.2e-06
+    source["azure_ai/jais-30b-chat"]["output_cost_per_token"] = 9.71e-06
+    new.write_text(json.dumps(source))
+    capsys.readouterr()
+    assert (
+        main(["prices", "update", str(new), "--output", str(out), "--effective", "2026-06-01"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "0 added, 1 changed (effective 2026-06-01), 0 removed" in printed
+    assert "MOVED MORE THAN 100x: :jais-30b-chat input: 3200 -> 3.2 USD/1M" in printed
+    assert "MOVED MORE THAN 100x: :jais-30b-chat output: 9710 -> 9.71 USD/1M" in printed
+    table = json.loads(out.read_text())
+    assert table["models"]["jais-30b-chat"] == [
+        3.2,
+        9.71,
+        None,
+        None,
+        None,
+        None,
+        None,
+        {"history": [["2026-01-01", [3200, 9710]]], "since": "2026-06-01"},
+    ]
+    assert table["models"]["gpt-acme"] == [1, 2]  # unchanged: in force since the table's date
+    assert table["since"] == "2026-01-01"
+    # An effective date before a current version's is refused.
+    source["gpt-acme"]["input_cost_per_token"] = 2e-06
+    new.write_text(json.dumps(source))
+    args = ["prices", "update", str(new), "--output", str(out), "--effective", "2026-02-01"]
+    assert main(args) == 0  # gpt-acme's version is the table's (2026-01-01)
+    source["azure_ai/jais-30b-chat"]["input_cost_per_token"] = 3.3e-06
+    new.write_text(json.dumps(source))
+    assert main(args) == 2  # jais-30b-chat's is 2026-06-01
+    os.environ["LLMTALLY_PRICES"] = str(out)
+    try:
+        pricing.reload()
+        usage = Usage(prompt_tokens=1000, completion_tokens=100)
+        assert cost_pusd(usage, "azure_ai/jais-30b-chat") == 1000 * 3_200_000 + 100 * 9_710_000
+        early = cost_pusd(usage, "azure_ai/jais-30b-chat", at=_utc("2026-03-01T00:00:00"))
+        assert early == 1000 * 3200 * M + 100 * 9710 * M
+    finally:
+        del os.environ["LLMTALLY_PRICES"]
+
+
+def test_prices_update_refuses_a_file_that_is_not_a_price_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llmtally.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    assert main(["prices", "update", str(bad), "--output", str(tmp_path / "p.json")]) == 2
+    assert "not LiteLLM's price list" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_prices_update_from_the_installed_litellm_copy(tmp_path: Path) -> None:
+    litellm = pytest.importorskip("litellm")
+    from llmtally.cli import main
+
+    copy = Path(litellm.__file__).parent / "model_prices_and_context_window_backup.json"
+    out = tmp_path / "prices.json"
+    assert main(["prices", "update", str(copy), "--output", str(out), "--dry-run"]) == 0
+    assert not out.exists()
