@@ -14,11 +14,13 @@ cause).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
 import os
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +33,18 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network: the
 
 litellm = pytest.importorskip("litellm")
 
-from llmtally import pricing  # noqa: E402
+from importlib.metadata import version as _version  # noqa: E402
+
+# The logic this test holds llmtally to is LiteLLM's from this release on (older releases price
+# fewer token kinds at a tier and have no billing-time API for off-peak windows).
+MIN_LITELLM = (1, 110)
+if tuple(int(p) for p in _version("litellm").split(".")[:2]) < MIN_LITELLM:
+    pytest.skip(
+        f"litellm {_version('litellm')} predates the cost logic compared here",
+        allow_module_level=True,
+    )
+
+from llmtally import price_table, pricing  # noqa: E402
 from llmtally._core import Usage  # noqa: E402
 from llmtally.price_table import (  # noqa: E402
     MODES,
@@ -224,39 +237,72 @@ def run() -> tuple[Counter[str], list[str], Counter[str]]:
     counts: Counter[str] = Counter()
     wrong: list[str] = []
     excused: Counter[str] = Counter()
-    pricing.reload()
-    for key, provider, ours, entry in compared():
-        counts["models"] += 1
-        model_ok, model_excused = True, False
-        for case in cases(entry):
-            counts["usages"] += 1
-            try:
-                theirs = litellm_cost(key, provider, case)
-            except Exception as exc:  # LiteLLM cannot price it
-                theirs_error: str | None = f"{type(exc).__name__}"
-                theirs = float("nan")
-            else:
-                theirs_error = None
-            mine = llmtally_cost(key, ours, case)
-            same = (
-                theirs_error is None
-                and mine is not None
-                and abs(mine - theirs) <= REL * max(abs(theirs), abs(mine), 1e-300)
-            )
-            if same:
-                continue
-            why = _exception(key, case.kind)
-            if why is not None:
-                excused[why[0]] += 1
-                model_excused = True
-                continue
-            model_ok = False
-            wrong.append(
-                f"{key} [{provider}] {case.kind}: llmtally {mine} litellm {theirs}"
-                f"{'' if theirs_error is None else ' ' + theirs_error}"
-            )
-        counts["disagree" if not model_ok else "excused" if model_excused else "agree"] += 1
+    with same_list():
+        for key, provider, ours, entry in compared():
+            _compare(key, provider, ours, entry, counts, wrong, excused)
     return counts, wrong, excused
+
+
+@contextlib.contextmanager
+def same_list() -> Iterator[None]:
+    """llmtally priced from a table built from the installed LiteLLM's own list (as ``llmtally
+    prices update FILE`` builds it), so only the logic differs, whichever release is installed."""
+    built = price_table.update(json.loads(SOURCE.read_text("utf-8")), None, "2026-01-01", "test")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "prices.json"
+        price_table.write(built.table, path)
+        before = os.environ.get("LLMTALLY_PRICES")
+        os.environ["LLMTALLY_PRICES"] = str(path)
+        pricing.reload()
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["LLMTALLY_PRICES"]
+            else:
+                os.environ["LLMTALLY_PRICES"] = before
+            pricing.reload()
+
+
+def _compare(
+    key: str,
+    provider: str,
+    ours: str,
+    entry: dict[str, Any],
+    counts: Counter[str],
+    wrong: list[str],
+    excused: Counter[str],
+) -> None:
+    counts["models"] += 1
+    model_ok, model_excused = True, False
+    for case in cases(entry):
+        counts["usages"] += 1
+        try:
+            theirs = litellm_cost(key, provider, case)
+        except Exception as exc:  # LiteLLM cannot price it
+            theirs_error: str | None = f"{type(exc).__name__}"
+            theirs = float("nan")
+        else:
+            theirs_error = None
+        mine = llmtally_cost(key, ours, case)
+        same = (
+            theirs_error is None
+            and mine is not None
+            and abs(mine - theirs) <= REL * max(abs(theirs), abs(mine), 1e-300)
+        )
+        if same:
+            continue
+        why = _exception(key, case.kind)
+        if why is not None:
+            excused[why[0]] += 1
+            model_excused = True
+            continue
+        model_ok = False
+        wrong.append(
+            f"{key} [{provider}] {case.kind}: llmtally {mine} litellm {theirs}"
+            f"{'' if theirs_error is None else ' ' + theirs_error}"
+        )
+    counts["disagree" if not model_ok else "excused" if model_excused else "agree"] += 1
 
 
 def test_llmtally_and_litellm_agree_on_every_model_both_know() -> None:
