@@ -562,8 +562,15 @@ impl Recorder {
     /// response dict from, when it is wanted. A recorded call's `request_id` is marked counted
     /// in `ids`. `outcome` is `record`'s; anything but `READ_OK` with a recorded outcome
     /// means nothing was written and the caller takes its general path.
+    ///
+    /// With `lookup` (a callable `(model, provider) -> Prices | None`), `prices` is the call
+    /// model's, looked up by the caller (`None`: the model has no price, or is `"unknown"`):
+    /// an unpriced call is recorded at cost 0 (the caller counts it unpriced: `table_cost` and
+    /// the usage's `cost_usd` are both `None`), and a response naming another model is priced
+    /// by that model's prices, from `lookup`. Without it, both are declined.
     #[pyo3(signature = (
-        obj, provider, model, duration_s, prices, user_id, cycle_start_date, ids, request_id
+        obj, provider, model, duration_s, prices, user_id, cycle_start_date, ids, request_id,
+        lookup=None
     ))]
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn finish<'py>(
@@ -577,6 +584,7 @@ impl Recorder {
         cycle_start_date: Option<Bound<'py, PyAny>>,
         ids: &IdMaker,
         request_id: &str,
+        lookup: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<(
         u8,
         Option<Bound<'py, Usage>>,
@@ -610,8 +618,22 @@ impl Recorder {
             Some(m) => m.eq(&model)?,
         };
         let content = extract_text(obj)?;
-        let table_cost = match prices {
-            Some(p) if same_model && u.cost_usd.is_none() => p.get().call_cost(&u, obj),
+        // The prices the table cost comes from, and whether `None` means "no price".
+        let (prices, authoritative) = match (lookup, &found_model) {
+            (Some(_), _) if same_model => (prices.cloned(), true),
+            (Some(lookup), Some(found)) if u.cost_usd.is_none() => {
+                let got = lookup.call1((found, &provider))?;
+                if got.is_none() {
+                    (None, true)
+                } else {
+                    (Some(got.cast_into::<Prices>()?), true)
+                }
+            }
+            _ if same_model => (prices.cloned(), false),
+            _ => (None, false),
+        };
+        let table_cost = match &prices {
+            Some(p) if u.cost_usd.is_none() => p.get().call_cost(&u, obj),
             _ => None,
         };
         let cost_pusd = match u.cost_usd {
@@ -637,7 +659,21 @@ impl Recorder {
                 cycle_start_date,
                 duration_s * 1000.0,
             )?,
-            None => (DECLINED, false), // unpriced (CostTracker counts it)
+            // No price for the model: recorded at cost 0 when the caller said so (it counts
+            // the call unpriced), else declined.
+            None if authoritative && prices.is_none() && u.cost_usd.is_none() => self
+                .record_usage(
+                    py,
+                    &u,
+                    0,
+                    provider,
+                    tracker_model,
+                    model,
+                    user_id,
+                    cycle_start_date,
+                    duration_s * 1000.0,
+                )?,
+            None => (DECLINED, false),
         };
         if outcome != DECLINED {
             ids.mark(request_id); // counted: the id handed back later is a duplicate

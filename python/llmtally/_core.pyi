@@ -1,7 +1,7 @@
 """Type stubs for the compiled hot path, ``llmtally._core`` (internal)."""
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, final
 
@@ -327,6 +327,7 @@ class Recorder:
         cycle_start_date: object,
         ids: IdMaker,
         request_id: str,
+        lookup: Callable[[str, str], Prices | None] | None = None,
     ) -> tuple[
         int,
         Usage | None,

@@ -32,6 +32,7 @@ from llmtally._core import (
     READ_BAD_USAGE,
     READ_NOT_A_RESPONSE,
     READ_OK,
+    Prices,
     call_modifiers,
     extract_usage,
     finish_response,
@@ -160,12 +161,14 @@ class _FastGroup:
     The core records the common case; when it declines a call (nothing written), each member's
     own recorder runs instead, with the same result."""
 
-    __slots__ = ("members", "recorder", "stores")
+    __slots__ = ("members", "recorder", "stores", "unpriced")
 
     def __init__(self) -> None:
         self.members: list[tuple[_Entry, Callable[..., Any]]] = []
         self.stores: list[Any] = []
         self.recorder: _Recorder | None = None
+        #: The members' counters of unpriced calls (``CostTracker``), given the model.
+        self.unpriced: list[Callable[[Any], None]] = []
 
     def refused(self, dispatcher: _Dispatcher, event: str, index: int) -> None:
         """The core recorded a call but member ``index``'s counters refused it (a 64-bit
@@ -183,6 +186,9 @@ class _FastGroup:
 
     def add(self, entry: _Entry, fn: Callable[..., Any], sink: tuple[Any, ...]) -> tuple[Any, ...]:
         self.members.append((entry, fn))
+        count_unpriced = getattr(entry.handler, "_count_unpriced", None)
+        if count_unpriced is not None:
+            self.unpriced.append(count_unpriced)
         store = getattr(entry.handler, "_llmtally_store", None)
         if sink[0] in ("user_key", "call_user") and all(store is not s for s in self.stores):
             self.stores.append(store)
@@ -1039,6 +1045,12 @@ _open_calls = _OpenCalls()
 _store_module.before_exit(_open_calls.abandon_all)
 
 
+def _lookup_found(model: str, provider: str) -> Prices | None:
+    """The prices of the model a response names (the core's fast path, when it differs from
+    the call's): the same lookup, and miss count, as the general path's."""
+    return price_lookup(model, None if provider == "unknown" else provider)
+
+
 def price_response(
     response: dict[str, Any], provider: str | None, raw: Any = None
 ) -> Exception | None:
@@ -1409,18 +1421,22 @@ class LLMCall:
             before = _Dispatcher._failures(group.members[0][0], group, GROUP)
             t0 = time.perf_counter()
         try:
-            prices = cached_prices(self.model, self.provider)
+            model = self.model
+            prices = cached_prices(model, self.provider)
+            if prices is None and model != "unknown":
+                prices = price_lookup(model, None if self.provider == "unknown" else self.provider)
             code, usage, found_model, content, table_cost, message, outcome, flush, rid, reason = (
                 group.recorder.finish(
                     self._response,
                     self.provider,
-                    self.model,
+                    model,
                     duration_s,
                     prices,
                     kwargs.get("user_id"),
                     kwargs.get("cycle_start_date"),
                     _ids,  # the core marks the id counted (a caller handing it back: duplicate)
                     self.request_id,
+                    _lookup_found,  # ``prices`` is the call model's: unpriced is recorded too
                 )
             )
         except Exception:
@@ -1433,7 +1449,12 @@ class LLMCall:
             stats.usage_warnings += 1
             logger.warning("usage of %s: %s (total kept)", self.request_id, message)
         self._usage = usage
+        if found_model is not None and found_model != model:
+            prices = cached_prices(found_model, self.provider)  # what the core priced it by
         self._parts = (found_model, content, table_cost, duration_s, rid, reason, prices)
+        if table_cost is None and usage is not None and usage.cost_usd is None:
+            for count_unpriced in group.unpriced:
+                count_unpriced(found_model or model)
         if outcome != _RECORDED:
             group.refused(self._manager._dispatcher, "on_llm_end", outcome)
         group.kick(flush)

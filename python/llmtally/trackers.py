@@ -241,11 +241,16 @@ class CostTracker(_LedgerTracker):
 
     def _track_end(self, response: Any, kwargs: Mapping[str, Any]) -> None:
         if type(response) is not dict or response.get("cost_estimate") is None:
-            self.unpriced_requests += 1
             model = response.get("model") if type(response) is dict else kwargs.get("model")
-            if len(self._unpriced_models) < MAX_MODELS:
-                self._unpriced_models.add(name(model))
+            self._count_unpriced(model)
         super()._track_end(response, kwargs)
+
+    def _count_unpriced(self, model: Any) -> None:
+        """A call without a cost (no price for its model): counted, its model kept by name up
+        to ``MAX_MODELS`` names. The core's fast path calls this for the calls it records."""
+        self.unpriced_requests += 1
+        if len(self._unpriced_models) < MAX_MODELS:
+            self._unpriced_models.add(name(model))
 
     @property
     def total_cost(self) -> float:

@@ -66,6 +66,8 @@ calls = st.lists(
             "request_id": st.sampled_from([None, None, "r-1", "r-2"]),
             "cycle": st.sampled_from([None, None, "2026-05-15"]),
             "response_kind": st.sampled_from(["usage", "usage", "bare", "text", "list"]),
+            # The model the response names: the call's, another priced one, an unpriced one.
+            "response_model": st.sampled_from(["same", "same", "gpt-4o", "no-such-model-2"]),
         }
     ),
     min_size=1,
@@ -106,7 +108,8 @@ def state(store: Store, hs: list[Any], *, timings: bool = True) -> dict[str, Any
 def response_of(call: dict[str, Any]) -> Any:
     kind = call["response_kind"]
     if kind == "usage":
-        return {"usage": call["usage"], "model": call["model"]}
+        named = call["response_model"]
+        return {"usage": call["usage"], "model": call["model"] if named == "same" else named}
     if kind == "bare":
         return {"choices": [{"message": {"content": "Paris is the capital."}}]}
     if kind == "text":
@@ -183,6 +186,45 @@ async def test_the_common_case_takes_the_core_path() -> None:
     assert hs[5].stats()["requests"] == 3
     assert store.ledger.get("llmtally:{bob}:" + hs[0].cycle_start_date)[:3] == (45, 30, 15)
     assert store.ledger.get("llmtally:{alice}:" + hs[0].cycle_start_date)[7] == 3
+    await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("context", "body_model", "priced"),
+    [
+        ({}, None, False),  # llm_call(messages) alone: model "unknown"
+        ({"model": "in-house-model-x"}, None, False),  # a model without a price
+        ({}, "gpt-4o", True),  # the response names the model the call did not
+        ({"model": "gpt-4o"}, "gpt-4o-mini", True),  # the response names another model
+    ],
+)
+async def test_every_call_shape_takes_the_core_path(
+    context: dict[str, Any], body_model: str | None, priced: bool
+) -> None:
+    """No context kwargs, an unpriced model, a response naming another model: the core records
+    them too (the handlers' own recorders would raise here), with the general path's numbers."""
+    store = open_store("memory://")
+    hs = handlers(store, perf_clock=False)
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("the handler's own recorder ran")
+
+    for h in hs:
+        setattr(h, h._llmtally_fast["on_llm_end"], refuse)
+    manager = CallbackManager(hs)
+    body: dict[str, Any] = {"usage": {"prompt_tokens": 10, "completion_tokens": 5}}
+    if body_model is not None:
+        body["model"] = body_model
+    async with manager.llm_call([{"role": "user", "content": "hi"}], **context) as c:
+        c.set_response(body)
+    assert (await manager.health())["errors"] == 0
+    cost: CostTracker = hs[3]
+    assert cost.request_count == 1 and cost.total_tokens == 15
+    assert (cost.unpriced_requests, cost.total_cost_pusd > 0) == (0 if priced else 1, priced)
+    assert c.response is not None
+    assert (c.response["cost_estimate"] is not None) is priced
+    if body_model is not None:
+        assert list(cost.by_model()) == [body_model] == [c.response["model"]]
     await store.aclose()
 
 
