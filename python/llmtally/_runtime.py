@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import logging
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -22,6 +23,7 @@ __all__ = ["OpenRuns", "Runner", "runner"]
 logger = logging.getLogger("llmtally")
 
 _T = TypeVar("_T")
+_START_TIMEOUT_S = 10.0
 _K = TypeVar("_K")
 _R = TypeVar("_R")
 
@@ -40,6 +42,9 @@ class Runner:
             loop = self._loop
             if loop is not None and self._thread is not None and self._thread.is_alive():
                 return loop
+            if sys.is_finalizing():
+                # A thread started now never runs (the exit hook already ended open calls).
+                raise RuntimeError("the interpreter is shutting down: no new event thread")
             loop = asyncio.new_event_loop()
             ready = threading.Event()
 
@@ -50,7 +55,9 @@ class Runner:
 
             thread = threading.Thread(target=run, name=self._name, daemon=True)
             thread.start()
-            ready.wait()
+            if not ready.wait(_START_TIMEOUT_S):
+                loop.close()
+                raise RuntimeError("the event thread did not start")
             self._loop, self._thread = loop, thread
             return loop
 

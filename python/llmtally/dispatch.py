@@ -982,7 +982,7 @@ def _normalize_user(manager: CallbackManager, context: dict[str, Any]) -> None:
 
 def _abandon_evicted(call: LLMCall) -> None:
     call._open = False
-    _runtime.runner.submit(call.abandon())
+    call.abandon_soon()
 
 
 class _OpenCalls:
@@ -1262,6 +1262,18 @@ class LLMCall:
         if not self._response_set:
             self._abandoned = True
         await self.__aexit__(None, None, None)
+
+    def abandon_soon(self) -> None:
+        """:meth:`abandon` in the background, from any thread or a finalizer, without waiting:
+        nothing when the call has ended, nor once the interpreter is shutting down (the exit
+        hook ended every open call before that)."""
+        if self._done:
+            return
+        coro = self.abandon()
+        try:
+            _runtime.runner.submit(coro)
+        except RuntimeError:  # shutting down: no thread to run it on
+            coro.close()
 
     @property
     def context(self) -> Mapping[str, Any]:

@@ -529,3 +529,73 @@ def test_the_sync_sdks_http_request_runs_under_the_llm_span(
     assert [r for r in caplog.records if "detach" in r.getMessage().lower()] == []
     client.close()
     provider.shutdown()
+
+
+EXIT_CHILD = """
+import asyncio, sys, llmtally, openai
+url, mode, store_url = sys.argv[1:4]
+store = llmtally.open_store(store_url)
+MSG = [{"role": "user", "content": "What is the capital of France?"}]
+keep = []
+recorder = llmtally.UsageRecorder(store=store)
+if mode.startswith("sync"):
+    client = openai.OpenAI(api_key="k", base_url=url + "/v1", max_retries=0)
+    o = llmtally.instrument(client, [recorder], user_id="exit-" + mode)
+    stream = o.chat.completions.create(model="gpt-4o", messages=MSG, stream=True)
+    chunks = iter(stream)
+    next(chunks)
+    keep.append((stream, chunks))  # open at exit
+    if mode == "sync-exit":
+        sys.exit(3)
+    if mode == "sync-raise":
+        raise RuntimeError("crash with an open stream")
+else:
+    async def main():
+        client = openai.AsyncOpenAI(api_key="k", base_url=url + "/v1", max_retries=0)
+        o = llmtally.instrument(client, [recorder], user_id="exit-" + mode)
+        stream = await o.chat.completions.create(model="gpt-4o", messages=MSG, stream=True)
+        await stream.__anext__()
+        keep.append(stream)
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "rc"), [("sync", 0), ("sync-exit", 3), ("sync-raise", 1), ("async", 0)]
+)
+def test_a_stream_open_at_exit_is_written_once_and_the_process_exits(
+    fake: FakeLLM, tmp_path: Path, mode: str, rc: int
+) -> None:
+    """An instrumented stream still open when the interpreter exits (normally, by sys.exit, by
+    an uncaught exception): the exit hook ends it as abandoned and the store writes it once;
+    nothing left to the garbage collector at shutdown starts a thread or waits (the process
+    used to hang there)."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    store_url = f"sqlite:///{tmp_path}/exit.db"
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(EXIT_CHILD), fake.url, mode, store_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == rc, proc.stderr[-2000:]
+    read = """
+    import asyncio, json, sys, llmtally
+    repo = llmtally.TokenUsageRepository(store=sys.argv[1])
+    print(json.dumps(asyncio.run(repo.get_usage_stats(sys.argv[2]))))
+    """
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(read), store_url, f"exit-{mode}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    stats = json.loads(out)
+    assert (stats["calls"], stats["errors"]) == (1, 0)
+    # OpenAI streams report usage in their last chunk: what was sent, estimated.
+    assert stats["prompt_tokens"] == llmtally.estimate_tokens(MESSAGES, "gpt-4o")

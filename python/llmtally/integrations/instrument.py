@@ -309,7 +309,7 @@ def _is_stream(result: Any) -> bool:
 def _meter_async_stream(stream: Any, call: LLMCall) -> Any:
     # A stream dropped before it was read (an SDK helper may build its own from the response):
     # the call ends, as abandoned, when the stream is collected.
-    weakref.finalize(stream, _abandon_later, call)
+    _when_dropped(stream, call)
     source: AsyncIterator[Any] | None = getattr(stream, "_iterator", None)
     if source is None:  # an SDK without the iterator we wrap: a wrapper of our own
         return _AsyncStream(stream, call)
@@ -378,7 +378,7 @@ async def _raw_async(result: Any, request: _Request) -> Any:
     if not request.stream and (body := _body(result)) is not None:  # read already
         await call.end(body)
         return result
-    weakref.finalize(result, _abandon_later, call)
+    _when_dropped(result, call)
     parse = result.parse
     if not inspect.iscoroutinefunction(parse):  # the legacy raw response of a stream
 
@@ -448,7 +448,7 @@ def _settle_sync(result: Any, request: _Request, context: contextvars.Context) -
 
 
 def _meter_sync_stream(stream: Any, call: LLMCall) -> Any:
-    weakref.finalize(stream, _abandon_later, call)
+    _when_dropped(stream, call)
     source: Iterator[Any] | None = getattr(stream, "_iterator", None)
     if source is None:
         return _SyncStream(stream, call)
@@ -474,7 +474,7 @@ def _sync_chunks(source: Iterator[Any], call: LLMCall) -> Iterator[Any]:
                 call.record_chunk(item)
             yield item
     except GeneratorExit:  # closed or dropped: nothing may wait here
-        runner.submit(call.abandon())
+        call.abandon_soon()
         raise
     except BaseException as exc:
         _wait(call.fail(exc))
@@ -515,7 +515,7 @@ def _raw_sync(result: Any, request: _Request) -> Any:
     if not request.stream and (body := _body(result)) is not None:  # read already
         _wait(call.end(body))
         return result
-    weakref.finalize(result, _abandon_later, call)
+    _when_dropped(result, call)
     parse = result.parse
 
     def parse_sync(*args: Any, **kwargs: Any) -> Any:
@@ -559,8 +559,14 @@ def _after_sync(method: Callable[[], Any], result: Any, call: LLMCall) -> Callab
 
 def _abandon_later(call: LLMCall) -> None:
     """A stream or raw response dropped unread: the call ends, in the background."""
-    if not call.ended:
-        runner.submit(call.abandon())
+    call.abandon_soon()
+
+
+def _when_dropped(obj: object, call: LLMCall) -> None:
+    """End ``call`` as abandoned when ``obj`` is garbage-collected. Not at interpreter exit:
+    there the exit hook ends every open call and waits for it before the stores are written
+    (a finalizer would end it in the background, racing the last write)."""
+    weakref.finalize(obj, _abandon_later, call).atexit = False
 
 
 def _body(result: Any) -> Any:

@@ -40,7 +40,6 @@ from langchain_core.outputs import ChatGeneration, LLMResult
 
 from llmtally._core import BadUsage, Usage, extract_usage, make_response
 from llmtally._names import OTHER
-from llmtally._runtime import runner
 from llmtally.dispatch import CallbackManager, LLMCall, current_run, price_response
 from llmtally.errors import CallbackAbort
 from llmtally.integrations._runs import FailureGuard, OpenRuns
@@ -225,7 +224,7 @@ class _OpenCall:
 def _end_evicted(run: _OpenCall | _OpenScope) -> None:
     """A run whose end never came, pushed out of the registry: a call ends as abandoned."""
     if isinstance(run, _OpenCall):
-        runner.submit(run.call.abandon())
+        run.call.abandon_soon()
 
 
 class _OpenScope:

@@ -381,7 +381,7 @@ class LlmtallyLogger(CustomLogger):
         self.sync_timeout_s = sync_timeout_s
         self._context = context
         self._open: OpenRuns[str, _Open] = OpenRuns(
-            MAX_OPEN_CALLS, "LiteLLM calls", lambda run: runner.submit(run.call.abandon())
+            MAX_OPEN_CALLS, "LiteLLM calls", lambda run: run.call.abandon_soon()
         )
         self._ended: OrderedDict[str, bool] = OrderedDict()
         self._lock = threading.Lock()
