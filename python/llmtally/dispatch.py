@@ -1318,7 +1318,29 @@ class LLMCall:
                     self._done = True
                     await self._abort_started(abort)
                 raise
+            except BaseException as exc:
+                # Interrupted while the start's handlers ran (the caller cancelled, a timeout,
+                # Ctrl-C): the call never ran, and the handlers that saw its start see it fail.
+                await self._interrupted_start(exc)
+                raise
         return self
+
+    async def _interrupted_start(self, exc: BaseException) -> None:
+        self.detach_context()
+        if self._done:
+            return
+        self._done = True
+        if self._open:
+            _open_calls.discard(self)
+        self._manager._stats.llm_errors += 1
+        if _observed.on:
+            _observed.llm_failed(self._kwargs, False)
+        targets = self._table.by_event["on_llm_error"]
+        if targets:
+            duration_ms = (time.perf_counter() - self.started_at) * 1000.0
+            kwargs = {**self._kwargs, "duration_ms": duration_ms}
+            with contextlib.suppress(CallbackAbort):  # the call is over already
+                await self._manager._dispatcher.fire(targets, "on_llm_error", (exc,), kwargs)
 
     async def _abort_started(self, abort: CallbackAbort) -> None:
         """A handler refused the call: tell those that already saw the start."""

@@ -250,3 +250,43 @@ async def test_a_multibyte_model_name_is_capped_alike_on_both_paths() -> None:
         async with manager.llm_call(MESSAGES, provider="openai", model=name) as call:
             call.set_response({"usage": {"prompt_tokens": 3, "completion_tokens": 2}})
     assert list(core.by_model()) == list(own.by_model()) == [name]
+
+
+async def test_a_call_cancelled_while_its_start_handlers_run_ends_with_an_error() -> None:
+    """Cancelled (a timeout, task.cancel) while a handler's on_llm_start awaits: the call never
+    ran, and every handler sees an error for it, never a start alone."""
+
+    class SlowStart(llmtally.AsyncCallbackHandler):
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        async def on_llm_start(self, messages: Any, **kwargs: Any) -> None:
+            self.events.append("start")
+            await asyncio.sleep(5)
+
+        async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+            self.events.append("end")
+
+        async def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+            self.events.append(f"error:{type(error).__name__}")
+
+    slow, rec = SlowStart(), Recorder()
+    manager = CallbackManager([slow, rec], parallel=True)
+
+    async def scoped() -> None:
+        async with manager.llm_call(MESSAGES, model="gpt-4o", user_id="u") as call:
+            call.set_response({"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(scoped(), 0.05)
+    started = manager.llm_call(MESSAGES, model="gpt-4o")
+    task = asyncio.create_task(started.start())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert started.ended
+    assert slow.events == ["start", "error:CancelledError"] * 2
+    assert rec.names() == ["on_llm_start", "on_llm_error"] * 2
+    health = await manager.health()
+    assert (health["llm_calls"], health["llm_errors"]) == (0, 2)
