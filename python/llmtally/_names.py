@@ -61,8 +61,9 @@ MAX_ID_CHARS: Final = 256
 
 def request_key(value: Any) -> str | None:
     """A request id as in-process windows keep it: its text (``str(value)``), or
-    ``"sha256:<hex>"`` of a text longer than ``MAX_ID_CHARS`` (the same id gives the same key,
-    so duplicates are still found); ``None`` when it has no text (its ``str()`` fails)."""
+    ``"sha256:<hex>"`` of a text longer than ``MAX_ID_CHARS`` or with no UTF-8 form (a lone
+    surrogate, as ids decoded with ``surrogateescape`` carry); the same id gives the same key,
+    so duplicates are still found. ``None`` when it has no text (its ``str()`` fails)."""
     if type(value) is not str:
         try:
             value = str.__str__(value) if isinstance(value, str) else str(value)
@@ -70,10 +71,18 @@ def request_key(value: Any) -> str | None:
             return None
         if type(value) is not str:
             return None
-    if len(value) <= MAX_ID_CHARS:
+    if len(value) <= MAX_ID_CHARS and (value.isascii() or _has_utf8(value)):
         return value
     digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
     return f"sha256:{digest}"
+
+
+def _has_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_cap(what: str, value: Any) -> int:

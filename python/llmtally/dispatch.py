@@ -1138,8 +1138,11 @@ class LLMCall:
         self.provider = provider = provider or "unknown"
         self.model = model = model or "unknown"
         given = context.get("request_id")
-        if given is not None and (type(given) is not str or len(given) > MAX_ID_CHARS):
-            # Its text (a digest past MAX_ID_CHARS: the windows of ids stay small in bytes).
+        if given is not None and (
+            type(given) is not str or len(given) > MAX_ID_CHARS or not given.isascii()
+        ):
+            # Its text (a digest past MAX_ID_CHARS, so the windows of ids stay small in bytes,
+            # or when it has no UTF-8 form).
             given = request_key(given)
             if given is None:  # an id whose str() fails: bad input, one is made
                 manager._stats.bad_input += 1

@@ -345,6 +345,22 @@ async def test_an_id_whose_comparison_raises_never_breaks_the_call() -> None:
     assert (await manager.health())["bad_input"] == 1
 
 
+@pytest.mark.parametrize("given", ["\ud800", "req-\udcff-1", "r\udfff" * 100])
+async def test_a_request_id_without_a_utf8_form_is_a_digest_never_an_error(given: str) -> None:
+    """Ids decoded with ``surrogateescape`` (from headers) carry lone surrogates: the call runs,
+    through the core's path and a Python handler's, and a repeat is still a duplicate."""
+    rec, tokens = Recorder(), TokenCounter()
+    manager = CallbackManager([rec, tokens])
+    for _ in range(2):
+        async with manager.llm_call(MESSAGES, model="gpt-4o", request_id=given) as call:
+            call.set_response(USAGE)
+    ids = {kwargs["request_id"] for _, kwargs in rec.of("on_llm_end")}
+    assert len(ids) == 1 and next(iter(ids)).startswith("sha256:")
+    assert tokens.total_tokens == 5 and tokens.requests == 1  # the repeat: a duplicate
+    health = await manager.health()
+    assert (health["llm_calls"], health["duplicates"], health["errors"]) == (1, 1, 0)
+
+
 async def test_a_long_request_id_is_kept_as_a_digest_and_still_deduplicated() -> None:
     store = llmtally.open_store("memory://")
     rec, tokens, recorder = Recorder(), TokenCounter(), llmtally.UsageRecorder(store=store)
