@@ -944,11 +944,14 @@ def _names(manager: CallbackManager, provider: Any, model: Any) -> tuple[str, st
         text = getattr(value, "value", None)
         if not isinstance(text, str):
             manager._stats.bad_input += 1
-            logger.warning("provider/model %r is not a string: counted as its text", value)
             try:
                 text = str(value)
             except Exception:
                 text = type(value).__name__
+            logger.warning(
+                "provider/model of type %s is not a string: counted as its text",
+                type(value).__name__,
+            )
         out.append(text)
     return out[0], out[1]
 

@@ -54,11 +54,12 @@ _CHUNK: Final = 10**1000
 def _decimal(value: int) -> str | None:
     """An int's decimal string (whatever ``sys.set_int_max_str_digits`` says, and without
     calling a subclass's methods), or ``None`` when it is longer than ``MAX_USER_ID_BYTES``."""
+    value = int.__int__(value)  # the plain int: no method of a subclass is called below
     if value.bit_length() <= 3000:  # under 1,000 digits: within any str conversion limit
         return int.__repr__(value)
     if value.bit_length() > MAX_USER_ID_BYTES * 3.33:  # over 64 Ki digits
         return None
-    n = -value if value < 0 else int(value + 0)
+    n = -value if value < 0 else value
     chunks = []
     while n:
         n, rest = divmod(n, _CHUNK)

@@ -45,7 +45,21 @@ class Name(str):
 
 
 class Number(int):
+    """An int subclass whose every method a careless reader might call raises."""
+
     def __str__(self) -> str:
+        raise RuntimeError("no")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no")
+
+    def bit_length(self) -> int:
+        raise RuntimeError("no")
+
+    def __add__(self, other: object) -> int:
+        raise RuntimeError("no")
+
+    def __lt__(self, other: object) -> bool:
         raise RuntimeError("no")
 
 
@@ -69,6 +83,7 @@ ids = st.one_of(
             "\U0001f600" * (MAX_USER_ID_BYTES // 4 + 1),
             Name("bob"),
             Number(7),
+            Number(10**5000),
         ]
     ),
 )
