@@ -407,6 +407,24 @@ async def test_billable_paths_llmtally_does_not_meter_warn_once(
     assert not any("/moderations" in key for key in UNMETERED)
 
 
+async def test_an_unmetered_endpoint_is_one_entry_whatever_ids_its_path_names(
+    fake: FakeLLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1,000 Assistants runs on 1,000 threads: one UNMETERED entry and one warning, not one per
+    thread (the counter grew with every id, and warned for each)."""
+    caplog.set_level(logging.WARNING, logger="llmtally")
+    o, _ = clients(fake, Recorder(), False)
+    size = len(UNMETERED)
+    key = "openai /threads/{id}/runs"
+    before = UNMETERED[key]
+    for i in range(1000):
+        with pytest.raises(openai.NotFoundError):  # the loopback server has no Assistants
+            await o.post(f"/threads/thread_{i:024d}/runs", body={}, cast_to=object)
+    assert UNMETERED[key] == before + 1000
+    assert len(UNMETERED) <= size + 1
+    assert len([r for r in caplog.records if "/threads/" in r.getMessage()]) <= 1
+
+
 def test_classify_answers_for_every_endpoint_the_installed_sdks_post_to() -> None:
     """Read every resource module of both SDKs: each method that posts names an endpoint that
     instrument meters, or lists with a reason, or knows to be free. (Read as text, not

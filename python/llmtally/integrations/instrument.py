@@ -178,9 +178,23 @@ def classify(provider: str, path: str) -> tuple[str, str]:
     return NOT_METERED, "an endpoint llmtally does not know"
 
 
+_ID_SEGMENT = re.compile(r"(?!v\d+$).*\d.*|.{40,}")
+_MAX_UNMETERED = 1_000  # endpoints counted apart in UNMETERED; later ones under "<other>"
+
+
+def _endpoint(path: str) -> str:
+    """A request path as UNMETERED counts it: its ids (segments with a digit, other than a
+    ``v1``-like version, or very long) as ``{id}``, so one endpoint is one entry whatever the
+    thread, run or container it names."""
+    parts = path.split("?", 1)[0].split("/")
+    return "/".join("{id}" if _ID_SEGMENT.fullmatch(part) else part for part in parts)
+
+
 def _unmetered(provider: str, path: str, reason: str) -> None:
-    key = f"{provider} {path.split('?', 1)[0]}"
+    key = f"{provider} {_endpoint(path)}"
     with _warned_lock:
+        if key not in UNMETERED and len(UNMETERED) >= _MAX_UNMETERED:
+            key = f"{provider} <other>"
         UNMETERED[key] += 1
         first = key not in _warned
         _warned.add(key)
