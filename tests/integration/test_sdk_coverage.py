@@ -158,6 +158,28 @@ async def a_messages_streaming_response(o: Any, a: Any) -> Any:
         return await response.parse()
 
 
+def s_relayed(how: str, stream: bool, anthropic_sdk: bool = False) -> Callable[..., Any]:
+    """A gateway relaying the raw body: ``with_streaming_response`` read with ``iter_*``."""
+
+    def run(o: Any, a: Any) -> Any:
+        resource = a.messages if anthropic_sdk else o.chat.completions
+        kw = KW_MSG if anthropic_sdk else KW_CHAT
+        with resource.with_streaming_response.create(**kw, stream=stream) as response:
+            return list(getattr(response, how)())
+
+    return run
+
+
+def a_relayed(how: str, stream: bool, anthropic_sdk: bool = False) -> Callable[..., Any]:
+    async def run(o: Any, a: Any) -> Any:
+        resource = a.messages if anthropic_sdk else o.chat.completions
+        kw = KW_MSG if anthropic_sdk else KW_CHAT
+        async with resource.with_streaming_response.create(**kw, stream=stream) as response:
+            return [piece async for piece in getattr(response, how)()]
+
+    return run
+
+
 def _drain(result: Any) -> Any:
     return list(result)
 
@@ -225,6 +247,17 @@ PATHS = [
      lambda o, a: o.decisions.create(model="gpt-6-luna", input="Paris?", questions=[]),
      lambda o, a: o.decisions.create(model="gpt-6-luna", input="Paris?", questions=[]),
      DECISIONS, False),
+    *[
+        (f"openai chat.completions.with_streaming_response.create {how}{' stream' * stream}",
+         s_relayed(how, stream), a_relayed(how, stream), CHAT, False)
+        for how in ("iter_bytes", "iter_text", "iter_lines") for stream in (False, True)
+    ],
+    *[
+        (f"anthropic messages.with_streaming_response.create iter_bytes{' stream' * stream}",
+         s_relayed("iter_bytes", stream, True), a_relayed("iter_bytes", stream, True), MESSAGE,
+         False)
+        for stream in (False, True)
+    ],
     ("anthropic messages.create",
      lambda o, a: a.messages.create(**KW_MSG),
      lambda o, a: a.messages.create(**KW_MSG), MESSAGE, False),

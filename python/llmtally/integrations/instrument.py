@@ -17,6 +17,7 @@ dropped mid-way. A streamed chat or text completion asks the provider for its fi
 from __future__ import annotations
 
 import asyncio
+import codecs
 import collections
 import contextvars
 import inspect
@@ -416,6 +417,7 @@ async def _raw_async(result: Any, request: _Request) -> Any:
     result.parse = parse_async
     for name in ("json", "read", "text"):
         result.__dict__[name] = _after_async(getattr(result, name), result, call)
+    _tap_async(result, request)
     close = result.close
 
     async def close_async() -> None:
@@ -544,6 +546,7 @@ def _raw_sync(result: Any, request: _Request) -> Any:
         return result
     for name in ("json", "read", "text"):
         result.__dict__[name] = _after_sync(getattr(result, name), result, call)
+    _tap_sync(result, request)
     close = result.close
 
     def close_sync() -> None:
@@ -569,6 +572,112 @@ def _after_sync(method: Callable[[], Any], result: Any, call: LLMCall) -> Callab
 
 # ---------------------------------------------------------------------------------------------
 # Shared.
+
+
+_MAX_BODY_CHARS = 64 * 1024 * 1024  # a JSON body read piece by piece is kept up to this
+
+
+class _BodyTap:
+    """What a caller reads of a raw response piece by piece (``iter_bytes``, ``iter_text``,
+    ``iter_lines``, as a gateway relaying the bytes does): an SSE stream's events go into the
+    call's usage as they pass, a JSON body is kept until its end. :meth:`finish` gives what the
+    call ends with: the body, else ``None`` (the stream's usage, or an estimate)."""
+
+    __slots__ = ("_call", "_decoder", "_parts", "_pending", "_size", "_stream")
+
+    def __init__(self, call: LLMCall, stream: bool) -> None:
+        self._call = call
+        self._stream = stream
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = ""  # an SSE line not complete yet
+        self._parts: list[str] | None = []
+        self._size = 0
+
+    def feed(self, piece: Any, line: bool = False) -> None:
+        text = self._decoder.decode(piece) if isinstance(piece, bytes | bytearray) else piece
+        if not isinstance(text, str):
+            return
+        if line:
+            text += "\n"
+        if self._stream:
+            lines = (self._pending + text).split("\n")
+            self._pending = lines.pop()
+            for found in lines:
+                self._event(found)
+            return
+        if self._parts is not None:
+            self._size += len(text)
+            if self._size > _MAX_BODY_CHARS:
+                self._parts = None  # too big to keep: the call ends with an estimate
+            else:
+                self._parts.append(text)
+
+    def _event(self, line: str) -> None:
+        line = line.rstrip("\r")
+        if not line.startswith("data:"):
+            return
+        data = line[5:].strip()
+        if not data or data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return
+        self._call.record_chunk(event)
+
+    def finish(self) -> Any:
+        tail = self._decoder.decode(b"", final=True)
+        if self._stream:
+            self._event(self._pending + tail)
+            return None
+        if self._parts is None:
+            return None
+        try:
+            return json.loads("".join(self._parts) + tail)
+        except ValueError:
+            return None
+
+
+def _tap_sync(result: Any, request: _Request) -> None:
+    """Meter a sync raw response read with ``iter_bytes``/``iter_text``/``iter_lines``."""
+    call = request.call
+    for name in ("iter_bytes", "iter_text", "iter_lines"):
+        method = getattr(result, name, None)
+        if method is None:
+            continue
+
+        def tapped(*args: Any, _method: Any = method, _line: bool = name == "iter_lines",
+                   **kwargs: Any) -> Iterator[Any]:  # fmt: skip
+            tap = _BodyTap(call, request.stream)
+            for piece in _method(*args, **kwargs):
+                tap.feed(piece, _line)
+                yield piece
+            if not call.ended:
+                body = tap.finish()
+                _wait(call.end() if body is None else call.end(body))
+
+        result.__dict__[name] = tapped
+
+
+def _tap_async(result: Any, request: _Request) -> None:
+    """Meter an async raw response read with ``iter_bytes``/``iter_text``/``iter_lines``."""
+    call = request.call
+    for name in ("iter_bytes", "iter_text", "iter_lines"):
+        method = getattr(result, name, None)
+        if method is None:
+            continue
+
+        async def tapped(*args: Any, _method: Any = method, _line: bool = name == "iter_lines",
+                         **kwargs: Any) -> AsyncIterator[Any]:  # fmt: skip
+            tap = _BodyTap(call, request.stream)
+            async for piece in _method(*args, **kwargs):
+                tap.feed(piece, _line)
+                yield piece
+            if not call.ended:
+                body = tap.finish()
+                await (call.end() if body is None else call.end(body))
+
+        result.__dict__[name] = tapped
 
 
 def _abandon_later(call: LLMCall) -> None:
