@@ -4,6 +4,7 @@ network: LiteLLM reads its bundled price map)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import threading
@@ -162,6 +163,29 @@ async def test_a_stream_is_counted_once_at_its_end_with_the_final_usage_chunk(
     assert response["cost_source"] == "provider"
     assert response["cost_estimate"] == pytest.approx(COST)
     assert (tokens.requests, tokens.total_tokens) == (1, 1500)
+
+
+async def test_a_stream_broken_off_and_dropped_ends_as_abandoned(fake: FakeLLM) -> None:
+    """LiteLLM fires nothing for a stream whose consumer stops (a break, a client gone): the
+    call ends as abandoned once the stream is dropped, not at exit or never."""
+    rec, tokens = Recorder(), llmtally.TokenCounter()
+    logger = use(rec, tokens)
+    stream = await litellm.acompletion(
+        **call_kwargs(fake), stream=True, stream_options={"include_usage": True}
+    )
+    async for _ in stream:
+        break
+    del stream
+    deadline = time.monotonic() + 10
+    while not rec.of("on_llm_end") and time.monotonic() < deadline:
+        gc.collect()
+        await asyncio.sleep(0.02)
+    assert await logger.drain()
+    assert rec.names() == ["on_llm_start", "on_llm_end"]
+    (response,), _ = rec.of("on_llm_end")[0]
+    assert response["finish_reason"] == "abandoned" and response["estimated"] is True
+    assert response["prompt_tokens"] == llmtally.estimate_tokens(MESSAGES, "gpt-4o")
+    assert logger.open_calls == 0 and tokens.requests == 1
 
 
 def test_sync_completion_is_counted_once_from_litellm_logging_thread() -> None:

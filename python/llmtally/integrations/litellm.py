@@ -43,10 +43,12 @@ of an async call ever reaches LiteLLM: failures are logged and counted in ``erro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
@@ -402,8 +404,20 @@ class LlmtallyLogger(CustomLogger):
         """Calls past ``MAX_OPEN_CALLS`` open at once, ended as abandoned."""
         return self._open.evicted
 
-    def _put(self, key: str, run: _Open) -> None:
+    def _put(self, key: str, run: _Open, kwargs: Mapping[str, Any] | None = None) -> None:
         self._open.put(key, run)
+        logging_obj = None if kwargs is None else kwargs.get("litellm_logging_obj")
+        if logging_obj is not None:
+            # LiteLLM fires nothing for a stream its consumer drops (a break, a client gone):
+            # its logging object lives as long as the stream and its success or failure
+            # handler; collected with the call still open, the call ends as abandoned.
+            with contextlib.suppress(TypeError):  # not weak-referenceable: ended at exit
+                weakref.finalize(logging_obj, self._dropped, key).atexit = False
+
+    def _dropped(self, key: str) -> None:
+        run = self._open.pop(key)
+        if run is not None:
+            run.call.abandon_soon()
 
     def _take(self, key: str, success: bool) -> tuple[_Open | None, bool]:
         """Pop the open call ``key`` and remember how it ended: ``(call, already_ended)``.
@@ -516,7 +530,7 @@ class LlmtallyLogger(CustomLogger):
                 if key in self._open:  # a retry of the same call: the open call goes on
                     return None
             run = await self._begin(kwargs, key)
-            self._put(key, run)
+            self._put(key, run, kwargs)
         except CallbackAbort:
             raise
         except Exception as exc:
