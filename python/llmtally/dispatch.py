@@ -260,19 +260,51 @@ def _targets(entries: Iterable[_Entry], event: str) -> tuple[_Target, ...]:
         from llmtally.storage import EARLY_FLUSH_KEYS
 
         group.recorder = _Recorder(sinks, EARLY_FLUSH_KEYS)
+    if event == "on_llm_end":
+        # Limiters settle after the recorders counted the call (a limiter counts the usage
+        # itself only when no recorder did; see limits.py).
+        found.sort(key=lambda target: _is_limiter(target[0].handler))
     return tuple(found) if found else _NO_TARGETS
+
+
+def _is_limiter(handler: object) -> bool:
+    return getattr(handler, "_llmtally_limiter", False) is True
+
+
+#: The built-in meters of the call whose end is being fired (limiters read it to count a call
+#: no recorder counted, and only such a call): a tuple, ``False`` for a duplicate end (counted
+#: by nobody), ``None`` outside a manager.
+CALL_METERS: contextvars.ContextVar[tuple[Any, ...] | bool | None] = contextvars.ContextVar(
+    "llmtally_call_meters", default=None
+)
 
 
 class _Table:
     """Immutable per-event handler lists."""
 
-    __slots__ = ("by_event", "end_group", "entries", "native_end")
+    __slots__ = (
+        "_limits_only",
+        "by_event",
+        "end_group",
+        "entries",
+        "limiter_end",
+        "meters",
+        "native_end",
+    )
 
     def __init__(self, entries: Sequence[_Entry]) -> None:
         self.entries = tuple(entries)
         self.by_event: dict[str, tuple[_Target, ...]] = {
             event: _targets(self.entries, event) for event in EVENTS
         }
+        end_targets = self.by_event["on_llm_end"]
+        #: The limiters' end targets (fired for a duplicate end too: they settle the call).
+        self.limiter_end = tuple(t for t in end_targets if _is_limiter(t[0].handler))
+        #: Built-in meters that record ends (see CALL_METERS).
+        self.meters = tuple(
+            t[0].handler for t in end_targets if hasattr(t[0].handler, "_llmtally_counted")
+        )
+        self._limits_only: _Table | None = None
 
         def native(event: str) -> bool:
             return all(kind >= FAST for _, _, kind in self.by_event[event])
@@ -284,6 +316,17 @@ class _Table:
         self.end_group: _FastGroup | None = (
             end[0][1] if len(end) == 1 and end[0][2] == GROUP else None
         )
+
+    @property
+    def limits_only(self) -> _Table:
+        """The table of a call whose request id was already counted: its limiters only (the
+        call still runs, so it is still limited; nothing else sees it)."""
+        found = self._limits_only
+        if found is None:
+            limiters = [e for e in self.entries if _is_limiter(e.handler)]
+            found = _Table(limiters) if limiters else _EMPTY_TABLE
+            self._limits_only = found
+        return found
 
 
 _EMPTY_TABLE = _Table(())
@@ -1296,13 +1339,14 @@ class LLMCall:
 
     async def __aenter__(self) -> LLMCall:
         manager = self._manager
-        if self._id_given and (self.request_id in manager._window or _ids.counted(self.request_id)):
-            # Already counted (a retry of a request that ended): no handler sees it again.
-            self._table = _EMPTY_TABLE
-        elif manager._table_version == _global_version:
+        if manager._table_version == _global_version:
             self._table = manager._table
         else:
             self._table = manager._current_table()
+        if self._id_given and (self.request_id in manager._window or _ids.counted(self.request_id)):
+            # Already counted (a request id handed back): no handler counts it again, but the
+            # call still runs, so the limiters still see it.
+            self._table = self._table.limits_only
         given_run = self._kwargs.get("run_id")
         if self._id_given:
             self.run_id = given_run if isinstance(given_run, str) and given_run else _next_id()
@@ -1427,10 +1471,8 @@ class LLMCall:
         return None
 
     async def _fire_end(self, duration_s: float) -> None:
-        if self.duplicate:
-            return
         table = self._table
-        targets = table.by_event["on_llm_end"]
+        targets = table.limiter_end if self.duplicate else table.by_event["on_llm_end"]
         if not targets:
             return
         response = self.response
@@ -1446,6 +1488,13 @@ class LLMCall:
         dispatcher = self._manager._dispatcher
         if table.native_end:
             dispatcher.fire_native(targets, "on_llm_end", (response,), kwargs)
+        elif table.limiter_end:
+            # A duplicate end is counted by nobody: the limiters only settle it.
+            meters = CALL_METERS.set(False if self.duplicate else table.meters)
+            try:
+                await dispatcher.fire(targets, "on_llm_end", (response,), kwargs)
+            finally:
+                CALL_METERS.reset(meters)
         else:
             await dispatcher.fire(targets, "on_llm_end", (response,), kwargs)
 

@@ -94,15 +94,22 @@ class BudgetExceeded(CallbackAbort):
         used: float | int | None = None,
         requested: float | int | None = None,
         unit: str = "tokens",
+        scope: str = "user",
+        scope_id: str | None = None,
     ) -> None:
         self.user_id = user_id
         self.limit = limit
         self.used = used
         self.requested = requested
         self.unit = unit
+        #: Which budget refused: ``"user"``, or the context kwarg of a scoped limiter
+        #: (``"team"``, ``"org"``, ``"api_key"``, ``"model"``...), whose value is ``scope_id``.
+        self.scope = scope
+        self.scope_id = user_id if scope_id is None and scope == "user" else scope_id
         if not message:
+            who = f"user {user_id!r}" if scope == "user" else f"{scope} {self.scope_id!r}"
             message = (
-                f"budget exceeded for user {user_id!r}: used {used} + requested {requested}"
+                f"budget exceeded for {who}: used {used} + requested {requested}"
                 f" > limit {limit} {unit}"
             )
         super().__init__(message)

@@ -1,19 +1,27 @@
 """Budgets and rate limits: handlers that refuse an LLM call before it runs.
 
-:class:`BudgetLimiter` keeps each user's usage per billing cycle under a token and/or cost limit.
-Before a call it reserves the call's estimate in one atomic step of the store (Redis: one Lua
-script; memory and SQLite: one transaction), so concurrent calls, in one process or many sharing
-a store, can never together pass the limit. After the call the reservation is settled to the
-actual usage and dropped once that usage has been flushed to the store; a failed or aborted
-call releases it at once.
+:class:`BudgetLimiter` keeps each user's (or team's, org's, API key's...) usage per billing cycle
+under a token and/or cost limit with **quota leases**: a process takes a slice of the remaining
+budget from the store in one atomic step (Redis: one Lua script; SQLite and memory: one
+transaction) and admits calls against it locally, with no I/O on the hot path; the usage its
+calls make, once flushed, shrinks the lease; the lease is renewed when a call does not fit,
+returned when a renewal is refused, on close, or when its TTL runs out. The leases of all
+processes plus the stored usage never pass the limit; near the limit the slices shrink to
+exactly one call's estimate, so concurrent calls, in one process or many, cannot together pass
+it (beyond what calls already admitted use over their estimates).
 
-Who records usage: not the limiter. It reads the ``total_tokens`` / ``cost_pusd`` fields that a
-metering handler (:class:`~llmtally.UsageRecorder`, or a seed handler for that user) writes into
-the same store; put one in the same manager, on the same store. Without one, calls are still
-limited while they are in flight, but finished calls are not counted.
+Who counts: a :class:`~llmtally.UsageRecorder` (or a seed handler for the call's user) in the
+same manager, on the same store, records the call; the limiter then counts nothing itself. A
+limiter on its own (or a scoped one: no recorder writes team budgets) records the usage it
+enforces on (``total_tokens`` and ``cost_pusd`` of the budget's hash). Each call is counted once.
 
 :class:`RateLimiter` bounds requests and/or tokens per minute over a sliding window, per user or
 globally, in this process or shared through a store.
+
+Outages: each limiter operation on the store is bounded by ``store_timeout_s`` (50 ms); after a
+failure the limiter leaves the store alone for a backoff period and enforces on this process's
+view (the last usage seen plus what this process added since), or refuses what needs the store
+with ``fail_closed=True``. Calls inside a lease already granted need no store at all.
 """
 
 from __future__ import annotations
@@ -22,21 +30,23 @@ import asyncio
 import inspect
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-from llmtally.dispatch import new_id
+from llmtally._core import LEDGER_FIELDS
+from llmtally.dispatch import CALL_METERS, new_id
 from llmtally.errors import BudgetExceeded, ConfigError, RateLimited, StoreError
 from llmtally.events import AsyncCallbackHandler
 from llmtally.identity import charged_user, describe, user_of
 from llmtally.pricing import lookup as price_lookup
 from llmtally.storage import AsyncBackend, Store, resolve_store
-from llmtally.storage._limits import NO_LIMIT, BudgetState, LocalLimits, check_budget
+from llmtally.storage._limits import NO_LIMIT, LeaseState, LocalLimits, check_budget
 from llmtally.storage.keys import (
     current_cycle,
-    parse_key,
     rate_key,
+    scope_key,
     usage_key,
     validate_cycle,
 )
@@ -48,6 +58,9 @@ logger = logging.getLogger("llmtally")
 
 _PUSD = 10**12
 _MAX_TRACKED = 100_000
+_MAX_BACKOFF_S = 30.0
+_T = LEDGER_FIELDS.index("total_tokens")
+_P = LEDGER_FIELDS.index("cost_pusd")
 
 
 def _count(value: Any) -> int | None:
@@ -63,6 +76,12 @@ def _pusd(cost_usd: Any) -> int:
     if not math.isfinite(cost_usd) or cost_usd <= 0:
         return 0
     return round(cost_usd * _PUSD)
+
+
+def _positive_s(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not (isinstance(value, int | float) and 0 < value < math.inf):
+        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+    return float(value)
 
 
 def _estimate(messages: Any, kwargs: Mapping[str, Any]) -> tuple[int, bool]:
@@ -108,7 +127,7 @@ def _priced_estimate(messages: Any, kwargs: Mapping[str, Any]) -> int:
 
 def _limits_backend(store: Store) -> AsyncBackend:
     backend = store.backend
-    if not hasattr(backend, "budget") or not hasattr(backend, "rate_acquire"):
+    if not hasattr(backend, "lease") or not hasattr(backend, "rate_acquire"):
         raise ConfigError(f"the {backend.name} store does not support limits")
     return store.aio
 
@@ -119,43 +138,146 @@ async def _call_user_fn(fn: Callable[..., Any], arg: Any) -> None:
         await result
 
 
-class _Open(NamedTuple):
-    """A reservation of a call in flight."""
+def _claim(store: Store, key: str, field: str) -> Callable[[], bool]:
+    backend: Any = store.backend
+    return lambda: bool(backend.claim_flag(key, field))
 
-    key: str
-    res_id: str
-    tokens: int
-    pusd: int
-    offline: bool  # made on this process's view while the store was unreachable
+
+class _Outage:
+    """When a limiter may use its store: after a failure, not before a backoff period (doubling
+    up to 30 s while the store keeps failing)."""
+
+    __slots__ = ("backoff_s", "failures", "until")
+
+    def __init__(self, backoff_s: float) -> None:
+        self.backoff_s = backoff_s
+        self.failures = 0
+        self.until = 0.0
+
+    def open(self) -> bool:
+        return not self.failures or time.monotonic() >= self.until
+
+    def failed(self) -> None:
+        delay = min(_MAX_BACKOFF_S, self.backoff_s * 2 ** min(self.failures, 10))
+        self.failures += 1
+        self.until = time.monotonic() + delay
+
+    def ok(self) -> None:
+        self.failures = 0
+
+
+class _Lease:
+    """This process's part of one budget (one key): what the store holds for it, what its
+    calls in flight reserved, and the last state of the store it saw. Changed under the
+    limiter's lock (from the event loop, the store's I/O threads and its flusher)."""
+
+    __slots__ = (
+        "cycle",
+        "flushed_p",
+        "flushed_t",
+        "held_p",
+        "held_t",
+        "inflight_p",
+        "inflight_t",
+        "key",
+        "known",
+        "last_used",
+        "others_p",
+        "others_t",
+        "recorded_p",
+        "recorded_t",
+        "refused",
+        "renew_at",
+        "renewing",
+        "scope_id",
+        "shrinking",
+        "used_p",
+        "used_t",
+    )
+
+    def __init__(self, key: str, scope_id: str, cycle: str) -> None:
+        self.key = key
+        self.scope_id = scope_id
+        self.cycle = cycle
+        self.recorded_t = self.recorded_p = 0  # the store's record of this lease, as last set
+        self.held_t = self.held_p = 0  # what is left of it (less usage flushed since) ...
+        self.inflight_t = self.inflight_p = 0  # ... covers these estimates
+        self.used_t = self.used_p = 0  # stored usage at the last operation
+        self.others_t = self.others_p = 0  # other processes' leases then
+        self.flushed_t = self.flushed_p = 0  # this process's usage written since
+        self.renew_at = 0.0  # monotonic: past it, the next call renews
+        self.known = False  # whether an operation ever succeeded
+        self.last_used = 0.0  # monotonic: the last call admitted
+        self.shrinking = False  # an idle lease being given back: no call admitted against it
+        self.renewing: asyncio.Future[None] | None = None
+        # The last renewal, when the store refused it, and the call it was for.
+        self.refused: tuple[asyncio.Future[None], tuple[int, int]] | None = None
+
+
+class _Ticket:
+    """One renewal that wants to admit a call: the I/O thread admits it only if the caller
+    has not given up waiting (and the caller learns whether it was)."""
+
+    __slots__ = ("abandoned", "admitted", "state")
+
+    def __init__(self) -> None:
+        self.abandoned = False
+        self.admitted = False
+        self.state: LeaseState | None = None
+
+
+class _Open:
+    """A call admitted and not ended: its lease and estimate."""
+
+    __slots__ = ("lease", "offline", "pusd", "tokens")
+
+    def __init__(self, lease: _Lease, tokens: int, pusd: int, offline: bool) -> None:
+        self.lease = lease
+        self.tokens = tokens
+        self.pusd = pusd
+        self.offline = offline
 
 
 class BudgetLimiter(AsyncCallbackHandler):
-    """Refuses an LLM call (``BudgetExceeded``) when the user's usage this cycle plus the
+    """Refuses an LLM call (``BudgetExceeded``) when the budget's usage this cycle plus the
     calls in flight plus this call's estimate would pass ``max_tokens`` and/or
     ``max_cost_usd``.
 
-    The user is the call's ``user_id`` kwarg (``"anonymous"`` without one); the cycle is the
-    call's ``cycle_start_date`` kwarg, else the current UTC month. The reservation is the call's
+    The budget is the call's user (``scope="user"``, the default: its ``user_id`` kwarg,
+    ``"anonymous"`` without one) or any other context kwarg (``scope="team"``, ``"org"``,
+    ``"api_key"``, ``"model"``...; a call without that kwarg is not limited by it). Several
+    limiters in one manager nest: the first whose budget is reached refuses, and
+    ``BudgetExceeded.scope`` / ``scope_id`` say which. The cycle is the call's
+    ``cycle_start_date`` kwarg, else the current UTC month. The estimate is the call's
     ``estimated_tokens`` kwarg, else :func:`~llmtally.estimate_tokens` of the messages plus the
     ``max_tokens`` kwarg; for a cost limit, the ``estimated_cost_usd`` kwarg, else the same
-    estimate priced from the price table (0 for an unpriced model:
-    the call then only needs budget left).
+    estimate priced from the price table (0 for an unpriced model: the call then only needs
+    budget left).
 
-    Usage is read from the fields a metering handler (:class:`~llmtally.UsageRecorder`) writes
-    into the same store, including this process's unflushed deltas: add one to the manager.
-    Open reservations live in the ``reserved_tokens`` / ``reserved_pusd`` fields of the user's
-    hash, each backed by a record that expires after ``reservation_ttl_s`` (a process that dies
-    mid-call holds its budget that long, no longer).
+    Quota leases (see the module): calls are admitted against a slice of the remaining budget
+    (``lease_fraction`` of it, at least the call's estimate) held in the store for this process,
+    with no I/O; the slice is renewed when a call does not fit in it, or after half of
+    ``reservation_ttl_s`` (a process that dies holds its lease that long, no longer).
+
+    Counting: through a manager with a :class:`~llmtally.UsageRecorder` (or the seed handler of
+    the call's user) on the same store, the recorder counts the call; otherwise the limiter
+    records the usage it enforces on. Either way, once.
 
     ``on_alert`` (a plain or coroutine function) gets ``{"user_id", "threshold", "used",
-    "limit", "unit", "cycle_start_date"}`` once per user, cycle and threshold, across processes
-    sharing the store (an ``alerted_<unit>_<permille>`` field marks it). When the store is
-    unreachable the limiter enforces on this process's view (last usage seen plus local deltas
-    and calls in flight), or refuses every call with ``fail_closed=True``.
+    "limit", "unit", "cycle_start_date", "scope"}`` once per budget, cycle and threshold, across
+    processes sharing the store (an ``alerted_<unit>_<permille>`` field marks it).
+
+    Outages: no call waits more than ``store_timeout_s`` on the store; after a failure the
+    limiter does not touch the store for ``store_backoff_s`` (doubling while it keeps failing)
+    and enforces on this process's view, or refuses the calls that need the store with
+    ``fail_closed=True``. ``await limiter.aclose()`` (or closing the store) returns the leases.
 
     Raises:
         ConfigError: for bad arguments (no limit, a negative limit, a threshold outside (0, 1]).
     """
+
+    #: Through a manager: settles after the recorders (see dispatch).
+    _llmtally_limiter = True
 
     def __init__(
         self,
@@ -167,6 +289,10 @@ class BudgetLimiter(AsyncCallbackHandler):
         on_alert: Callable[[dict[str, Any]], Any] | None = None,
         fail_closed: bool = False,
         reservation_ttl_s: float = 600.0,
+        scope: str = "user",
+        store_timeout_s: float = 0.05,
+        store_backoff_s: float = 1.0,
+        lease_fraction: float = 0.1,
     ) -> None:
         if max_tokens is None and max_cost_usd is None:
             raise ConfigError("BudgetLimiter needs max_tokens and/or max_cost_usd")
@@ -186,16 +312,25 @@ class BudgetLimiter(AsyncCallbackHandler):
             raise ConfigError(f"thresholds must be in (0, 1], not {thresholds!r}")
         if on_alert is not None and not callable(on_alert):
             raise ConfigError("on_alert must be callable")
-        if isinstance(reservation_ttl_s, bool) or not (
-            isinstance(reservation_ttl_s, int | float) and 0 < reservation_ttl_s < math.inf
+        if not isinstance(scope, str) or not scope or scope in ("user_id",):
+            raise ConfigError(
+                f"scope must be 'user' or the name of a context kwarg (such as 'team'), "
+                f"not {scope!r}"
+            )
+        if isinstance(lease_fraction, bool) or not (
+            isinstance(lease_fraction, int | float) and 0 <= lease_fraction <= 1
         ):
-            raise ConfigError(f"reservation_ttl_s must be positive, not {reservation_ttl_s!r}")
+            raise ConfigError(f"lease_fraction must be in [0, 1], not {lease_fraction!r}")
         self.max_tokens = max_tokens
         self.max_cost_usd = max_cost_usd
         self.thresholds = tuple(levels)
         self.on_alert = on_alert
         self.fail_closed = bool(fail_closed)
-        self.reservation_ttl_s = float(reservation_ttl_s)
+        self.reservation_ttl_s = _positive_s("reservation_ttl_s", reservation_ttl_s)
+        self.store_timeout_s = _positive_s("store_timeout_s", store_timeout_s)
+        self.store_backoff_s = _positive_s("store_backoff_s", store_backoff_s)
+        self.lease_fraction = float(lease_fraction)
+        self.scope = scope
         self._store = resolve_store(store)
         self._backend = _limits_backend(self._store)
         self._limits = (
@@ -203,138 +338,409 @@ class BudgetLimiter(AsyncCallbackHandler):
             NO_LIMIT if max_cost_usd is None else round(max_cost_usd * _PUSD),
         )
         self._ttl_ms = max(1, round(self.reservation_ttl_s * 1000))
+        self._lease_id = new_id()
+        self._mu = threading.Lock()
+        self._leases: dict[str, _Lease] = {}
+        # Leases whose store record may hold more than they need (see tick).
+        self._dirty: set[str] = set()
+        self._keys: dict[tuple[str, Any], _Lease] = {}
         self._open: dict[Any, list[_Open]] = {}
-        # Settled calls whose usage is in this process's ledger, not yet known flushed.
-        self._held: dict[str, list[tuple[str, int, int]]] = {}
-        self._held_sum: dict[str, tuple[int, int]] = {}
-        self._offline: dict[str, tuple[int, int]] = {}
-        self._last: dict[str, BudgetState] = {}
         self._alerted: set[tuple[str, str, int]] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._outage = _Outage(self.store_backoff_s)
         self.allowed = 0
         self.refused = 0
         self.store_errors = 0
         self.alert_errors = 0
         self.bad_input = 0
+        self.renewals = 0
+        self._store.add_write_listener(self)
 
     @property
     def store(self) -> Store:
-        """The store holding usage and reservations."""
+        """The store holding usage and leases."""
         return self._store
 
     @property
     def _llmtally_store(self) -> Store:
         return self._store
 
-    # -- views ---------------------------------------------------------------------------------
+    # -- budgets -------------------------------------------------------------------------------
 
-    def _key(self, user_id: str, cycle: Any) -> tuple[str, str]:
-        cycle = current_cycle() if cycle is None else validate_cycle(cycle)
-        return usage_key(user_id, cycle), cycle
+    def _lease_for(self, kwargs: Mapping[str, Any]) -> _Lease | None:
+        """The call's budget (``None``: a scoped limiter and a call without that kwarg)."""
+        if self.scope == "user":
+            scope_id = user_of(kwargs.get("user_id"), self)
+        else:
+            value = kwargs.get(self.scope)
+            if value is None or value == "":
+                return None
+            scope_id, bad = charged_user(value)
+            if bad:
+                self.bad_input += 1
+                logger.warning("BudgetLimiter: %s is %s: not limited", self.scope, describe(value))
+                return None
+        cycle = kwargs.get("cycle_start_date")
+        lease = self._keys.get((scope_id, cycle))
+        if lease is not None and (cycle is not None or lease.cycle == current_cycle()):
+            return lease
+        return self._make_lease(scope_id, cycle)
 
-    def _adjust(self, key: str) -> tuple[int, int]:
-        """What this process adds to the store's numbers: unflushed deltas, minus settled calls
-        whose usage is both in those deltas (or already flushed) and still held as a
-        reservation."""
-        local = self._store.local(key)
-        held_t, held_p = self._held_sum.get(key, (0, 0))
-        return local.get("total_tokens", 0) - held_t, local.get("cost_pusd", 0) - held_p
-
-    def _offline_state(self, key: str) -> BudgetState:
-        last = self._last.get(key) or BudgetState(True, 0, 0, 0, 0)
-        off_t, off_p = self._offline.get(key, (0, 0))
-        return last._replace(
-            reserved_tokens=last.reserved_tokens + off_t, reserved_pusd=last.reserved_pusd + off_p
+    def _make_lease(self, scope_id: str, cycle_given: Any) -> _Lease:
+        cycle = current_cycle() if cycle_given is None else validate_cycle(cycle_given)
+        key = (
+            usage_key(scope_id, cycle)
+            if self.scope == "user"
+            else scope_key(self.scope, scope_id, cycle)
         )
+        lease = self._leases.get(key)
+        if lease is None:
+            if len(self._leases) >= _MAX_TRACKED:
+                self._forget_idle()
+            lease = self._leases[key] = _Lease(key, scope_id, cycle)
+        if len(self._keys) >= _MAX_TRACKED:
+            self._keys.clear()
+        if type(cycle_given) is str or cycle_given is None:
+            self._keys[(scope_id, cycle_given)] = lease
+        return lease
 
-    def _remember(self, key: str, state: BudgetState) -> None:
-        if len(self._last) >= _MAX_TRACKED and key not in self._last:
-            self._last.clear()
-        self._last[key] = state
+    def _forget_idle(self) -> None:
+        """Bounded memory: forget the budgets with nothing in flight (their leases expire in
+        the store with their TTL)."""
+        with self._mu:
+            for key in [k for k, v in self._leases.items() if not v.inflight_t + v.inflight_p]:
+                del self._leases[key]
+        self._keys.clear()
 
-    def _store_failed(self, what: str, exc: BaseException) -> None:
-        self.store_errors += 1
-        level = logging.WARNING if self.store_errors == 1 else logging.DEBUG
-        logger.log(
-            level, "BudgetLimiter: %s failed (%d store errors): %s", what, self.store_errors, exc
-        )
+    def _amounts(self, messages: Any, kwargs: Mapping[str, Any]) -> tuple[int, int]:
+        tokens = pusd = 0
+        if self.max_tokens is not None:
+            tokens, bad = _estimate(messages, kwargs)
+            if bad:
+                self.bad_input += 1
+        if self.max_cost_usd is not None:
+            pusd = _pusd(kwargs.get("estimated_cost_usd")) or _priced_estimate(messages, kwargs)
+        return tokens, pusd
+
+    # -- the write listener (the store's flusher thread) ----------------------------------------
+
+    def written(self, batch: Any, refused: list[str]) -> None:
+        """Usage of this process reached the store: each lease it was covering shrinks by it
+        (before the usage leaves this process's unflushed view, so nothing is ever counted
+        zero times)."""
+        if not self._leases:
+            return
+        with self._mu:
+            for key, lease in list(self._leases.items()):
+                counters = batch.get(key)
+                tokens, pusd = counters[_T], counters[_P]
+                if not (tokens or pusd) or key in refused:
+                    continue
+                lease.held_t = max(0, lease.held_t - tokens)
+                lease.held_p = max(0, lease.held_p - pusd)
+                lease.flushed_t += tokens
+                lease.flushed_p += pusd
+                self._dirty.add(key)
 
     # -- events --------------------------------------------------------------------------------
 
     async def on_llm_start(self, messages: list[dict[str, Any]], **kwargs: Any) -> None:
-        """Reserve the call's estimate, or raise ``BudgetExceeded``."""
-        user_id = user_of(kwargs.get("user_id"), self)
+        """Admit the call against this process's lease, renewing it when it does not fit;
+        else raise ``BudgetExceeded``."""
         try:
-            key, cycle = self._key(user_id, kwargs.get("cycle_start_date"))
+            lease = self._lease_for(kwargs)
         except ConfigError as exc:
             self.bad_input += 1
             logger.warning("BudgetLimiter: %s; the call is not limited", exc)
             return
-        tokens, bad = _estimate(messages, kwargs)
-        if bad:
-            self.bad_input += 1
-        pusd = _pusd(kwargs.get("estimated_cost_usd"))
-        if not pusd and self.max_cost_usd is not None:
-            pusd = _priced_estimate(messages, kwargs)
-        res_id = new_id()
-        adjust = self._adjust(key)
+        if lease is None:
+            return
+        tokens, pusd = self._amounts(messages, kwargs)
         offline = False
-        try:
-            state = await self._backend.budget(
-                key,
-                reserve=(res_id, tokens, pusd, self._ttl_ms),
-                limits=self._limits,
-                adjust=adjust,
-            )
-            self._remember(key, state)
-        except StoreError as exc:
-            self._store_failed("reserving", exc)
-            if self.fail_closed:
+        if not self._admit_local(lease, tokens, pusd):
+            admitted, offline = await self._admit_slow(lease, tokens, pusd)
+            if not admitted:
                 self.refused += 1
-                unit, limit, requested = self._unit_numbers(tokens, pusd)
-                raise BudgetExceeded(
-                    f"budget of user {user_id!r} not checked: the store is unreachable "
-                    "(fail_closed)",
-                    user_id=user_id,
-                    limit=limit,
-                    used=None,
-                    requested=requested,
-                    unit=unit,
-                ) from exc
-            offline = True
-            base = self._offline_state(key)
-            ok = check_budget(
-                base.used_tokens, base.reserved_tokens, adjust[0], tokens, self._limits[0]
-            ) and check_budget(base.used_pusd, base.reserved_pusd, adjust[1], pusd, self._limits[1])
-            state = base._replace(ok=ok)
-            if ok:
-                off_t, off_p = self._offline.get(key, (0, 0))
-                self._offline[key] = (off_t + tokens, off_p + pusd)
-        await self._check_alerts(key, user_id, cycle, state)
-        if not state.ok:
-            self.refused += 1
-            self._refuse(user_id, state, adjust, tokens, pusd)
+                self._refuse(lease, tokens, pusd, offline)
         self.allowed += 1
         token = kwargs.get("run_id") or kwargs.get("request_id")
         if len(self._open) >= _MAX_TRACKED:
-            self._open.clear()  # bounded: forgotten reservations expire in the store
-        self._open.setdefault(token, []).append(_Open(key, res_id, tokens, pusd, offline))
+            self._open.clear()  # bounded: what they held returns with the lease's TTL
+        entry = _Open(lease, tokens, pusd, offline)
+        found = self._open.get(token)
+        if found is None:
+            self._open[token] = [entry]
+        else:
+            found.append(entry)
 
-    def _unit_numbers(self, tokens: int, pusd: int) -> tuple[str, float | int, float | int]:
-        if self.max_tokens is not None:
-            return "tokens", self.max_tokens, tokens
-        assert self.max_cost_usd is not None
-        return "usd", self.max_cost_usd, pusd / _PUSD
+    def _admit_local(self, lease: _Lease, tokens: int, pusd: int) -> bool:
+        """Admit against the lease, no I/O (False: it does not fit, or it is due for renewal)."""
+        now = time.monotonic()
+        if lease.renewing is not None or now >= lease.renew_at:
+            return False
+        lease.last_used = now
+        local_t, local_p = self._store.local_totals(lease.key)  # read before the lease
+        with self._mu:
+            if lease.shrinking:
+                return False
+            if self._limits[0] >= 0:
+                committed = lease.inflight_t + local_t
+                if committed + tokens > lease.held_t or (tokens == 0 and committed >= lease.held_t):
+                    return False
+            if self._limits[1] >= 0:
+                committed = lease.inflight_p + local_p
+                if committed + pusd > lease.held_p or (pusd == 0 and committed >= lease.held_p):
+                    return False
+            lease.inflight_t += tokens
+            lease.inflight_p += pusd
+        return True
 
-    def _refuse(
-        self, user_id: str, state: BudgetState, adjust: tuple[int, int], tokens: int, pusd: int
-    ) -> None:
-        used_t = state.used_tokens + state.reserved_tokens + adjust[0]
-        used_p = state.used_pusd + state.reserved_pusd + adjust[1]
-        limit_t = self._limits[0]
-        if limit_t >= 0 and (used_t + tokens > limit_t or (tokens == 0 and used_t >= limit_t)):
+    def tick(self) -> None:
+        """After each flush (the store's flusher thread, no write under way): bring the store's
+        record of each lease that changed down to what it still holds. An idle lease (no call
+        admitted for two flush intervals) gives its unused slice back; a busy one is rewritten
+        once the usage flushed since its renewal is half of it (in between, other processes
+        see more of the budget taken than is: never less)."""
+        dirty = self._dirty
+        if not dirty or not self._outage.open():
+            return
+        idle_before = time.monotonic() - 2 * self._store.flush_interval_s
+        for key in list(dirty):
+            lease = self._leases.get(key)
+            if lease is None or not lease.known:
+                dirty.discard(key)
+                continue
+            shrink = lease.last_used < idle_before and lease.renewing is None
+            if shrink:
+                local_t, local_p = self._store.local_totals(key)
+                with self._mu:
+                    target = (lease.inflight_t + local_t, lease.inflight_p + local_p)
+                    if target == (lease.recorded_t, lease.recorded_p):
+                        dirty.discard(key)
+                        continue
+                    lease.shrinking = True  # (a call now goes the slow way, after this)
+            elif 2 * (lease.recorded_t - lease.held_t) > lease.recorded_t or (
+                2 * (lease.recorded_p - lease.held_p) > lease.recorded_p
+            ):
+                target = (lease.held_t, lease.held_p)
+            else:
+                continue
+            try:
+                self._set_record(lease, target)
+            except StoreError as exc:
+                self._failed("bringing a lease down", exc)
+                return
+            finally:
+                lease.shrinking = False
+            if shrink:
+                dirty.discard(key)
+
+    def _set_record(self, lease: _Lease, target: tuple[int, int]) -> None:
+        """Make the store's record of ``lease`` ``target`` (at most what it holds now)."""
+        state: LeaseState = self._store.backend.lease(  # type: ignore[attr-defined]
+            lease.key,
+            self._lease_id,
+            base=(
+                target[0] if self._limits[0] >= 0 else 0,
+                target[1] if self._limits[1] >= 0 else 0,
+            ),
+            limits=self._limits,
+            ttl_ms=self._ttl_ms,
+        )
+        with self._mu:
+            lease.held_t = min(lease.held_t, state.held_tokens)
+            lease.held_p = min(lease.held_p, state.held_pusd)
+            lease.recorded_t, lease.recorded_p = state.held_tokens, state.held_pusd
+            lease.used_t, lease.used_p = state.used_tokens, state.used_pusd
+            lease.others_t, lease.others_p = state.others_tokens, state.others_pusd
+            lease.flushed_t = lease.flushed_p = 0
+
+    async def _admit_slow(self, lease: _Lease, tokens: int, pusd: int) -> tuple[bool, bool]:
+        """Renew the lease with this call in it. Returns ``(admitted, offline)``."""
+        while lease.renewing is not None:  # one renewal per budget at a time
+            renewal = lease.renewing
+            await asyncio.shield(renewal)
+            if self._admit_local(lease, tokens, pusd):
+                return True, False
+            refused = lease.refused
+            if refused is not None and refused[0] is renewal and self._no_less(
+                refused[1], tokens, pusd
+            ):
+                # The store refused as much while this call waited: refused too, no I/O.
+                return False, False
+        if not self._outage.open():
+            return self._admit_offline(lease, tokens, pusd), True
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        lease.renewing = done
+        ticket = _Ticket()
+        try:
+            await self._store.bounded_call(
+                lambda: self._renew(lease, (tokens, pusd), ticket),
+                self.store_timeout_s,
+                locked=True,
+            )
+        except StoreError as exc:
+            with self._mu:
+                ticket.abandoned = True
+                if ticket.admitted:  # it came through after all
+                    return True, False
+            self._failed("renewing a lease", exc)
+            return self._admit_offline(lease, tokens, pusd), True
+        finally:
+            lease.renewing = None
+            done.set_result(None)
+        self._outage.ok()
+        state = ticket.state
+        assert state is not None
+        lease.refused = None if ticket.admitted else (done, (tokens, pusd))
+        if self.on_alert is not None:
+            await self._check_alerts(lease)
+        return ticket.admitted, False
+
+    def _no_less(self, refused: tuple[int, int], tokens: int, pusd: int) -> bool:
+        """Whether a call of ``tokens`` / ``pusd`` wants at least what was ``refused``."""
+        return (self._limits[0] < 0 or tokens >= refused[0]) and (
+            self._limits[1] < 0 or pusd >= refused[1]
+        )
+
+    def _slice(self, lease: _Lease, unit: int, base: int, want: int) -> int:
+        """How much more than this call to take: a fraction of the room seen last time, in
+        whole calls of this one's size (0 near the limit: per-call reservations)."""
+        limit = self._limits[unit]
+        if limit < 0:
+            return 0
+        if not lease.known:
+            return want
+        if unit == 0:
+            room = limit - lease.used_t - lease.flushed_t - lease.others_t - base - want
+        else:
+            room = limit - lease.used_p - lease.flushed_p - lease.others_p - base - want
+        slice_ = max(0, int(room * self.lease_fraction))
+        if want > 0:  # whole calls of this size: no scraps left in a lease
+            slice_ -= slice_ % want
+        return slice_
+
+    def _renew(
+        self, lease: _Lease, want: tuple[int, int] | None, ticket: _Ticket | None
+    ) -> LeaseState:
+        """One lease operation (the store's I/O thread, no batch being written): the store
+        record becomes what this process holds (calls in flight and unflushed usage), plus
+        ``want`` and a slice when it fits."""
+        backend = self._store.backend
+        local_t, local_p = self._store.local_totals(lease.key)
+        with self._mu:
+            base = (lease.inflight_t + local_t, lease.inflight_p + local_p)
+            if self._limits[0] < 0:
+                base = (0, base[1])
+            if self._limits[1] < 0:
+                base = (base[0], 0)
+        if want is None:
+            slice_ = (0, 0)
+            wanted = None
+        else:
+            wanted = (
+                want[0] if self._limits[0] >= 0 else 0,
+                want[1] if self._limits[1] >= 0 else 0,
+            )
+            slice_ = (
+                self._slice(lease, 0, base[0], wanted[0]),
+                self._slice(lease, 1, base[1], wanted[1]),
+            )
+        state: LeaseState = backend.lease(  # type: ignore[attr-defined]
+            lease.key,
+            self._lease_id,
+            base=base,
+            want=wanted,
+            slice_=slice_,
+            limits=self._limits,
+            ttl_ms=self._ttl_ms,
+        )
+        with self._mu:
+            lease.held_t, lease.held_p = state.held_tokens, state.held_pusd
+            lease.recorded_t, lease.recorded_p = state.held_tokens, state.held_pusd
+            lease.used_t, lease.used_p = state.used_tokens, state.used_pusd
+            lease.others_t, lease.others_p = state.others_tokens, state.others_pusd
+            lease.flushed_t = lease.flushed_p = 0
+            lease.known = True
+            lease.renew_at = time.monotonic() + self.reservation_ttl_s / 2
+            self._dirty.add(lease.key)
+            if want is not None:
+                self.renewals += 1
+            if ticket is not None:
+                ticket.state = state
+                if state.ok and want is not None and not ticket.abandoned:
+                    ticket.admitted = True
+                    lease.inflight_t += want[0]
+                    lease.inflight_p += want[1]
+        return state
+
+    def _admit_offline(self, lease: _Lease, tokens: int, pusd: int) -> bool:
+        """The store is unreachable: refuse (``fail_closed``) or decide on this process's view,
+        the last usage seen plus what this process added since."""
+        if self.fail_closed:
+            return False
+        local_t, local_p = self._store.local_totals(lease.key)
+        with self._mu:
+            ok = check_budget(
+                lease.used_t + lease.flushed_t + lease.others_t,
+                lease.inflight_t,
+                local_t,
+                tokens,
+                self._limits[0],
+            ) and check_budget(
+                lease.used_p + lease.flushed_p + lease.others_p,
+                lease.inflight_p,
+                local_p,
+                pusd,
+                self._limits[1],
+            )
+            if ok:
+                lease.inflight_t += tokens
+                lease.inflight_p += pusd
+        return ok
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.store_errors += 1
+        self._outage.failed()
+        level = logging.WARNING if self.store_errors == 1 else logging.DEBUG
+        logger.log(
+            level,
+            "BudgetLimiter: %s failed (%d store errors), the store is left alone for %.1fs: %s",
+            what,
+            self.store_errors,
+            max(0.0, self._outage.until - time.monotonic()),
+            exc,
+        )
+
+    def _refuse(self, lease: _Lease, tokens: int, pusd: int, offline: bool) -> None:
+        who = {"scope": self.scope, "scope_id": lease.scope_id}
+        user_id = lease.scope_id if self.scope == "user" else None
+        if offline and self.fail_closed:
+            unit, limit, requested = (
+                ("tokens", self.max_tokens, tokens)
+                if self.max_tokens is not None
+                else ("usd", self.max_cost_usd, pusd / _PUSD)
+            )
             raise BudgetExceeded(
-                user_id=user_id, limit=limit_t, used=used_t, requested=tokens, unit="tokens"
+                f"budget of {self.scope} {lease.scope_id!r} not checked: the store is "
+                "unreachable (fail_closed)",
+                user_id=user_id,
+                limit=limit,
+                used=None,
+                requested=requested,
+                unit=unit,
+                **who,
+            )
+        # ``used``: everything committed (stored usage, this process's unflushed usage and
+        # calls in flight, the other processes' leases).
+        local_t, local_p = self._store.local_totals(lease.key)
+        used_t = lease.used_t + lease.flushed_t + local_t + lease.others_t + lease.inflight_t
+        used_p = lease.used_p + lease.flushed_p + local_p + lease.others_p + lease.inflight_p
+        limit_t = self._limits[0]
+        if limit_t >= 0 and (
+            self._limits[1] < 0 or used_t + tokens > limit_t or (tokens == 0 and used_t >= limit_t)
+        ):
+            raise BudgetExceeded(
+                user_id=user_id, limit=limit_t, used=used_t, requested=tokens, unit="tokens", **who
             )
         raise BudgetExceeded(
             user_id=user_id,
@@ -342,6 +748,7 @@ class BudgetLimiter(AsyncCallbackHandler):
             used=used_p / _PUSD,
             requested=pusd / _PUSD,
             unit="usd",
+            **who,
         )
 
     def _pop(self, kwargs: Mapping[str, Any]) -> _Open | None:
@@ -354,116 +761,93 @@ class BudgetLimiter(AsyncCallbackHandler):
             del self._open[token]
         return entry
 
-    def _drop_offline(self, entry: _Open) -> None:
-        off_t, off_p = self._offline.get(entry.key, (0, 0))
-        off_t, off_p = max(0, off_t - entry.tokens), max(0, off_p - entry.pusd)
-        if off_t or off_p:
-            self._offline[entry.key] = (off_t, off_p)
-        else:
-            self._offline.pop(entry.key, None)
+    def _settle(self, entry: _Open) -> None:
+        lease = entry.lease
+        with self._mu:
+            lease.inflight_t = max(0, lease.inflight_t - entry.tokens)
+            lease.inflight_p = max(0, lease.inflight_p - entry.pusd)
 
     async def on_llm_end(self, response: dict[str, Any], **kwargs: Any) -> None:
-        """Settle the reservation to the call's actual usage (dropped once it is flushed)."""
+        """Count the call's usage unless a recorder did (once either way), then let its
+        estimate go."""
         entry = self._pop(kwargs)
         if entry is None:
             return
-        if entry.offline:
-            self._drop_offline(entry)
-            return
-        tokens = 0
-        pusd = 0
-        if isinstance(response, Mapping):
-            tokens = _count(response.get("tokens_used")) or 0
-            pusd = _pusd(response.get("cost_estimate"))
-        try:
-            await self._backend.budget(entry.key, settle=(entry.res_id, tokens, pusd, self._ttl_ms))
-        except StoreError as exc:
-            self._store_failed("settling", exc)
-        self._held.setdefault(entry.key, []).append((entry.res_id, tokens, pusd))
-        held_t, held_p = self._held_sum.get(entry.key, (0, 0))
-        self._held_sum[entry.key] = (held_t + tokens, held_p + pusd)
-        self._kick()
+        meters = CALL_METERS.get()
+        if meters is not False:
+            lease = entry.lease
+            store = self._store
+            counted = False
+            if isinstance(meters, tuple):
+                key = lease.key
+                counted = any(m._llmtally_counted(store, key, kwargs) for m in meters)
+            if not counted:
+                tokens = pusd = 0
+                if isinstance(response, Mapping):
+                    tokens = _count(response.get("tokens_used")) or 0
+                    pusd = _pusd(response.get("cost_estimate"))
+                if tokens or pusd:
+                    try:
+                        store.add(lease.key, total_tokens=tokens, cost_pusd=pusd)
+                    except OverflowError:
+                        self.bad_input += 1
+        self._settle(entry)  # after the usage is in this process's view
+        if self.on_alert is not None:
+            await self._check_alerts(entry.lease)
 
     async def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
-        """Release the reservation of a failed or aborted call."""
+        """Let the estimate of a failed or aborted call go."""
         entry = self._pop(kwargs)
-        if entry is None:
-            return
-        if entry.offline:
-            self._drop_offline(entry)
-            return
-        try:
-            state = await self._backend.budget(entry.key, release=[entry.res_id])
-            self._remember(entry.key, state)
-        except StoreError as exc:
-            self._store_failed("releasing", exc)  # the reservation expires with its TTL
+        if entry is not None:
+            self._settle(entry)
 
-    # -- settled reservations --------------------------------------------------------------------
+    # -- returning leases ----------------------------------------------------------------------
 
-    def _kick(self) -> None:
-        task = self._task
-        if task is not None and not task.done():
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._task = loop.create_task(self._release_loop(), name="llmtally-budget-release")
+    def store_closing(self) -> None:
+        """The store is closing, its deltas written (its I/O thread, no write under way): give
+        every lease back (best effort: what is not returned expires with its TTL)."""
+        for lease in list(self._leases.values()):
+            try:
+                self._return(lease)
+            except StoreError as exc:
+                logger.debug("BudgetLimiter: returning a lease failed: %s", exc)
 
-    async def _release_loop(self) -> None:
-        failures = 0
-        while self._held:
-            await asyncio.sleep(min(30.0, self._store.flush_interval_s * 2**failures))
-            failures = 0 if await self.flush() else min(failures + 1, 10)
+    def _return(self, lease: _Lease) -> None:
+        if not lease.known:
+            return
+        with self._mu:
+            lease.renew_at = 0.0
+        self._renew(lease, None, None)
 
     async def flush(self) -> bool:
-        """Flush the store, then drop the reservations of settled calls (their usage is now in
-        the store) and fire the alerts it reached. Returns False when the store failed (the
-        reservations stay, and expire with their TTL)."""
-        if not self._held:
-            return True
-        snapshot = {key: list(items) for key, items in self._held.items()}
-        if not await self._store.flush():
-            return False
-        ok = True
-        for key, items in snapshot.items():
-            try:
-                state = await self._backend.budget(key, release=[i[0] for i in items])
-            except StoreError as exc:
-                self._store_failed("releasing settled calls", exc)
-                ok = False
+        """Write this process's usage and bring every lease down to what it still covers
+        (calls in flight), giving the rest of each slice back. False when the store failed."""
+        ok = await self._store.flush()
+        for lease in list(self._leases.values()):
+            if not lease.known:
                 continue
-            done = {i[0] for i in items}
-            left = [i for i in self._held.get(key, []) if i[0] not in done]
-            if left:
-                self._held[key] = left
-                self._held_sum[key] = (sum(i[1] for i in left), sum(i[2] for i in left))
-            else:
-                self._held.pop(key, None)
-                self._held_sum.pop(key, None)
-            self._remember(key, state)
-            parsed = parse_key(key)
-            if parsed is not None:
-                await self._check_alerts(key, parsed[0], parsed[1], state)
+            try:
+                await self._store.bounded_call(
+                    lambda lease=lease: self._return(lease),  # type: ignore[misc]
+                    self.store_timeout_s,
+                    locked=True,
+                )
+            except StoreError as exc:
+                self._failed("returning a lease", exc)
+                ok = False
         return ok
 
     async def aclose(self) -> None:
-        """Drop the reservations of settled calls now and stop the background task."""
+        """Give this process's leases back now (another process sees the room at once)."""
         await self.flush()
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
 
     # -- alerts --------------------------------------------------------------------------------
 
-    async def _check_alerts(self, key: str, user_id: str, cycle: str, state: BudgetState) -> None:
-        if self.on_alert is None:
-            return
-        adjust = self._adjust(key)
-        held_t, held_p = self._held_sum.get(key, (0, 0))
-        # Usage = stored + unflushed deltas (settled calls held as reservations are not added).
-        used_t = state.used_tokens + adjust[0] + held_t
-        used_p = state.used_pusd + adjust[1] + held_p
+    async def _check_alerts(self, lease: _Lease) -> None:
+        assert self.on_alert is not None
+        local_t, local_p = self._store.local_totals(lease.key)
+        used_t = lease.used_t + lease.flushed_t + local_t
+        used_p = lease.used_p + lease.flushed_p + local_p
         for unit, used, limit in (
             ("tokens", used_t, self._limits[0]),
             ("usd", used_p, self._limits[1]),
@@ -474,31 +858,38 @@ class BudgetLimiter(AsyncCallbackHandler):
                 if used < threshold * limit:
                     break
                 permille = round(threshold * 1000)
-                mark = (key, unit, permille)
+                mark = (lease.key, unit, permille)
                 if mark in self._alerted:
                     continue
                 if len(self._alerted) >= _MAX_TRACKED:
                     self._alerted.clear()
                 self._alerted.add(mark)
-                try:
-                    first = await self._backend.claim_flag(key, f"alerted_{unit}_{permille}")
-                except StoreError as exc:
-                    self._store_failed("marking an alert", exc)
-                    first = True
+                first = True
+                if self._outage.open():
+                    try:
+                        first = await self._store.bounded_call(
+                            _claim(self._store, lease.key, f"alerted_{unit}_{permille}"),
+                            self.store_timeout_s,
+                            locked=False,
+                        )
+                    except StoreError as exc:
+                        self._failed("marking an alert", exc)
                 if first:
-                    await self._alert(user_id, cycle, unit, threshold, used, limit)
+                    await self._alert(lease, unit, threshold, used, limit)
 
     async def _alert(
-        self, user_id: str, cycle: str, unit: str, threshold: float, used: int, limit: int
+        self, lease: _Lease, unit: str, threshold: float, used: int, limit: int
     ) -> None:
         assert self.on_alert is not None
         alert = {
-            "user_id": user_id,
+            "user_id": lease.scope_id if self.scope == "user" else None,
+            "scope": self.scope,
+            "scope_id": lease.scope_id,
             "threshold": threshold,
             "used": used if unit == "tokens" else used / _PUSD,
             "limit": limit if unit == "tokens" else self.max_cost_usd,
             "unit": unit,
-            "cycle_start_date": cycle,
+            "cycle_start_date": lease.cycle,
         }
         try:
             await _call_user_fn(self.on_alert, alert)
@@ -509,59 +900,68 @@ class BudgetLimiter(AsyncCallbackHandler):
     # -- quota ---------------------------------------------------------------------------------
 
     async def remaining(self, user_id: str, cycle_start_date: str | None = None) -> dict[str, Any]:
-        """The user's budget now: ``limit``, ``used`` (metered, with this process's unflushed
-        deltas), ``reserved`` (calls in flight), ``remaining`` (never below 0) and ``unit``
-        (``"tokens"`` when ``max_tokens`` is set, else ``"usd"``); with both limits, the cost
-        numbers are under ``"usd"``. ``stale`` is True when the store could not be reached."""
+        """The budget now: ``limit``, ``used`` (metered, with this process's unflushed
+        deltas), ``reserved`` (calls in flight here and the leases of other processes),
+        ``remaining`` (never below 0) and ``unit`` (``"tokens"`` when ``max_tokens`` is set,
+        else ``"usd"``); with both limits, the cost numbers are under ``"usd"``. ``stale`` is
+        True when the store could not be reached. ``user_id`` is the scope's id for a scoped
+        limiter (a team name for ``scope="team"``)."""
         given = user_id
-        user_id, bad = charged_user(given)
+        scope_id, bad = charged_user(given)
         if bad:
             raise ConfigError(f"user_id is {describe(given)}: give a str or an int")
-        key, cycle = self._key(user_id, cycle_start_date)
+        lease = self._make_lease(scope_id, cycle_start_date)
         stale = False
         try:
-            state = await self._backend.budget(key)
-            self._remember(key, state)
+            if not self._outage.open():
+                raise StoreError("left alone after a failure")
+            state = await self._store.bounded_call(
+                lambda: self._read(lease), self.store_timeout_s, locked=True
+            )
+            others = (state.others_tokens, state.others_pusd)
+            used = (state.used_tokens, state.used_pusd)
         except StoreError as exc:
-            self._store_failed("reading", exc)
-            state = self._offline_state(key)
+            if self._outage.open():
+                self._failed("reading", exc)
             stale = True
-        adjust = self._adjust(key)
-        held_t, held_p = self._held_sum.get(key, (0, 0))
+            others = (lease.others_t, lease.others_p)
+            used = (lease.used_t + lease.flushed_t, lease.used_p + lease.flushed_p)
+        local_t, local_p = self._store.local_totals(lease.key)
         views: dict[str, dict[str, Any]] = {}
-        for unit, used, reserved, limit in (
-            (
-                "tokens",
-                state.used_tokens + adjust[0] + held_t,
-                state.reserved_tokens - held_t,
-                self._limits[0],
-            ),
-            (
-                "usd",
-                state.used_pusd + adjust[1] + held_p,
-                state.reserved_pusd - held_p,
-                self._limits[1],
-            ),
+        for unit, used_n, reserved, limit in (
+            ("tokens", used[0] + local_t, others[0] + lease.inflight_t, self._limits[0]),
+            ("usd", used[1] + local_p, others[1] + lease.inflight_p, self._limits[1]),
         ):
             if limit < 0:
                 continue
-            reserved = max(0, reserved)
-            left = max(0, limit - used - reserved)
+            left = max(0, limit - used_n - reserved)
             scale = 1 if unit == "tokens" else _PUSD
             views[unit] = {
-                "user_id": user_id,
-                "cycle_start_date": cycle,
+                "user_id": scope_id,
+                "cycle_start_date": lease.cycle,
                 "limit": limit if unit == "tokens" else self.max_cost_usd,
-                "used": used if unit == "tokens" else used / scale,
+                "used": used_n if unit == "tokens" else used_n / scale,
                 "reserved": reserved if unit == "tokens" else reserved / scale,
                 "remaining": left if unit == "tokens" else left / scale,
                 "unit": unit,
                 "stale": stale,
             }
+            if self.scope != "user":
+                views[unit]["scope"] = self.scope
         out = views.get("tokens") or views["usd"]
         if "tokens" in views and "usd" in views:
             out["usd"] = views["usd"]
         return out
+
+    def _read(self, lease: _Lease) -> LeaseState:
+        """The store's state of the budget, the others' leases apart from this one's."""
+        state: LeaseState = self._store.backend.lease(lease.key, "")  # type: ignore[attr-defined]
+        with self._mu:
+            mine = (lease.recorded_t, lease.recorded_p) if lease.known else (0, 0)
+        return state._replace(
+            others_tokens=max(0, state.others_tokens - mine[0]),
+            others_pusd=max(0, state.others_pusd - mine[1]),
+        )
 
 
 class RateLimiter(AsyncCallbackHandler):
@@ -577,6 +977,9 @@ class RateLimiter(AsyncCallbackHandler):
     is taken out of the windows. ``clock`` (seconds, for tests) replaces the time source; store
     errors are logged and counted, and let the call through.
     """
+
+    #: Through a manager: sees every call, a request id handed back included (see dispatch).
+    _llmtally_limiter = True
 
     def __init__(
         self,

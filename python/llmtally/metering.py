@@ -80,6 +80,16 @@ class _Meter(CustomAsyncCallbackHandler):
     def _key_for(self, kwargs: Mapping[str, Any]) -> str:
         raise NotImplementedError
 
+    def _llmtally_counted(self, store: Store, key: str, kwargs: Mapping[str, Any]) -> bool:
+        """Whether this handler records the call of ``kwargs`` into ``key`` of ``store`` (a
+        limiter next to it then does not count it a second time)."""
+        if self._store is not store:
+            return False
+        try:
+            return self._key_for(kwargs) == key
+        except Exception:  # a cycle it cannot read: it records nothing
+            return False
+
     def _llmtally_sink(self) -> tuple[Any, ...] | None:
         """What the manager's one-crossing recorder writes for this handler (``None``: this
         handler's own recorder runs)."""

@@ -157,19 +157,21 @@ async def test_released_when_the_call_fails_or_is_aborted(store: Store) -> None:
         await one_call(manager, estimated=70, actual=70)
     left = await limiter.remaining("alice", CYCLE)
     assert (left["used"], left["reserved"], left["remaining"]) == (0, 0, 100)
+    await limiter.aclose()  # the lease goes back to the store
     fields = await store.read(usage_key("alice", CYCLE))
     assert fields.get("reserved_tokens", 0) == 0
     assert fields.get("errors", 0) == 1
 
 
 async def test_reservations_expire(store: Store) -> None:
-    limiter = BudgetLimiter(max_tokens=100, store=store, reservation_ttl_s=0.05)
-    await limiter.on_llm_start(
+    dead = BudgetLimiter(max_tokens=100, store=store, reservation_ttl_s=0.05)
+    other = BudgetLimiter(max_tokens=100, store=store)  # another process
+    await dead.on_llm_start(
         MESSAGES, user_id="alice", cycle_start_date=CYCLE, estimated_tokens=90, run_id="r1"
-    )  # never ended: a dead process
-    assert (await limiter.remaining("alice", CYCLE))["reserved"] == 90
+    )  # never ended: a process that died mid-call
+    assert (await other.remaining("alice", CYCLE))["reserved"] == 100  # its lease: 90 + slice
     await asyncio.sleep(0.1)
-    assert (await limiter.remaining("alice", CYCLE))["reserved"] == 0
+    assert (await other.remaining("alice", CYCLE))["reserved"] == 0
     assert (await store.read(usage_key("alice", CYCLE)))["reserved_tokens"] == 0
 
 
@@ -230,8 +232,8 @@ async def test_cost_budget(store: Store) -> None:
 
 
 async def test_store_down_enforces_locally_or_fails_closed(store: Store) -> None:
-    opened = BudgetLimiter(max_tokens=100, store=store)
-    closed = BudgetLimiter(max_tokens=100, store=store, fail_closed=True)
+    opened = BudgetLimiter(max_tokens=100, store=store, lease_fraction=0)
+    closed = BudgetLimiter(max_tokens=100, store=store, fail_closed=True, lease_fraction=0)
     await one_call(manager_for(store, opened), estimated=40, actual=40)
     await opened.flush()
     assert (await opened.remaining("alice", CYCLE))["used"] == 40  # last usage seen
@@ -240,12 +242,13 @@ async def test_store_down_enforces_locally_or_fails_closed(store: Store) -> None
         raise StoreUnavailable("down")
 
     backend: Any = store.backend
-    real = backend.budget
-    backend.budget = down
+    real = backend.lease
+    backend.lease = down
     try:
         with pytest.raises(BudgetExceeded) as caught:
             await one_call(manager_for(store, closed), estimated=1, actual=1)
         assert "unreachable" in str(caught.value)
+        assert caught.value.used is None
         manager = manager_for(store, opened)
         await one_call(manager, estimated=30, actual=30)  # 40 + 30 <= 100
         with pytest.raises(BudgetExceeded) as caught:
@@ -254,8 +257,9 @@ async def test_store_down_enforces_locally_or_fails_closed(store: Store) -> None
         left = await opened.remaining("alice", CYCLE)
         assert (left["used"], left["reserved"], left["stale"]) == (70, 0, True)
     finally:
-        backend.budget = real
-    assert opened.store_errors == 3  # two reserves and one read
+        backend.lease = real
+    # One failure each: then the store is left alone for the backoff period.
+    assert opened.store_errors == 1
     assert closed.store_errors == 1
 
 

@@ -4,10 +4,12 @@ The reference semantics of the limit operations: the memory backend and the loca
 ``RateLimiter`` use them as they are; the SQLite and Redis backends implement the same rules in
 SQL and Lua.
 
-Reservations: each open reservation is a record ``(expires_ms, tokens, pusd)`` of one usage key.
-Every operation first drops expired records and recomputes the ``reserved_tokens`` and
-``reserved_pusd`` fields of the usage hash from the records that are left, so a reservation whose
-process died is gone after its TTL and the fields can never drift.
+Quota leases: each process (each limiter) holds at most one record ``(expires_ms, tokens, pusd)``
+per usage key: the part of the user's budget it may spend without asking the store (its calls in
+flight, its usage not yet flushed, and a slice for the calls to come). One operation,
+:meth:`LocalLimits.lease`, drops expired records, replaces the caller's record and recomputes the
+``reserved_tokens`` and ``reserved_pusd`` fields of the usage hash from the records that are
+left, so a lease whose process died is gone after its TTL and the fields can never drift.
 
 Rate windows: a log of ``(at_ms, weight)`` entries per window key; an entry counts while
 ``at_ms > now_ms - window_ms``.
@@ -18,21 +20,24 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
-__all__ = ["BudgetState", "LocalLimits", "RateResult", "check_budget", "now_ms"]
+__all__ = ["LeaseState", "LocalLimits", "RateResult", "check_budget", "lease_grant", "now_ms"]
 
 #: ``limit`` value meaning "no limit on this unit".
 NO_LIMIT = -1
 
 
-class BudgetState(NamedTuple):
-    """What a budget operation saw: whether it was allowed, the stored usage and the open
-    reservations (after dropping expired ones), in tokens and pico-USD."""
+class LeaseState(NamedTuple):
+    """What a lease operation saw and did, in tokens and pico-USD: whether the wanted amount
+    was granted, the stored usage, the records of the others (after dropping expired ones) and
+    the caller's record after the operation."""
 
     ok: bool
     used_tokens: int
-    reserved_tokens: int
     used_pusd: int
-    reserved_pusd: int
+    others_tokens: int
+    others_pusd: int
+    held_tokens: int
+    held_pusd: int
 
 
 class RateResult(NamedTuple):
@@ -57,6 +62,22 @@ def check_budget(used: int, reserved: int, adjust: int, amount: int, limit: int)
     if amount == 0:
         return committed < limit
     return committed + amount <= limit
+
+
+def lease_grant(
+    used: int, others: int, base: int, want: int | None, slice_: int, limit: int
+) -> tuple[bool, int]:
+    """One unit of a lease: ``(fits, amount)``. ``base`` (what the caller holds already: its
+    calls in flight and unflushed usage) is always kept; ``want`` (a call's estimate, ``None``
+    for a plain renewal) only when it fits; then up to ``slice_`` more, as much as is left."""
+    if want is None:
+        return True, base
+    if not check_budget(used, others, base, want, limit):
+        return False, base
+    need = base + want
+    if limit < 0:
+        return True, need + slice_
+    return True, need + max(0, min(slice_, limit - used - others - need))
 
 
 def retry_after(
@@ -94,60 +115,55 @@ class LocalLimits:
             del self.reservations[key]
         return records, sum(r[1] for r in records.values()), sum(r[2] for r in records.values())
 
-    def budget(
+    def lease(
         self,
         fields: dict[str, int],
         key: str,
+        lease_id: str,
         *,
-        reserve: tuple[str, int, int, int] | None = None,
-        settle: tuple[str, int, int, int] | None = None,
-        release: list[str] | None = None,
+        base: tuple[int, int] = (0, 0),
+        want: tuple[int, int] | None = None,
+        slice_: tuple[int, int] = (0, 0),
         limits: tuple[int, int] = (NO_LIMIT, NO_LIMIT),
-        adjust: tuple[int, int] = (0, 0),
+        ttl_ms: int = 0,
         now: int | None = None,
-    ) -> BudgetState:
-        """One budget operation on ``key`` whose usage hash is ``fields`` (updated in place).
+    ) -> LeaseState:
+        """One lease operation on ``key`` whose usage hash is ``fields`` (updated in place).
 
-        ``reserve``/``settle`` are ``(id, tokens, pusd, ttl_ms)``: a reservation is added only when
-        it fits under ``limits`` (with ``adjust`` added to the used amounts); a settle replaces the
-        record of ``id`` unconditionally. ``release`` drops records by id.
-        """
+        Drops expired records and the caller's (``lease_id``; ``""`` reads only), then writes
+        the caller's new record: ``base`` always, plus ``want`` and up to ``slice_`` when
+        ``want`` fits under ``limits`` (``NO_LIMIT``: no limit) next to ``total_tokens`` /
+        ``cost_pusd`` and the others' records. A record of zero is deleted."""
         now = now_ms() if now is None else now
         records, rt, rp = self._open(key, now)
-        for rid in release or ():
-            rec = records.pop(rid, None)
-            if rec is not None:
-                rt -= rec[1]
-                rp -= rec[2]
-        if settle is not None:
-            rid, tokens, pusd, ttl = settle
-            old = records.pop(rid, None)
-            if old is not None:
-                rt -= old[1]
-                rp -= old[2]
-            records[rid] = (now + ttl, tokens, pusd)
-            rt += tokens
-            rp += pusd
+        mine = records.pop(lease_id, None) if lease_id else None
+        if mine is not None:
+            rt -= mine[1]
+            rp -= mine[2]
         used_t = fields.get("total_tokens", 0)
         used_p = fields.get("cost_pusd", 0)
         ok = True
-        if reserve is not None:
-            rid, tokens, pusd, ttl = reserve
-            ok = check_budget(used_t, rt, adjust[0], tokens, limits[0]) and check_budget(
-                used_p, rp, adjust[1], pusd, limits[1]
+        held = (0, 0)
+        if lease_id:
+            ok_t, held_t = lease_grant(
+                used_t, rt, base[0], None if want is None else want[0], slice_[0], limits[0]
             )
-            if ok:
-                records[rid] = (now + ttl, tokens, pusd)
-                rt += tokens
-                rp += pusd
+            ok_p, held_p = lease_grant(
+                used_p, rp, base[1], None if want is None else want[1], slice_[1], limits[1]
+            )
+            ok = ok_t and ok_p
+            held = (held_t, held_p) if ok else base
+            if held[0] or held[1]:
+                records[lease_id] = (now + ttl_ms, held[0], held[1])
         if records:
             self.reservations[key] = records
         else:
             self.reservations.pop(key, None)
-        for field, value in (("reserved_tokens", rt), ("reserved_pusd", rp)):
+        total_t, total_p = rt + held[0], rp + held[1]
+        for field, value in (("reserved_tokens", total_t), ("reserved_pusd", total_p)):
             if value or field in fields:
                 fields[field] = value
-        return BudgetState(ok, used_t, rt, used_p, rp)
+        return LeaseState(ok, used_t, used_p, rt, rp, held[0], held[1])
 
     # -- rate windows ---------------------------------------------------------------------------
 

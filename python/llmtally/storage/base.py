@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from llmtally._core import Batch
-from llmtally.storage._limits import BudgetState, RateResult
+from llmtally.storage._limits import LeaseState, RateResult
 
 __all__ = ["Backend", "LimitsBackend", "SET_FIELDS"]
 
@@ -73,28 +73,30 @@ class Backend(Protocol):
 
 
 class LimitsBackend(Backend, Protocol):
-    """A backend that also keeps budget reservations and rate windows (all three built-in ones).
+    """A backend that also keeps quota leases and rate windows (all three built-in ones).
 
     Each method is one atomic step across processes sharing the backend; the reference
     semantics are in ``storage/_limits.py``. ``now_ms`` is the caller's clock (tests); ``None``
     means the backend's own (Redis: the server's ``TIME``).
     """
 
-    def budget(
+    def lease(
         self,
         key: str,
+        lease_id: str,
         *,
-        reserve: tuple[str, int, int, int] | None = None,
-        settle: tuple[str, int, int, int] | None = None,
-        release: list[str] | None = None,
+        base: tuple[int, int] = (0, 0),
+        want: tuple[int, int] | None = None,
+        slice_: tuple[int, int] = (0, 0),
         limits: tuple[int, int] = (-1, -1),
-        adjust: tuple[int, int] = (0, 0),
+        ttl_ms: int = 0,
         now_ms: int | None = None,
-    ) -> BudgetState:
-        """Drop expired reservations of ``key``, apply ``release``, ``settle`` (``(id, tokens,
-        pusd, ttl_ms)``, unconditional) and ``reserve`` (same shape, only when ``total_tokens``
-        / ``cost_pusd`` plus open reservations plus ``adjust`` plus it stay within ``limits``;
-        -1: no limit), write ``reserved_tokens`` / ``reserved_pusd``, return what it saw."""
+    ) -> LeaseState:
+        """Drop expired records of ``key`` and the caller's (``lease_id``; ``""``: read only),
+        then write the caller's record: ``base`` always, plus ``want`` and up to ``slice_``
+        when ``want`` fits under ``limits`` (-1: no limit) next to ``total_tokens`` /
+        ``cost_pusd`` and the others' records (see ``_limits.lease_grant``); write
+        ``reserved_tokens`` / ``reserved_pusd``; return what it saw and did."""
         ...
 
     def claim_flag(self, key: str, field: str) -> bool:

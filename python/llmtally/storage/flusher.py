@@ -20,13 +20,15 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from llmtally._core import LEDGER_FIELDS, Batch, Ledger
 from llmtally._observe import state as _observed
-from llmtally.errors import StoreError
+from llmtally.errors import StoreError, StoreUnavailable
 from llmtally.storage.base import Backend
 from llmtally.storage.keys import parse_key
 from llmtally.storage.spool import Spool
@@ -40,6 +42,26 @@ EARLY_FLUSH_KEYS = 20_000
 _MAX_BACKOFF_S = 30.0
 #: How often a store with a spool looks for files a dead process left.
 _ORPHAN_SCAN_S = 60.0
+
+T = TypeVar("T")
+_TOKENS = LEDGER_FIELDS.index("total_tokens")
+_PUSD = LEDGER_FIELDS.index("cost_pusd")
+
+
+class WriteListener(Protocol):
+    """Told of a batch of the flusher's own deltas once the backend applied it (``refused``:
+    the keys it refused), before the batch leaves :meth:`Flusher.local`."""
+
+    def written(self, batch: Batch, refused: list[str]) -> None: ...
+
+    def tick(self) -> None:
+        """After each successful flush (the flusher's thread, no write under way)."""
+        ...
+
+    def store_closing(self) -> None:
+        """The store is closing and its deltas are written: give back what is held in it."""
+        ...
+
 
 #: Flushers that may hold deltas: written at interpreter exit and on exit signals.
 OPEN: set[Flusher] = set()
@@ -67,6 +89,9 @@ class Flusher:
         self.refused_writes = 0
         self.replayed_batches = 0
         self._lock_fd: int | None = None
+        # Told of each batch of this flusher's own deltas once it is written (limiters: their
+        # quota leases shrink by the usage that reached the store), under the write lock.
+        self.listeners: weakref.WeakSet[WriteListener] = weakref.WeakSet()
         self._reinit()
         OPEN.add(self)
 
@@ -197,10 +222,32 @@ class Flusher:
         self.last_ok = time.monotonic()
         self.last_attempt_ok = True
         self.last_error = None
+        for listener in list(self.listeners):
+            try:
+                listener.tick()
+            except Exception as exc:  # a listener never fails a flush
+                logger.debug("%s: a write listener failed: %r", self.label, exc)
         return True
+
+    def locked(self, fn: Callable[[], T], timeout_s: float) -> T:
+        """``fn()`` while no batch is being written (so what it reads of the backend and of
+        :meth:`local` agree). Raises ``StoreUnavailable`` when a write holds the lock past
+        ``timeout_s`` (a backend that hangs)."""
+        if not self._lock.acquire(timeout=max(0.0, timeout_s)):
+            raise StoreUnavailable(f"{self.label}: a write is still under way")
+        try:
+            return fn()
+        finally:
+            self._lock.release()
 
     def _write(self, batch: Batch, flusher_id: str | None = None) -> None:
         refused = self.backend.apply(batch, flusher_id or self.flusher_id)
+        if flusher_id is None or flusher_id == self.flusher_id:
+            for listener in list(self.listeners):
+                try:
+                    listener.written(batch, refused)
+                except Exception as exc:  # a listener never fails a write
+                    logger.error("%s: a write listener failed: %r", self.label, exc)
         batch.discard_journal()  # in the store now: its spool file has served
         self.batches_written += 1
         _observed.flushed(self.backend.name, True)
@@ -370,6 +417,22 @@ class Flusher:
             for i, v in enumerate(batch.get(key)):
                 counters[i] += v
         return {f: v for f, v in zip(LEDGER_FIELDS, counters, strict=True) if v}
+
+    def local_totals(self, key: str) -> tuple[int, int]:
+        """``(total_tokens, cost_pusd)`` of :meth:`local` (what limiters read per call)."""
+        with self._moving:
+            counters = self.ledger.get(key)
+            tokens, pusd = counters[_TOKENS], counters[_PUSD]
+            retry = self.retry
+            if retry is not None:
+                counters = retry.get(key)
+                tokens += counters[_TOKENS]
+                pusd += counters[_PUSD]
+            spilled = bool(self.spilled)
+        if spilled:
+            found = self.local(key)
+            return found.get("total_tokens", 0), found.get("cost_pusd", 0)
+        return tokens, pusd
 
     @property
     def pending(self) -> int:

@@ -116,6 +116,18 @@ def usage_pattern(cycle_start_date: str | None = None, *, like: bool = False) ->
     return f"{KEY_PREFIX}{{{wild}}}:{cycle_start_date or wild}"
 
 
+def scope_key(scope: str, value: str, cycle_start_date: str) -> str:
+    """The store key of a budget kept per ``scope`` (a context kwarg such as ``team``) other than
+    the user: never a user's usage key (``parse_key`` does not take it), one cluster slot.
+
+    >>> scope_key("team", "acme", "2026-11-01")
+    'llmtally:scope:{team=acme}:2026-11-01'
+    """
+    return (
+        f"{KEY_PREFIX}scope:{{{encode_user_id(scope)}={encode_user_id(value)}}}:{cycle_start_date}"
+    )
+
+
 def reservations_key(key: str) -> str:
     """Where the open budget reservations of usage key ``key`` live (same cluster slot)."""
     return key + ":reservations"

@@ -7,7 +7,7 @@ import threading
 
 from llmtally._core import LEDGER_FIELDS as _FIELDS
 from llmtally._core import Batch
-from llmtally.storage._limits import NO_LIMIT, BudgetState, LocalLimits, RateResult
+from llmtally.storage._limits import NO_LIMIT, LeaseState, LocalLimits, RateResult
 from llmtally.storage.keys import usage_pattern
 
 __all__ = ["MemoryBackend"]
@@ -86,27 +86,29 @@ class MemoryBackend:
 
     # -- limits (see storage/_limits.py for the semantics) ---------------------------------
 
-    def budget(
+    def lease(
         self,
         key: str,
+        lease_id: str,
         *,
-        reserve: tuple[str, int, int, int] | None = None,
-        settle: tuple[str, int, int, int] | None = None,
-        release: list[str] | None = None,
+        base: tuple[int, int] = (0, 0),
+        want: tuple[int, int] | None = None,
+        slice_: tuple[int, int] = (0, 0),
         limits: tuple[int, int] = (NO_LIMIT, NO_LIMIT),
-        adjust: tuple[int, int] = (0, 0),
+        ttl_ms: int = 0,
         now_ms: int | None = None,
-    ) -> BudgetState:
+    ) -> LeaseState:
         with self._lock:
             fields = self.data.get(key, {})
-            state = self.limits.budget(
+            state = self.limits.lease(
                 fields,
                 key,
-                reserve=reserve,
-                settle=settle,
-                release=release,
+                lease_id,
+                base=base,
+                want=want,
+                slice_=slice_,
                 limits=limits,
-                adjust=adjust,
+                ttl_ms=ttl_ms,
                 now=now_ms,
             )
             if fields:

@@ -28,10 +28,10 @@ from redis.retry import Retry
 
 from llmtally._core import Batch
 from llmtally.errors import ConfigError, StoreError, StoreUnavailable
-from llmtally.storage._limits import NO_LIMIT, BudgetState, RateResult
+from llmtally.storage._limits import NO_LIMIT, LeaseState, RateResult
 from llmtally.storage.keys import MARKER_TTL_S, marker_key, reservations_key, usage_pattern
 
-__all__ = ["APPLY_LUA", "BUDGET_LUA", "RATE_LUA", "RedisBackend"]
+__all__ = ["APPLY_LUA", "LEASE_LUA", "RATE_LUA", "RedisBackend"]
 
 logger = logging.getLogger("llmtally")
 
@@ -131,21 +131,18 @@ else
 end
 """
 
-#: KEYS[1]: the usage hash; KEYS[2]: its reservations (keys.reservations_key), a hash of
+#: KEYS[1]: the usage hash; KEYS[2]: its leases (keys.reservations_key), a hash of
 #: id -> "expires_ms tokens pusd".
-#: ARGV: now_ms ('' for the server's TIME); reserve id ('' for none), tokens, pusd, ttl_ms;
-#: settle id ('' for none), tokens, pusd, ttl_ms; tokens limit, pusd limit (-1: none);
-#: tokens adjust, pusd adjust; then ids to release.
-#: Returns {ok, total_tokens, reserved_tokens, cost_pusd, reserved_pusd}.
-BUDGET_LUA = (
+#: ARGV: now_ms ('' for the server's TIME); lease id ('' to read only); ttl_ms; want ('' for a
+#: plain renewal: base only); then per unit (tokens, pusd): base, want, slice, limit (-1: none).
+#: Returns {ok, total_tokens, cost_pusd, others tokens, others pusd, held tokens, held pusd}
+#: (semantics: storage/_limits.py, LocalLimits.lease).
+LEASE_LUA = (
     _NOW_LUA
     + """
 local function fmt(x) return string.format('%.0f', x) end
-for i = 14, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
-if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[2], ARGV[6], fmt(now + tonumber(ARGV[9])) .. ' ' .. ARGV[7] .. ' '
-    .. ARGV[8])
-end
+local id = ARGV[2]
+if id ~= '' then redis.call('HDEL', KEYS[2], id) end
 local rt, rp, last = 0, 0, 0
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
@@ -161,34 +158,44 @@ for i = 1, #all, 2 do
 end
 local ut = redis.call('HGET', KEYS[1], 'total_tokens') or '0'
 local up = redis.call('HGET', KEYS[1], 'cost_pusd') or '0'
-local function fits(used, reserved, adjust, amount, limit)
-  if limit < 0 then return true end
-  local committed = used + reserved + adjust
-  if amount == 0 then return committed < limit end
-  return committed + amount <= limit
+local function grant(used, others, base, want, slice, limit)
+  if ARGV[4] == '' then return true, base end
+  if limit >= 0 then
+    local committed = used + others + base
+    if want == 0 then
+      if committed >= limit then return false, base end
+    elseif committed + want > limit then
+      return false, base
+    end
+  end
+  local need = base + want
+  if limit < 0 then return true, need + slice end
+  return true, need + math.max(0, math.min(slice, limit - used - others - need))
 end
-local ok = 1
-if ARGV[2] ~= '' then
-  local at, ap = tonumber(ARGV[3]), tonumber(ARGV[4])
-  if fits(tonumber(ut), rt, tonumber(ARGV[12]), at, tonumber(ARGV[10]))
-      and fits(tonumber(up), rp, tonumber(ARGV[13]), ap, tonumber(ARGV[11])) then
-    local exp = now + tonumber(ARGV[5])
-    redis.call('HSET', KEYS[2], ARGV[2], fmt(exp) .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
-    rt = rt + at
-    rp = rp + ap
-    if exp > last then last = exp end
+local ok, ht, hp = 1, 0, 0
+if id ~= '' then
+  local a = tonumber
+  local okt, gt = grant(a(ut), rt, a(ARGV[5]), a(ARGV[6]), a(ARGV[7]), a(ARGV[8]))
+  local okp, gp = grant(a(up), rp, a(ARGV[9]), a(ARGV[10]), a(ARGV[11]), a(ARGV[12]))
+  if okt and okp then
+    ht, hp = gt, gp
   else
-    ok = 0
+    ok, ht, hp = 0, a(ARGV[5]), a(ARGV[9])
+  end
+  if ht ~= 0 or hp ~= 0 then
+    local exp = now + a(ARGV[3])
+    redis.call('HSET', KEYS[2], id, fmt(exp) .. ' ' .. fmt(ht) .. ' ' .. fmt(hp))
+    if exp > last then last = exp end
   end
 end
-if rt ~= 0 or redis.call('HEXISTS', KEYS[1], 'reserved_tokens') == 1 then
-  redis.call('HSET', KEYS[1], 'reserved_tokens', fmt(rt))
+if rt + ht ~= 0 or redis.call('HEXISTS', KEYS[1], 'reserved_tokens') == 1 then
+  redis.call('HSET', KEYS[1], 'reserved_tokens', fmt(rt + ht))
 end
-if rp ~= 0 or redis.call('HEXISTS', KEYS[1], 'reserved_pusd') == 1 then
-  redis.call('HSET', KEYS[1], 'reserved_pusd', fmt(rp))
+if rp + hp ~= 0 or redis.call('HEXISTS', KEYS[1], 'reserved_pusd') == 1 then
+  redis.call('HSET', KEYS[1], 'reserved_pusd', fmt(rp + hp))
 end
 if last > 0 then redis.call('PEXPIRE', KEYS[2], fmt(last - now + 60000)) end
-return {ok, ut, fmt(rt), up, fmt(rp)}
+return {ok, ut, up, fmt(rt), fmt(rp), fmt(ht), fmt(hp)}
 """
 )
 
@@ -373,7 +380,7 @@ class RedisBackend:
         register = client.register_script
         self._apply_script = register(APPLY_LUA)
         self._read_script = register(READ_LUA)
-        self._budget_script = register(BUDGET_LUA)
+        self._lease_script = register(LEASE_LUA)
         self._rate_script = register(RATE_LUA)
         self._rate_update_script = register(RATE_UPDATE_LUA)
         return client
@@ -520,25 +527,26 @@ class RedisBackend:
 
     # -- limits (see storage/_limits.py for the semantics) ---------------------------------
 
-    def budget(
+    def lease(
         self,
         key: str,
+        lease_id: str,
         *,
-        reserve: tuple[str, int, int, int] | None = None,
-        settle: tuple[str, int, int, int] | None = None,
-        release: list[str] | None = None,
+        base: tuple[int, int] = (0, 0),
+        want: tuple[int, int] | None = None,
+        slice_: tuple[int, int] = (0, 0),
         limits: tuple[int, int] = (NO_LIMIT, NO_LIMIT),
-        adjust: tuple[int, int] = (0, 0),
+        ttl_ms: int = 0,
         now_ms: int | None = None,
-    ) -> BudgetState:
-        args: list[Any] = ["" if now_ms is None else now_ms]
-        args.extend(reserve if reserve is not None else ("", 0, 0, 0))
-        args.extend(settle if settle is not None else ("", 0, 0, 0))
-        args.extend((*limits, *adjust))
-        args.extend(release or ())
+    ) -> LeaseState:
+        wanted = (0, 0) if want is None else want
+        args: list[Any] = ["" if now_ms is None else now_ms, lease_id, ttl_ms]
+        args.append("" if want is None else 1)
+        for unit in (0, 1):
+            args.extend((base[unit], wanted[unit], slice_[unit], limits[unit]))
         keys = [key, reservations_key(key)]
-        r = self._call("budget", lambda: self._budget_script(keys=keys, args=args))
-        return BudgetState(bool(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]))
+        r = self._call("lease", lambda: self._lease_script(keys=keys, args=args))
+        return LeaseState(bool(r[0]), *(int(x) for x in r[1:7]))
 
     def claim_flag(self, key: str, field: str) -> bool:
         return bool(self._call("write", lambda: self.client.hsetnx(key, field, 1)))

@@ -24,9 +24,9 @@ from llmtally._core import Batch
 from llmtally.errors import StoreError, StoreUnavailable
 from llmtally.storage._limits import (
     NO_LIMIT,
-    BudgetState,
+    LeaseState,
     RateResult,
-    check_budget,
+    lease_grant,
     retry_after,
 )
 from llmtally.storage._limits import (
@@ -403,19 +403,20 @@ class SQLiteBackend:
 
     # -- limits (see storage/_limits.py for the semantics) ---------------------------------
 
-    def budget(
+    def lease(
         self,
         key: str,
+        lease_id: str,
         *,
-        reserve: tuple[str, int, int, int] | None = None,
-        settle: tuple[str, int, int, int] | None = None,
-        release: list[str] | None = None,
+        base: tuple[int, int] = (0, 0),
+        want: tuple[int, int] | None = None,
+        slice_: tuple[int, int] = (0, 0),
         limits: tuple[int, int] = (NO_LIMIT, NO_LIMIT),
-        adjust: tuple[int, int] = (0, 0),
+        ttl_ms: int = 0,
         now_ms: int | None = None,
-    ) -> BudgetState:
+    ) -> LeaseState:
         now = _now_ms() if now_ms is None else now_ms
-        return self._run(_budget, key, reserve, settle, release or [], limits, adjust, now)
+        return self._run(_lease, key, lease_id, base, want, slice_, limits, ttl_ms, now)
 
     def claim_flag(self, key: str, field: str) -> bool:
         def claim(conn: sqlite3.Connection) -> bool:
@@ -480,35 +481,28 @@ def _apply(
     return [key for (key,) in refused]
 
 
-def _budget(
+def _lease(
     conn: sqlite3.Connection,
     key: str,
-    reserve: tuple[str, int, int, int] | None,
-    settle: tuple[str, int, int, int] | None,
-    release: list[str],
+    lease_id: str,
+    base: tuple[int, int],
+    want: tuple[int, int] | None,
+    slice_: tuple[int, int],
     limits: tuple[int, int],
-    adjust: tuple[int, int],
+    ttl_ms: int,
     now: int,
-) -> BudgetState:
+) -> LeaseState:
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("DELETE FROM reservations WHERE key = ? AND expires_ms <= ?", (key, now))
-        conn.executemany(
-            "DELETE FROM reservations WHERE key = ? AND id = ?", [(key, rid) for rid in release]
-        )
-        put = (
-            "INSERT INTO reservations (key, id, expires_ms, tokens, pusd) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (key, id) DO UPDATE SET expires_ms = excluded.expires_ms, "
-            "tokens = excluded.tokens, pusd = excluded.pusd"
-        )
-        if settle is not None:
-            rid, tokens, pusd, ttl = settle
-            conn.execute(put, (key, rid, now + ttl, tokens, pusd))
+        if lease_id:
+            conn.execute("DELETE FROM reservations WHERE key = ? AND id = ?", (key, lease_id))
         rt, rp = conn.execute(
             "SELECT COALESCE(SUM(tokens), 0), COALESCE(SUM(pusd), 0) FROM reservations "
             "WHERE key = ?",
             (key,),
         ).fetchone()
+        rt, rp = int(rt), int(rp)
         fields = dict(
             conn.execute(
                 "SELECT field, value FROM usage WHERE key = ? AND field IN "
@@ -519,16 +513,23 @@ def _budget(
         used_t = int(fields.get("total_tokens", 0))
         used_p = int(fields.get("cost_pusd", 0))
         ok = True
-        if reserve is not None:
-            rid, tokens, pusd, ttl = reserve
-            ok = check_budget(used_t, rt, adjust[0], tokens, limits[0]) and check_budget(
-                used_p, rp, adjust[1], pusd, limits[1]
+        held = (0, 0)
+        if lease_id:
+            ok_t, held_t = lease_grant(
+                used_t, rt, base[0], None if want is None else want[0], slice_[0], limits[0]
             )
-            if ok:
-                conn.execute(put, (key, rid, now + ttl, tokens, pusd))
-                rt += tokens
-                rp += pusd
-        for field, value in (("reserved_tokens", rt), ("reserved_pusd", rp)):
+            ok_p, held_p = lease_grant(
+                used_p, rp, base[1], None if want is None else want[1], slice_[1], limits[1]
+            )
+            ok = ok_t and ok_p
+            held = (held_t, held_p) if ok else base
+            if held[0] or held[1]:
+                conn.execute(
+                    "INSERT INTO reservations (key, id, expires_ms, tokens, pusd) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (key, lease_id, now + ttl_ms, held[0], held[1]),
+                )
+        for field, value in (("reserved_tokens", rt + held[0]), ("reserved_pusd", rp + held[1])):
             if value or field in fields:
                 conn.execute(
                     "INSERT INTO usage (key, field, value) VALUES (?, ?, ?) "
@@ -536,7 +537,7 @@ def _budget(
                     (key, field, value),
                 )
         conn.execute("COMMIT")
-        return BudgetState(ok, used_t, int(rt), used_p, int(rp))
+        return LeaseState(ok, used_t, used_p, rt, rp, held[0], held[1])
     except BaseException:
         _rollback(conn)
         raise

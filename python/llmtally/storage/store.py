@@ -25,10 +25,10 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from llmtally._observe import state as _observed
-from llmtally.errors import ConfigError, StoreError
-from llmtally.storage._limits import BudgetState, RateResult
+from llmtally.errors import ConfigError, StoreError, StoreUnavailable
+from llmtally.storage._limits import LeaseState, RateResult
 from llmtally.storage.base import Backend, LimitsBackend
-from llmtally.storage.flusher import EARLY_FLUSH_KEYS, OPEN, Flusher
+from llmtally.storage.flusher import EARLY_FLUSH_KEYS, OPEN, Flusher, WriteListener
 from llmtally.storage.keys import parse_key
 from llmtally.storage.spool import Spool
 
@@ -185,11 +185,42 @@ class Store:
         """:meth:`flush` for sync code (blocks the calling thread)."""
         return self._flusher.flush(timeout_s)
 
+    # -- limiters --------------------------------------------------------------------------------
+
+    async def bounded_call(self, fn: Callable[[], T], timeout_s: float, *, locked: bool) -> T:
+        """``fn()`` on the store's I/O threads (here for the memory backend), bounded by
+        ``timeout_s`` (``StoreUnavailable`` past it: the thread is left to finish on its own).
+        With ``locked``, while no batch is being written: what limiters use to read this
+        process's unflushed deltas and change the backend in one consistent step."""
+        flusher = self._flusher
+        if not self.backend.blocking:
+            return flusher.locked(fn, timeout_s) if locked else fn()
+        loop = asyncio.get_running_loop()
+        if locked:
+            future = loop.run_in_executor(self._executor(), flusher.locked, fn, timeout_s)
+        else:
+            future = loop.run_in_executor(self._executor(), fn)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            future.add_done_callback(_consume)
+            raise StoreUnavailable(f"no answer from the store within {timeout_s}s") from None
+
+    def add_write_listener(self, listener: WriteListener) -> None:
+        """Tell ``listener`` of every batch of this process's deltas once it is written (kept
+        by weak reference)."""
+        self._flusher.listeners.add(listener)
+
     # -- reads ---------------------------------------------------------------------------------
 
     def local(self, key: str) -> dict[str, int]:
         """This process's unflushed deltas of ``key`` (including a batch awaiting retry)."""
         return self._flusher.local(key)
+
+    def local_totals(self, key: str) -> tuple[int, int]:
+        """``(total_tokens, cost_pusd)`` of this process's unflushed deltas of ``key``."""
+        return self._flusher.local_totals(key)
 
     async def read(self, key: str) -> dict[str, int]:
         """The backend's fields of ``key`` plus this process's unflushed deltas, each delta
@@ -272,14 +303,33 @@ class Store:
         close the backend. Idempotent. Returns False when deltas could not be written."""
         if self.closed:
             return True
+        await self._call(self._closing, timeout_s)
         ok = await self._call(self._flusher.close, timeout_s)
         self._shutdown_io()
         return ok
+
+    def _closing(self, timeout_s: float) -> None:
+        """Before the flusher closes: write the deltas, then let the limiters give back their
+        leases (bounded by ``timeout_s``)."""
+        listeners = list(self._flusher.listeners)
+        if not listeners:
+            return
+        deadline = time.monotonic() + timeout_s
+        self._flusher.flush(timeout_s)
+        for listener in listeners:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                self._flusher.locked(listener.store_closing, left)
+            except Exception as exc:  # never fails a close
+                logger.debug("returning leases at close failed: %r", exc)
 
     def close(self, timeout_s: float = _CLOSE_TIMEOUT_S) -> bool:
         """:meth:`aclose` for sync code (blocks the calling thread)."""
         if self.closed:
             return True
+        self._closing(timeout_s)
         ok = self._flusher.close(timeout_s)
         self._shutdown_io()
         return ok
@@ -322,7 +372,7 @@ class AsyncBackend:
 
     def _limits(self) -> LimitsBackend:
         backend = self._store.backend
-        if not hasattr(backend, "budget"):
+        if not hasattr(backend, "lease"):
             raise ConfigError(f"the {backend.name} store does not support limits")
         return backend  # type: ignore[return-value]
 
@@ -330,8 +380,8 @@ class AsyncBackend:
         """The backend's fields of ``key`` (without this process's unflushed deltas)."""
         return await self._store._call(self._store.backend.read, key)
 
-    async def budget(self, key: str, **kwargs: Any) -> BudgetState:
-        return await self._store._call(self._limits().budget, key, **kwargs)
+    async def lease(self, key: str, lease_id: str, **kwargs: Any) -> LeaseState:
+        return await self._store._call(self._limits().lease, key, lease_id, **kwargs)
 
     async def claim_flag(self, key: str, field: str) -> bool:
         return await self._store._call(self._limits().claim_flag, key, field)
@@ -351,6 +401,12 @@ class AsyncBackend:
 
     async def rate_update(self, key: str, member: str, old_weight: int, weight: int | None) -> None:
         await self._store._call(self._limits().rate_update, key, member, old_weight, weight)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Read the outcome of an operation given up on (so no "never retrieved" warning)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _redact(url: str) -> str:
