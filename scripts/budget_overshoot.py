@@ -1,7 +1,8 @@
 """The overshoot scenarios of issue 14 as a table: calls admitted against a budget of 1,000 tokens
 by calls whose usage equals their estimate of 10 tokens (room for exactly 100).
 
-Each task calls until it is refused once (the fake LLM takes 2 ms, so the 100 calls span many flush intervals); the
+Each task calls until it is refused once (the fake LLM takes 2 ms: the 100 calls span many
+flush intervals); the
 usage is counted by a ``UsageRecorder`` next to the limiter. Two processes: the same, 50 tasks
 each, at once, on one store.
 

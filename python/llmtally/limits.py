@@ -42,7 +42,7 @@ from llmtally.events import AsyncCallbackHandler
 from llmtally.identity import charged_user, describe, user_of
 from llmtally.pricing import lookup as price_lookup
 from llmtally.storage import AsyncBackend, Store, resolve_store
-from llmtally.storage._limits import NO_LIMIT, LeaseState, LocalLimits, check_budget
+from llmtally.storage._limits import NO_LIMIT, LeaseState, LocalLimits, RateResult, check_budget
 from llmtally.storage.keys import (
     current_cycle,
     rate_key,
@@ -562,8 +562,10 @@ class BudgetLimiter(AsyncCallbackHandler):
             if self._admit_local(lease, tokens, pusd):
                 return True, False
             refused = lease.refused
-            if refused is not None and refused[0] is renewal and self._no_less(
-                refused[1], tokens, pusd
+            if (
+                refused is not None
+                and refused[0] is renewal
+                and self._no_less(refused[1], tokens, pusd)
             ):
                 # The store refused as much while this call waited: refused too, no I/O.
                 return False, False
@@ -606,10 +608,8 @@ class BudgetLimiter(AsyncCallbackHandler):
         """How much more than this call to take: a fraction of the room seen last time, in
         whole calls of this one's size (0 near the limit: per-call reservations)."""
         limit = self._limits[unit]
-        if limit < 0:
+        if limit < 0 or not self.lease_fraction:
             return 0
-        if not lease.known:
-            return want
         if unit == 0:
             room = limit - lease.used_t - lease.flushed_t - lease.others_t - base - want
         else:
@@ -625,7 +625,14 @@ class BudgetLimiter(AsyncCallbackHandler):
         """One lease operation (the store's I/O thread, no batch being written): the store
         record becomes what this process holds (calls in flight and unflushed usage), plus
         ``want`` and a slice when it fits."""
-        backend = self._store.backend
+        backend: Any = self._store.backend
+        if want is not None and not lease.known and self.lease_fraction:
+            # The first lease of this budget here: its slice is sized on what the store holds.
+            seen: LeaseState = backend.lease(lease.key, "")
+            with self._mu:
+                lease.used_t, lease.used_p = seen.used_tokens, seen.used_pusd
+                lease.others_t, lease.others_p = seen.others_tokens, seen.others_pusd
+                lease.known = True
         local_t, local_p = self._store.local_totals(lease.key)
         with self._mu:
             base = (lease.inflight_t + local_t, lease.inflight_p + local_p)
@@ -645,7 +652,7 @@ class BudgetLimiter(AsyncCallbackHandler):
                 self._slice(lease, 0, base[0], wanted[0]),
                 self._slice(lease, 1, base[1], wanted[1]),
             )
-        state: LeaseState = backend.lease(  # type: ignore[attr-defined]
+        state: LeaseState = backend.lease(
             lease.key,
             self._lease_id,
             base=base,
@@ -974,8 +981,12 @@ class RateLimiter(AsyncCallbackHandler):
     with a store (a ``Store`` or URL) they are shared by every process using it (Redis: one Lua
     script per call). Tokens count the call's estimate (as :class:`BudgetLimiter` reserves it)
     and are corrected to the actual usage when the call ends; a call aborted by another handler
-    is taken out of the windows. ``clock`` (seconds, for tests) replaces the time source; store
-    errors are logged and counted, and let the call through.
+    is taken out of the windows. ``clock`` (seconds, for tests) replaces the time source.
+
+    Outages (shared windows): no call waits more than ``store_timeout_s`` on the store; after a
+    failure the limiter leaves the store alone for ``store_backoff_s`` (doubling while it keeps
+    failing) and enforces on this process's own calls in the window, or refuses every call
+    with ``fail_closed=True`` (``retry_after_s``: the rest of the backoff period).
     """
 
     #: Through a manager: sees every call, a request id handed back included (see dispatch).
@@ -990,6 +1001,9 @@ class RateLimiter(AsyncCallbackHandler):
         per: str = "user",
         window_s: float = 60.0,
         clock: Callable[[], float] | None = None,
+        fail_closed: bool = False,
+        store_timeout_s: float = 0.05,
+        store_backoff_s: float = 1.0,
     ) -> None:
         if requests_per_minute is None and tokens_per_minute is None:
             raise ConfigError("RateLimiter needs requests_per_minute and/or tokens_per_minute")
@@ -1001,27 +1015,29 @@ class RateLimiter(AsyncCallbackHandler):
                 raise ConfigError(f"{name} must be a positive int, not {value!r}")
         if per not in ("user", "global"):
             raise ConfigError(f"per must be 'user' or 'global', not {per!r}")
-        if isinstance(window_s, bool) or not (
-            isinstance(window_s, int | float) and 0 < window_s < math.inf
-        ):
-            raise ConfigError(f"window_s must be positive, not {window_s!r}")
         if clock is not None and not callable(clock):
             raise ConfigError("clock must be a callable returning seconds")
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
         self.per = per
-        self.window_s = float(window_s)
+        self.window_s = _positive_s("window_s", window_s)
+        self.fail_closed = bool(fail_closed)
+        self.store_timeout_s = _positive_s("store_timeout_s", store_timeout_s)
+        self.store_backoff_s = _positive_s("store_backoff_s", store_backoff_s)
         self._window_ms = max(1, round(self.window_s * 1000))
         self._clock = clock
         self._store: Store | None = None if store is None else resolve_store(store)
         self._backend = None if self._store is None else _limits_backend(self._store)
+        # This process's calls in the windows: the windows themselves without a store, the
+        # view enforced on while the store is unreachable with one.
         self._local = LocalLimits()
+        self._outage = _Outage(self.store_backoff_s)
         self._dims: list[tuple[str, int]] = []
         if requests_per_minute is not None:
             self._dims.append(("requests", requests_per_minute))
         if tokens_per_minute is not None:
             self._dims.append(("tokens", tokens_per_minute))
-        self._open: dict[Any, tuple[list[str], str, int]] = {}
+        self._open: dict[Any, tuple[list[str], str, int, bool]] = {}
         self.allowed = 0
         self.refused = 0
         self.store_errors = 0
@@ -1038,9 +1054,27 @@ class RateLimiter(AsyncCallbackHandler):
             return int(time.monotonic() * 1000)
         return None  # the store's clock
 
+    def _local_ms(self) -> int:
+        if self._clock is not None:
+            return int(self._clock() * 1000)
+        return int(time.monotonic() * 1000)
+
     def _keys(self, user_id: str) -> list[str]:
         user = None if self.per == "global" else user_id
         return [rate_key(user, f"rate:{name}") for name, _ in self._dims]
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.store_errors += 1
+        self._outage.failed()
+        level = logging.WARNING if self.store_errors == 1 else logging.DEBUG
+        logger.log(
+            level,
+            "RateLimiter: %s failed (%d store errors), the store is left alone for %.1fs: %s",
+            what,
+            self.store_errors,
+            max(0.0, self._outage.until - time.monotonic()),
+            exc,
+        )
 
     async def on_llm_start(self, messages: list[dict[str, Any]], **kwargs: Any) -> None:
         """Count the call in its windows, or raise ``RateLimited``."""
@@ -1054,19 +1088,42 @@ class RateLimiter(AsyncCallbackHandler):
         weights = [1 if name == "requests" else tokens for name, _ in self._dims]
         limits = [limit for _, limit in self._dims]
         member = new_id()
-        now = self._now_ms()
-        if self._backend is None:
-            result = self._local.rate_acquire(keys, member, weights, limits, self._window_ms, now)
-        else:
+        shared = False
+        result: RateResult | None = None
+        if self._store is not None and self._outage.open():
+            store = self._store
+            backend: Any = store.backend
+            now = self._now_ms()
             try:
-                result = await self._backend.rate_acquire(
-                    keys, member, weights, limits, self._window_ms, now
+                result = await store.bounded_call(
+                    lambda: backend.rate_acquire(
+                        keys, member, weights, limits, self._window_ms, now
+                    ),
+                    self.store_timeout_s,
+                    locked=False,
                 )
+                self._outage.ok()
+                shared = True
             except StoreError as exc:
-                self.store_errors += 1
-                level = logging.WARNING if self.store_errors == 1 else logging.DEBUG
-                logger.log(level, "RateLimiter: the store failed, call let through: %s", exc)
-                return
+                self._failed("counting a call", exc)
+        if result is None:
+            if self._store is not None and self.fail_closed:
+                self.refused += 1
+                raise RateLimited(
+                    f"rate of {user_id!r} not checked: the store is unreachable (fail_closed)",
+                    user_id=user_id,
+                    limit=limits[0],
+                    retry_after_s=max(0.0, self._outage.until - time.monotonic()),
+                )
+            result = self._local.rate_acquire(
+                keys, member, weights, limits, self._window_ms, self._local_ms()
+            )
+        elif result.ok:
+            # This process's own view, for when the store is unreachable.
+            never = [10**18] * len(limits)
+            self._local.rate_acquire(
+                keys, member, weights, never, self._window_ms, self._local_ms()
+            )
         if not result.ok:
             self.refused += 1
             raise RateLimited(
@@ -1079,27 +1136,31 @@ class RateLimiter(AsyncCallbackHandler):
         if token is not None:
             if len(self._open) >= _MAX_TRACKED:
                 self._open.clear()
-            self._open[token] = (keys, member, tokens)
+            self._open[token] = (keys, member, tokens, shared)
 
-    async def _update(self, key: str, member: str, old: int, new: int | None) -> None:
-        if self._backend is None:
-            self._local.rate_update(key, member, old, new)
+    async def _update(self, key: str, member: str, old: int, new: int | None, shared: bool) -> None:
+        self._local.rate_update(key, member, old, new)
+        if not shared or self._store is None or not self._outage.open():
             return
+        backend: Any = self._store.backend
         try:
-            await self._backend.rate_update(key, member, old, new)
+            await self._store.bounded_call(
+                lambda: backend.rate_update(key, member, old, new),
+                self.store_timeout_s,
+                locked=False,
+            )
         except StoreError as exc:
-            self.store_errors += 1
-            logger.debug("RateLimiter: updating a window failed: %s", exc)
+            self._failed("updating a window", exc)
 
     async def on_llm_end(self, response: dict[str, Any], **kwargs: Any) -> None:
         """Correct the call's tokens to its actual usage."""
         found = self._open.pop(kwargs.get("run_id") or kwargs.get("request_id"), None)
         if found is None or self.tokens_per_minute is None:
             return
-        keys, member, estimate = found
+        keys, member, estimate, shared = found
         actual = _count(response.get("tokens_used")) if isinstance(response, Mapping) else None
         if actual is not None and actual != estimate:
-            await self._update(keys[-1], member, estimate, actual)
+            await self._update(keys[-1], member, estimate, actual, shared)
 
     async def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
         """A call aborted before it ran (``aborted=True``) leaves the windows; a failed call
@@ -1107,6 +1168,6 @@ class RateLimiter(AsyncCallbackHandler):
         found = self._open.pop(kwargs.get("run_id") or kwargs.get("request_id"), None)
         if found is None or not kwargs.get("aborted"):
             return
-        keys, member, estimate = found
+        keys, member, estimate, shared = found
         for (name, _), key in zip(self._dims, keys, strict=True):
-            await self._update(key, member, 1 if name == "requests" else estimate, None)
+            await self._update(key, member, 1 if name == "requests" else estimate, None, shared)

@@ -25,6 +25,9 @@ from servers import RedisCluster, RedisServer
 pytestmark = pytest.mark.redis
 
 CYCLE = "2026-11-01"
+#: Store timeout of the limiters of tests about numbers, not outages: a loaded machine may
+#: take longer than the default 50 ms, and a timeout there is a (safe) offline decision.
+PATIENT_S = 10.0
 MESSAGES = [{"role": "user", "content": "hi"}]
 DECIDED = "test:decided"
 TESTS_DIR = str(Path(__file__).resolve().parent.parent)
@@ -62,7 +65,7 @@ async def race(
 ) -> tuple[int, int, list[BudgetLimiter]]:
     """``calls_each`` calls per store, all at once; passers hold until ``total`` calls are
     decided (counted here, and in Redis at ``signal_url`` when other processes take part)."""
-    limiters = [BudgetLimiter(max_tokens=1000, store=s) for s in stores]
+    limiters = [BudgetLimiter(max_tokens=1000, store=s, store_timeout_s=PATIENT_S) for s in stores]
     managers = [
         CallbackManager([lim, UsageRecorder(store=s)])
         for lim, s in zip(limiters, stores, strict=True)
@@ -207,7 +210,7 @@ async def test_reservation_of_a_dead_process_expires(redis_url: str) -> None:
         await dead.on_llm_start(
             MESSAGES, user_id="alice", cycle_start_date=CYCLE, estimated_tokens=100, run_id="x"
         )
-        live = BudgetLimiter(max_tokens=100, store=store)
+        live = BudgetLimiter(max_tokens=100, store=store, store_timeout_s=PATIENT_S)
         with pytest.raises(BudgetExceeded):
             await live.on_llm_start(
                 MESSAGES, user_id="alice", cycle_start_date=CYCLE, estimated_tokens=1, run_id="y"
