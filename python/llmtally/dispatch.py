@@ -271,14 +271,6 @@ def _is_limiter(handler: object) -> bool:
     return getattr(handler, "_llmtally_limiter", False) is True
 
 
-#: The built-in meters of the call whose end is being fired (limiters read it to count a call
-#: no recorder counted, and only such a call): a tuple, ``False`` for a duplicate end (counted
-#: by nobody), ``None`` outside a manager.
-CALL_METERS: contextvars.ContextVar[tuple[Any, ...] | bool | None] = contextvars.ContextVar(
-    "llmtally_call_meters", default=None
-)
-
-
 class _Table:
     """Immutable per-event handler lists."""
 
@@ -290,6 +282,7 @@ class _Table:
         "limiter_end",
         "meters",
         "native_end",
+        "settlers",
     )
 
     def __init__(self, entries: Sequence[_Entry]) -> None:
@@ -298,11 +291,22 @@ class _Table:
             event: _targets(self.entries, event) for event in EVENTS
         }
         end_targets = self.by_event["on_llm_end"]
-        #: The limiters' end targets (fired for a duplicate end too: they settle the call).
+        #: The limiters' end targets (fired for a duplicate end too).
         self.limiter_end = tuple(t for t in end_targets if _is_limiter(t[0].handler))
-        #: Built-in meters that record ends (see CALL_METERS).
+        #: Built-in meters that record ends: a budget limiter counts a call none of them did.
         self.meters = tuple(
-            t[0].handler for t in end_targets if hasattr(t[0].handler, "_llmtally_counted")
+            e.handler
+            for e in self.entries
+            if "on_llm_end" in e.events and hasattr(e.handler, "_llmtally_counted")
+        )
+        #: Budget limiters, settled by the call itself once the end was recorded and fired
+        #: (synchronously, after every recorder).
+        self.settlers = tuple(
+            (e, e.handler._llmtally_settle)
+            for e in self.entries
+            if _is_limiter(e.handler)
+            and hasattr(e.handler, "_llmtally_settle")
+            and not _overrides(e.handler, "on_llm_end")
         )
         self._limits_only: _Table | None = None
 
@@ -509,7 +513,9 @@ class _Dispatcher:
         timeout = self.timeout
         try:
             if kind == FAST:
-                fn(*args, kwargs)
+                slow = fn(*args, kwargs)
+                if slow is not None:  # a built-in handler that needs to wait (a limiter)
+                    await slow
             elif kind == GROUP:
                 self._group(fn, event, args, kwargs)
             elif timeout is None:
@@ -560,7 +566,9 @@ class _Dispatcher:
             for index, (entry, fn, kind) in enumerate(targets):
                 try:
                     if kind == FAST:
-                        fn(*args, kwargs)
+                        slow = fn(*args, kwargs)
+                        if slow is not None:  # a built-in handler that needs to wait
+                            await slow
                     elif kind == GROUP:
                         self._group(fn, event, args, kwargs)
                     elif kind == ASYNC:
@@ -1434,6 +1442,8 @@ class LLMCall:
                 and self._first_chunk_at is None
                 and self._end_recorded(group, duration_s, ended)
             ):
+                if self._table.settlers:
+                    self._settle_limiters()
                 return None
             try:
                 self._end(duration_s)
@@ -1452,7 +1462,12 @@ class LLMCall:
             if _observed.on and not self.duplicate:
                 assert self.response is not None
                 _observed.llm_end(self._kwargs, self.response)  # never raises
-            return await self._fire_end(duration_s)
+            try:
+                await self._fire_end(duration_s)
+            finally:
+                if self._table.settlers:
+                    self._settle_limiters()
+            return None
         stats = manager._stats
         timed_out = is_timeout(exc)
         if timed_out:
@@ -1488,15 +1503,18 @@ class LLMCall:
         dispatcher = self._manager._dispatcher
         if table.native_end:
             dispatcher.fire_native(targets, "on_llm_end", (response,), kwargs)
-        elif table.limiter_end:
-            # A duplicate end is counted by nobody: the limiters only settle it.
-            meters = CALL_METERS.set(False if self.duplicate else table.meters)
-            try:
-                await dispatcher.fire(targets, "on_llm_end", (response,), kwargs)
-            finally:
-                CALL_METERS.reset(meters)
         else:
             await dispatcher.fire(targets, "on_llm_end", (response,), kwargs)
+
+    def _settle_limiters(self) -> None:
+        """The call ended and every recorder counted it: the budget limiters let its estimate
+        go (and count it when no recorder did). Never raises."""
+        table = self._table
+        for entry, settle in table.settlers:
+            try:
+                settle(self, table.meters)
+            except Exception as exc:
+                self._manager._dispatcher._failed(entry, "on_llm_end", exc)
 
     def _end_recorded(self, group: _FastGroup, duration_s: float, ended: float) -> bool:
         """The common metered call, whose end goes only to built-in recorders: read the

@@ -33,10 +33,10 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from llmtally._core import LEDGER_FIELDS
-from llmtally.dispatch import CALL_METERS, new_id
+from llmtally.dispatch import new_id
 from llmtally.errors import BudgetExceeded, ConfigError, RateLimited, StoreError
 from llmtally.events import AsyncCallbackHandler
 from llmtally.identity import charged_user, describe, user_of
@@ -51,6 +51,9 @@ from llmtally.storage.keys import (
     validate_cycle,
 )
 from llmtally.tokens import estimate_tokens
+
+if TYPE_CHECKING:
+    from llmtally.dispatch import LLMCall
 
 __all__ = ["BudgetLimiter", "RateLimiter"]
 
@@ -276,8 +279,14 @@ class BudgetLimiter(AsyncCallbackHandler):
         ConfigError: for bad arguments (no limit, a negative limit, a threshold outside (0, 1]).
     """
 
-    #: Through a manager: settles after the recorders (see dispatch).
+    #: Through a manager: the start is admitted without a coroutine when the lease has room
+    #: (``_fast_start`` returns an awaitable only when the store is needed), and the end is
+    #: settled by the call after every recorder counted it (``_llmtally_settle``).
     _llmtally_limiter = True
+    _llmtally_fast: ClassVar[dict[str, str | None]] = {
+        "on_llm_start": "_fast_start",
+        "on_llm_end": None,
+    }
 
     def __init__(
         self,
@@ -293,6 +302,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         store_timeout_s: float = 0.05,
         store_backoff_s: float = 1.0,
         lease_fraction: float = 0.1,
+        lease_idle_s: float = 1.0,
     ) -> None:
         if max_tokens is None and max_cost_usd is None:
             raise ConfigError("BudgetLimiter needs max_tokens and/or max_cost_usd")
@@ -330,6 +340,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         self.store_timeout_s = _positive_s("store_timeout_s", store_timeout_s)
         self.store_backoff_s = _positive_s("store_backoff_s", store_backoff_s)
         self.lease_fraction = float(lease_fraction)
+        self.lease_idle_s = _positive_s("lease_idle_s", lease_idle_s)
         self.scope = scope
         self._store = resolve_store(store)
         self._backend = _limits_backend(self._store)
@@ -347,6 +358,9 @@ class BudgetLimiter(AsyncCallbackHandler):
         self._open: dict[Any, list[_Open]] = {}
         self._alerted: set[tuple[str, str, int]] = set()
         self._outage = _Outage(self.store_backoff_s)
+        self._counts_users: dict[tuple[Any, ...], bool] = {}
+        self._alerting: set[asyncio.Task[None]] = set()
+        self._alert_lock = asyncio.Lock()
         self.allowed = 0
         self.refused = 0
         self.store_errors = 0
@@ -446,26 +460,39 @@ class BudgetLimiter(AsyncCallbackHandler):
     async def on_llm_start(self, messages: list[dict[str, Any]], **kwargs: Any) -> None:
         """Admit the call against this process's lease, renewing it when it does not fit;
         else raise ``BudgetExceeded``."""
+        slow = self._fast_start(messages, kwargs)
+        if slow is not None:
+            await slow
+
+    def _fast_start(self, messages: Any, kwargs: Mapping[str, Any]) -> Any:
+        """:meth:`on_llm_start` without a coroutine when the lease has room: returns ``None``
+        (admitted) or an awaitable that renews the lease (and admits or raises)."""
         try:
             lease = self._lease_for(kwargs)
         except ConfigError as exc:
             self.bad_input += 1
             logger.warning("BudgetLimiter: %s; the call is not limited", exc)
-            return
+            return None
         if lease is None:
-            return
+            return None
         tokens, pusd = self._amounts(messages, kwargs)
-        offline = False
-        if not self._admit_local(lease, tokens, pusd):
-            admitted, offline = await self._admit_slow(lease, tokens, pusd)
-            if not admitted:
-                self.refused += 1
-                self._refuse(lease, tokens, pusd, offline)
-        self.allowed += 1
         token = kwargs.get("run_id") or kwargs.get("request_id")
+        if self._admit_local(lease, tokens, pusd):
+            self._opened(token, _Open(lease, tokens, pusd, False))
+            return None
+        return self._start_slow(lease, tokens, pusd, token)
+
+    async def _start_slow(self, lease: _Lease, tokens: int, pusd: int, token: Any) -> None:
+        admitted, offline = await self._admit_slow(lease, tokens, pusd)
+        if not admitted:
+            self.refused += 1
+            self._refuse(lease, tokens, pusd, offline)
+        self._opened(token, _Open(lease, tokens, pusd, offline))
+
+    def _opened(self, token: Any, entry: _Open) -> None:
+        self.allowed += 1
         if len(self._open) >= _MAX_TRACKED:
             self._open.clear()  # bounded: what they held returns with the lease's TTL
-        entry = _Open(lease, tokens, pusd, offline)
         found = self._open.get(token)
         if found is None:
             self._open[token] = [entry]
@@ -503,7 +530,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         dirty = self._dirty
         if not dirty or not self._outage.open():
             return
-        idle_before = time.monotonic() - 2 * self._store.flush_interval_s
+        idle_before = time.monotonic() - self.lease_idle_s
         for key in list(dirty):
             lease = self._leases.get(key)
             if lease is None or not lease.known:
@@ -775,32 +802,64 @@ class BudgetLimiter(AsyncCallbackHandler):
             lease.inflight_p = max(0, lease.inflight_p - entry.pusd)
 
     async def on_llm_end(self, response: dict[str, Any], **kwargs: Any) -> None:
-        """Count the call's usage unless a recorder did (once either way), then let its
+        """Count the call's usage (called directly, no recorder counts it), then let its
         estimate go."""
         entry = self._pop(kwargs)
         if entry is None:
             return
-        meters = CALL_METERS.get()
-        if meters is not False:
-            lease = entry.lease
-            store = self._store
-            counted = False
-            if isinstance(meters, tuple):
-                key = lease.key
-                counted = any(m._llmtally_counted(store, key, kwargs) for m in meters)
-            if not counted:
-                tokens = pusd = 0
-                if isinstance(response, Mapping):
-                    tokens = _count(response.get("tokens_used")) or 0
-                    pusd = _pusd(response.get("cost_estimate"))
-                if tokens or pusd:
-                    try:
-                        store.add(lease.key, total_tokens=tokens, cost_pusd=pusd)
-                    except OverflowError:
-                        self.bad_input += 1
+        self._count(entry.lease, response)
         self._settle(entry)  # after the usage is in this process's view
         if self.on_alert is not None:
             await self._check_alerts(entry.lease)
+
+    def _llmtally_settle(self, call: LLMCall, meters: tuple[Any, ...]) -> None:
+        """Through a manager, once the call's end was recorded: count it unless one of
+        ``meters`` (the manager's recorders) did or it is a duplicate, then let its estimate
+        go (alerts: in a task of their own)."""
+        kwargs = call.context
+        entry = self._pop(kwargs)
+        if entry is None:
+            return
+        if not call.duplicate and not self._counted_by(meters, entry.lease, kwargs):
+            self._count(entry.lease, call.response)
+        self._settle(entry)
+        if self.on_alert is not None:  # in a task of its own (kept until it is done)
+            task = asyncio.get_running_loop().create_task(self._check_alerts(entry.lease))
+            self._alerting.add(task)
+            task.add_done_callback(self._alerting.discard)
+
+    def _counted_by(
+        self, meters: tuple[Any, ...], lease: _Lease, kwargs: Mapping[str, Any]
+    ) -> bool:
+        if not meters:
+            return False
+        store = self._store
+        if self.scope == "user":
+            known = self._counts_users.get(meters)
+            if known is None:
+                # A recorder charging each call's user on this store counts every call here.
+                known = any(
+                    getattr(m, "_llmtally_charges_call_user", False) and m.store is store
+                    for m in meters
+                )
+                if len(self._counts_users) >= 64:
+                    self._counts_users.clear()
+                self._counts_users[meters] = known
+            if known:
+                return True
+        return any(m._llmtally_counted(store, lease.key, kwargs) for m in meters)
+
+    def _count(self, lease: _Lease, response: Any) -> None:
+        """Record the usage of a call no recorder counted (tokens and cost)."""
+        tokens = pusd = 0
+        if isinstance(response, Mapping):
+            tokens = _count(response.get("tokens_used")) or 0
+            pusd = _pusd(response.get("cost_estimate"))
+        if tokens or pusd:
+            try:
+                self._store.add(lease.key, total_tokens=tokens, cost_pusd=pusd)
+            except OverflowError:
+                self.bad_input += 1
 
     async def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
         """Let the estimate of a failed or aborted call go."""
@@ -828,7 +887,10 @@ class BudgetLimiter(AsyncCallbackHandler):
 
     async def flush(self) -> bool:
         """Write this process's usage and bring every lease down to what it still covers
-        (calls in flight), giving the rest of each slice back. False when the store failed."""
+        (calls in flight), giving the rest of each slice back; the alerts under way are
+        delivered first. False when the store failed."""
+        if self._alerting:
+            await asyncio.gather(*list(self._alerting), return_exceptions=True)
         ok = await self._store.flush()
         for lease in list(self._leases.values()):
             if not lease.known:
@@ -851,6 +913,10 @@ class BudgetLimiter(AsyncCallbackHandler):
     # -- alerts --------------------------------------------------------------------------------
 
     async def _check_alerts(self, lease: _Lease) -> None:
+        async with self._alert_lock:  # in order, one at a time
+            await self._check_alerts_locked(lease)
+
+    async def _check_alerts_locked(self, lease: _Lease) -> None:
         assert self.on_alert is not None
         local_t, local_p = self._store.local_totals(lease.key)
         used_t = lease.used_t + lease.flushed_t + local_t

@@ -314,6 +314,10 @@ class UsageRecorder(_Meter):
     Pick it for a gateway: one instance in the manager instead of a handler per user.
     """
 
+    #: Charges each call to its own user on its store (a user budget limiter next to it on
+    #: that store counts nothing itself).
+    _llmtally_charges_call_user: ClassVar[bool] = True
+
     def __init__(self, *, store: Store | str | None = None) -> None:
         self._keys: dict[Any, tuple[str, str]] = {}
         super().__init__(store)

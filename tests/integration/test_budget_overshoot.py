@@ -66,7 +66,8 @@ async def one_call(manager: CallbackManager, tokens: int = 10, **context: Any) -
 async def until_refused(manager: CallbackManager, tasks: int, *, patient: Any = None) -> int:
     """``tasks`` tasks each calling until refused; returns the calls admitted. With
     ``patient`` (a limiter), a refused task looks again while the budget shows room (another
-    process may hold part of it for a moment), and stops once it has shown none for 0.5 s."""
+    process may hold part of it for a moment: an idle lease is given back after a second), and
+    stops once it has shown none for 2 s."""
     admitted = 0
 
     async def task() -> None:
@@ -80,7 +81,7 @@ async def until_refused(manager: CallbackManager, tasks: int, *, patient: Any = 
                     return
                 left = await patient.remaining("alice", CYCLE)
                 quiet = quiet + 1 if left["remaining"] < 10 else 0
-                if quiet >= 5:
+                if quiet >= 20:
                     return
                 await asyncio.sleep(0.1)
                 continue
