@@ -64,4 +64,13 @@ def summary() -> list[str]:
                 f"  llmtally calls/s: {1 / systems['llmtally']:,.0f} "
                 f"({systems['empty'] / systems['llmtally']:.0%} of the empty harness)"
             )
+        if suite.startswith("B9-limits") and "none" in systems:
+            for system, t in systems.items():
+                if system == "none":
+                    continue
+                added = (t - systems["none"]) * 1e6
+                lines.append(
+                    f"  {system}: adds {added:.2f} us per call, {1 / t:,.0f} calls/s "
+                    f"({systems['none'] / t:.0%} of the recorder alone)"
+                )
     return lines
