@@ -25,7 +25,7 @@ from llmtally.identity import charged_user
 from llmtally.metering import UsageRecorder
 from llmtally.repository import TokenUsageRepository
 from llmtally.storage import open_store
-from llmtally.storage.keys import current_cycle, validate_cycle
+from llmtally.storage.keys import current_cycle, scope_key, validate_cycle, validate_user_id
 from llmtally.storage.store import _redact
 from llmtally.trackers import PerformanceTracker
 
@@ -399,25 +399,44 @@ async def _usage(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _limit(args: argparse.Namespace, out: TextIO) -> int:
+    if args.action == "set" and args.limit is None:
+        raise ConfigError("'limit set' needs a LIMIT (tokens), or 'none' to remove it")
     store = open_store(args.store)
     try:
-        repo = TokenUsageRepository(store)
         cycle = args.cycle or current_cycle()
-        if args.action == "set":
-            if args.limit is None:
-                raise ConfigError("'limit set' needs a LIMIT (tokens), or 'none' to remove it")
-            await repo.set_usage_limit(
-                args.user, None if args.limit == _NO_LIMIT else args.limit, cycle
-            )
-        check = await repo.check_usage_limit(args.user, cycle)
+        limit = None if args.limit in (None, _NO_LIMIT) else args.limit
+        if args.scope == "user":
+            repo = TokenUsageRepository(store)
+            if args.action == "set":
+                await repo.set_usage_limit(args.user, limit, cycle)
+            check = await repo.check_usage_limit(args.user, cycle)
+        else:
+            # A scoped budget (team, org, API key, model...): its own hash, read by a
+            # BudgetLimiter(scope=..., limit_from_store=True).
+            key = scope_key(args.scope, validate_user_id(args.user, "the scope's id"), cycle)
+            if args.action == "set":
+                await store.set_fields(key, {"limit": limit})
+            fields = await store.read(key)
+            used = fields.get("total_tokens", 0)
+            stored = fields.get("limit")
+            check = {
+                "scope": args.scope,
+                "id": args.user,
+                "cycle_start_date": cycle,
+                "limit": stored,
+                "used": used,
+                "reserved": fields.get("reserved_tokens", 0),
+                "remaining": None if stored is None else max(0, stored - used),
+            }
     finally:
         await store.aclose()
     if args.json:
         out.write(json.dumps(check, sort_keys=True) + "\n")
     else:
-        limit = "none" if check["limit"] is None else check["limit"]
+        shown = "none" if check["limit"] is None else check["limit"]
+        who = _safe(args.user) if args.scope == "user" else f"{args.scope} {_safe(args.user)}"
         out.write(
-            f"{_safe(args.user)} {check['cycle_start_date']}: limit {limit}, used {check['used']}, "
+            f"{who} {check['cycle_start_date']}: limit {shown}, used {check['used']}, "
             f"remaining {'-' if check['remaining'] is None else check['remaining']}\n"
         )
     return 0
@@ -526,9 +545,17 @@ def _parser() -> _Parser:
     usage.add_argument("--json", action="store_true", help="print a JSON list of records")
     usage.add_argument("--store", default=None, help=store_help)
 
-    limit = sub.add_parser("limit", help="set or show a user's token limit for a cycle")
+    limit = sub.add_parser(
+        "limit", help="set or show the token limit of a user (or a team, org, API key...)"
+    )
     limit.add_argument("action", choices=("set", "get"))
-    limit.add_argument("user")
+    limit.add_argument("user", help="the user, or the scope's id with --scope")
+    limit.add_argument(
+        "--scope",
+        type=_scope_arg,
+        default="user",
+        help="user (default), or the context kwarg of a scoped budget: team, org, api_key...",
+    )
     limit.add_argument("limit", nargs="?", type=_limit_arg, help="tokens, or 'none' (set)")
     limit.add_argument("--cycle", type=_cycle_arg, help="cycle start YYYY-MM-DD (default: now)")
     limit.add_argument("--json", action="store_true")
@@ -573,6 +600,12 @@ def _cycle_arg(text: str) -> str:
 
 
 _NO_LIMIT = -1
+
+
+def _scope_arg(text: str) -> str:
+    if not text or not text.replace("_", "").replace("-", "").isalnum() or len(text) > 64:
+        raise argparse.ArgumentTypeError(f"invalid scope {text!r}: a name such as team, org")
+    return text
 
 
 def _limit_arg(text: str) -> int:

@@ -62,6 +62,8 @@ logger = logging.getLogger("llmtally")
 _PUSD = 10**12
 _MAX_TRACKED = 100_000
 _MAX_BACKOFF_S = 30.0
+#: How soon a limiter with ``limit_from_store`` sees a limit set or changed in the store.
+_STORED_LIMIT_REFRESH_S = 5.0
 _T = LEDGER_FIELDS.index("total_tokens")
 _P = LEDGER_FIELDS.index("cost_pusd")
 
@@ -185,6 +187,7 @@ class _Lease:
         "key",
         "known",
         "last_used",
+        "limit_t",
         "others_p",
         "others_t",
         "recorded_p",
@@ -211,6 +214,7 @@ class _Lease:
         self.renew_at = 0.0  # monotonic: past it, the next call renews
         self.known = False  # whether an operation ever succeeded
         self.last_used = 0.0  # monotonic: the last call admitted
+        self.limit_t = NO_LIMIT  # the token limit applied (set at construction, then by the store)
         self.shrinking = False  # an idle lease being given back: no call admitted against it
         self.renewing: asyncio.Future[None] | None = None
         # The last renewal, when the store refused it, and the call it was for.
@@ -303,9 +307,12 @@ class BudgetLimiter(AsyncCallbackHandler):
         store_backoff_s: float = 1.0,
         lease_fraction: float = 0.1,
         lease_idle_s: float = 1.0,
+        limit_from_store: bool = False,
     ) -> None:
-        if max_tokens is None and max_cost_usd is None:
-            raise ConfigError("BudgetLimiter needs max_tokens and/or max_cost_usd")
+        if max_tokens is None and max_cost_usd is None and not limit_from_store:
+            raise ConfigError(
+                "BudgetLimiter needs max_tokens and/or max_cost_usd (or limit_from_store=True)"
+            )
         if max_tokens is not None and _count(max_tokens) is None:
             raise ConfigError(f"max_tokens must be an int in [0, 10**12), not {max_tokens!r}")
         if max_cost_usd is not None and (
@@ -332,6 +339,9 @@ class BudgetLimiter(AsyncCallbackHandler):
         ):
             raise ConfigError(f"lease_fraction must be in [0, 1], not {lease_fraction!r}")
         self.max_tokens = max_tokens
+        self.limit_from_store = bool(limit_from_store)
+        #: Whether tokens are limited (by max_tokens, or by each budget's stored limit).
+        self._tokens = max_tokens is not None or self.limit_from_store
         self.max_cost_usd = max_cost_usd
         self.thresholds = tuple(levels)
         self.on_alert = on_alert
@@ -411,6 +421,7 @@ class BudgetLimiter(AsyncCallbackHandler):
             if len(self._leases) >= _MAX_TRACKED:
                 self._forget_idle()
             lease = self._leases[key] = _Lease(key, scope_id, cycle)
+            lease.limit_t = self._limits[0]
         if len(self._keys) >= _MAX_TRACKED:
             self._keys.clear()
         if type(cycle_given) is str or cycle_given is None:
@@ -427,7 +438,7 @@ class BudgetLimiter(AsyncCallbackHandler):
 
     def _amounts(self, messages: Any, kwargs: Mapping[str, Any]) -> tuple[int, int]:
         tokens = pusd = 0
-        if self.max_tokens is not None:
+        if self._tokens:
             tokens, bad = _estimate(messages, kwargs)
             if bad:
                 self.bad_input += 1
@@ -509,7 +520,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         with self._mu:
             if lease.shrinking:
                 return False
-            if self._limits[0] >= 0:
+            if lease.limit_t >= 0:
                 committed = lease.inflight_t + local_t
                 if committed + tokens > lease.held_t or (tokens == 0 and committed >= lease.held_t):
                     return False
@@ -567,11 +578,12 @@ class BudgetLimiter(AsyncCallbackHandler):
             lease.key,
             self._lease_id,
             base=(
-                target[0] if self._limits[0] >= 0 else 0,
+                target[0] if self._tokens else 0,
                 target[1] if self._limits[1] >= 0 else 0,
             ),
             limits=self._limits,
             ttl_ms=self._ttl_ms,
+            stored_limit=self.limit_from_store,
         )
         with self._mu:
             lease.held_t = min(lease.held_t, state.held_tokens)
@@ -627,14 +639,14 @@ class BudgetLimiter(AsyncCallbackHandler):
 
     def _no_less(self, refused: tuple[int, int], tokens: int, pusd: int) -> bool:
         """Whether a call of ``tokens`` / ``pusd`` wants at least what was ``refused``."""
-        return (self._limits[0] < 0 or tokens >= refused[0]) and (
+        return (not self._tokens or tokens >= refused[0]) and (
             self._limits[1] < 0 or pusd >= refused[1]
         )
 
     def _slice(self, lease: _Lease, unit: int, base: int, want: int) -> int:
         """How much more than this call to take: a fraction of the room seen last time, in
         whole calls of this one's size (0 near the limit: per-call reservations)."""
-        limit = self._limits[unit]
+        limit = lease.limit_t if unit == 0 else self._limits[unit]
         if limit < 0 or not self.lease_fraction:
             return 0
         if unit == 0:
@@ -655,15 +667,18 @@ class BudgetLimiter(AsyncCallbackHandler):
         backend: Any = self._store.backend
         if want is not None and not lease.known and self.lease_fraction:
             # The first lease of this budget here: its slice is sized on what the store holds.
-            seen: LeaseState = backend.lease(lease.key, "")
+            seen: LeaseState = backend.lease(
+                lease.key, "", limits=self._limits, stored_limit=self.limit_from_store
+            )
             with self._mu:
+                lease.limit_t = seen.limit_tokens
                 lease.used_t, lease.used_p = seen.used_tokens, seen.used_pusd
                 lease.others_t, lease.others_p = seen.others_tokens, seen.others_pusd
                 lease.known = True
         local_t, local_p = self._store.local_totals(lease.key)
         with self._mu:
             base = (lease.inflight_t + local_t, lease.inflight_p + local_p)
-            if self._limits[0] < 0:
+            if not self._tokens:
                 base = (0, base[1])
             if self._limits[1] < 0:
                 base = (base[0], 0)
@@ -672,7 +687,7 @@ class BudgetLimiter(AsyncCallbackHandler):
             wanted = None
         else:
             wanted = (
-                want[0] if self._limits[0] >= 0 else 0,
+                want[0] if self._tokens else 0,
                 want[1] if self._limits[1] >= 0 else 0,
             )
             slice_ = (
@@ -687,8 +702,10 @@ class BudgetLimiter(AsyncCallbackHandler):
             slice_=slice_,
             limits=self._limits,
             ttl_ms=self._ttl_ms,
+            stored_limit=self.limit_from_store,
         )
         with self._mu:
+            lease.limit_t = state.limit_tokens
             lease.held_t, lease.held_p = state.held_tokens, state.held_pusd
             lease.recorded_t, lease.recorded_p = state.held_tokens, state.held_pusd
             lease.used_t, lease.used_p = state.used_tokens, state.used_pusd
@@ -696,6 +713,8 @@ class BudgetLimiter(AsyncCallbackHandler):
             lease.flushed_t = lease.flushed_p = 0
             lease.known = True
             lease.renew_at = time.monotonic() + self.reservation_ttl_s / 2
+            if self.limit_from_store:  # a limit set (or changed) in the store applies soon
+                lease.renew_at = min(lease.renew_at, time.monotonic() + _STORED_LIMIT_REFRESH_S)
             self._dirty.add(lease.key)
             if want is not None:
                 self.renewals += 1
@@ -719,7 +738,7 @@ class BudgetLimiter(AsyncCallbackHandler):
                 lease.inflight_t,
                 local_t,
                 tokens,
-                self._limits[0],
+                lease.limit_t,
             ) and check_budget(
                 lease.used_p + lease.flushed_p + lease.others_p,
                 lease.inflight_p,
@@ -750,8 +769,8 @@ class BudgetLimiter(AsyncCallbackHandler):
         user_id = lease.scope_id if self.scope == "user" else None
         if offline and self.fail_closed:
             unit, limit, requested = (
-                ("tokens", self.max_tokens, tokens)
-                if self.max_tokens is not None
+                ("tokens", lease.limit_t, tokens)
+                if self._tokens
                 else ("usd", self.max_cost_usd, pusd / _PUSD)
             )
             raise BudgetExceeded(
@@ -769,7 +788,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         local_t, local_p = self._store.local_totals(lease.key)
         used_t = lease.used_t + lease.flushed_t + local_t + lease.others_t + lease.inflight_t
         used_p = lease.used_p + lease.flushed_p + local_p + lease.others_p + lease.inflight_p
-        limit_t = self._limits[0]
+        limit_t = lease.limit_t
         if limit_t >= 0 and (
             self._limits[1] < 0 or used_t + tokens > limit_t or (tokens == 0 and used_t >= limit_t)
         ):
@@ -922,7 +941,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         used_t = lease.used_t + lease.flushed_t + local_t
         used_p = lease.used_p + lease.flushed_p + local_p
         for unit, used, limit in (
-            ("tokens", used_t, self._limits[0]),
+            ("tokens", used_t, lease.limit_t),
             ("usd", used_p, self._limits[1]),
         ):
             if limit < 0:
@@ -991,18 +1010,20 @@ class BudgetLimiter(AsyncCallbackHandler):
             state = await self._store.bounded_call(
                 lambda: self._read(lease), self.store_timeout_s, locked=True
             )
+            limit_t = state.limit_tokens
             others = (state.others_tokens, state.others_pusd)
             used = (state.used_tokens, state.used_pusd)
         except StoreError as exc:
             if self._outage.open():
                 self._failed("reading", exc)
             stale = True
+            limit_t = lease.limit_t
             others = (lease.others_t, lease.others_p)
             used = (lease.used_t + lease.flushed_t, lease.used_p + lease.flushed_p)
         local_t, local_p = self._store.local_totals(lease.key)
         views: dict[str, dict[str, Any]] = {}
         for unit, used_n, reserved, limit in (
-            ("tokens", used[0] + local_t, others[0] + lease.inflight_t, self._limits[0]),
+            ("tokens", used[0] + local_t, others[0] + lease.inflight_t, limit_t),
             ("usd", used[1] + local_p, others[1] + lease.inflight_p, self._limits[1]),
         ):
             if limit < 0:
@@ -1021,6 +1042,17 @@ class BudgetLimiter(AsyncCallbackHandler):
             }
             if self.scope != "user":
                 views[unit]["scope"] = self.scope
+        if not views:  # limit_from_store, and no limit stored for this budget
+            return {
+                "user_id": scope_id,
+                "cycle_start_date": lease.cycle,
+                "limit": None,
+                "used": used[0] + local_t,
+                "reserved": others[0] + lease.inflight_t,
+                "remaining": None,
+                "unit": "tokens",
+                "stale": stale,
+            }
         out = views.get("tokens") or views["usd"]
         if "tokens" in views and "usd" in views:
             out["usd"] = views["usd"]
@@ -1028,7 +1060,9 @@ class BudgetLimiter(AsyncCallbackHandler):
 
     def _read(self, lease: _Lease) -> LeaseState:
         """The store's state of the budget, the others' leases apart from this one's."""
-        state: LeaseState = self._store.backend.lease(lease.key, "")  # type: ignore[attr-defined]
+        state: LeaseState = self._store.backend.lease(  # type: ignore[attr-defined]
+            lease.key, "", limits=self._limits, stored_limit=self.limit_from_store
+        )
         with self._mu:
             mine = (lease.recorded_t, lease.recorded_p) if lease.known else (0, 0)
         return state._replace(

@@ -20,7 +20,15 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
-__all__ = ["LeaseState", "LocalLimits", "RateResult", "check_budget", "lease_grant", "now_ms"]
+__all__ = [
+    "LeaseState",
+    "LocalLimits",
+    "RateResult",
+    "check_budget",
+    "effective_limit",
+    "lease_grant",
+    "now_ms",
+]
 
 #: ``limit`` value meaning "no limit on this unit".
 NO_LIMIT = -1
@@ -38,6 +46,9 @@ class LeaseState(NamedTuple):
     others_pusd: int
     held_tokens: int
     held_pusd: int
+    #: The token limit applied (``NO_LIMIT``: none): the one given, or the stored ``limit``
+    #: field when asked for and lower (or the only one).
+    limit_tokens: int = NO_LIMIT
 
 
 class RateResult(NamedTuple):
@@ -62,6 +73,14 @@ def check_budget(used: int, reserved: int, adjust: int, amount: int, limit: int)
     if amount == 0:
         return committed < limit
     return committed + amount <= limit
+
+
+def effective_limit(given: int, stored: int | None) -> int:
+    """The token limit of a lease operation: ``given`` (``NO_LIMIT``: none) and the stored
+    ``limit`` field (``None``: not used or not set), whichever is lower."""
+    if stored is None:
+        return given
+    return stored if given < 0 else min(given, stored)
 
 
 def lease_grant(
@@ -127,14 +146,18 @@ class LocalLimits:
         limits: tuple[int, int] = (NO_LIMIT, NO_LIMIT),
         ttl_ms: int = 0,
         now: int | None = None,
+        stored_limit: bool = False,
     ) -> LeaseState:
         """One lease operation on ``key`` whose usage hash is ``fields`` (updated in place).
 
         Drops expired records and the caller's (``lease_id``; ``""`` reads only), then writes
         the caller's new record: ``base`` always, plus ``want`` and up to ``slice_`` when
-        ``want`` fits under ``limits`` (``NO_LIMIT``: no limit) next to ``total_tokens`` /
-        ``cost_pusd`` and the others' records. A record of zero is deleted."""
+        ``want`` fits under ``limits`` (``NO_LIMIT``: no limit; with ``stored_limit``, the
+        hash's ``limit`` field caps the tokens too) next to ``total_tokens`` / ``cost_pusd``
+        and the others' records. A record of zero is deleted."""
         now = now_ms() if now is None else now
+        stored = fields.get("limit") if stored_limit else None
+        limits = (effective_limit(limits[0], stored), limits[1])
         records, rt, rp = self._open(key, now)
         mine = records.pop(lease_id, None) if lease_id else None
         if mine is not None:
@@ -163,7 +186,7 @@ class LocalLimits:
         for field, value in (("reserved_tokens", total_t), ("reserved_pusd", total_p)):
             if value or field in fields:
                 fields[field] = value
-        return LeaseState(ok, used_t, used_p, rt, rp, held[0], held[1])
+        return LeaseState(ok, used_t, used_p, rt, rp, held[0], held[1], limits[0])
 
     # -- rate windows ---------------------------------------------------------------------------
 

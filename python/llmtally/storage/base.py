@@ -91,6 +91,7 @@ class LimitsBackend(Backend, Protocol):
         limits: tuple[int, int] = (-1, -1),
         ttl_ms: int = 0,
         now_ms: int | None = None,
+        stored_limit: bool = False,
     ) -> LeaseState:
         """Drop expired records of ``key`` and the caller's (``lease_id``; ``""``: read only),
         then write the caller's record: ``base`` always, plus ``want`` and up to ``slice_``

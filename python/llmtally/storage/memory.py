@@ -97,6 +97,7 @@ class MemoryBackend:
         limits: tuple[int, int] = (NO_LIMIT, NO_LIMIT),
         ttl_ms: int = 0,
         now_ms: int | None = None,
+        stored_limit: bool = False,
     ) -> LeaseState:
         with self._lock:
             fields = self.data.get(key, {})
@@ -110,6 +111,7 @@ class MemoryBackend:
                 limits=limits,
                 ttl_ms=ttl_ms,
                 now=now_ms,
+                stored_limit=stored_limit,
             )
             if fields:
                 self.data[key] = fields

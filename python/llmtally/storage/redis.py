@@ -134,8 +134,10 @@ end
 #: KEYS[1]: the usage hash; KEYS[2]: its leases (keys.reservations_key), a hash of
 #: id -> "expires_ms tokens pusd".
 #: ARGV: now_ms ('' for the server's TIME); lease id ('' to read only); ttl_ms; want ('' for a
-#: plain renewal: base only); then per unit (tokens, pusd): base, want, slice, limit (-1: none).
-#: Returns {ok, total_tokens, cost_pusd, others tokens, others pusd, held tokens, held pusd}
+#: plain renewal: base only); then per unit (tokens, pusd): base, want, slice, limit (-1: none);
+#: then '1' when the hash's `limit` field caps the tokens.
+#: Returns {ok, total_tokens, cost_pusd, others tokens, others pusd, held tokens, held pusd,
+#: token limit applied}
 #: (semantics: storage/_limits.py, LocalLimits.lease).
 LEASE_LUA = (
     _NOW_LUA
@@ -158,6 +160,13 @@ for i = 1, #all, 2 do
 end
 local ut = redis.call('HGET', KEYS[1], 'total_tokens') or '0'
 local up = redis.call('HGET', KEYS[1], 'cost_pusd') or '0'
+local limit_t = tonumber(ARGV[8])
+if ARGV[13] == '1' then
+  local stored = tonumber(redis.call('HGET', KEYS[1], 'limit') or '')
+  if stored then
+    if limit_t < 0 or stored < limit_t then limit_t = stored end
+  end
+end
 local function grant(used, others, base, want, slice, limit)
   if ARGV[4] == '' then return true, base end
   if limit >= 0 then
@@ -175,7 +184,7 @@ end
 local ok, ht, hp = 1, 0, 0
 if id ~= '' then
   local a = tonumber
-  local okt, gt = grant(a(ut), rt, a(ARGV[5]), a(ARGV[6]), a(ARGV[7]), a(ARGV[8]))
+  local okt, gt = grant(a(ut), rt, a(ARGV[5]), a(ARGV[6]), a(ARGV[7]), limit_t)
   local okp, gp = grant(a(up), rp, a(ARGV[9]), a(ARGV[10]), a(ARGV[11]), a(ARGV[12]))
   if okt and okp then
     ht, hp = gt, gp
@@ -195,7 +204,7 @@ if rp + hp ~= 0 or redis.call('HEXISTS', KEYS[1], 'reserved_pusd') == 1 then
   redis.call('HSET', KEYS[1], 'reserved_pusd', fmt(rp + hp))
 end
 if last > 0 then redis.call('PEXPIRE', KEYS[2], fmt(last - now + 60000)) end
-return {ok, ut, up, fmt(rt), fmt(rp), fmt(ht), fmt(hp)}
+return {ok, ut, up, fmt(rt), fmt(rp), fmt(ht), fmt(hp), fmt(limit_t)}
 """
 )
 
@@ -538,15 +547,17 @@ class RedisBackend:
         limits: tuple[int, int] = (NO_LIMIT, NO_LIMIT),
         ttl_ms: int = 0,
         now_ms: int | None = None,
+        stored_limit: bool = False,
     ) -> LeaseState:
         wanted = (0, 0) if want is None else want
         args: list[Any] = ["" if now_ms is None else now_ms, lease_id, ttl_ms]
         args.append("" if want is None else 1)
         for unit in (0, 1):
             args.extend((base[unit], wanted[unit], slice_[unit], limits[unit]))
+        args.append(1 if stored_limit else "")
         keys = [key, reservations_key(key)]
         r = self._call("lease", lambda: self._lease_script(keys=keys, args=args))
-        return LeaseState(bool(r[0]), *(int(x) for x in r[1:7]))
+        return LeaseState(bool(r[0]), *(int(x) for x in r[1:8]))
 
     def claim_flag(self, key: str, field: str) -> bool:
         return bool(self._call("write", lambda: self.client.hsetnx(key, field, 1)))

@@ -26,6 +26,7 @@ from llmtally.storage._limits import (
     NO_LIMIT,
     LeaseState,
     RateResult,
+    effective_limit,
     lease_grant,
     retry_after,
 )
@@ -414,9 +415,12 @@ class SQLiteBackend:
         limits: tuple[int, int] = (NO_LIMIT, NO_LIMIT),
         ttl_ms: int = 0,
         now_ms: int | None = None,
+        stored_limit: bool = False,
     ) -> LeaseState:
         now = _now_ms() if now_ms is None else now_ms
-        return self._run(_lease, key, lease_id, base, want, slice_, limits, ttl_ms, now)
+        return self._run(
+            _lease, key, lease_id, base, want, slice_, limits, ttl_ms, now, stored_limit
+        )
 
     def claim_flag(self, key: str, field: str) -> bool:
         def claim(conn: sqlite3.Connection) -> bool:
@@ -491,6 +495,7 @@ def _lease(
     limits: tuple[int, int],
     ttl_ms: int,
     now: int,
+    stored_limit: bool,
 ) -> LeaseState:
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -506,12 +511,14 @@ def _lease(
         fields = dict(
             conn.execute(
                 "SELECT field, value FROM usage WHERE key = ? AND field IN "
-                "('total_tokens', 'cost_pusd', 'reserved_tokens', 'reserved_pusd')",
+                "('total_tokens', 'cost_pusd', 'reserved_tokens', 'reserved_pusd', 'limit')",
                 (key,),
             ).fetchall()
         )
         used_t = int(fields.get("total_tokens", 0))
         used_p = int(fields.get("cost_pusd", 0))
+        stored = fields.get("limit") if stored_limit else None
+        limits = (effective_limit(limits[0], None if stored is None else int(stored)), limits[1])
         ok = True
         held = (0, 0)
         if lease_id:
@@ -537,7 +544,7 @@ def _lease(
                     (key, field, value),
                 )
         conn.execute("COMMIT")
-        return LeaseState(ok, used_t, used_p, rt, rp, held[0], held[1])
+        return LeaseState(ok, used_t, used_p, rt, rp, held[0], held[1], limits[0])
     except BaseException:
         _rollback(conn)
         raise
