@@ -1575,6 +1575,22 @@ class LLMCall:
             _observed.llm_usage_end(kwargs, found_model, usage, cost)
         return True
 
+    def usage_totals(self) -> tuple[int, int]:
+        """``(total tokens, cost in pico-USD)`` of the ended call (0 before the end or for an
+        unpriced call), without building the response dict."""
+        usage = self._usage
+        tokens = usage.total_tokens if usage is not None else 0
+        parts = self._parts
+        if parts is not None and parts[2] is not None:  # the table's cost
+            return tokens, int(parts[2])
+        if parts is None and self._response_dict is not None:
+            cost = self._response_dict.get("cost_estimate")
+        else:
+            cost = usage.cost_usd if usage is not None else None
+        if cost is None or not 0 < cost < 9.2e6:
+            return tokens, 0
+        return tokens, round(cost * 1e12)
+
     @property
     def response(self) -> dict[str, Any] | None:
         """The normalized response dict given to ``on_llm_end`` (``None`` before the end)."""

@@ -178,6 +178,8 @@ class _Lease:
 
     __slots__ = (
         "cycle",
+        "draining_p",
+        "draining_t",
         "flushed_p",
         "flushed_t",
         "held_p",
@@ -196,6 +198,8 @@ class _Lease:
         "renew_at",
         "renewing",
         "scope_id",
+        "settled_p",
+        "settled_t",
         "shrinking",
         "used_p",
         "used_t",
@@ -207,7 +211,11 @@ class _Lease:
         self.cycle = cycle
         self.recorded_t = self.recorded_p = 0  # the store's record of this lease, as last set
         self.held_t = self.held_p = 0  # what is left of it (less usage flushed since) ...
-        self.inflight_t = self.inflight_p = 0  # ... covers these estimates
+        self.inflight_t = self.inflight_p = 0  # ... covers these estimates (calls in flight)
+        # ... and the usage of the calls that ended, not written yet: since the last drain of
+        # the store's ledger, and in the batch drained last (until it is written).
+        self.settled_t = self.settled_p = 0
+        self.draining_t = self.draining_p = 0
         self.used_t = self.used_p = 0  # stored usage at the last operation
         self.others_t = self.others_p = 0  # other processes' leases then
         self.flushed_t = self.flushed_p = 0  # this process's usage written since
@@ -219,6 +227,22 @@ class _Lease:
         self.renewing: asyncio.Future[None] | None = None
         # The last renewal, when the store refused it, and the call it was for.
         self.refused: tuple[asyncio.Future[None], tuple[int, int]] | None = None
+
+
+def _usage_of(response: Any) -> tuple[int, int]:
+    """``(tokens, pusd)`` of a response dict (0 for what it does not say)."""
+    if not isinstance(response, Mapping):
+        return 0, 0
+    return _count(response.get("tokens_used")) or 0, _pusd(response.get("cost_estimate"))
+
+
+def _holds(lease: _Lease) -> tuple[int, int]:
+    """What this process must hold of a budget now: its calls in flight (estimates) and the
+    usage of its calls that ended, not written yet."""
+    return (
+        lease.inflight_t + lease.settled_t + lease.draining_t,
+        lease.inflight_p + lease.settled_p + lease.draining_p,
+    )
 
 
 class _Ticket:
@@ -365,12 +389,16 @@ class BudgetLimiter(AsyncCallbackHandler):
         # Leases whose store record may hold more than they need (see tick).
         self._dirty: set[str] = set()
         self._keys: dict[tuple[str, Any], _Lease] = {}
-        self._open: dict[Any, list[_Open]] = {}
+        self._open: dict[Any, _Open] = {}
+        self._open_more: dict[Any, list[_Open]] = {}
         self._alerted: set[tuple[str, str, int]] = set()
         self._outage = _Outage(self.store_backoff_s)
         self._counts_users: dict[tuple[Any, ...], bool] = {}
         self._alerting: set[asyncio.Task[None]] = set()
         self._alert_lock = asyncio.Lock()
+        # Leases with usage settled since the last drain, and with usage in a drained batch.
+        self._settled: set[_Lease] = set()
+        self._draining: set[_Lease] = set()
         self.allowed = 0
         self.refused = 0
         self.store_errors = 0
@@ -437,6 +465,9 @@ class BudgetLimiter(AsyncCallbackHandler):
         self._keys.clear()
 
     def _amounts(self, messages: Any, kwargs: Mapping[str, Any]) -> tuple[int, int]:
+        given = kwargs.get("estimated_tokens")
+        if self.max_cost_usd is None and type(given) is int and 0 <= given < 10**12:
+            return given, 0  # the common case
         tokens = pusd = 0
         if self._tokens:
             tokens, bad = _estimate(messages, kwargs)
@@ -448,13 +479,30 @@ class BudgetLimiter(AsyncCallbackHandler):
 
     # -- the write listener (the store's flusher thread) ----------------------------------------
 
-    def written(self, batch: Any, refused: list[str]) -> None:
-        """Usage of this process reached the store: each lease it was covering shrinks by it
-        (before the usage leaves this process's unflushed view, so nothing is ever counted
-        zero times)."""
+    def draining(self) -> None:
+        """The store's ledger is about to be drained into a batch: the usage of every call
+        settled so far is in it (a call settles after its usage entered the ledger)."""
+        if not self._settled:
+            return
+        with self._mu:
+            for lease in self._settled:
+                lease.draining_t += lease.settled_t
+                lease.draining_p += lease.settled_p
+                lease.settled_t = lease.settled_p = 0
+                self._draining.add(lease)
+            self._settled.clear()
+
+    def written(self, batch: Any, refused: list[str], caught_up: bool) -> None:
+        """Usage of this process reached the store: each lease it was covering shrinks by it,
+        and (once no batch drained earlier waits any more: ``caught_up``) the usage of the
+        calls drained leaves what the leases must cover, in one step."""
         if not self._leases:
             return
         with self._mu:
+            if caught_up:
+                for lease in self._draining:
+                    lease.draining_t = lease.draining_p = 0
+                self._draining.clear()
             for key, lease in list(self._leases.items()):
                 counters = batch.get(key)
                 tokens, pusd = counters[_T], counters[_P]
@@ -502,13 +550,15 @@ class BudgetLimiter(AsyncCallbackHandler):
 
     def _opened(self, token: Any, entry: _Open) -> None:
         self.allowed += 1
-        if len(self._open) >= _MAX_TRACKED:
-            self._open.clear()  # bounded: what they held returns with the lease's TTL
-        found = self._open.get(token)
-        if found is None:
-            self._open[token] = [entry]
-        else:
-            found.append(entry)
+        opened = self._open
+        if token in opened:  # one id for several calls at once (rare): a queue of its own
+            queue = self._open_more.setdefault(token, [])
+            queue.append(entry)
+            return
+        if len(opened) >= _MAX_TRACKED:
+            opened.clear()  # bounded: what they held returns with the lease's TTL
+            self._open_more.clear()
+        opened[token] = entry
 
     def _admit_local(self, lease: _Lease, tokens: int, pusd: int) -> bool:
         """Admit against the lease, no I/O (False: it does not fit, or it is due for renewal)."""
@@ -516,16 +566,15 @@ class BudgetLimiter(AsyncCallbackHandler):
         if lease.renewing is not None or now >= lease.renew_at:
             return False
         lease.last_used = now
-        local_t, local_p = self._store.local_totals(lease.key)  # read before the lease
         with self._mu:
             if lease.shrinking:
                 return False
             if lease.limit_t >= 0:
-                committed = lease.inflight_t + local_t
+                committed = lease.inflight_t + lease.settled_t + lease.draining_t
                 if committed + tokens > lease.held_t or (tokens == 0 and committed >= lease.held_t):
                     return False
             if self._limits[1] >= 0:
-                committed = lease.inflight_p + local_p
+                committed = lease.inflight_p + lease.settled_p + lease.draining_p
                 if committed + pusd > lease.held_p or (pusd == 0 and committed >= lease.held_p):
                     return False
             lease.inflight_t += tokens
@@ -549,9 +598,8 @@ class BudgetLimiter(AsyncCallbackHandler):
                 continue
             shrink = lease.last_used < idle_before and lease.renewing is None
             if shrink:
-                local_t, local_p = self._store.local_totals(key)
                 with self._mu:
-                    target = (lease.inflight_t + local_t, lease.inflight_p + local_p)
+                    target = _holds(lease)
                     if target == (lease.recorded_t, lease.recorded_p):
                         dirty.discard(key)
                         continue
@@ -675,9 +723,8 @@ class BudgetLimiter(AsyncCallbackHandler):
                 lease.used_t, lease.used_p = seen.used_tokens, seen.used_pusd
                 lease.others_t, lease.others_p = seen.others_tokens, seen.others_pusd
                 lease.known = True
-        local_t, local_p = self._store.local_totals(lease.key)
         with self._mu:
-            base = (lease.inflight_t + local_t, lease.inflight_p + local_p)
+            base = _holds(lease)
             if not self._tokens:
                 base = (0, base[1])
             if self._limits[1] < 0:
@@ -731,20 +778,12 @@ class BudgetLimiter(AsyncCallbackHandler):
         the last usage seen plus what this process added since."""
         if self.fail_closed:
             return False
-        local_t, local_p = self._store.local_totals(lease.key)
         with self._mu:
+            held_t, held_p = _holds(lease)
             ok = check_budget(
-                lease.used_t + lease.flushed_t + lease.others_t,
-                lease.inflight_t,
-                local_t,
-                tokens,
-                lease.limit_t,
+                lease.used_t + lease.flushed_t + lease.others_t, held_t, 0, tokens, lease.limit_t
             ) and check_budget(
-                lease.used_p + lease.flushed_p + lease.others_p,
-                lease.inflight_p,
-                local_p,
-                pusd,
-                self._limits[1],
+                lease.used_p + lease.flushed_p + lease.others_p, held_p, 0, pusd, self._limits[1]
             )
             if ok:
                 lease.inflight_t += tokens
@@ -785,9 +824,9 @@ class BudgetLimiter(AsyncCallbackHandler):
             )
         # ``used``: everything committed (stored usage, this process's unflushed usage and
         # calls in flight, the other processes' leases).
-        local_t, local_p = self._store.local_totals(lease.key)
-        used_t = lease.used_t + lease.flushed_t + local_t + lease.others_t + lease.inflight_t
-        used_p = lease.used_p + lease.flushed_p + local_p + lease.others_p + lease.inflight_p
+        held_t, held_p = _holds(lease)
+        used_t = lease.used_t + lease.flushed_t + lease.others_t + held_t
+        used_p = lease.used_p + lease.flushed_p + lease.others_p + held_p
         limit_t = lease.limit_t
         if limit_t >= 0 and (
             self._limits[1] < 0 or used_t + tokens > limit_t or (tokens == 0 and used_t >= limit_t)
@@ -805,20 +844,29 @@ class BudgetLimiter(AsyncCallbackHandler):
         )
 
     def _pop(self, kwargs: Mapping[str, Any]) -> _Open | None:
-        token = kwargs.get("run_id") or kwargs.get("request_id")
-        found = self._open.get(token)
-        if not found:
-            return None
-        entry = found.pop(0)
-        if not found:
-            del self._open[token]
+        return self._pop_token(kwargs.get("run_id") or kwargs.get("request_id"))
+
+    def _pop_token(self, token: Any) -> _Open | None:
+        entry = self._open.pop(token, None)
+        if entry is not None and self._open_more:
+            queue = self._open_more.get(token)
+            if queue:
+                self._open[token] = queue.pop(0)
+                if not queue:
+                    del self._open_more[token]
         return entry
 
-    def _settle(self, entry: _Open) -> None:
+    def _settle(self, entry: _Open, tokens: int = 0, pusd: int = 0) -> None:
+        """The call ended: its estimate goes, its usage (``tokens`` / ``pusd``, already in the
+        store's ledger) stays covered until it is written."""
         lease = entry.lease
         with self._mu:
             lease.inflight_t = max(0, lease.inflight_t - entry.tokens)
             lease.inflight_p = max(0, lease.inflight_p - entry.pusd)
+            if tokens or pusd:
+                lease.settled_t += tokens
+                lease.settled_p += pusd
+                self._settled.add(lease)
 
     async def on_llm_end(self, response: dict[str, Any], **kwargs: Any) -> None:
         """Count the call's usage (called directly, no recorder counts it), then let its
@@ -826,8 +874,9 @@ class BudgetLimiter(AsyncCallbackHandler):
         entry = self._pop(kwargs)
         if entry is None:
             return
-        self._count(entry.lease, response)
-        self._settle(entry)  # after the usage is in this process's view
+        tokens, pusd = _usage_of(response)
+        self._count(entry.lease, tokens, pusd)
+        self._settle(entry, tokens, pusd)  # after the usage is in the ledger
         if self.on_alert is not None:
             await self._check_alerts(entry.lease)
 
@@ -835,21 +884,22 @@ class BudgetLimiter(AsyncCallbackHandler):
         """Through a manager, once the call's end was recorded: count it unless one of
         ``meters`` (the manager's recorders) did or it is a duplicate, then let its estimate
         go (alerts: in a task of their own)."""
-        kwargs = call.context
-        entry = self._pop(kwargs)
+        entry = self._pop_token(call.run_id)
         if entry is None:
             return
-        if not call.duplicate and not self._counted_by(meters, entry.lease, kwargs):
-            self._count(entry.lease, call.response)
-        self._settle(entry)
+        if call.duplicate:  # counted by nobody
+            self._settle(entry)
+        else:
+            tokens, pusd = call.usage_totals()
+            if not self._counted_by(meters, entry.lease, call):
+                self._count(entry.lease, tokens, pusd)
+            self._settle(entry, tokens, pusd)
         if self.on_alert is not None:  # in a task of its own (kept until it is done)
             task = asyncio.get_running_loop().create_task(self._check_alerts(entry.lease))
             self._alerting.add(task)
             task.add_done_callback(self._alerting.discard)
 
-    def _counted_by(
-        self, meters: tuple[Any, ...], lease: _Lease, kwargs: Mapping[str, Any]
-    ) -> bool:
+    def _counted_by(self, meters: tuple[Any, ...], lease: _Lease, call: LLMCall) -> bool:
         if not meters:
             return False
         store = self._store
@@ -866,14 +916,11 @@ class BudgetLimiter(AsyncCallbackHandler):
                 self._counts_users[meters] = known
             if known:
                 return True
+        kwargs = call.context
         return any(m._llmtally_counted(store, lease.key, kwargs) for m in meters)
 
-    def _count(self, lease: _Lease, response: Any) -> None:
+    def _count(self, lease: _Lease, tokens: int, pusd: int) -> None:
         """Record the usage of a call no recorder counted (tokens and cost)."""
-        tokens = pusd = 0
-        if isinstance(response, Mapping):
-            tokens = _count(response.get("tokens_used")) or 0
-            pusd = _pusd(response.get("cost_estimate"))
         if tokens or pusd:
             try:
                 self._store.add(lease.key, total_tokens=tokens, cost_pusd=pusd)
@@ -937,9 +984,8 @@ class BudgetLimiter(AsyncCallbackHandler):
 
     async def _check_alerts_locked(self, lease: _Lease) -> None:
         assert self.on_alert is not None
-        local_t, local_p = self._store.local_totals(lease.key)
-        used_t = lease.used_t + lease.flushed_t + local_t
-        used_p = lease.used_p + lease.flushed_p + local_p
+        used_t = lease.used_t + lease.flushed_t + lease.settled_t + lease.draining_t
+        used_p = lease.used_p + lease.flushed_p + lease.settled_p + lease.draining_p
         for unit, used, limit in (
             ("tokens", used_t, lease.limit_t),
             ("usd", used_p, self._limits[1]),

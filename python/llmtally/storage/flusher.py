@@ -52,7 +52,13 @@ class WriteListener(Protocol):
     """Told of a batch of the flusher's own deltas once the backend applied it (``refused``:
     the keys it refused), before the batch leaves :meth:`Flusher.local`."""
 
-    def written(self, batch: Batch, refused: list[str]) -> None: ...
+    def draining(self) -> None:
+        """The ledger is about to be drained into a batch (under the flusher's locks)."""
+        ...
+
+    def written(self, batch: Batch, refused: list[str], caught_up: bool) -> None:
+        """``caught_up``: no batch drained before this one waits to be written any more."""
+        ...
 
     def tick(self) -> None:
         """After each successful flush (the flusher's thread, no write under way)."""
@@ -204,6 +210,11 @@ class Flusher:
                 with self._moving:
                     self.spilled.popleft()
             with self._moving:
+                for listener in list(self.listeners):
+                    try:
+                        listener.draining()
+                    except Exception as exc:  # a listener never fails a flush
+                        logger.error("%s: a write listener failed: %r", self.label, exc)
                 batch = self.ledger.drain()
                 if len(batch):
                     self.retry = batch
@@ -243,9 +254,12 @@ class Flusher:
     def _write(self, batch: Batch, flusher_id: str | None = None) -> None:
         refused = self.backend.apply(batch, flusher_id or self.flusher_id)
         if flusher_id is None or flusher_id == self.flusher_id:
+            # Caught up when no batch drained earlier is still to be written (the spilled
+            # ones are written before anything drained after them).
+            caught_up = not self.spilled
             for listener in list(self.listeners):
                 try:
-                    listener.written(batch, refused)
+                    listener.written(batch, refused, caught_up)
                 except Exception as exc:  # a listener never fails a write
                     logger.error("%s: a write listener failed: %r", self.label, exc)
         batch.discard_journal()  # in the store now: its spool file has served
