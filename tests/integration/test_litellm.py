@@ -168,6 +168,12 @@ async def test_a_stream_is_counted_once_at_its_end_with_the_final_usage_chunk(
 async def test_a_stream_broken_off_and_dropped_ends_as_abandoned(fake: FakeLLM) -> None:
     """LiteLLM fires nothing for a stream whose consumer stops (a break, a client gone): the
     call ends as abandoned once the stream is dropped, not at exit or never."""
+    from importlib.metadata import version
+
+    if tuple(int(p) for p in version("litellm").split(".")[:2]) < (1, 110):
+        # litellm 1.95 (the lowest we declare) keeps a dropped stream's logging object alive:
+        # the call ends at exit or on eviction there. Checked on 1.110.
+        pytest.skip(f"litellm {version('litellm')} keeps a dropped stream's logging object")
     rec, tokens = Recorder(), llmtally.TokenCounter()
     logger = use(rec, tokens)
     stream = await litellm.acompletion(

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -17,6 +18,10 @@ from llmtally.limits import BudgetLimiter
 from llmtally.storage import Store
 from llmtally.storage.keys import usage_key
 from llmtally.storage.memory import MemoryBackend
+
+# 300 interleavings take about 3 s with today's hypothesis, nearly 2 minutes with the lowest
+# release we declare (6.100): the suite's 30 s bound would cut them short there.
+pytestmark = pytest.mark.timeout(300)
 
 CYCLE = "2026-11-01"
 LIMIT = 100

@@ -689,7 +689,8 @@ def _when_dropped(obj: object, call: LLMCall) -> None:
     """End ``call`` as abandoned when ``obj`` is garbage-collected. Not at interpreter exit:
     there the exit hook ends every open call and waits for it before the stores are written
     (a finalizer would end it in the background, racing the last write)."""
-    weakref.finalize(obj, _abandon_later, call).atexit = False
+    finalizer = weakref.finalize(obj, _abandon_later, call)
+    finalizer.atexit = False  # type: ignore[misc, unused-ignore]  # older typeshed: slots
 
 
 def _body(result: Any) -> Any:

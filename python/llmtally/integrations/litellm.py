@@ -412,7 +412,8 @@ class LlmtallyLogger(CustomLogger):
             # its logging object lives as long as the stream and its success or failure
             # handler; collected with the call still open, the call ends as abandoned.
             with contextlib.suppress(TypeError):  # not weak-referenceable: ended at exit
-                weakref.finalize(logging_obj, self._dropped, key).atexit = False
+                finalizer = weakref.finalize(logging_obj, self._dropped, key)
+                finalizer.atexit = False  # type: ignore[misc, unused-ignore]  # older typeshed
 
     def _dropped(self, key: str) -> None:
         run = self._open.pop(key)
