@@ -50,7 +50,7 @@ impl Encoding {
 // Features. Each piece adds the costs of the features it emits; the layout is shared with the
 // calibration script through `_estimate_feature_names()`.
 
-/// Letter classes.
+/// Letter classes (scripts; ASCII split by case).
 const L_ASCII_LOWER: usize = 0;
 const L_ASCII_UPPER: usize = 1;
 const L_LATIN_EXT: usize = 2;
@@ -63,7 +63,25 @@ const L_HIRAGANA: usize = 8;
 const L_KATAKANA: usize = 9;
 const L_HANGUL: usize = 10;
 const L_OTHER: usize = 11;
-const N_LETTER: usize = 12;
+const L_DEVANAGARI: usize = 12;
+const L_BENGALI: usize = 13;
+const L_GURMUKHI: usize = 14;
+const L_GUJARATI: usize = 15;
+const L_ORIYA: usize = 16;
+const L_TAMIL: usize = 17;
+const L_TELUGU: usize = 18;
+const L_KANNADA: usize = 19;
+const L_MALAYALAM: usize = 20;
+const L_SINHALA: usize = 21;
+const L_THAI: usize = 22;
+const L_LAO: usize = 23;
+const L_TIBETAN: usize = 24;
+const L_MYANMAR: usize = 25;
+const L_GEORGIAN: usize = 26;
+const L_ARMENIAN: usize = 27;
+const L_ETHIOPIC: usize = 28;
+const L_KHMER: usize = 29;
+const N_LETTER: usize = 30;
 const LETTER_NAMES: [&str; N_LETTER] = [
     "ascii_lower",
     "ascii_upper",
@@ -77,6 +95,24 @@ const LETTER_NAMES: [&str; N_LETTER] = [
     "katakana",
     "hangul",
     "other_letter",
+    "devanagari",
+    "bengali",
+    "gurmukhi",
+    "gujarati",
+    "oriya",
+    "tamil",
+    "telugu",
+    "kannada",
+    "malayalam",
+    "sinhala",
+    "thai",
+    "lao",
+    "tibetan",
+    "myanmar",
+    "georgian",
+    "armenian",
+    "ethiopic",
+    "khmer",
 ];
 
 /// What precedes the letters of a word piece.
@@ -112,15 +148,12 @@ const W_OTHER: usize = 3;
 const N_WS: usize = 4;
 const WS_NAMES: [&str; N_WS] = ["space", "tab", "newline", "other"];
 
-/// Positions kept apart inside a word segment (1..=WORD_POS, the last one for all later ones).
-const WORD_POS: usize = 16;
 /// Positions kept apart inside punctuation and whitespace runs (0..PUNCT_POS).
 const PUNCT_POS: usize = 9;
 const WS_POS: usize = 9;
 
 const F_WORD_FIRST: usize = 0; // [prefix][letter class]
-const F_WORD_INC: usize = F_WORD_FIRST + N_PREFIX * N_LETTER; // [letter class][pos 1..]
-const F_HUMP: usize = F_WORD_INC + N_LETTER * WORD_POS; // lower-to-upper inside a word (cl100k)
+const F_HUMP: usize = F_WORD_FIRST + N_PREFIX * N_LETTER; // lower-to-upper in a word (cl100k)
 const F_CONTRACTION: usize = F_HUMP + 1; // 's 't 're 've 'm 'll 'd, after the apostrophe
 const F_DIGITS: usize = F_CONTRACTION + 1; // one group of up to three digits
 const F_NUM_OTHER: usize = F_DIGITS + 1; // each non-ASCII numeric character of a group
@@ -128,7 +161,21 @@ const F_PUNCT: usize = F_NUM_OTHER + 1; // [punct class][pos]
 const F_PUNCT_SP: usize = F_PUNCT + N_PUNCT * PUNCT_POS; // [punct class], first after a space
 const F_WS: usize = F_PUNCT_SP + N_PUNCT; // [ws class][pos in segment]
 const F_VOCAB: usize = F_WS + N_WS * WS_POS; // [prefix none/space]: a listed ASCII word
-pub const N_FEATURES: usize = F_VOCAB + 2;
+const F_REPEAT: usize = F_VOCAB + 2; // [ascii/wide][bucket]: punctuation repeating the previous
+pub const N_FEATURES: usize = F_REPEAT + 2 * N_REPEAT;
+
+/// Buckets of the position in a run of a repeated punctuation character: 1, 2, 3, 4-7, 8-15,
+/// 16-31, 32-63, 64 and later.
+const N_REPEAT: usize = 8;
+
+#[inline(always)]
+fn repeat_bucket(pos: usize) -> usize {
+    if pos < 4 {
+        pos - 1
+    } else {
+        ((usize::BITS - pos.leading_zeros()) as usize).min(N_REPEAT - 1)
+    }
+}
 
 /// Fixed-point scale of the costs: 1 token = 2^SCALE_BITS.
 const SCALE_BITS: u32 = coef::SCALE_BITS;
@@ -139,11 +186,6 @@ pub fn feature_names() -> Vec<String> {
     for p in PREFIX_NAMES {
         for l in LETTER_NAMES {
             names.push(format!("word_first[{p}][{l}]"));
-        }
-    }
-    for l in LETTER_NAMES {
-        for pos in 1..=WORD_POS {
-            names.push(format!("word_inc[{l}][{pos}]"));
         }
     }
     names.push("hump".to_owned());
@@ -165,6 +207,11 @@ pub fn feature_names() -> Vec<String> {
     }
     names.push("vocab[none]".to_owned());
     names.push("vocab[space]".to_owned());
+    for w in ["ascii", "wide"] {
+        for b in ["1", "2", "3", "4-7", "8-15", "16-31", "32-63", "64+"] {
+            names.push(format!("repeat[{w}][{b}]"));
+        }
+    }
     names
 }
 
@@ -244,6 +291,183 @@ impl Vocab {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Context costs. A letter of a word (and a combining mark in a punctuation run) costs what
+// tiktoken's tokens average for it in its context: the character, the two characters before it
+// in the word and its position (0, 1, 2, 3 or later; 4 and 5 for a mark opening or continuing a
+// punctuation run). The costs are the mean number of token boundaries at and inside such a
+// character in the calibration corpus (inside only for the first letter of a word and the first
+// mark of a run, whose piece-opening cost is a feature), looked up with back-off: the character
+// and both before it, then the one before it, then the character alone, then its letter class.
+// estimate_vocab/*.ctx hold them: little-endian records of a 32-bit key and a 16-bit cost in
+// 1/2^SCALE_BITS tokens, written by scripts/calibrate_estimator.py.
+
+const CTX_CL100K: &[u8] = include_bytes!("estimate_vocab/cl100k.ctx");
+const CTX_O200K: &[u8] = include_bytes!("estimate_vocab/o200k.ctx");
+/// Position bucket of a mark that opens a punctuation run, and of one that continues it.
+const CTX_MARK_FIRST: u8 = 4;
+const CTX_MARK_NEXT: u8 = 5;
+
+/// What a context cost depends on.
+pub struct Ctx {
+    pos: u8,
+    c: u32,
+    p1: u32,
+    p2: u32,
+    class: u8,
+}
+
+/// A context row for calibration: byte range of the character, position bucket, and the keys
+/// from the longest context to the letter class.
+type CtxRow = (usize, usize, (u8, [u32; 4]));
+
+/// A piece for calibration: byte range and the features it emits.
+type PieceRow = (usize, usize, Vec<u16>);
+
+#[inline(always)]
+fn ctx_key(level: u64, pos: u8, v: u64) -> u32 {
+    let mut h = (v ^ ((level << 3 | u64::from(pos)) << 59)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^= h >> 29;
+    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^= h >> 32;
+    (h as u32) | 1
+}
+
+impl Ctx {
+    /// A mark opening a punctuation run (or leading a word as its prefix).
+    #[inline(always)]
+    fn mark_first(c: u32, class: u8) -> Self {
+        Self {
+            pos: CTX_MARK_FIRST,
+            c,
+            p1: 0,
+            p2: 0,
+            class,
+        }
+    }
+
+    #[inline(always)]
+    fn key(&self, level: u64) -> u32 {
+        let v = match level {
+            3 => u64::from(self.c) | u64::from(self.p1) << 21 | u64::from(self.p2) << 42,
+            2 => u64::from(self.c) | u64::from(self.p1) << 21,
+            1 => u64::from(self.c),
+            _ => u64::from(self.class),
+        };
+        ctx_key(level, self.pos, v)
+    }
+
+    fn keys(&self) -> (u8, [u32; 4]) {
+        (
+            self.pos,
+            [self.key(3), self.key(2), self.key(1), self.key(0)],
+        )
+    }
+}
+
+/// Open-addressing map from context keys to costs, and the costs of ASCII letters after an ASCII
+/// character (or none) resolved down to the letter class, indexed by position, previous character
+/// and character, so that an ASCII letter needs one probe and one array read.
+struct CtxTable {
+    mask: usize,
+    keys: Vec<u32>,
+    costs: Vec<u16>,
+    ascii: Vec<u16>,
+}
+
+impl CtxTable {
+    fn build(raw: &[u8]) -> Self {
+        let n = raw.len() / 6;
+        let size = (n * 2).next_power_of_two().max(64);
+        let mut table = Self {
+            mask: size - 1,
+            keys: vec![0; size],
+            costs: vec![0; size],
+            ascii: Vec::new(),
+        };
+        for rec in raw.chunks_exact(6) {
+            let key = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) | 1;
+            let cost = u16::from_le_bytes([rec[4], rec[5]]);
+            let mut i = (key as usize).wrapping_mul(0x9E37_79B9) >> 7 & table.mask;
+            while table.keys[i] != 0 && table.keys[i] != key {
+                i = (i + 1) & table.mask;
+            }
+            table.keys[i] = key;
+            table.costs[i] = cost;
+        }
+        let mut ascii = vec![0; 4 * 128 * 128];
+        for pos in 0..4u8 {
+            for p1 in 0..128u32 {
+                for c in 0..128u32 {
+                    let class = match c as u8 {
+                        b'a'..=b'z' => L_ASCII_LOWER,
+                        b'A'..=b'Z' => L_ASCII_UPPER,
+                        _ => continue,
+                    };
+                    let ctx = Ctx {
+                        pos,
+                        c,
+                        p1,
+                        p2: 0,
+                        class: class as u8,
+                    };
+                    ascii[Self::ascii_index(&ctx)] = table.resolve(&ctx, 2);
+                }
+            }
+        }
+        table.ascii = ascii;
+        table
+    }
+
+    #[inline(always)]
+    fn ascii_index(ctx: &Ctx) -> usize {
+        (usize::from(ctx.pos) << 14) | ((ctx.p1 as usize) << 7) | ctx.c as usize
+    }
+
+    #[inline(always)]
+    fn get(&self, key: u32) -> Option<u16> {
+        let mut i = (key as usize).wrapping_mul(0x9E37_79B9) >> 7 & self.mask;
+        loop {
+            match self.keys[i] {
+                0 => return None,
+                k if k == key => return Some(self.costs[i]),
+                _ => i = (i + 1) & self.mask,
+            }
+        }
+    }
+
+    /// The cost of the longest context of `ctx` in the table, from `level` down.
+    #[inline(always)]
+    fn resolve(&self, ctx: &Ctx, level: u64) -> u16 {
+        for level in (0..=level).rev() {
+            if let Some(c) = self.get(ctx.key(level)) {
+                return c;
+            }
+        }
+        0
+    }
+
+    #[inline(always)]
+    fn cost(&self, ctx: &Ctx) -> u16 {
+        if let Some(c) = self.get(ctx.key(3)) {
+            return c;
+        }
+        if ctx.c < 128 && ctx.p1 < 128 && ctx.pos < 4 {
+            return self.ascii[Self::ascii_index(ctx)];
+        }
+        self.resolve(ctx, 2)
+    }
+
+    fn get_for(enc: Encoding) -> &'static Self {
+        static CL100K: OnceLock<CtxTable> = OnceLock::new();
+        static O200K: OnceLock<CtxTable> = OnceLock::new();
+        match enc {
+            Encoding::Cl100k => CL100K.get_or_init(|| Self::build(CTX_CL100K)),
+            Encoding::O200k => O200K.get_or_init(|| Self::build(CTX_O200K)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Character categories, as the tokenizer regexes see them.
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -312,21 +536,26 @@ fn letter_class(c: u32) -> usize {
         0x3005..=0x3007 | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xF900..=0xFAFF => L_HAN,
         0x20000..=0x3FFFF => L_HAN,
         0xAC00..=0xD7AF | 0x1100..=0x11FF | 0x3130..=0x318F | 0xA960..=0xA97F => L_HANGUL,
+        0x0900..=0x097F | 0xA8E0..=0xA8FF => L_DEVANAGARI,
+        0x0980..=0x09FF => L_BENGALI,
+        0x0A00..=0x0A7F => L_GURMUKHI,
+        0x0A80..=0x0AFF => L_GUJARATI,
+        0x0B00..=0x0B7F => L_ORIYA,
+        0x0B80..=0x0BFF => L_TAMIL,
+        0x0C00..=0x0C7F => L_TELUGU,
+        0x0C80..=0x0CFF => L_KANNADA,
+        0x0D00..=0x0D7F => L_MALAYALAM,
+        0x0D80..=0x0DFF => L_SINHALA,
+        0x0E00..=0x0E7F => L_THAI,
+        0x0E80..=0x0EFF => L_LAO,
+        0x0F00..=0x0FFF => L_TIBETAN,
+        0x1000..=0x109F | 0xA9E0..=0xA9FF | 0xAA60..=0xAA7F => L_MYANMAR,
+        0x10A0..=0x10FF | 0x1C90..=0x1CBF | 0x2D00..=0x2D2F => L_GEORGIAN,
+        0x0530..=0x058F | 0xFB13..=0xFB17 => L_ARMENIAN,
+        0x1200..=0x139F | 0x2D80..=0x2DDF | 0xAB00..=0xAB2F => L_ETHIOPIC,
+        0x1780..=0x17FF | 0x19E0..=0x19FF => L_KHMER,
         _ => L_OTHER,
     }
-}
-
-/// Combining marks of the common scripts (general category M).
-fn is_mark(c: u32) -> bool {
-    matches!(c,
-        0x0300..=0x036F | 0x0483..=0x0489 | 0x0591..=0x05BD | 0x05BF | 0x05C1..=0x05C2
-        | 0x05C4..=0x05C5 | 0x05C7 | 0x0610..=0x061A | 0x064B..=0x065F | 0x0670
-        | 0x06D6..=0x06DC | 0x06DF..=0x06E4 | 0x06E7..=0x06E8 | 0x06EA..=0x06ED
-        | 0x0900..=0x0903 | 0x093A..=0x093C | 0x093E..=0x094F | 0x0951..=0x0957
-        | 0x0962..=0x0963 | 0x0981..=0x0983 | 0x09BC | 0x09BE..=0x09CD | 0x0E31
-        | 0x0E34..=0x0E3A | 0x0E47..=0x0E4E | 0x1AB0..=0x1AFF | 0x1DC0..=0x1DFF
-        | 0x20D0..=0x20FF | 0x3099..=0x309A | 0xFE00..=0xFE0F | 0xFE20..=0xFE2F
-        | 0xE0100..=0xE01EF)
 }
 
 fn punct_class(c: u32) -> usize {
@@ -363,29 +592,46 @@ fn non_ascii_cat(c: u32) -> Cat {
     rare_cat(c)
 }
 
-/// Category of the characters outside the common ranges, from the Unicode tables.
-#[inline(never)]
-fn rare_cat(c: u32) -> Cat {
+/// Category of a character from the Unicode tables (general category and White_Space).
+fn unicode_cat(c: u32) -> Cat {
+    use unicode_general_category::{get_general_category, GeneralCategory as G};
     let Some(ch) = char::from_u32(c) else {
         return Cat::Punct(P_SYM4 as u8);
     };
-    if is_mark(c) {
-        Cat::Mark(letter_class(c) as u8, punct_class(c) as u8)
-    } else if ch.is_whitespace() {
-        Cat::Ws(W_OTHER as u8)
-    } else if ch.is_numeric() {
-        Cat::NumOther
-    } else if ch.is_alphabetic() {
-        let case = if ch.is_uppercase() {
-            Case::Upper
-        } else if ch.is_lowercase() {
-            Case::Lower
-        } else {
-            Case::Caseless
+    if ch.is_whitespace() {
+        return match c {
+            0x0D | 0x0A => Cat::Newline,
+            0x20 => Cat::Ws(W_SPACE as u8),
+            0x09 => Cat::Ws(W_TAB as u8),
+            _ => Cat::Ws(W_OTHER as u8),
         };
-        Cat::Letter(letter_class(c) as u8, case)
+    }
+    let class = letter_class(c) as u8;
+    match get_general_category(ch) {
+        G::UppercaseLetter | G::TitlecaseLetter => Cat::Letter(class, Case::Upper),
+        G::LowercaseLetter => Cat::Letter(class, Case::Lower),
+        G::ModifierLetter | G::OtherLetter => Cat::Letter(class, Case::Caseless),
+        G::NonspacingMark | G::SpacingMark | G::EnclosingMark => {
+            Cat::Mark(class, punct_class(c) as u8)
+        }
+        G::DecimalNumber | G::LetterNumber | G::OtherNumber => Cat::NumOther,
+        _ => Cat::Punct(punct_class(c) as u8),
+    }
+}
+
+/// Categories of the Basic Multilingual Plane, computed once.
+fn bmp_cats() -> &'static [Cat] {
+    static TABLE: OnceLock<Box<[Cat]>> = OnceLock::new();
+    TABLE.get_or_init(|| (0..0x1_0000u32).map(unicode_cat).collect())
+}
+
+/// Category of the characters outside the common ranges.
+#[inline(never)]
+fn rare_cat(c: u32) -> Cat {
+    if c < 0x1_0000 {
+        bmp_cats()[c as usize]
     } else {
-        Cat::Punct(punct_class(c) as u8)
+        unicode_cat(c)
     }
 }
 
@@ -431,12 +677,15 @@ fn cat_at(b: &[u8], i: usize) -> (Cat, u32, usize) {
 
 trait Sink {
     fn add(&mut self, feature: usize);
+    /// A character costed by its context (table lookup); at byte `start`, `len` bytes long.
+    fn ctx(&mut self, ctx: &Ctx, start: usize, len: usize);
     fn piece(&mut self, _start: usize, _end: usize) {}
 }
 
 /// Sums the costs of the features: the estimator's hot loop.
 struct Total<'a> {
     costs: &'a [u32; N_FEATURES],
+    table: &'a CtxTable,
     sum: u64,
 }
 
@@ -445,17 +694,25 @@ impl Sink for Total<'_> {
     fn add(&mut self, feature: usize) {
         self.sum += u64::from(self.costs[feature]);
     }
+    #[inline(always)]
+    fn ctx(&mut self, ctx: &Ctx, _start: usize, _len: usize) {
+        self.sum += u64::from(self.table.cost(ctx));
+    }
 }
 
 /// Records the pieces and their features, for calibration.
 struct Pieces {
     out: Vec<(usize, usize, Vec<u16>)>,
     current: Vec<u16>,
+    contexts: Vec<CtxRow>,
 }
 
 impl Sink for Pieces {
     fn add(&mut self, feature: usize) {
         self.current.push(feature as u16);
+    }
+    fn ctx(&mut self, ctx: &Ctx, start: usize, len: usize) {
+        self.contexts.push((start, start + len, ctx.keys()));
     }
     fn piece(&mut self, start: usize, end: usize) {
         self.out
@@ -533,6 +790,9 @@ impl<const O200K: bool> Scanner<'_, O200K> {
                         i + 1 + k
                     } else if self.next_is_letter(i + len) {
                         sink.add(F_PUNCT + p * PUNCT_POS);
+                        if let Cat::Mark(class, _) = cat {
+                            sink.ctx(&Ctx::mark_first(c, class), i, len);
+                        }
                         self.word(i + len, PREFIX_OTHER, sink)
                     } else {
                         self.punct(i, false, sink)
@@ -596,12 +856,20 @@ impl<const O200K: bool> Scanner<'_, O200K> {
     fn letters<S: Sink>(&self, mut i: usize, prefix: usize, sink: &mut S) -> usize {
         let b = self.b;
         let n = b.len();
-        let mut pos = 0usize;
         let mut prev = Case::Caseless;
         let mut seen_lower = false;
         let mut first = true;
+        // The context of each letter: its position (0, 1, 2, 3 or later) and the two characters
+        // before it in the word (the kind of prefix before the first one).
+        let mut ctx = Ctx {
+            pos: 0,
+            c: 0,
+            p1: prefix as u32,
+            p2: 0,
+            class: 0,
+        };
         while i < n {
-            let (cat, _, len) = cat_at(b, i);
+            let (cat, c, len) = cat_at(b, i);
             let (class, case) = match cat {
                 Cat::Letter(class, case) => (usize::from(class), case),
                 Cat::Mark(class, _) if O200K => (usize::from(class), Case::Caseless),
@@ -618,11 +886,13 @@ impl<const O200K: bool> Scanner<'_, O200K> {
                 first = false;
             } else if case == Case::Upper && prev == Case::Lower {
                 sink.add(F_HUMP);
-                pos = 0;
-            } else {
-                pos += 1;
-                sink.add(F_WORD_INC + class * WORD_POS + pos.min(WORD_POS) - 1);
             }
+            ctx.c = c;
+            ctx.class = class as u8;
+            sink.ctx(&ctx, i, len);
+            ctx.pos = (ctx.pos + 1).min(3);
+            ctx.p2 = ctx.p1;
+            ctx.p1 = c;
             prev = case;
             i += len;
         }
@@ -669,17 +939,38 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         let b = self.b;
         let n = b.len();
         let mut pos = 0usize;
+        let mut prev = u32::MAX;
         while i < n {
-            let (cat, _, len) = cat_at(b, i);
+            let (cat, c, len) = cat_at(b, i);
             let (Cat::Punct(p) | Cat::Mark(_, p)) = cat else {
                 break;
             };
             let p = usize::from(p);
-            if pos == 0 && after_space {
-                sink.add(F_PUNCT_SP + p);
+            if pos == 0 {
+                if after_space {
+                    sink.add(F_PUNCT_SP + p);
+                } else {
+                    sink.add(F_PUNCT + p * PUNCT_POS);
+                }
+                if let Cat::Mark(class, _) = cat {
+                    sink.ctx(&Ctx::mark_first(c, class), i, len);
+                }
+            } else if let Cat::Mark(class, _) = cat {
+                let ctx = Ctx {
+                    pos: CTX_MARK_NEXT,
+                    c,
+                    p1: prev,
+                    p2: 0,
+                    class,
+                };
+                sink.ctx(&ctx, i, len);
+            } else if c == prev && c < 0x1_0000 {
+                let wide = usize::from(c >= 0x80);
+                sink.add(F_REPEAT + wide * N_REPEAT + repeat_bucket(pos));
             } else {
                 sink.add(F_PUNCT + p * PUNCT_POS + pos.min(PUNCT_POS - 1));
             }
+            prev = c;
             pos += 1;
             i += len;
         }
@@ -756,6 +1047,7 @@ fn scan<S: Sink>(text: &str, enc: Encoding, sink: &mut S) {
 pub fn estimate_text(text: &str, enc: Encoding) -> u64 {
     let mut total = Total {
         costs: enc.costs(),
+        table: CtxTable::get_for(enc),
         sum: 0,
     };
     scan(text, enc, &mut total);
@@ -764,12 +1056,18 @@ pub fn estimate_text(text: &str, enc: Encoding) -> u64 {
 
 /// The pieces of `text` (byte ranges) and the features each emits, for calibration.
 pub fn pieces(text: &str, enc: Encoding) -> Vec<(usize, usize, Vec<u16>)> {
+    pieces_and_contexts(text, enc).0
+}
+
+/// The pieces of `text` and the context rows of the characters costed by context.
+pub fn pieces_and_contexts(text: &str, enc: Encoding) -> (Vec<PieceRow>, Vec<CtxRow>) {
     let mut sink = Pieces {
         out: Vec::new(),
         current: Vec::new(),
+        contexts: Vec::new(),
     };
     scan(text, enc, &mut sink);
-    sink.out
+    (sink.out, sink.contexts)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -922,6 +1220,15 @@ fn py_estimate_pieces(
     Ok(pieces(&utf8(text), enc))
 }
 
+/// The characters costed by context as `(byte_start, byte_end, (position, keys))`, for
+/// calibration.
+#[pyfunction]
+#[pyo3(name = "_estimate_contexts", signature = (text, encoding = "cl100k"))]
+fn py_estimate_contexts(text: &Bound<'_, PyString>, encoding: &str) -> PyResult<Vec<CtxRow>> {
+    let enc = parse_encoding(encoding)?;
+    Ok(pieces_and_contexts(&utf8(text), enc).1)
+}
+
 /// Names of the estimator's features, indexed like its cost tables.
 #[pyfunction]
 #[pyo3(name = "_estimate_feature_names")]
@@ -933,6 +1240,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_estimate_text, m)?)?;
     m.add_function(wrap_pyfunction!(py_estimate_messages, m)?)?;
     m.add_function(wrap_pyfunction!(py_estimate_pieces, m)?)?;
+    m.add_function(wrap_pyfunction!(py_estimate_contexts, m)?)?;
     m.add_function(wrap_pyfunction!(py_estimate_feature_names, m)?)?;
     Ok(())
 }

@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import struct
 import sys
 from collections import defaultdict
-from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,36 +52,136 @@ ANALOGS = {
 }
 
 
-def load_corpus(split: str | None) -> list[dict[str, object]]:
-    rows = [json.loads(line) for line in CORPUS.read_text(encoding="utf-8").splitlines()]
-    return [r for r in rows if split is None or r["split"] == split]
+def load_corpus(extra: list[Path]) -> list[dict[str, object]]:
+    """The hand-written corpus (splits calib/eval) and the built ones (calib/heldout)."""
+    rows = []
+    for path in [CORPUS, *extra]:
+        rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return rows
 
 
-def piece_rows(text: str, key: str, enc: object) -> list[tuple[tuple[int, ...], int]]:
-    """(feature counts as a sorted tuple of ids, exact tokens) for each piece of ``text``."""
-    raw = text.encode()
-    out = []
-    for start, end, feats in _core._estimate_pieces(text, key):
-        tokens = len(enc.encode_ordinary(raw[start:end].decode()))  # type: ignore[attr-defined]
-        out.append((tuple(sorted(feats)), tokens))
-    return out
+def boundaries(text: str, enc: object) -> np.ndarray:
+    """Byte offsets where tiktoken's tokens of ``text`` start, and its length in bytes."""
+    lengths = [len(b) for b in enc.decode_tokens_bytes(enc.encode_ordinary(text))]  # type: ignore[attr-defined]
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
+# Sets weighed more than one language each: most text sent to a model is English, code or JSON.
+HEAVY = {"english": 8.0, "python": 4.0, "javascript": 4.0, "rust": 4.0, "go": 4.0, "c": 4.0}
+HEAVY |= {"json": 4.0, "en@quot": 2.0, "en@boldquot": 2.0}
+# The hand-written prose of tests/data/corpus.jsonl: running text, not interface strings.
+HEAVY |= dict.fromkeys(["german", "french", "spanish", "russian", "arabic", "emoji"], 6.0)
+HEAVY |= dict.fromkeys(["korean", "chinese", "japanese"], 3.0)
+
+
+def lang_weights(rows: list[dict[str, object]]) -> dict[str, float]:
+    """Each language weighs the same in the fit, whatever its amount of text (HEAVY apart)."""
+    chars: dict[str, int] = defaultdict(int)
+    for r in rows:
+        chars[str(r["lang"])] += len(str(r["text"]))
+    return {lang: HEAVY.get(lang, 1.0) * 1e6 / n for lang, n in chars.items()}
+
+
+Stats = list[dict[int, list[float]]]
+
+
+def context_stats(rows: list[dict[str, object]], key: str, enc: object) -> tuple[Stats, Stats]:
+    """Per back-off level (0: the character and two before it ... 3: the letter class), the
+    weighted sum of values, weight and count of every context seen, and each context's parent
+    (the next shorter one).
+
+    A character's value is the number of token boundaries inside it, plus one when a token starts
+    at it and it is not the first letter of its word or the first mark of its run."""
+    weights = lang_weights(rows)
+    acc: Stats = [defaultdict(lambda: [0.0, 0.0, 0.0]) for _ in range(4)]
+    parent: Stats = [{} for _ in range(4)]
+    for r in rows:
+        text = str(r["text"])
+        w = weights[str(r["lang"])]
+        starts = boundaries(text, enc)
+        rows_ctx = _core._estimate_contexts(text, key)
+        if not rows_ctx:
+            continue
+        se = np.array([(s, e) for s, e, _ in rows_ctx], dtype=np.int64)
+        lo = np.searchsorted(starts, se[:, 0])
+        hi = np.searchsorted(starts, se[:, 1])
+        begins = (lo < len(starts)) & (starts[np.minimum(lo, len(starts) - 1)] == se[:, 0])
+        values = hi - lo
+        for (_, _, (pos, keys)), v, b in zip(
+            rows_ctx, values.tolist(), begins.tolist(), strict=True
+        ):
+            if pos in (0, 4) and b:
+                v -= 1
+            for level, k in enumerate(keys):
+                a = acc[level][k]
+                a[0] += w * v
+                a[1] += w
+                a[2] += 1
+                if level < 3:
+                    parent[level][k] = keys[level + 1]  # type: ignore[assignment]
+    return acc, parent
+
+
+MIN_COUNT = (4, 3, 1, 1)  # times a context must be seen to be kept, per level
+MIN_MOVE = (0.12, 0.08, 0.0, 0.0)  # tokens it must differ from its back-off by
+
+
+def prune_table(acc: Stats, parent: Stats) -> dict[int, int]:
+    """The contexts worth keeping, as fixed-point costs: every letter class and character seen,
+    and a longer context only where it was seen often enough and moves the cost."""
+    kept: dict[int, float] = {}
+    effective: list[dict[int, float]] = [{} for _ in range(4)]
+    for level in (3, 2, 1, 0):
+        for k, (vw, w, n) in acc[level].items():
+            value = vw / w
+            base = value if level == 3 else effective[level + 1][parent[level][k]]  # type: ignore[index]
+            if n >= MIN_COUNT[level] and (level == 3 or abs(value - base) >= MIN_MOVE[level]):
+                kept[k] = value
+                effective[level][k] = value
+            else:
+                effective[level][k] = base
+    return {k: min(round(v * SCALE), 0xFFFF) for k, v in kept.items()}
+
+
+def write_table(table: dict[int, int], key: str) -> None:
+    path = VOCAB_DIR / f"{key}.ctx"
+    with path.open("wb") as f:
+        for k in sorted(table):
+            f.write(struct.pack("<IH", k, table[k]))
+    print(f"wrote {len(table)} contexts to {path}")
+
+
+def table_cost(table: dict[int, int], keys: list[int]) -> int:
+    for k in keys:
+        if k in table:
+            return table[k]
+    return 0
 
 
 def fit(
-    rows: list[dict[str, object]], key: str, enc: object, n: int
+    rows: list[dict[str, object]], key: str, enc: object, n: int, table: dict[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares costs (in tokens, bounded below) and how often each feature was seen."""
-    lang_tokens: dict[str, int] = defaultdict(int)
-    for r in rows:
-        lang_tokens[str(r["lang"])] += int(r[key])  # type: ignore[call-overload]
+    """Least-squares feature costs (in tokens, bounded below) for what the context costs leave,
+    and how often each feature was seen."""
+    weights = lang_weights(rows)
     groups: dict[tuple[int, ...], list[float]] = defaultdict(lambda: [0.0, 0.0])
     seen = np.zeros(n)
     for r in rows:
-        w = 1.0 / lang_tokens[str(r["lang"])]
-        for feats, tokens in piece_rows(str(r["text"]), key, enc):
-            g = groups[feats]
+        text = str(r["text"])
+        w = weights[str(r["lang"])]
+        starts = boundaries(text, enc)
+        pieces = _core._estimate_pieces(text, key)
+        ctx_rows = _core._estimate_contexts(text, key)
+        ci = 0
+        for start, end, feats in pieces:
+            tokens = int(np.searchsorted(starts, end) - np.searchsorted(starts, start))
+            offset = 0
+            while ci < len(ctx_rows) and ctx_rows[ci][0] < end:
+                offset += table_cost(table, list(ctx_rows[ci][2][1]))
+                ci += 1
+            g = groups[tuple(sorted(feats))]
             g[0] += w
-            g[1] += w * tokens
+            g[1] += w * (tokens - offset / SCALE)
             for f in feats:
                 seen[f] += 1
     a = np.zeros((len(groups), n))
@@ -178,43 +279,12 @@ def write_vocab(encs: dict[str, object], spaced: int, bare: int) -> None:
         print(f"wrote {len(words)} words to {VOCAB_DIR / f'{key}.txt'}")
 
 
-def estimate(fixed: np.ndarray, text: str, key: str) -> int:
-    """The Rust estimator's arithmetic, with the given fixed-point costs."""
-    total = sum(int(fixed[f]) for _, _, feats in _core._estimate_pieces(text, key) for f in feats)
-    return (total + SCALE // 2) >> SCALE_BITS
-
-
-def mre(rows: list[dict[str, object]], key: str, count: Callable[[str], int]) -> float:
-    """Mean over samples of |count - exact| / exact."""
-    errs = [abs(count(str(r["text"])) - int(r[key])) / int(r[key]) for r in rows]  # type: ignore[call-overload]
-    return sum(errs) / len(errs)
-
-
-def report(tables: dict[str, np.ndarray], rows: list[dict[str, object]]) -> None:
-    for split in ("calib", "eval"):
-        print(f"\nmean relative error per sample, split={split}")
-        print(f"{'lang':12s} {'cl100k':>8s} {'o200k':>8s} {'len//4 cl':>10s} {'len//4 o':>9s}")
-        by_lang: dict[str, list[dict[str, object]]] = defaultdict(list)
-        for r in rows:
-            if r["split"] == split:
-                by_lang[str(r["lang"])].append(r)
-        for lang, rs in by_lang.items():
-            cells = []
-            for key in ("cl100k", "o200k"):
-                err = mre(rs, key, lambda text, key=key: estimate(tables[key], text, key))
-                cells.append(f"{100 * err:7.1f}%")
-            cells += [
-                f"{100 * mre(rs, key, lambda text: len(text) // 4):8.1f}%"
-                for key in ("cl100k", "o200k")
-            ]
-            print(f"{lang:12s} " + " ".join(cells))
-
-
 def write(tables: dict[str, np.ndarray], names: list[str]) -> None:
     lines = [
         "//! Costs of the estimator's features, in 1/2^SCALE_BITS tokens.",
         "//!",
-        "//! Generated by scripts/calibrate_estimator.py from tests/data/corpus.jsonl.",
+        "//! Generated by scripts/calibrate_estimator.py (tests/data/corpus.jsonl and the",
+        "//! corpus of scripts/build_estimator_corpus.py); context costs in estimate_vocab/*.ctx.",
         "",
         f"pub const SCALE_BITS: u32 = {SCALE_BITS};",
     ]
@@ -226,10 +296,31 @@ def write(tables: dict[str, np.ndarray], names: list[str]) -> None:
     print(f"wrote {OUT}")
 
 
+def fit_encoding(key: str, extra: list[Path], split: str) -> tuple[dict[int, int], np.ndarray]:
+    """The context costs and the feature costs (fixed point) of one encoding."""
+    encs = load_encodings()
+    assert encs is not None
+    enc = encs[key]
+    names = list(_core._estimate_feature_names())
+    train = [r for r in load_corpus(extra) if split == "all" or r["split"] == split]
+    acc, parent = context_stats(train, key, enc)
+    table = prune_table(acc, parent)
+    coef, seen = fit(train, key, enc, len(names), table)
+    fill_unseen(coef, seen, names)
+    constrain(coef, names)
+    return table, np.round(coef * SCALE).astype(np.int64)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "corpus",
+        type=Path,
+        nargs="*",
+        help="built corpora (scripts/build_estimator_corpus.py) to fit on besides "
+        "tests/data/corpus.jsonl",
+    )
     parser.add_argument("--split", default="calib", help="split to fit on ('all' for every sample)")
-    parser.add_argument("--dry-run", action="store_true", help="report, do not rewrite the costs")
     parser.add_argument(
         "--vocab",
         type=int,
@@ -247,17 +338,15 @@ def main() -> None:
         write_vocab(encs, *args.vocab)
         return
     names = list(_core._estimate_feature_names())
-    rows = load_corpus(None)
-    train = [r for r in rows if args.split == "all" or r["split"] == args.split]
+    keys = list(encs)
+    with ProcessPoolExecutor(len(keys)) as pool:
+        results = list(pool.map(fit_encoding, keys, [args.corpus] * 2, [args.split] * 2))
     tables = {}
-    for key, enc in encs.items():
-        coef, seen = fit(train, key, enc, len(names))
-        fill_unseen(coef, seen, names)
-        constrain(coef, names)
-        tables[key] = np.round(coef * SCALE).astype(np.int64)
-    report(tables, rows)
-    if not args.dry_run:
-        write(tables, names)
+    for key, (table, coef) in zip(keys, results, strict=True):
+        write_table(table, key)
+        tables[key] = coef
+    write(tables, names)
+    print("rebuild the extension, then: python scripts/estimator_table.py CORPUS.jsonl")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ __all__ = [
     "Usage",
     "__version__",
     "_estimate_feature_names",
+    "_estimate_contexts",
     "_estimate_pieces",
     "call_modifiers",
     "current_cycle",
@@ -58,6 +59,9 @@ def estimate_messages(messages: list[Any], encoding: str = "cl100k") -> int:
     that is not a dict, or a ``role``/``name``/``content`` of the wrong type.
     """
 
+def _estimate_contexts(
+    text: str, encoding: str = "cl100k"
+) -> list[tuple[int, int, tuple[int, list[int]]]]: ...
 def _estimate_pieces(text: str, encoding: str = "cl100k") -> list[tuple[int, int, list[int]]]:
     """The estimator's pieces as ``(byte_start, byte_end, feature_ids)``, for calibration."""
 
