@@ -4,10 +4,13 @@
 //! each piece, so a token never spans two pieces. The estimator reproduces the pre-tokenizer of
 //! `cl100k_base` / `o200k_base` exactly (contractions, letter runs with one leading character,
 //! groups of up to three digits, punctuation runs with trailing newlines, whitespace runs), and
-//! replaces BPE by a cost per piece: a sum of calibrated, non-negative per-character costs that
-//! depend on the character's class (ASCII lower/upper, Latin with diacritics, Cyrillic, Han,
-//! kana, Hangul, emoji, ...) and its position in the piece. The costs are fitted against tiktoken
-//! by `scripts/calibrate_estimator.py` and live in `estimate_coef.rs` as fixed-point integers.
+//! replaces BPE by a cost per piece: a word that is a token of the vocabulary (or a prefix of
+//! one) costs one listed word; other letters, combining marks and repeated punctuation cost by
+//! their context (the character, the one before it and the position, back-off to the class);
+//! everything else is a sum of calibrated, non-negative features of the character's class and
+//! position in the piece. The costs are fitted against tiktoken by
+//! `scripts/calibrate_estimator.py` and live in `estimate_coef.rs` (features, fixed point) and
+//! `estimate_vocab/` (word lists, context costs).
 //!
 //! Because every cost is non-negative, a piece never gets cheaper as it grows, and a character
 //! that joins the next piece (a space or a bracket before a word) keeps the cost it had alone,
@@ -153,20 +156,20 @@ const PUNCT_POS: usize = 9;
 const WS_POS: usize = 9;
 
 const F_WORD_FIRST: usize = 0; // [prefix][letter class]
-const F_HUMP: usize = F_WORD_FIRST + N_PREFIX * N_LETTER; // lower-to-upper in a word (cl100k)
+const F_HUMP: usize = F_WORD_FIRST + N_PREFIX * N_LETTER; // a camelCase segment (cl100k)
 const F_CONTRACTION: usize = F_HUMP + 1; // 's 't 're 've 'm 'll 'd, after the apostrophe
 const F_DIGITS: usize = F_CONTRACTION + 1; // one group of up to three digits
 const F_NUM_OTHER: usize = F_DIGITS + 1; // each non-ASCII numeric character of a group
 const F_PUNCT: usize = F_NUM_OTHER + 1; // [punct class][pos]
 const F_PUNCT_SP: usize = F_PUNCT + N_PUNCT * PUNCT_POS; // [punct class], first after a space
 const F_WS: usize = F_PUNCT_SP + N_PUNCT; // [ws class][pos in segment]
-const F_VOCAB: usize = F_WS + N_WS * WS_POS; // [prefix none/space]: a listed ASCII word
-const F_REPEAT: usize = F_VOCAB + 2; // [ascii/wide][bucket]: punctuation repeating the previous
-pub const N_FEATURES: usize = F_REPEAT + 2 * N_REPEAT;
+const F_VOCAB: usize = F_WS + N_WS * WS_POS; // [prefix]: a listed word
+pub const N_FEATURES: usize = F_VOCAB + N_PREFIX;
 
 /// Buckets of the position in a run of a repeated punctuation character: 1, 2, 3, 4-7, 8-15,
-/// 16-31, 32-63, 64 and later.
-const N_REPEAT: usize = 8;
+/// 16-31, 32-63, 64-127, 128-255, 256 and later. A repeated character is costed by its context
+/// (the character and its bucket, back-off to ASCII or not and the bucket).
+const N_REPEAT: usize = 10;
 
 #[inline(always)]
 fn repeat_bucket(pos: usize) -> usize {
@@ -205,79 +208,69 @@ pub fn feature_names() -> Vec<String> {
             names.push(format!("ws[{w}][{pos}]"));
         }
     }
-    names.push("vocab[none]".to_owned());
-    names.push("vocab[space]".to_owned());
-    for w in ["ascii", "wide"] {
-        for b in ["1", "2", "3", "4-7", "8-15", "16-31", "32-63", "64+"] {
-            names.push(format!("repeat[{w}][{b}]"));
-        }
+    for p in PREFIX_NAMES {
+        names.push(format!("vocab[{p}]"));
     }
     names
 }
 
 // ---------------------------------------------------------------------------------------------
-// Word lists. Frequent ASCII words are single tokens whatever their length, which per-character
-// costs cannot tell from rare words of the same length. Each encoding ships the ASCII words of
-// its vocabulary with the lowest ranks (estimate_vocab/*.txt, one per line, a leading space
-// when the token starts with one). A word costs `vocab[prefix]` when it is one of them *or a
+// Word lists. A word that is one token of the vocabulary is one token whatever its length, which
+// per-character costs cannot tell from a rare word of the same length. Each encoding ships every
+// token of its vocabulary made of letters only (`\p{L}`, and `\p{M}` for o200k), with or without
+// a leading space, in every script (estimate_vocab/*.words, written by
+// scripts/calibrate_estimator.py). A word costs `vocab[prefix]` when it is one of them *or a
 // prefix of one*: that set is closed under prefixes, so a growing word can leave it but never
 // come back, and the estimate stays monotone.
+//
+// The file is the sorted list, front-coded: per word, the number of leading bytes it shares with
+// the previous word, the number of bytes that follow, then those bytes. Only 32-bit fingerprints
+// of the hashes of every prefix are kept in memory.
 
-const VOCAB_CL100K: &str = include_str!("estimate_vocab/cl100k.txt");
-const VOCAB_O200K: &str = include_str!("estimate_vocab/o200k.txt");
+const VOCAB_CL100K: &[u8] = include_bytes!("estimate_vocab/cl100k.words");
+const VOCAB_O200K: &[u8] = include_bytes!("estimate_vocab/o200k.words");
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-const FNV_SEED: [u64; 2] = [0xcbf2_9ce4_8422_2325, 0x8422_2325_cbf2_9ce4];
+const FNV_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+/// The hash after a leading space.
+const FNV_SPACE: u64 = (FNV_SEED ^ 0x20).wrapping_mul(FNV_PRIME);
 
-/// Open-addressing set of 32-bit fingerprints of (prefix kind, word) hashes.
-struct Vocab {
-    mask: usize,
-    slots: Vec<u32>,
+#[inline(always)]
+fn fnv(h: u64, byte: u8) -> u64 {
+    (h ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
 }
 
+/// Set of 32-bit fingerprints of word (and word prefix) hashes, in buckets of half a cache line:
+/// a lookup compares the 8 fingerprints of its bucket at once (vectorised, no branch per slot),
+/// and reads the next bucket only when its own is full.
+struct Vocab {
+    mask: usize,
+    buckets: Vec<Bucket>,
+}
+
+const BUCKET: usize = 8;
+
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct Bucket([u32; BUCKET]);
+
 impl Vocab {
-    fn build(list: &str) -> Self {
+    fn build(raw: &[u8]) -> Self {
+        // Every prefix of a word is a key: as many keys as bytes not shared with the word before.
         let mut keys = Vec::new();
-        for line in list.lines() {
-            let (seed, word) = match line.strip_prefix(' ') {
-                Some(w) => (FNV_SEED[PREFIX_SPACE], w),
-                None => (FNV_SEED[PREFIX_NONE], line),
-            };
-            let mut h = seed;
-            for &byte in word.as_bytes() {
-                h = (h ^ u64::from(byte)).wrapping_mul(FNV_PRIME);
+        let mut hashes = vec![FNV_SEED];
+        let mut i = 0;
+        while i + 1 < raw.len() {
+            let shared = usize::from(raw[i]);
+            let len = usize::from(raw[i + 1]);
+            hashes.truncate(shared + 1);
+            for &byte in &raw[i + 2..i + 2 + len] {
+                let h = fnv(*hashes.last().unwrap_or(&FNV_SEED), byte);
+                hashes.push(h);
                 keys.push(h);
             }
+            i += 2 + len;
         }
-        let size = (keys.len() * 2).next_power_of_two().max(64);
-        let mut vocab = Self {
-            mask: size - 1,
-            slots: vec![0; size],
-        };
-        for h in keys {
-            let (mut i, fp) = vocab.slot(h);
-            while vocab.slots[i] != 0 && vocab.slots[i] != fp {
-                i = (i + 1) & vocab.mask;
-            }
-            vocab.slots[i] = fp;
-        }
-        vocab
-    }
-
-    #[inline(always)]
-    fn slot(&self, h: u64) -> (usize, u32) {
-        (((h >> 32) as usize) & self.mask, (h as u32) | 1)
-    }
-
-    #[inline]
-    fn contains(&self, h: u64) -> bool {
-        let (mut i, fp) = self.slot(h);
-        loop {
-            match self.slots[i] {
-                0 => return false,
-                x if x == fp => return true,
-                _ => i = (i + 1) & self.mask,
-            }
-        }
+        Self::new(&keys)
     }
 
     fn get(enc: Encoding) -> &'static Self {
@@ -286,6 +279,54 @@ impl Vocab {
         match enc {
             Encoding::Cl100k => CL100K.get_or_init(|| Self::build(VOCAB_CL100K)),
             Encoding::O200k => O200K.get_or_init(|| Self::build(VOCAB_O200K)),
+        }
+    }
+
+    /// A set of `keys`, about `BUCKET / 2` per bucket.
+    fn new(keys: &[u64]) -> Self {
+        let size = (keys.len() * 2 / BUCKET).next_power_of_two().max(4);
+        let mut vocab = Self {
+            mask: size - 1,
+            buckets: vec![Bucket([0; BUCKET]); size],
+        };
+        for &h in keys {
+            vocab.insert(h);
+        }
+        vocab
+    }
+
+    #[inline(always)]
+    fn slot(&self, h: u64) -> (usize, u32) {
+        (
+            ((h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize) & self.mask,
+            (h as u32) | 1,
+        )
+    }
+
+    fn insert(&mut self, h: u64) {
+        let (mut i, fp) = self.slot(h);
+        loop {
+            let bucket = &mut self.buckets[i].0;
+            if let Some(free) = bucket.iter().position(|&x| x == 0 || x == fp) {
+                bucket[free] = fp;
+                return;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    #[inline(always)]
+    fn contains(&self, h: u64) -> bool {
+        let (mut i, fp) = self.slot(h);
+        loop {
+            let bucket = &self.buckets[i].0;
+            if bucket.iter().fold(false, |hit, &x| hit | (x == fp)) {
+                return true;
+            }
+            if bucket[BUCKET - 1] == 0 {
+                return false;
+            }
+            i = (i + 1) & self.mask;
         }
     }
 }
@@ -306,6 +347,14 @@ const CTX_O200K: &[u8] = include_bytes!("estimate_vocab/o200k.ctx");
 /// Position bucket of a mark that opens a punctuation run, and of one that continues it.
 const CTX_MARK_FIRST: u8 = 4;
 const CTX_MARK_NEXT: u8 = 5;
+/// What stands before the first letter of a cl100k camelCase segment after the first (the
+/// prefix kinds are 0 to 2).
+const CTX_AFTER_HUMP: u32 = 3;
+/// Position bucket of a punctuation character repeating the one before it.
+const CTX_REPEAT: u8 = 6;
+/// The longest context of a character of the BMP other than ASCII: 2 (the character and the one
+/// before it) or 1 (the character alone).
+const BMP_LEVEL: u64 = 2;
 
 /// What a context cost depends on.
 pub struct Ctx {
@@ -356,33 +405,74 @@ impl Ctx {
         ctx_key(level, self.pos, v)
     }
 
+    /// Whether the cost is read from the dense ASCII table (`CtxTable::ascii`), which stops at the
+    /// character and the one before it.
+    #[inline(always)]
+    fn is_ascii(&self) -> bool {
+        self.c < 128 && self.p1 < 128 && self.pos < 4
+    }
+
+    /// Whether the cost is read from the dense table of repeated ASCII characters.
+    #[inline(always)]
+    fn is_ascii_repeat(&self) -> bool {
+        self.pos == CTX_REPEAT && self.c & 0xFF_FFFF < 128
+    }
+
+    /// The keys from the longest context to the letter class; the contexts read from a dense
+    /// table have no longer one than the character and the one before it.
     fn keys(&self) -> (u8, [u32; 4]) {
+        let longest = if self.is_ascii() || self.is_ascii_repeat() {
+            2
+        } else if self.is_bmp() {
+            BMP_LEVEL
+        } else if self.pos < CTX_REPEAT {
+            1
+        } else {
+            3
+        };
         (
             self.pos,
-            [self.key(3), self.key(2), self.key(1), self.key(0)],
+            [
+                self.key(longest),
+                self.key(longest.min(2)),
+                self.key(1),
+                self.key(0),
+            ],
         )
+    }
+
+    /// Whether the character is in the BMP (and not a repeat): its cost is read from a dense
+    /// table of the character alone, after a probe for the context of `BMP_LEVEL`.
+    #[inline(always)]
+    fn is_bmp(&self) -> bool {
+        self.c < 0x1_0000 && self.pos < CTX_REPEAT
     }
 }
 
-/// Open-addressing map from context keys to costs, and the costs of ASCII letters after an ASCII
-/// character (or none) resolved down to the letter class, indexed by position, previous character
-/// and character, so that an ASCII letter needs one probe and one array read.
+/// Open-addressing map from context keys to costs, and two dense tables resolved down to the class:
+/// ASCII letters after an ASCII character (or none), by position, previous character and
+/// character, and repeated ASCII punctuation, by bucket and character; so that an ASCII letter or
+/// a repeated ASCII character needs one array read (and no context longer than two characters).
 struct CtxTable {
     mask: usize,
     keys: Vec<u32>,
     costs: Vec<u16>,
     ascii: Vec<u16>,
+    repeat: Vec<u16>,
+    bmp: Vec<u16>,
 }
 
 impl CtxTable {
     fn build(raw: &[u8]) -> Self {
         let n = raw.len() / 6;
-        let size = (n * 2).next_power_of_two().max(64);
+        let size = (n * 4).next_power_of_two().max(64);
         let mut table = Self {
             mask: size - 1,
             keys: vec![0; size],
             costs: vec![0; size],
             ascii: Vec::new(),
+            repeat: Vec::new(),
+            bmp: Vec::new(),
         };
         for rec in raw.chunks_exact(6) {
             let key = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) | 1;
@@ -415,7 +505,40 @@ impl CtxTable {
             }
         }
         table.ascii = ascii;
+        let mut repeat = vec![0; N_REPEAT << 7];
+        for bucket in 0..N_REPEAT as u32 {
+            for c in 0..128u32 {
+                let ctx = Ctx {
+                    pos: CTX_REPEAT,
+                    c: c | bucket << 24,
+                    p1: 0,
+                    p2: 0,
+                    class: bucket as u8,
+                };
+                repeat[Self::repeat_index(&ctx)] = table.resolve(&ctx, 2);
+            }
+        }
+        table.repeat = repeat;
+        let mut bmp = vec![0; usize::from(CTX_REPEAT) << 16];
+        for pos in 0..CTX_REPEAT {
+            for c in 0..0x1_0000u32 {
+                let ctx = Ctx {
+                    pos,
+                    c,
+                    p1: 0,
+                    p2: 0,
+                    class: letter_class(c) as u8,
+                };
+                bmp[usize::from(pos) << 16 | c as usize] = table.resolve(&ctx, 1);
+            }
+        }
+        table.bmp = bmp;
         table
+    }
+
+    #[inline(always)]
+    fn repeat_index(ctx: &Ctx) -> usize {
+        ((ctx.c >> 24) as usize) << 7 | (ctx.c & 0x7F) as usize
     }
 
     #[inline(always)]
@@ -448,13 +571,25 @@ impl CtxTable {
 
     #[inline(always)]
     fn cost(&self, ctx: &Ctx) -> u16 {
-        if let Some(c) = self.get(ctx.key(3)) {
-            return c;
-        }
-        if ctx.c < 128 && ctx.p1 < 128 && ctx.pos < 4 {
+        if ctx.is_ascii() {
             return self.ascii[Self::ascii_index(ctx)];
         }
-        self.resolve(ctx, 2)
+        if ctx.is_ascii_repeat() {
+            return self.repeat[Self::repeat_index(ctx)];
+        }
+        if ctx.is_bmp() {
+            if BMP_LEVEL >= 2 {
+                if let Some(c) = self.get(ctx.key(2)) {
+                    return c;
+                }
+            }
+            return self.bmp[usize::from(ctx.pos) << 16 | ctx.c as usize];
+        }
+        if ctx.pos < CTX_REPEAT {
+            // A letter or mark beyond the BMP: the character alone.
+            return self.resolve(ctx, 1);
+        }
+        self.resolve(ctx, 3)
     }
 
     fn get_for(enc: Encoding) -> &'static Self {
@@ -572,24 +707,10 @@ fn punct_class(c: u32) -> usize {
 
 #[inline(always)]
 fn non_ascii_cat(c: u32) -> Cat {
-    match c {
-        // The common scripts first, without the Unicode tables.
-        0x4E00..=0x9FFF => return Cat::Letter(L_HAN as u8, Case::Caseless),
-        0xAC00..=0xD7A3 => return Cat::Letter(L_HANGUL as u8, Case::Caseless),
-        0x3041..=0x3096 => return Cat::Letter(L_HIRAGANA as u8, Case::Caseless),
-        0x30A1..=0x30FA => return Cat::Letter(L_KATAKANA as u8, Case::Caseless),
-        0x0430..=0x044F => return Cat::Letter(L_CYRILLIC as u8, Case::Lower),
-        0x0410..=0x042F => return Cat::Letter(L_CYRILLIC as u8, Case::Upper),
-        0x0621..=0x063A | 0x0641..=0x064A => return Cat::Letter(L_ARABIC as u8, Case::Caseless),
-        0x00C0..=0x00D6 | 0x00D8..=0x00DE => return Cat::Letter(L_LATIN_EXT as u8, Case::Upper),
-        0x00DF..=0x00F6 | 0x00F8..=0x00FF => return Cat::Letter(L_LATIN_EXT as u8, Case::Lower),
-        0x1F3FB..=0x1F3FF => return Cat::Punct(P_JOINER as u8),
-        0x1F300..=0x1F5FF | 0x1F600..=0x1F64F | 0x1F680..=0x1F6FF | 0x1F900..=0x1F9FF => {
-            return Cat::Punct(P_EMOJI as u8)
-        }
-        _ => {}
+    match cat_table().get(c as usize) {
+        Some(&cat) => cat,
+        None => unicode_cat(c),
     }
-    rare_cat(c)
 }
 
 /// Category of a character from the Unicode tables (general category and White_Space).
@@ -619,20 +740,12 @@ fn unicode_cat(c: u32) -> Cat {
     }
 }
 
-/// Categories of the Basic Multilingual Plane, computed once.
-fn bmp_cats() -> &'static [Cat] {
+/// Categories of the first two planes (the BMP, and the SMP's historic scripts and emoji),
+/// computed once.
+#[inline(always)]
+fn cat_table() -> &'static [Cat] {
     static TABLE: OnceLock<Box<[Cat]>> = OnceLock::new();
-    TABLE.get_or_init(|| (0..0x1_0000u32).map(unicode_cat).collect())
-}
-
-/// Category of the characters outside the common ranges.
-#[inline(never)]
-fn rare_cat(c: u32) -> Cat {
-    if c < 0x1_0000 {
-        bmp_cats()[c as usize]
-    } else {
-        unicode_cat(c)
-    }
+    TABLE.get_or_init(|| (0..0x2_0000u32).map(unicode_cat).collect())
 }
 
 /// The character starting at byte `i` of valid UTF-8, and its length in bytes.
@@ -759,14 +872,14 @@ impl<const O200K: bool> Scanner<'_, O200K> {
             let start = i;
             let (cat, c, len) = cat_at(b, i);
             i = match cat {
-                Cat::Letter(..) => self.word(i, PREFIX_NONE, sink),
-                Cat::Mark(..) if O200K => self.word(i, PREFIX_NONE, sink),
+                Cat::Letter(..) => self.word(i, i, PREFIX_NONE, sink),
+                Cat::Mark(..) if O200K => self.word(i, i, PREFIX_NONE, sink),
                 Cat::Digit | Cat::NumOther => self.number(i, sink),
                 Cat::Newline => self.whitespace(i, sink),
                 Cat::Ws(w) => {
                     if self.next_is_letter(i + len) {
                         sink.add(F_WS + usize::from(w) * WS_POS);
-                        self.word(i + len, PREFIX_SPACE, sink)
+                        self.word(i, i + len, PREFIX_SPACE, sink)
                     } else if c == u32::from(b' ')
                         && i + 1 < n
                         && matches!(cat_at(b, i + 1).0, Cat::Punct(_) | Cat::Mark(..))
@@ -793,7 +906,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
                         if let Cat::Mark(class, _) = cat {
                             sink.ctx(&Ctx::mark_first(c, class), i, len);
                         }
-                        self.word(i + len, PREFIX_OTHER, sink)
+                        self.word(i, i + len, PREFIX_OTHER, sink)
                     } else {
                         self.punct(i, false, sink)
                     }
@@ -803,60 +916,178 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         }
     }
 
-    /// A run of letters starting at `i` (a letter). cl100k takes the whole run; o200k stops where
-    /// an upper-case letter follows a lower-case one and takes a contraction as a suffix.
+    /// A run of letters starting at `start` (a letter), after the character at `pre` (when
+    /// `pre < start`) of kind `prefix`. cl100k takes the whole run; o200k stops where an
+    /// upper-case letter follows a lower-case one and takes a contraction as a suffix.
     #[inline]
-    fn word<S: Sink>(&self, start: usize, prefix: usize, sink: &mut S) -> usize {
-        let end = match self.listed_word(start, prefix) {
-            Some(end) => {
-                sink.add(F_VOCAB + prefix);
-                end
+    fn word<S: Sink>(&self, pre: usize, start: usize, prefix: usize, sink: &mut S) -> usize {
+        let end = if O200K {
+            match self.listed_word(pre, start, true) {
+                (end, true) => {
+                    sink.add(F_VOCAB + prefix);
+                    end
+                }
+                _ => self.letters(start, prefix, false, sink),
             }
-            None => self.letters(start, prefix, sink),
+        } else {
+            self.camel_word(pre, start, prefix, sink)
         };
         self.contraction_suffix(end, sink)
     }
 
-    /// The end of the word at `start` when it is all ASCII and in the word list (or a prefix of
-    /// a listed word).
+    /// A cl100k word, which keeps camelCase in one piece although its tokens mostly break at the
+    /// humps: unless the whole word is listed, each segment (cut where an upper-case letter
+    /// follows a lower-case one) costs as a word of its own, the first with the word's prefix,
+    /// the next ones a hump each. A segment only grows or is followed by a new one as text is
+    /// appended, and a listed word costs no more than its first segment, so this stays monotone.
     #[inline(always)]
-    fn listed_word(&self, start: usize, prefix: usize) -> Option<usize> {
-        if prefix == PREFIX_OTHER {
-            return None;
+    fn camel_word<S: Sink>(&self, pre: usize, start: usize, prefix: usize, sink: &mut S) -> usize {
+        let (end, listed, hump) = self.listed_whole(pre, start);
+        if listed {
+            sink.add(F_VOCAB + prefix);
+            return end;
         }
+        if !hump.unwrap_or_else(|| Self::ascii_hump(&self.b[start..end])) {
+            return self.letters(start, prefix, false, sink);
+        }
+        let (first_end, first_listed) = self.listed_word(pre, start, true);
+        let mut i = if first_listed {
+            sink.add(F_VOCAB + prefix);
+            first_end
+        } else {
+            self.letters(start, prefix, false, sink)
+        };
+        // A letter here is an upper-case one after a lower-case one.
+        while self.next_is_letter(i) {
+            i = match self.listed_word(i, i, true) {
+                (end, true) => {
+                    sink.add(F_HUMP);
+                    end
+                }
+                _ => self.letters(i, prefix, true, sink),
+            };
+        }
+        i
+    }
+
+    /// The end of the word at `start` and whether it is in the word list (or a prefix of a
+    /// listed word) with the character before it at `pre` (when `pre < start`); with `humps`,
+    /// the word ends where an upper-case letter follows a lower-case one.
+    #[inline(always)]
+    fn listed_word(&self, pre: usize, start: usize, humps: bool) -> (usize, bool) {
         let b = self.b;
         let n = b.len();
-        let mut h = FNV_SEED[prefix];
+        let mut h = match start - pre {
+            0 => FNV_SEED,
+            1 if b[pre] == b' ' => FNV_SPACE,
+            _ => b[pre..start].iter().fold(FNV_SEED, |h, &x| fnv(h, x)),
+        };
         let mut i = start;
-        if O200K {
+        let mut seen_lower = false;
+        if humps {
             while i < n && b[i].is_ascii_uppercase() {
-                h = (h ^ u64::from(b[i])).wrapping_mul(FNV_PRIME);
+                h = fnv(h, b[i]);
                 i += 1;
             }
             while i < n && b[i].is_ascii_lowercase() {
-                h = (h ^ u64::from(b[i])).wrapping_mul(FNV_PRIME);
+                h = fnv(h, b[i]);
                 i += 1;
+                seen_lower = true;
             }
             // An ASCII letter here is an upper-case one after lower-case: the piece ends.
         } else {
             while i < n && b[i].is_ascii_alphabetic() {
-                h = (h ^ u64::from(b[i])).wrapping_mul(FNV_PRIME);
+                h = fnv(h, b[i]);
                 i += 1;
             }
         }
-        // A non-ASCII character may be a letter that continues the word.
         if i < n && b[i] >= 0x80 {
-            return None;
+            // A non-ASCII character may be a letter that continues the word.
+            h = self.listed_rest(&mut i, h, humps, seen_lower).0;
         }
-        self.vocab.contains(h).then_some(i)
+        (i, self.vocab.contains(h))
     }
 
-    /// The letters of a word not in the list, costed character by character.
-    #[inline]
-    fn letters<S: Sink>(&self, mut i: usize, prefix: usize, sink: &mut S) -> usize {
+    /// `listed_word` for a whole cl100k word, in one loop, and whether it has a hump when that is
+    /// known already (a word with non-ASCII letters).
+    #[inline(always)]
+    fn listed_whole(&self, pre: usize, start: usize) -> (usize, bool, Option<bool>) {
         let b = self.b;
         let n = b.len();
-        let mut prev = Case::Caseless;
+        let mut h = match start - pre {
+            0 => FNV_SEED,
+            1 if b[pre] == b' ' => FNV_SPACE,
+            _ => b[pre..start].iter().fold(FNV_SEED, |h, &x| fnv(h, x)),
+        };
+        let mut i = start;
+        while i < n && b[i].is_ascii_alphabetic() {
+            h = fnv(h, b[i]);
+            i += 1;
+        }
+        let mut hump = None;
+        if i < n && b[i] >= 0x80 {
+            let ascii = &b[start..i];
+            let lower = ascii.iter().any(u8::is_ascii_lowercase);
+            let (rest, rest_hump) = self.listed_rest(&mut i, h, false, lower);
+            h = rest;
+            hump = Some(rest_hump || Self::ascii_hump(ascii));
+        }
+        (i, self.vocab.contains(h), hump)
+    }
+
+    /// Whether ASCII letters have a hump (an upper-case letter after a lower-case one).
+    fn ascii_hump(word: &[u8]) -> bool {
+        let mut lower = false;
+        for &x in word {
+            if lower && x.is_ascii_uppercase() {
+                return true;
+            }
+            lower |= x.is_ascii_lowercase();
+        }
+        false
+    }
+
+    /// The word's letters from `*i` on, as `letters` cuts them, hashed into `h`.
+    /// Without `humps`, also tells whether the word has a hump.
+    fn listed_rest(
+        &self,
+        i: &mut usize,
+        mut h: u64,
+        humps: bool,
+        mut seen_lower: bool,
+    ) -> (u64, bool) {
+        let b = self.b;
+        let n = b.len();
+        let mut hump = false;
+        while *i < n {
+            let (cat, _, len) = cat_at(b, *i);
+            let case = match cat {
+                Cat::Letter(_, case) => case,
+                Cat::Mark(..) if O200K => Case::Caseless,
+                _ => break,
+            };
+            if case == Case::Upper && seen_lower {
+                if humps {
+                    break;
+                }
+                hump = true;
+            }
+            seen_lower |= case == Case::Lower;
+            for &byte in &b[*i..*i + len] {
+                h = fnv(h, byte);
+            }
+            *i += len;
+        }
+        (h, hump)
+    }
+
+    /// The letters of a word (or, for cl100k, of a camelCase segment after a `hump`) not in the
+    /// list, costed character by character, up to where an upper-case letter follows a
+    /// lower-case one.
+    #[inline(always)]
+    fn letters<S: Sink>(&self, mut i: usize, prefix: usize, hump: bool, sink: &mut S) -> usize {
+        let b = self.b;
+        let n = b.len();
         let mut seen_lower = false;
         let mut first = true;
         // The context of each letter: its position (0, 1, 2, 3 or later) and the two characters
@@ -864,7 +1095,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         let mut ctx = Ctx {
             pos: 0,
             c: 0,
-            p1: prefix as u32,
+            p1: if hump { CTX_AFTER_HUMP } else { prefix as u32 },
             p2: 0,
             class: 0,
         };
@@ -875,17 +1106,17 @@ impl<const O200K: bool> Scanner<'_, O200K> {
                 Cat::Mark(class, _) if O200K => (usize::from(class), Case::Caseless),
                 _ => break,
             };
-            if O200K {
-                if case == Case::Upper && seen_lower {
-                    break;
-                }
-                seen_lower |= case == Case::Lower;
+            if case == Case::Upper && seen_lower {
+                break;
             }
+            seen_lower |= case == Case::Lower;
             if first {
-                sink.add(F_WORD_FIRST + prefix * N_LETTER + class);
+                sink.add(if hump {
+                    F_HUMP
+                } else {
+                    F_WORD_FIRST + prefix * N_LETTER + class
+                });
                 first = false;
-            } else if case == Case::Upper && prev == Case::Lower {
-                sink.add(F_HUMP);
             }
             ctx.c = c;
             ctx.class = class as u8;
@@ -893,7 +1124,6 @@ impl<const O200K: bool> Scanner<'_, O200K> {
             ctx.pos = (ctx.pos + 1).min(3);
             ctx.p2 = ctx.p1;
             ctx.p1 = c;
-            prev = case;
             i += len;
         }
         i
@@ -965,8 +1195,15 @@ impl<const O200K: bool> Scanner<'_, O200K> {
                 };
                 sink.ctx(&ctx, i, len);
             } else if c == prev && c < 0x1_0000 {
-                let wide = usize::from(c >= 0x80);
-                sink.add(F_REPEAT + wide * N_REPEAT + repeat_bucket(pos));
+                let bucket = repeat_bucket(pos) as u32;
+                let ctx = Ctx {
+                    pos: CTX_REPEAT,
+                    c: c | bucket << 24,
+                    p1: 0,
+                    p2: 0,
+                    class: (u32::from(c >= 0x80) * N_REPEAT as u32 + bucket) as u8,
+                };
+                sink.ctx(&ctx, i, len);
             } else {
                 sink.add(F_PUNCT + p * PUNCT_POS + pos.min(PUNCT_POS - 1));
             }

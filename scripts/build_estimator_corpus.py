@@ -86,7 +86,24 @@ SCRIPTS = {
 }
 
 
+def normalize_lang(label: str) -> str:
+    """A locale label as a language code: the charset dropped and the territory upper-cased
+    (Vim's ``ko.UTF-8``, ``pl.cp1250`` and ``zh_tw`` are ``ko``, ``pl`` and ``zh_TW``); Vim's
+    Chinese tutor without a territory is in traditional characters."""
+    base, _, modifier = label.partition("@")
+    base = base.split(".")[0]
+    lang, _, territory = base.partition("_")
+    if len(territory) == 2:
+        territory = territory.upper()
+    base = f"{lang.lower()}_{territory}" if territory else lang.lower()
+    if base == "zh":
+        base = "zh_TW"
+    return f"{base}@{modifier}" if modifier else base
+
+
 def script_of(lang: str) -> str:
+    if lang.endswith(("@latin", "@iqtelif")):
+        return "latin"
     if lang in SCRIPTS:
         return SCRIPTS[lang]
     base = lang.split("@")[0]
@@ -128,7 +145,7 @@ def catalog_lang(path: str) -> str | None:
     parts = Path(path).parts
     if "LC_MESSAGES" not in parts:
         return None
-    lang = parts[parts.index("LC_MESSAGES") - 1]
+    lang = normalize_lang(parts[parts.index("LC_MESSAGES") - 1])
     if lang.startswith("en") and "@" not in lang:
         return None  # English catalogs are mostly untranslated copies
     return lang
@@ -204,6 +221,12 @@ def synthetic_units(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
             if rng.random() < 0.5:
                 lines.append(rng.choice(["Section", "Introduction", "Notes", "API", "Usage"]))
         units["punct_runs"].append((f"punct-{k}", "\n".join(lines) + "\n"))
+    # Long rules and separators (64 to 2,000 characters), drawn apart so the rest is unchanged.
+    long_rng = random.Random(64)
+    for k in range(150):
+        c = long_rng.choice(chars)
+        n = int(math.exp(long_rng.uniform(math.log(64), math.log(2000))))
+        units["punct_runs"].append((f"punct-long-{k}", c * n + "\n"))
     return units
 
 
@@ -225,7 +248,7 @@ def gather(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
                 seen[lang].add(text)
                 units[lang].append((text, text))
     for path in sorted(glob.glob("/usr/share/vim/*/tutor/tutor.*.utf-8")):
-        lang = path.rsplit(".", 2)[-2]
+        lang = normalize_lang(path.rsplit(".", 2)[-2])
         text = read_text(path)
         if text:
             for k, para in enumerate(text.split("\n\n")):

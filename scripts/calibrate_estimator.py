@@ -11,14 +11,17 @@ adjusted so the estimate never decreases when text is appended (see ``constrain`
     pip install -e .                               # rebuild with the new costs
 
 Needs the compiled extension (for the pre-tokenizer) and tiktoken's encodings (offline through
-litellm's bundled files, see _tiktoken_files.py).
+litellm's bundled files, see _tiktoken_files.py). numpy and scipy are needed by this script only:
+they are neither a runtime nor a test dependency of llmtally (install them by hand to refit).
+
+    python scripts/calibrate_estimator.py --vocab             # rewrite estimate_vocab/*.words
+    python scripts/calibrate_estimator.py /tmp/corpus.jsonl   # refit on the built corpus too
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import struct
 import sys
 from collections import defaultdict
@@ -37,7 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "data" / "corpus.jsonl"
 OUT = ROOT / "rust" / "estimate_coef.rs"
 VOCAB_DIR = ROOT / "rust" / "estimate_vocab"
-VOCAB_SIZE = (16384, 4096)  # words after a space, words without one
 SCALE_BITS = 12
 SCALE = 1 << SCALE_BITS
 
@@ -151,6 +153,33 @@ def write_table(table: dict[int, int], key: str) -> None:
     print(f"wrote {len(table)} contexts to {path}")
 
 
+LONG_RUN = 32  # a repeated character from this position on costs 1 / its longest run token
+
+
+def long_runs(table: dict[int, int], key: str, enc: object) -> None:
+    """Costs of a punctuation character repeated far into a run, from the vocabulary rather than
+    the corpus (long runs are rare there): BPE merges a run of ``c`` pairwise, so tiktoken cuts a
+    long run into tokens of ``L`` characters, the largest power of two whose run ``c * L`` is a
+    token (``=`` 64, ``~`` 32, ``─`` 8 in cl100k...); each character from position LONG_RUN on
+    costs 1 / L."""
+    import unicodedata
+
+    longest: dict[str, int] = {}
+    for rank in range(enc.n_vocab):  # type: ignore[attr-defined]
+        try:
+            text = enc.decode_single_token_bytes(rank).decode()  # type: ignore[attr-defined]
+        except (KeyError, UnicodeDecodeError):
+            continue
+        c = text[:1]
+        if c and ord(c) < 0x1_0000 and text == c * len(text) and unicodedata.category(c)[0] in "PS":
+            longest[c] = max(longest.get(c, 0), len(text))
+    for c, n in longest.items():
+        n = 1 << (n.bit_length() - 1)
+        for pos, (_, _, (_, keys)) in enumerate(_core._estimate_contexts(c * 512, key), start=1):
+            if pos >= LONG_RUN and pos & (pos - 1) == 0:  # the first position of each bucket
+                table[keys[0]] = round(SCALE / n)
+
+
 def table_cost(table: dict[int, int], keys: list[int]) -> int:
     for k in keys:
         if k in table:
@@ -242,7 +271,7 @@ def constrain(coef: np.ndarray, names: list[str]) -> None:
       letter: its first letter must cost at least what the listed word did.
     """
     index = {name: i for i, name in enumerate(names)}
-    for prefix in ("none", "space"):
+    for prefix in ("none", "space", "other"):
         listed = coef[index[f"vocab[{prefix}]"]]
         for c in ("ascii_lower", "ascii_upper"):
             j = index[f"word_first[{prefix}][{c}]"]
@@ -256,27 +285,43 @@ def constrain(coef: np.ndarray, names: list[str]) -> None:
     coef[index["contraction"]] = max(coef[index["contraction"]], floor)
 
 
-def write_vocab(encs: dict[str, object], spaced: int, bare: int) -> None:
-    """The lowest-ranked tokens of each encoding that are an ASCII word: ``spaced`` of them with a
-    leading space, ``bare`` without."""
-    patterns = ((re.compile(rb"^ [A-Za-z]+$"), spaced), (re.compile(rb"^[A-Za-z]+$"), bare))
+def write_vocab(encs: dict[str, object]) -> None:
+    """Every token of each encoding that is a whole word piece: letters (``\\p{L}``, and
+    ``\\p{M}`` for o200k, whose word pattern takes marks) in any script, after at most one
+    character that is neither a letter, a number nor a newline (a space, ``.``, ``_``, ``(``...);
+    sorted and front-coded (per word: bytes shared with the previous word, bytes that follow, those
+    bytes). Needs the ``regex`` module (a dependency of tiktoken)."""
+    import regex
+
+    prefix = r"^[^\r\n\p{L}\p{N}]?"
+    patterns = {
+        "cl100k": regex.compile(prefix + r"\p{L}+$"),
+        "o200k": regex.compile(prefix + r"[\p{L}\p{M}]+$"),
+    }
     VOCAB_DIR.mkdir(exist_ok=True)
     for key, enc in encs.items():
-        words: list[str] = []
-        for pattern, size in patterns:
-            found = []
-            for rank in range(enc.n_vocab):  # type: ignore[attr-defined]
-                try:
-                    raw = enc.decode_single_token_bytes(rank)  # type: ignore[attr-defined]
-                except KeyError:
-                    continue
-                if pattern.match(raw):
-                    found.append(raw.decode())
-                    if len(found) == size:
-                        break
-            words += sorted(found)
-        (VOCAB_DIR / f"{key}.txt").write_text("\n".join(words) + "\n", encoding="ascii")
-        print(f"wrote {len(words)} words to {VOCAB_DIR / f'{key}.txt'}")
+        words: list[bytes] = []
+        for rank in range(enc.n_vocab):  # type: ignore[attr-defined]
+            try:
+                raw = enc.decode_single_token_bytes(rank)  # type: ignore[attr-defined]
+                text = raw.decode()
+            except (KeyError, UnicodeDecodeError):
+                continue
+            if patterns[key].match(text):
+                words.append(raw)
+        words.sort()
+        out = bytearray()
+        prev = b""
+        for w in words:
+            shared = 0
+            while shared < min(len(w), len(prev), 255) and w[shared] == prev[shared]:
+                shared += 1
+            assert len(w) - shared < 256, w
+            out += bytes([shared, len(w) - shared]) + w[shared:]
+            prev = w
+        path = VOCAB_DIR / f"{key}.words"
+        path.write_bytes(bytes(out))
+        print(f"wrote {len(words)} words ({len(out)} bytes) to {path}")
 
 
 def write(tables: dict[str, np.ndarray], names: list[str]) -> None:
@@ -305,6 +350,7 @@ def fit_encoding(key: str, extra: list[Path], split: str) -> tuple[dict[int, int
     train = [r for r in load_corpus(extra) if split == "all" or r["split"] == split]
     acc, parent = context_stats(train, key, enc)
     table = prune_table(acc, parent)
+    long_runs(table, key, enc)
     coef, seen = fit(train, key, enc, len(names), table)
     fill_unseen(coef, seen, names)
     constrain(coef, names)
@@ -323,19 +369,16 @@ def main() -> None:
     parser.add_argument("--split", default="calib", help="split to fit on ('all' for every sample)")
     parser.add_argument(
         "--vocab",
-        type=int,
-        nargs=2,
-        metavar=("SPACED", "BARE"),
-        help="rewrite the word lists (SPACED words after a space, BARE without; the shipped "
-        f"lists use {VOCAB_SIZE[0]} {VOCAB_SIZE[1]}), then stop: rebuild the extension and run "
-        "again to fit the costs",
+        action="store_true",
+        help="rewrite the word lists, then stop: rebuild the extension and run again to fit the "
+        "costs",
     )
     args = parser.parse_args()
     encs = load_encodings()
     if encs is None:
         sys.exit("tiktoken with cl100k_base/o200k_base is needed (pip install tiktoken litellm)")
-    if args.vocab is not None:
-        write_vocab(encs, *args.vocab)
+    if args.vocab:
+        write_vocab(encs)
         return
     names = list(_core._estimate_feature_names())
     keys = list(encs)

@@ -52,10 +52,10 @@ def estimate_tokens(
     """Count the tokens of a string or a chat message list.
 
     The default is the Rust estimator: no tokenizer needed, it mirrors how ``cl100k_base`` /
-    ``o200k_base`` split text and is calibrated against them (mean error within 10% on English,
-    other European languages, Chinese, Japanese, Korean, Russian, Arabic, code, JSON and
-    emoji). Message lists add the OpenAI chat format's overhead: 3 tokens per message, 1 per
-    ``name``, 3 for the reply. ``exact=True`` counts with tiktoken instead and raises
+    ``o200k_base`` split text and is calibrated against them (mean error within 10% on every
+    language and script of a held-out corpus of 131 languages, code and JSON; see the README).
+    Message lists add the OpenAI chat format's overhead: 3 tokens per message, 1 per ``name``, 3
+    for the reply. ``exact=True`` counts with tiktoken instead and raises
     :class:`TokenizerUnavailable` when tiktoken or the model's encoding cannot be loaded.
 
     Args:

@@ -62,3 +62,21 @@ def test_base64_is_not_undercounted(key: str) -> None:
 def test_repeated_punctuation_is_not_a_token_per_character(key: str) -> None:
     # tiktoken: 2 tokens in both encodings; the estimate was 73 for o200k.
     assert _core.estimate_text("=" * 79, key) <= 10
+
+
+# tiktoken's counts (cl100k, o200k): BPE cuts a long run into tokens of 8 to 64 characters.
+LONG_RUNS = {
+    "=" * 1000: (17, 16),
+    "-" * 5000: (79, 78),
+    "~" * 1000: (32, 32),
+    "_" * 5000: (79, 79),
+    "#" * 200: (3, 3),
+    "\u2500" * 1000: (125, 63),
+}
+
+
+@pytest.mark.parametrize("run", sorted(LONG_RUNS))
+def test_long_punctuation_runs(run: str) -> None:
+    for key, exact in zip(("cl100k", "o200k"), LONG_RUNS[run], strict=True):
+        estimate = _core.estimate_text(run, key)
+        assert abs(estimate - exact) <= max(2, exact // 5), (run[0], len(run), key, estimate)
