@@ -1049,14 +1049,6 @@ class _OpenCalls:
             capacity, "LLM calls", _abandon_evicted
         )
 
-    @property
-    def capacity(self) -> int:
-        return self._runs.capacity
-
-    @capacity.setter
-    def capacity(self, value: int) -> None:
-        self._runs.capacity = value
-
     def __len__(self) -> int:
         return len(self._runs)
 

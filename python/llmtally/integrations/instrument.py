@@ -680,16 +680,11 @@ def _tap_async(result: Any, request: _Request) -> None:
         result.__dict__[name] = tapped
 
 
-def _abandon_later(call: LLMCall) -> None:
-    """A stream or raw response dropped unread: the call ends, in the background."""
-    call.abandon_soon()
-
-
 def _when_dropped(obj: object, call: LLMCall) -> None:
     """End ``call`` as abandoned when ``obj`` is garbage-collected. Not at interpreter exit:
     there the exit hook ends every open call and waits for it before the stores are written
     (a finalizer would end it in the background, racing the last write)."""
-    finalizer = weakref.finalize(obj, _abandon_later, call)
+    finalizer = weakref.finalize(obj, call.abandon_soon)
     finalizer.atexit = False  # type: ignore[misc, unused-ignore]  # older typeshed: slots
 
 
