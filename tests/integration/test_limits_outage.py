@@ -29,6 +29,10 @@ CYCLE = "2026-11-01"
 MESSAGES = [{"role": "user", "content": "hi"}]
 BACKOFF_S = 0.2
 
+#: The limiters of tests about leases, not outages: a loaded machine may take longer than the
+#: default 50 ms store timeout, and a timeout there is a (safe) offline decision.
+PATIENT_S = 10.0
+
 
 @pytest.fixture
 def paused(fresh_redis_server: RedisServer) -> Iterator[Any]:
@@ -168,9 +172,11 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 async def test_closing_gives_the_leases_back_at_once(url: str, close: str) -> None:
     async with open_store(url) as theirs:
         mine = open_store(url)
-        limiter = BudgetLimiter(max_tokens=1000, store=mine, lease_fraction=0.5)
+        limiter = BudgetLimiter(
+            max_tokens=1000, store=mine, lease_fraction=0.5, store_timeout_s=PATIENT_S
+        )
         await call(CallbackManager([UsageRecorder(store=mine), limiter]))
-        other = BudgetLimiter(max_tokens=1000, store=theirs)
+        other = BudgetLimiter(max_tokens=1000, store=theirs, store_timeout_s=PATIENT_S)
         left = await other.remaining("alice", CYCLE)
         # The lease: this call (10, not flushed yet) and half of the rest: 10 + 490.
         assert (left["used"], left["reserved"], left["remaining"]) == (0, 500, 500)

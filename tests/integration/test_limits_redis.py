@@ -178,6 +178,7 @@ async def test_alerts_once_across_stores(redis_url: str) -> None:
             BudgetLimiter(
                 max_tokens=100,
                 store=s,
+                store_timeout_s=PATIENT_S,
                 on_alert=lambda x, n=n: alerts.append((n, x["threshold"], x["used"])),
             )
             for n, s in (("a", a), ("b", b))
@@ -225,7 +226,9 @@ async def test_reservation_of_a_dead_process_expires(redis_url: str) -> None:
 
 async def test_shared_rate_limit_across_stores(redis_url: str) -> None:
     async with open_store(redis_url) as a, open_store(redis_url) as b:
-        limiters = [RateLimiter(requests_per_minute=50, store=s) for s in (a, b)]
+        limiters = [
+            RateLimiter(requests_per_minute=50, store=s, store_timeout_s=PATIENT_S) for s in (a, b)
+        ]
         managers = [CallbackManager([lim]) for lim in limiters]
         results: list[str] = []
 

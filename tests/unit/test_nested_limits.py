@@ -19,6 +19,11 @@ CYCLE = "2026-11-01"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
+#: These tests are about which budget refuses, not outages: a loaded machine may take longer
+#: than the default 50 ms store timeout, and a timeout there is a (safe) offline decision.
+PATIENT_S = 10.0
+
+
 @pytest.fixture(params=["memory", "sqlite"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/usage.db"
@@ -52,9 +57,9 @@ async def until_refused(manager: CallbackManager, tasks: int, **context: Any) ->
 
 
 async def test_the_first_budget_reached_refuses_and_says_which(store: Store) -> None:
-    user = BudgetLimiter(max_tokens=1000, store=store)
-    team = BudgetLimiter(max_tokens=300, store=store, scope="team")
-    org = BudgetLimiter(max_tokens=10_000, store=store, scope="org")
+    user = BudgetLimiter(max_tokens=1000, store=store, store_timeout_s=PATIENT_S)
+    team = BudgetLimiter(max_tokens=300, store=store, store_timeout_s=PATIENT_S, scope="team")
+    org = BudgetLimiter(max_tokens=10_000, store=store, store_timeout_s=PATIENT_S, scope="org")
     manager = CallbackManager([UsageRecorder(store=store), user, team, org])
     refused = await until_refused(manager, 5, team="acme", org="initech")
     assert (refused.scope, refused.scope_id, refused.user_id) == ("team", "acme", None)
@@ -86,8 +91,8 @@ async def test_the_first_budget_reached_refuses_and_says_which(store: Store) -> 
 
 
 async def test_the_user_budget_refuses_before_a_larger_team_budget(store: Store) -> None:
-    user = BudgetLimiter(max_tokens=100, store=store)
-    team = BudgetLimiter(max_tokens=1000, store=store, scope="team")
+    user = BudgetLimiter(max_tokens=100, store=store, store_timeout_s=PATIENT_S)
+    team = BudgetLimiter(max_tokens=1000, store=store, store_timeout_s=PATIENT_S, scope="team")
     manager = CallbackManager([UsageRecorder(store=store), team, user])
     refused = await until_refused(manager, 3, team="acme")
     assert (refused.scope, refused.scope_id, refused.user_id) == ("user", "alice", "alice")
@@ -99,7 +104,7 @@ async def test_the_user_budget_refuses_before_a_larger_team_budget(store: Store)
 
 
 async def test_a_call_without_the_scope_kwarg_is_not_limited_by_it(store: Store) -> None:
-    team = BudgetLimiter(max_tokens=10, store=store, scope="team")
+    team = BudgetLimiter(max_tokens=10, store=store, store_timeout_s=PATIENT_S, scope="team")
     manager = CallbackManager([team])
     for _ in range(5):
         await one_call(manager)  # no team
@@ -109,8 +114,8 @@ async def test_a_call_without_the_scope_kwarg_is_not_limited_by_it(store: Store)
 
 
 async def test_per_model_and_per_api_key_budgets(store: Store) -> None:
-    model = BudgetLimiter(max_tokens=30, store=store, scope="model")
-    key = BudgetLimiter(max_tokens=50, store=store, scope="api_key")
+    model = BudgetLimiter(max_tokens=30, store=store, store_timeout_s=PATIENT_S, scope="model")
+    key = BudgetLimiter(max_tokens=50, store=store, store_timeout_s=PATIENT_S, scope="api_key")
     manager = CallbackManager([UsageRecorder(store=store), model, key])
     for _ in range(3):
         await one_call(manager, model="gpt-4o", api_key="k1")
@@ -131,8 +136,10 @@ async def test_limits_set_with_the_cli_for_each_scope(tmp_path: Path) -> None:
     user_args = ["limit", "set", "alice", "30", "--cycle", CYCLE, "--store", url]
     assert await asyncio.to_thread(cli, user_args) == 0
     async with open_store(url) as store:
-        team = BudgetLimiter(store=store, scope="team", limit_from_store=True)
-        user = BudgetLimiter(store=store, limit_from_store=True)
+        team = BudgetLimiter(
+            store=store, store_timeout_s=PATIENT_S, scope="team", limit_from_store=True
+        )
+        user = BudgetLimiter(store=store, store_timeout_s=PATIENT_S, limit_from_store=True)
         manager = CallbackManager([UsageRecorder(store=store), user, team])
         refused = await until_refused(manager, 2, team="acme")
         assert (refused.scope, refused.limit) == ("user", 30)
