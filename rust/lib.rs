@@ -9,6 +9,7 @@ pub mod cost;
 pub mod estimate;
 pub mod histogram;
 pub mod journal;
+pub mod lease;
 pub mod ledger;
 pub mod recorder;
 pub mod response;
@@ -32,6 +33,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     histogram::register(m)?;
     cost::register(m)?;
     recorder::register(m)?;
+    lease::register(m)?;
     m.add_function(wrap_pyfunction!(py_key_slot, m)?)?;
     m.add_function(wrap_pyfunction!(recorder::py_current_cycle, m)?)?;
     Ok(())

@@ -19,6 +19,8 @@ __all__ = [
     "Batch",
     "Histogram",
     "IdMaker",
+    "Lease",
+    "LeaseBook",
     "Ledger",
     "PerfModel",
     "Prices",
@@ -345,6 +347,70 @@ class Recorder:
         str | None,
     ]: ...
     def __len__(self) -> int: ...
+
+@final
+class Lease:
+    """One budget's state in this process (``BudgetLimiter``'s quota leases): token amounts in
+    tokens, cost amounts in pusd."""
+
+    key: str
+    scope_id: str
+    cycle: str
+    recorded_t: int
+    recorded_p: int
+    held_t: int
+    held_p: int
+    inflight_t: int
+    inflight_p: int
+    settled_t: int
+    settled_p: int
+    draining_t: int
+    draining_p: int
+    used_t: int
+    used_p: int
+    others_t: int
+    others_p: int
+    flushed_t: int
+    flushed_p: int
+    renew_at: float
+    known: bool
+    last_used: float
+    limit_t: int
+    shrinking: bool
+    renewing: Any
+    refused: Any
+    def __new__(cls, key: str, scope_id: str, cycle: str) -> Lease: ...
+    def settle(self, estimate_t: int, estimate_p: int, tokens: int, pusd: int) -> bool: ...
+
+@final
+class LeaseBook:
+    """A token-only user budget limiter's leases by user: the admission of a call (``start``)
+    and its settlement (``settle``, in a batch by ``catch_up``) with no I/O."""
+
+    @property
+    def admitted(self) -> int: ...
+    def __new__(
+        cls,
+        keys: dict[tuple[str, Any], Lease],
+        opened: dict[Any, Any],
+        opened_more: dict[Any, Any],
+        counted: dict[Any, bool],
+        lock: Any,
+        owner: Any,
+        settled: set[Any],
+        start_fallback: Callable[[Any, Any], Any],
+        settle_fallback: Callable[[Any, Any], Any],
+        catch_up_now: Callable[[], Any],
+        estimate_messages: Callable[[list[Any], str], int],
+        o200k_prefixes: list[str],
+        max_open: int,
+        max_ended: int,
+        monotonic_now: float,
+    ) -> LeaseBook: ...
+    def __len__(self) -> int: ...
+    def start(self, messages: Any, kwargs: dict[str, Any]) -> Any: ...
+    def settle(self, call: Any, meters: Any) -> None: ...
+    def catch_up(self) -> None: ...
 
 @final
 class Prices:

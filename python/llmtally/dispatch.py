@@ -279,6 +279,7 @@ class _Table:
         "by_event",
         "end_group",
         "entries",
+        "fast_start",
         "limiter_end",
         "meters",
         "native_end",
@@ -312,6 +313,9 @@ class _Table:
 
         def native(event: str) -> bool:
             return all(kind >= FAST for _, _, kind in self.by_event[event])
+
+        #: Only built-in handlers at the start: fired without a coroutine unless one waits.
+        self.fast_start = all(kind == FAST for _, _, kind in self.by_event["on_llm_start"])
 
         # Only built-in recorders at the end: fired without a coroutine.
         self.native_end = native("on_llm_end")
@@ -594,6 +598,83 @@ class _Dispatcher:
                         abort = found
         if abort is not None:
             raise abort
+
+    def fire_fast(
+        self,
+        targets: tuple[_Target, ...],
+        event: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        stop_on_abort: bool = False,
+    ) -> Awaitable[None] | None:
+        """:meth:`fire` for built-in handlers only (every target ``FAST``), no timeout and no
+        observer: no coroutine while none of them needs to wait. Returns ``None`` when the
+        event was handled, else an awaitable that finishes it (same isolation and aborts)."""
+        abort: CallbackAbort | None = None
+        for index, (entry, fn, _) in enumerate(targets):
+            try:
+                slow = fn(*args, kwargs)
+            except CallbackAbort as exc:
+                if stop_on_abort:
+                    _raise_abort(exc, [t[0] for t in targets[:index]])
+                if abort is None:
+                    abort = exc
+                continue
+            except Exception as exc:
+                self._failed(entry, event, exc)
+                continue
+            if slow is not None:
+                return self._fast_rest(
+                    slow, targets, index, event, args, kwargs, stop_on_abort, abort
+                )
+        if abort is not None:
+            raise abort
+        return None
+
+    async def _fast_rest(
+        self,
+        slow: Awaitable[None],
+        targets: tuple[_Target, ...],
+        index: int,
+        event: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        stop_on_abort: bool,
+        abort: CallbackAbort | None,
+    ) -> None:
+        """The rest of :meth:`fire_fast` once ``targets[index]`` returned ``slow``."""
+        while True:
+            try:
+                await slow
+            except CallbackAbort as exc:
+                if stop_on_abort:
+                    _raise_abort(exc, [t[0] for t in targets[:index]])
+                if abort is None:
+                    abort = exc
+            except Exception as exc:
+                self._failed(targets[index][0], event, exc)
+            while True:
+                index += 1
+                if index == len(targets):
+                    if abort is not None:
+                        raise abort
+                    return
+                entry, fn, _ = targets[index]
+                try:
+                    found = fn(*args, kwargs)
+                except CallbackAbort as exc:
+                    if stop_on_abort:
+                        _raise_abort(exc, [t[0] for t in targets[:index]])
+                    if abort is None:
+                        abort = exc
+                    continue
+                except Exception as exc:
+                    self._failed(entry, event, exc)
+                    continue
+                if found is not None:
+                    slow = found
+                    break
 
     async def _fire_parallel(
         self,
@@ -1358,10 +1439,23 @@ class LLMCall:
         targets = self._table.by_event["on_llm_start"]
         self.started_at = time.perf_counter()
         if targets:
+            dispatcher = manager._dispatcher
             try:
-                await manager._dispatcher.fire(
-                    targets, "on_llm_start", (self.messages,), self._kwargs, stop_on_abort=True
-                )
+                if (
+                    self._table.fast_start
+                    and dispatcher.timeout is None
+                    and not _observed.on
+                    and (len(targets) == 1 or not dispatcher.parallel)
+                ):
+                    waiting = dispatcher.fire_fast(
+                        targets, "on_llm_start", (self.messages,), self._kwargs, stop_on_abort=True
+                    )
+                    if waiting is not None:
+                        await waiting
+                else:
+                    await dispatcher.fire(
+                        targets, "on_llm_start", (self.messages,), self._kwargs, stop_on_abort=True
+                    )
             except CallbackAbort as abort:
                 self.detach_context()
                 if self._stoppable:

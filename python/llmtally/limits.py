@@ -35,7 +35,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from llmtally._core import LEDGER_FIELDS
+from llmtally._core import LEDGER_FIELDS, Lease, LeaseBook
+from llmtally._core import estimate_messages as _core_estimate_messages
 from llmtally.dispatch import new_id
 from llmtally.errors import BudgetExceeded, ConfigError, RateLimited, StoreError
 from llmtally.events import AsyncCallbackHandler
@@ -50,7 +51,7 @@ from llmtally.storage.keys import (
     usage_key,
     validate_cycle,
 )
-from llmtally.tokens import estimate_tokens
+from llmtally.tokens import O200K_PREFIXES, estimate_tokens
 
 if TYPE_CHECKING:
     from llmtally.dispatch import LLMCall
@@ -61,6 +62,8 @@ logger = logging.getLogger("llmtally")
 
 _PUSD = 10**12
 _MAX_TRACKED = 100_000
+#: Calls ended and not settled yet (see BudgetLimiter._catch_up) at most.
+_MAX_ENDED = 4096
 _MAX_BACKOFF_S = 30.0
 #: How soon a limiter with ``limit_from_store`` sees a limit set or changed in the store.
 _STORED_LIMIT_REFRESH_S = 5.0
@@ -171,62 +174,10 @@ class _Outage:
         self.failures = 0
 
 
-class _Lease:
-    """This process's part of one budget (one key): what the store holds for it, what its
-    calls in flight reserved, and the last state of the store it saw. Changed under the
-    limiter's lock (from the event loop, the store's I/O threads and its flusher)."""
-
-    __slots__ = (
-        "cycle",
-        "draining_p",
-        "draining_t",
-        "flushed_p",
-        "flushed_t",
-        "held_p",
-        "held_t",
-        "inflight_p",
-        "inflight_t",
-        "key",
-        "known",
-        "last_used",
-        "limit_t",
-        "others_p",
-        "others_t",
-        "recorded_p",
-        "recorded_t",
-        "refused",
-        "renew_at",
-        "renewing",
-        "scope_id",
-        "settled_p",
-        "settled_t",
-        "shrinking",
-        "used_p",
-        "used_t",
-    )
-
-    def __init__(self, key: str, scope_id: str, cycle: str) -> None:
-        self.key = key
-        self.scope_id = scope_id
-        self.cycle = cycle
-        self.recorded_t = self.recorded_p = 0  # the store's record of this lease, as last set
-        self.held_t = self.held_p = 0  # what is left of it (less usage flushed since) ...
-        self.inflight_t = self.inflight_p = 0  # ... covers these estimates (calls in flight)
-        # ... and the usage of the calls that ended, not written yet: since the last drain of
-        # the store's ledger, and in the batch drained last (until it is written).
-        self.settled_t = self.settled_p = 0
-        self.draining_t = self.draining_p = 0
-        self.used_t = self.used_p = 0  # stored usage at the last operation
-        self.others_t = self.others_p = 0  # other processes' leases then
-        self.flushed_t = self.flushed_p = 0  # this process's usage written since
-        self.renew_at = 0.0  # monotonic: past it, the next call renews
-        self.known = False  # whether an operation ever succeeded
-        self.last_used = 0.0  # monotonic: the last call admitted
-        self.limit_t = NO_LIMIT  # the token limit applied (set at construction, then by the store)
-        self.shrinking = False  # an idle lease being given back: no call admitted against it
-        self.renewing: asyncio.Future[None] | None = None
-        # The last renewal, when the store refused it, and the call it was for.
-        self.refused: tuple[asyncio.Future[None], tuple[int, int]] | None = None
+#: This process's part of one budget (one key): what the store holds for it, what its calls in
+#: flight reserved, and the last state of the store it saw (see ``_core.Lease``). Changed under
+#: the limiter's lock (from the event loop, the store's I/O threads and its flusher).
+_Lease = Lease
 
 
 def _usage_of(response: Any) -> tuple[int, int]:
@@ -257,16 +208,8 @@ class _Ticket:
         self.state: LeaseState | None = None
 
 
-class _Open:
-    """A call admitted and not ended: its lease and estimate."""
-
-    __slots__ = ("lease", "offline", "pusd", "tokens")
-
-    def __init__(self, lease: _Lease, tokens: int, pusd: int, offline: bool) -> None:
-        self.lease = lease
-        self.tokens = tokens
-        self.pusd = pusd
-        self.offline = offline
+#: A call admitted and not ended: its lease and estimate (tokens, pusd).
+_Open = tuple[_Lease, int, int]
 
 
 class BudgetLimiter(AsyncCallbackHandler):
@@ -312,7 +255,7 @@ class BudgetLimiter(AsyncCallbackHandler):
     #: settled by the call after every recorder counted it (``_llmtally_settle``).
     _llmtally_limiter = True
     _llmtally_fast: ClassVar[dict[str, str | None]] = {
-        "on_llm_start": "_fast_start",
+        "on_llm_start": "_start",
         "on_llm_end": None,
     }
 
@@ -394,18 +337,46 @@ class BudgetLimiter(AsyncCallbackHandler):
         self._alerted: set[tuple[str, str, int]] = set()
         self._outage = _Outage(self.store_backoff_s)
         self._counts_users: dict[tuple[Any, ...], bool] = {}
-        self._alerting: set[asyncio.Task[None]] = set()
-        self._alert_lock = asyncio.Lock()
         # Leases with usage settled since the last drain, and with usage in a drained batch.
         self._settled: set[_Lease] = set()
         self._draining: set[_Lease] = set()
-        self.allowed = 0
+        # The common case, a user budget in tokens only, is admitted in the core when the
+        # user's lease has room; else _fast_start.
+        self._book = LeaseBook(
+            self._keys,
+            self._open,
+            self._open_more,
+            self._counts_users,
+            self._mu,
+            self,
+            self._settled,
+            self._fast_start,
+            self._settle_call,
+            self._catch_up_now,
+            _core_estimate_messages,
+            list(O200K_PREFIXES),
+            _MAX_TRACKED,
+            _MAX_ENDED,
+            time.monotonic(),
+        )
+        self._in_core = scope == "user" and max_cost_usd is None
+        self._start: Callable[[Any, Any], Any] = (
+            self._book.start if self._in_core else self._fast_start
+        )
+        self._alerting: set[asyncio.Task[None]] = set()
+        self._alert_lock = asyncio.Lock()
+        self._allowed = 0
         self.refused = 0
         self.store_errors = 0
         self.alert_errors = 0
         self.bad_input = 0
         self.renewals = 0
         self._store.add_write_listener(self)
+
+    @property
+    def allowed(self) -> int:
+        """Calls admitted."""
+        return self._allowed + self._book.admitted
 
     @property
     def store(self) -> Store:
@@ -460,6 +431,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         """Bounded memory: forget the budgets with nothing in flight (their leases expire in
         the store with their TTL)."""
         with self._mu:
+            self._catch_up()
             for key in [k for k, v in self._leases.items() if not v.inflight_t + v.inflight_p]:
                 del self._leases[key]
         self._keys.clear()
@@ -482,9 +454,10 @@ class BudgetLimiter(AsyncCallbackHandler):
     def draining(self) -> None:
         """The store's ledger is about to be drained into a batch: the usage of every call
         settled so far is in it (a call settles after its usage entered the ledger)."""
-        if not self._settled:
+        if not (self._settled or len(self._book)):
             return
         with self._mu:
+            self._catch_up()
             for lease in self._settled:
                 lease.draining_t += lease.settled_t
                 lease.draining_p += lease.settled_p
@@ -519,7 +492,7 @@ class BudgetLimiter(AsyncCallbackHandler):
     async def on_llm_start(self, messages: list[dict[str, Any]], **kwargs: Any) -> None:
         """Admit the call against this process's lease, renewing it when it does not fit;
         else raise ``BudgetExceeded``."""
-        slow = self._fast_start(messages, kwargs)
+        slow = self._start(messages, kwargs)
         if slow is not None:
             await slow
 
@@ -537,7 +510,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         tokens, pusd = self._amounts(messages, kwargs)
         token = kwargs.get("run_id") or kwargs.get("request_id")
         if self._admit_local(lease, tokens, pusd):
-            self._opened(token, _Open(lease, tokens, pusd, False))
+            self._opened(token, (lease, tokens, pusd))
             return None
         return self._start_slow(lease, tokens, pusd, token)
 
@@ -546,10 +519,10 @@ class BudgetLimiter(AsyncCallbackHandler):
         if not admitted:
             self.refused += 1
             self._refuse(lease, tokens, pusd, offline)
-        self._opened(token, _Open(lease, tokens, pusd, offline))
+        self._opened(token, (lease, tokens, pusd))
 
     def _opened(self, token: Any, entry: _Open) -> None:
-        self.allowed += 1
+        self._allowed += 1
         opened = self._open
         if token in opened:  # one id for several calls at once (rare): a queue of its own
             queue = self._open_more.setdefault(token, [])
@@ -567,6 +540,7 @@ class BudgetLimiter(AsyncCallbackHandler):
             return False
         lease.last_used = now
         with self._mu:
+            self._catch_up()
             if lease.shrinking:
                 return False
             if lease.limit_t >= 0:
@@ -599,6 +573,7 @@ class BudgetLimiter(AsyncCallbackHandler):
             shrink = lease.last_used < idle_before and lease.renewing is None
             if shrink:
                 with self._mu:
+                    self._catch_up()
                     target = _holds(lease)
                     if target == (lease.recorded_t, lease.recorded_p):
                         dirty.discard(key)
@@ -724,6 +699,7 @@ class BudgetLimiter(AsyncCallbackHandler):
                 lease.others_t, lease.others_p = seen.others_tokens, seen.others_pusd
                 lease.known = True
         with self._mu:
+            self._catch_up()
             base = _holds(lease)
             if not self._tokens:
                 base = (0, base[1])
@@ -779,6 +755,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         if self.fail_closed:
             return False
         with self._mu:
+            self._catch_up()
             held_t, held_p = _holds(lease)
             ok = check_budget(
                 lease.used_t + lease.flushed_t + lease.others_t, held_t, 0, tokens, lease.limit_t
@@ -849,23 +826,35 @@ class BudgetLimiter(AsyncCallbackHandler):
     def _pop_token(self, token: Any) -> _Open | None:
         entry = self._open.pop(token, None)
         if entry is not None and self._open_more:
-            queue = self._open_more.get(token)
-            if queue:
-                self._open[token] = queue.pop(0)
-                if not queue:
-                    del self._open_more[token]
+            self._requeue(token)
         return entry
+
+    def _requeue(self, token: Any) -> None:
+        """The next call waiting under ``token`` (one id for several calls at once) takes its
+        place."""
+        queue = self._open_more.get(token)
+        if queue:
+            self._open[token] = queue.pop(0)
+            if not queue:
+                del self._open_more[token]
+
+    def _catch_up(self) -> None:
+        """Settle the calls ended since the last time (``self._mu`` held): their estimates
+        go, their usage stays covered until it is written. Every step that reads what a lease
+        holds does this first."""
+        if len(self._book):
+            self._book.catch_up()
+
+    def _catch_up_now(self) -> None:
+        with self._mu:
+            self._catch_up()
 
     def _settle(self, entry: _Open, tokens: int = 0, pusd: int = 0) -> None:
         """The call ended: its estimate goes, its usage (``tokens`` / ``pusd``, already in the
         store's ledger) stays covered until it is written."""
-        lease = entry.lease
+        lease, estimate_t, estimate_p = entry
         with self._mu:
-            lease.inflight_t = max(0, lease.inflight_t - entry.tokens)
-            lease.inflight_p = max(0, lease.inflight_p - entry.pusd)
-            if tokens or pusd:
-                lease.settled_t += tokens
-                lease.settled_p += pusd
+            if lease.settle(estimate_t, estimate_p, tokens, pusd):
                 self._settled.add(lease)
 
     async def on_llm_end(self, response: dict[str, Any], **kwargs: Any) -> None:
@@ -875,27 +864,35 @@ class BudgetLimiter(AsyncCallbackHandler):
         if entry is None:
             return
         tokens, pusd = _usage_of(response)
-        self._count(entry.lease, tokens, pusd)
+        self._count(entry[0], tokens, pusd)
         self._settle(entry, tokens, pusd)  # after the usage is in the ledger
         if self.on_alert is not None:
-            await self._check_alerts(entry.lease)
+            await self._check_alerts(entry[0])
 
-    def _llmtally_settle(self, call: LLMCall, meters: tuple[Any, ...]) -> None:
+    @property
+    def _llmtally_settle(self) -> Callable[[LLMCall, tuple[Any, ...]], None]:
         """Through a manager, once the call's end was recorded: count it unless one of
         ``meters`` (the manager's recorders) did or it is a duplicate, then let its estimate
-        go (alerts: in a task of their own)."""
-        entry = self._pop_token(call.run_id)
+        go. A user budget in tokens is settled in the core (in a batch, see _catch_up)."""
+        return self._book.settle if self._in_core else self._settle_call
+
+    def _settle_call(self, call: LLMCall, meters: tuple[Any, ...]) -> None:
+        """:attr:`_llmtally_settle` in Python (alerts: in a task of their own)."""
+        entry = self._open.pop(call.run_id, None)
         if entry is None:
             return
+        if self._open_more:
+            self._requeue(call.run_id)
+        lease = entry[0]
         if call.duplicate:  # counted by nobody
             self._settle(entry)
         else:
             tokens, pusd = call.usage_totals()
-            if not self._counted_by(meters, entry.lease, call):
-                self._count(entry.lease, tokens, pusd)
+            if not (self._counts_users.get(meters) or self._counted_by(meters, lease, call)):
+                self._count(lease, tokens, pusd)
             self._settle(entry, tokens, pusd)
         if self.on_alert is not None:  # in a task of its own (kept until it is done)
-            task = asyncio.get_running_loop().create_task(self._check_alerts(entry.lease))
+            task = asyncio.get_running_loop().create_task(self._check_alerts(lease))
             self._alerting.add(task)
             task.add_done_callback(self._alerting.discard)
 
@@ -1049,6 +1046,8 @@ class BudgetLimiter(AsyncCallbackHandler):
         if bad:
             raise ConfigError(f"user_id is {describe(given)}: give a str or an int")
         lease = self._make_lease(scope_id, cycle_start_date)
+        with self._mu:
+            self._catch_up()
         stale = False
         try:
             if not self._outage.open():

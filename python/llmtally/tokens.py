@@ -15,7 +15,7 @@ _PER_MESSAGE = 3
 _PER_NAME = 1
 _REPLY_PRIMING = 3
 
-_O200K_PREFIXES = (
+O200K_PREFIXES = (
     "gpt-4o",
     "gpt-4.1",
     "gpt-4.5",
@@ -38,7 +38,7 @@ def encoding_for_model(model: str | None) -> str:
     """
     if model:
         name = model.rsplit("/", 1)[-1].lower()
-        if name.startswith(_O200K_PREFIXES):
+        if name.startswith(O200K_PREFIXES):
             return "o200k_base"
     return "cl100k_base"
 

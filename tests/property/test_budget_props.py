@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from llmtally import BudgetExceeded
+from llmtally._core import Usage
 from llmtally.limits import BudgetLimiter
 from llmtally.storage import Store
 from llmtally.storage.keys import usage_key
@@ -25,6 +27,7 @@ pytestmark = pytest.mark.timeout(300)
 
 CYCLE = "2026-11-01"
 LIMIT = 100
+RECORDER = (object(),)  # the meters of a manager whose recorder counts every call
 _ids = itertools.count()
 
 
@@ -81,6 +84,23 @@ class Budget(RuleBasedStateMachine):
                 {"tokens_used": actual}, user_id="alice", cycle_start_date=CYCLE, run_id=run_id
             )
         )
+        self.used += actual
+        self.over += max(0, actual - estimate)
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data(), over=st.sampled_from([0, 0, -10, 5, -30]))
+    def settle_through_a_manager(self, data: st.DataObject, over: int) -> None:
+        """The end as a manager delivers it: a recorder put the usage in the store's ledger,
+        then the limiter settles the call (in the core, in a batch: see _catch_up)."""
+        process, run_id, estimate = self.open.pop(data.draw(st.integers(0, len(self.open) - 1)))
+        actual = max(0, estimate + over)
+        limiter = self.limiters[process]
+        self.stores[process].add(usage_key("alice", CYCLE), total_tokens=actual, calls=1)
+        limiter._counts_users[RECORDER] = True  # what the manager learns of its recorders
+        call = SimpleNamespace(
+            run_id=run_id, duplicate=False, _usage=Usage(prompt_tokens=actual, completion_tokens=0)
+        )
+        limiter._llmtally_settle(call, RECORDER)  # type: ignore[arg-type]
         self.used += actual
         self.over += max(0, actual - estimate)
 
