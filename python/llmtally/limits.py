@@ -336,6 +336,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         self._open_more: dict[Any, list[_Open]] = {}
         self._alerted: set[tuple[str, str, int]] = set()
         self._outage = _Outage(self.store_backoff_s)
+        self._keep_alive_at = 0.0  # monotonic: the next look for leases to keep alive
         self._counts_users: dict[tuple[Any, ...], bool] = {}
         # Leases with usage settled since the last drain, and with usage in a drained batch.
         self._settled: set[_Lease] = set()
@@ -561,6 +562,8 @@ class BudgetLimiter(AsyncCallbackHandler):
         admitted for two flush intervals) gives its unused slice back; a busy one is rewritten
         once the usage flushed since its renewal is half of it (in between, other processes
         see more of the budget taken than is: never less)."""
+        if self._leases and time.monotonic() >= self._keep_alive_at and self._outage.open():
+            self._keep_alive()
         dirty = self._dirty
         if not dirty or not self._outage.open():
             return
@@ -594,6 +597,28 @@ class BudgetLimiter(AsyncCallbackHandler):
                 lease.shrinking = False
             if shrink:
                 dirty.discard(key)
+
+    def _keep_alive(self) -> None:
+        """A lease with calls in flight and no call since its renewal was due (a long call, a
+        quiet user) is rewritten as it is before its record expires in the store: calls in
+        flight stay covered however long they run. Every quarter of ``reservation_ttl_s``."""
+        now = time.monotonic()
+        self._keep_alive_at = now + self.reservation_ttl_s / 4
+        for lease in list(self._leases.values()):
+            if not lease.known or lease.renewing is not None or now < lease.renew_at:
+                continue
+            with self._mu:
+                self._catch_up()
+                if not (lease.inflight_t or lease.inflight_p):
+                    continue
+                target = (lease.held_t, lease.held_p)
+            try:
+                self._set_record(lease, target)
+            except StoreError as exc:
+                self._failed("keeping a lease alive", exc)
+                return
+            with self._mu:
+                lease.renew_at = max(lease.renew_at, now + self.reservation_ttl_s / 2)
 
     def _set_record(self, lease: _Lease, target: tuple[int, int]) -> None:
         """Make the store's record of ``lease`` ``target`` (at most what it holds now)."""
@@ -688,6 +713,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         record becomes what this process holds (calls in flight and unflushed usage), plus
         ``want`` and a slice when it fits."""
         backend: Any = self._store.backend
+        keep_ticking = False
         if want is not None and not lease.known and self.lease_fraction:
             # The first lease of this budget here: its slice is sized on what the store holds.
             seen: LeaseState = backend.lease(
@@ -741,12 +767,15 @@ class BudgetLimiter(AsyncCallbackHandler):
             self._dirty.add(lease.key)
             if want is not None:
                 self.renewals += 1
+                keep_ticking = True
             if ticket is not None:
                 ticket.state = state
                 if state.ok and want is not None and not ticket.abandoned:
                     ticket.admitted = True
                     lease.inflight_t += want[0]
                     lease.inflight_p += want[1]
+        if keep_ticking:
+            self._store.keep_ticking()  # the leases of long calls are kept alive there (tick)
         return state
 
     def _admit_offline(self, lease: _Lease, tokens: int, pusd: int) -> bool:
@@ -1177,6 +1206,7 @@ class RateLimiter(AsyncCallbackHandler):
         # view enforced on while the store is unreachable with one.
         self._local = LocalLimits()
         self._outage = _Outage(self.store_backoff_s)
+        self._keep_alive_at = 0.0  # monotonic: the next look for leases to keep alive
         self._dims: list[tuple[str, int]] = []
         if requests_per_minute is not None:
             self._dims.append(("requests", requests_per_minute))

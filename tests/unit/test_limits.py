@@ -377,3 +377,36 @@ async def test_cost_budget_reserves_the_priced_estimate() -> None:
     assert left["unit"] == "usd"
     assert left["used"] == pytest.approx((20 * 2_500_000 + 10 * 10_000_000) / 1e12, abs=1e-12)
     await store.aclose()
+
+
+async def test_a_call_longer_than_the_lease_ttl_stays_covered(tmp_path: Path) -> None:
+    """A call in flight keeps its part of the budget however long it runs: its lease is kept
+    alive in the store, so another process cannot take that room (here the lease's TTL is
+    1 s and the call runs 2.5 s)."""
+    url = f"sqlite:///{tmp_path}/shared.db"
+    async with open_store(url) as first, open_store(url) as second:
+        long_lived = BudgetLimiter(
+            max_tokens=1000,
+            store=first,
+            reservation_ttl_s=1.0,
+            lease_fraction=0,
+            store_timeout_s=PATIENT_S,
+        )
+        other = BudgetLimiter(max_tokens=1000, store=second, store_timeout_s=PATIENT_S)
+        slow = manager_for(first, long_lived)
+        quick = manager_for(second, other)
+        async with slow.llm_call(
+            MESSAGES, user_id="erin", cycle_start_date=CYCLE, estimated_tokens=600
+        ) as call:
+            await asyncio.sleep(2.5)
+            with pytest.raises(BudgetExceeded) as refused:
+                await one_call(quick, 600, 600, user="erin")
+            assert (refused.value.used, refused.value.requested) == (600, 600)
+            await one_call(quick, 400, 400, user="erin")  # what is left still fits
+            call.set_response({"prompt_tokens": 600, "completion_tokens": 0})
+        await long_lived.aclose()
+        await other.aclose()
+        await first.flush()
+        await second.flush()
+        fields = first.backend.read(usage_key("erin", CYCLE))
+        assert (fields["total_tokens"], fields.get("reserved_tokens", 0)) == (1000, 0)

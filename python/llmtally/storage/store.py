@@ -143,6 +143,13 @@ class Store:
         """After a write into the ledger from outside :meth:`add`."""
         self._kicked(self.ledger.pending >= EARLY_FLUSH_KEYS)
 
+    def keep_ticking(self) -> None:
+        """Make sure the flusher runs, so the write listeners' ``tick`` comes every interval
+        even while no usage is written (a limiter keeps the leases of long calls alive there).
+        """
+        if not self._flusher.running:
+            self._flusher.start()
+
     def _kicked(self, urgent: bool) -> None:
         """After a write: make sure the flusher runs, and wake it when the ledger reached the
         early-flush size (``urgent``)."""
