@@ -14,6 +14,7 @@ use std::time::Instant;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyInt, PyList, PySet, PyString, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::recorder::CLOCK;
 use crate::usage::Usage;
@@ -132,6 +133,17 @@ impl Lease {
         }
     }
 
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.renewing)?;
+        visit.call(&self.refused)?;
+        Ok(())
+    }
+
+    fn __clear__(&mut self) {
+        self.renewing = None;
+        self.refused = None;
+    }
+
     /// A call ended (the limiter's lock held): its estimate goes, its usage (in the store's
     /// ledger already) stays covered until it is written. True when it had usage.
     fn settle(&mut self, estimate_t: i64, estimate_p: i64, tokens: i64, pusd: i64) -> bool {
@@ -146,12 +158,24 @@ impl Lease {
     }
 }
 
+/// What a [`LeaseBook`] calls on its limiter.
+struct Hooks {
+    /// The limiter: a call is settled here only while its `on_alert` is `None`.
+    owner: Py<PyAny>,
+    /// `BudgetLimiter._fast_start`: a start not admitted here.
+    start_fallback: Py<PyAny>,
+    /// `BudgetLimiter._settle_call`: an end not settled here.
+    settle_fallback: Py<PyAny>,
+    /// `BudgetLimiter._catch_up_now`: too many calls ended and not settled.
+    catch_up_now: Py<PyAny>,
+}
+
 /// A call ended and not settled yet: its lease, estimate (tokens, pusd) and usage (tokens, pusd).
 type Ended = (Py<Lease>, i64, i64, i64, i64);
 
 /// The budgets of one token-only user-scoped limiter, by user, and the two steps every call
 /// takes: [`LeaseBook::start`] and [`LeaseBook::settle`].
-#[pyclass(frozen, module = "llmtally._core", name = "LeaseBook")]
+#[pyclass(module = "llmtally._core", name = "LeaseBook")]
 pub struct LeaseBook {
     /// (user id, `cycle_start_date` as given or `None`) -> the lease (the limiter keeps it).
     keys: Py<PyDict>,
@@ -164,16 +188,10 @@ pub struct LeaseBook {
     /// The limiter's lock: its `acquire` and `release`.
     acquire: Py<PyAny>,
     release: Py<PyAny>,
-    /// The limiter: a call is settled here only while its `on_alert` is `None`.
-    owner: Py<PyAny>,
+    /// The limiter's side (cleared by the garbage collector: the limiter holds this book).
+    hooks: Option<Hooks>,
     /// The limiter's leases with usage settled since the ledger was last drained.
     settled: Py<PySet>,
-    /// `BudgetLimiter._fast_start`: a start not admitted here.
-    start_fallback: Py<PyAny>,
-    /// `BudgetLimiter._settle_call`: an end not settled here.
-    settle_fallback: Py<PyAny>,
-    /// `BudgetLimiter._catch_up_now`: too many calls ended and not settled.
-    catch_up_now: Py<PyAny>,
     /// `_core.estimate_messages`, and the model name prefixes counted with o200k
     /// (`llmtally.tokens`).
     estimate_messages: Py<PyAny>,
@@ -219,11 +237,13 @@ impl LeaseBook {
             counted,
             acquire,
             release,
-            owner,
+            hooks: Some(Hooks {
+                owner,
+                start_fallback,
+                settle_fallback,
+                catch_up_now,
+            }),
             settled,
-            start_fallback,
-            settle_fallback,
-            catch_up_now,
             max_open,
             max_ended,
             base: monotonic_now,
@@ -231,6 +251,36 @@ impl LeaseBook {
             admitted: AtomicU64::new(0),
             ended: Mutex::new(Vec::new()),
         })
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.keys)?;
+        visit.call(&self.opened)?;
+        visit.call(&self.opened_more)?;
+        visit.call(&self.counted)?;
+        visit.call(&self.acquire)?;
+        visit.call(&self.release)?;
+        visit.call(&self.settled)?;
+        visit.call(&self.estimate_messages)?;
+        if let Some(hooks) = &self.hooks {
+            visit.call(&hooks.owner)?;
+            visit.call(&hooks.start_fallback)?;
+            visit.call(&hooks.settle_fallback)?;
+            visit.call(&hooks.catch_up_now)?;
+        }
+        if let Ok(ended) = self.ended.try_lock() {
+            for entry in ended.iter() {
+                visit.call(&entry.0)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&mut self) {
+        self.hooks = None;
+        if let Ok(mut ended) = self.ended.try_lock() {
+            ended.clear();
+        }
     }
 
     /// Calls admitted here.
@@ -253,10 +303,13 @@ impl LeaseBook {
         messages: &Bound<'_, PyAny>,
         kwargs: &Bound<'_, PyDict>,
     ) -> PyResult<Py<PyAny>> {
+        let Some(hooks) = &self.hooks else {
+            return Ok(py.None()); // (a limiter being collected)
+        };
         if self.try_admit(py, messages, kwargs)? {
             return Ok(py.None());
         }
-        Ok(self
+        Ok(hooks
             .start_fallback
             .bind(py)
             .call1((messages, kwargs))?
@@ -272,8 +325,11 @@ impl LeaseBook {
         call: &Bound<'_, PyAny>,
         meters: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        if !self.try_settle(py, call, meters)? {
-            self.settle_fallback.bind(py).call1((call, meters))?;
+        let Some(hooks) = &self.hooks else {
+            return Ok(());
+        };
+        if !self.try_settle(py, hooks, call, meters)? {
+            hooks.settle_fallback.bind(py).call1((call, meters))?;
         }
         Ok(())
     }
@@ -304,11 +360,12 @@ impl LeaseBook {
     fn try_settle(
         &self,
         py: Python<'_>,
+        hooks: &Hooks,
         call: &Bound<'_, PyAny>,
         meters: &Bound<'_, PyAny>,
     ) -> PyResult<bool> {
         if !self.opened_more.bind(py).is_empty()
-            || !self
+            || !hooks
                 .owner
                 .bind(py)
                 .getattr(intern!(py, "on_alert"))?
@@ -349,7 +406,7 @@ impl LeaseBook {
             ended.len() >= self.max_ended
         };
         if full {
-            self.catch_up_now.bind(py).call0()?;
+            hooks.catch_up_now.bind(py).call0()?;
         }
         Ok(true)
     }

@@ -27,11 +27,13 @@ with ``fail_closed=True``. Calls inside a lease already granted need no store at
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -131,6 +133,29 @@ def _priced_estimate(messages: Any, kwargs: Mapping[str, Any]) -> int:
         return int(prices.cost_pusd(prompt, completion))
     except (TypeError, ValueError, OverflowError):
         return 0
+
+
+async def _all_done(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for ``tasks``, whichever event loops run them (a limiter serves the caller's loop
+    and the one of sync clients)."""
+    here = asyncio.get_running_loop()
+    waits: list[Any] = []
+    for task in tasks:
+        loop = task.get_loop()
+        if loop is here:
+            waits.append(task)
+        elif not loop.is_closed():
+            done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+            def watch(task: asyncio.Task[None] = task, done: Any = done) -> None:
+                task.add_done_callback(lambda _: done.set_result(None))
+
+            try:
+                loop.call_soon_threadsafe(watch)
+            except RuntimeError:  # (closed meanwhile)
+                continue
+            waits.append(asyncio.wrap_future(done))
+    await asyncio.gather(*waits, return_exceptions=True)
 
 
 def _limits_backend(store: Store) -> AsyncBackend:
@@ -365,7 +390,10 @@ class BudgetLimiter(AsyncCallbackHandler):
             self._book.start if self._in_core else self._fast_start
         )
         self._alerting: set[asyncio.Task[None]] = set()
-        self._alert_lock = asyncio.Lock()
+        # Alerts are checked in order, one at a time, on each event loop using the limiter.
+        self._alert_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
         self._allowed = 0
         self.refused = 0
         self.store_errors = 0
@@ -645,7 +673,8 @@ class BudgetLimiter(AsyncCallbackHandler):
         """Renew the lease with this call in it. Returns ``(admitted, offline)``."""
         while lease.renewing is not None:  # one renewal per budget at a time
             renewal = lease.renewing
-            await asyncio.shield(renewal)
+            # (a future of no event loop: the renewal may be another loop's, a sync client's)
+            await asyncio.shield(asyncio.wrap_future(renewal))
             if self._admit_local(lease, tokens, pusd):
                 return True, False
             refused = lease.refused
@@ -658,7 +687,8 @@ class BudgetLimiter(AsyncCallbackHandler):
                 return False, False
         if not self._outage.open():
             return self._admit_offline(lease, tokens, pusd), True
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        done.set_running_or_notify_cancel()  # (never cancelled: its waiters shield it)
         lease.renewing = done
         ticket = _Ticket()
         try:
@@ -982,7 +1012,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         (calls in flight), giving the rest of each slice back; the alerts under way are
         delivered first. False when the store failed."""
         if self._alerting:
-            await asyncio.gather(*list(self._alerting), return_exceptions=True)
+            await _all_done(list(self._alerting))
         ok = await self._store.flush()
         for lease in list(self._leases.values()):
             if not lease.known:
@@ -1005,7 +1035,11 @@ class BudgetLimiter(AsyncCallbackHandler):
     # -- alerts --------------------------------------------------------------------------------
 
     async def _check_alerts(self, lease: _Lease) -> None:
-        async with self._alert_lock:  # in order, one at a time
+        loop = asyncio.get_running_loop()
+        lock = self._alert_locks.get(loop)
+        if lock is None:
+            lock = self._alert_locks[loop] = asyncio.Lock()
+        async with lock:  # in order, one at a time
             await self._check_alerts_locked(lease)
 
     async def _check_alerts_locked(self, lease: _Lease) -> None:

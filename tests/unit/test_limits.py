@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -171,8 +172,10 @@ async def test_reservations_expire(store: Store) -> None:
     other = BudgetLimiter(max_tokens=100, store=store, store_timeout_s=PATIENT_S)  # another process
     await dead.on_llm_start(
         MESSAGES, user_id="alice", cycle_start_date=CYCLE, estimated_tokens=90, run_id="r1"
-    )  # never ended: a process that died mid-call
+    )  # never ended: a process that died mid-call ...
     assert (await other.remaining("alice", CYCLE))["reserved"] == 90  # its lease
+    del dead  # ... and took its limiter with it (a live one keeps its calls' leases alive)
+    gc.collect()
     await asyncio.sleep(0.1)
     assert (await other.remaining("alice", CYCLE))["reserved"] == 0
     assert (await store.read(usage_key("alice", CYCLE)))["reserved_tokens"] == 0
@@ -410,3 +413,68 @@ async def test_a_call_longer_than_the_lease_ttl_stays_covered(tmp_path: Path) ->
         await second.flush()
         fields = first.backend.read(usage_key("erin", CYCLE))
         assert (fields["total_tokens"], fields.get("reserved_tokens", 0)) == (1000, 0)
+
+
+async def test_one_limiter_for_sync_and_async_clients_admits_exactly_the_limit(
+    store: Store,
+) -> None:
+    """Sync clients' events run on llmtally's own event loop, async ones on the caller's: one
+    limiter serves both (renewals waited for across loops, alerts delivered and flushed)."""
+    import threading
+
+    from llmtally._runtime import runner
+
+    alerts: list[dict[str, Any]] = []
+    limiter = BudgetLimiter(
+        max_tokens=2000,
+        store=store,
+        lease_fraction=0,  # a renewal per call: both loops wait on each other's
+        store_timeout_s=PATIENT_S,
+        on_alert=alerts.append,
+    )
+    manager = manager_for(store, limiter)
+    admitted = 0
+
+    async def call() -> bool:
+        nonlocal admitted
+        try:
+            await one_call(manager, 10, 10, user="frank")
+        except BudgetExceeded:
+            return False
+        admitted += 1
+        return True
+
+    def sync_client() -> None:
+        while runner.run(call()):
+            pass
+
+    thread = threading.Thread(target=sync_client)
+    thread.start()
+
+    async def task() -> None:
+        while await call():
+            pass
+
+    await asyncio.gather(*(task() for _ in range(5)))
+    await asyncio.to_thread(thread.join)
+    assert await limiter.flush()
+    assert (admitted, limiter.allowed, limiter.store_errors) == (200, 200, 0)
+    # Each threshold once, in order; the usage seen then is past it by at most the calls of
+    # the six callers that ended meanwhile.
+    assert [a["threshold"] for a in alerts] == [0.5, 0.8, 1.0]
+    assert all(0 <= a["used"] - a["threshold"] * 2000 <= 60 for a in alerts)
+
+
+async def test_a_limiter_no_one_holds_is_collected(store: Store) -> None:
+    """The core's lease book and the limiter refer to each other: the garbage collector sees
+    the cycle (a limiter per request, as some gateways build them, must not leak)."""
+    import weakref
+
+    limiter = BudgetLimiter(max_tokens=1000, store=store, store_timeout_s=PATIENT_S)
+    manager = manager_for(store, limiter)
+    for _ in range(3):
+        await one_call(manager, 10, 10, user="gina")
+    gone = weakref.ref(limiter)
+    del limiter, manager
+    gc.collect()
+    assert gone() is None
