@@ -13,6 +13,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use crate::journal::{self, Journal};
+use crate::usage::usd_to_pusd;
 
 use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::intern;
@@ -380,12 +381,9 @@ impl Ledger {
             }
             Some(v) if !v.is_none() => {
                 let usd: f64 = v.extract()?;
-                if !usd.is_finite() || usd < 0.0 || usd * 1e12 >= i64::MAX as f64 {
-                    return Err(PyValueError::new_err(format!(
-                        "cost_estimate {usd} is out of range"
-                    )));
-                }
-                (usd * 1e12).round() as i64
+                usd_to_pusd(usd).ok_or_else(|| {
+                    PyValueError::new_err(format!("cost_estimate {usd} is out of range"))
+                })?
             }
             _ => 0,
         };

@@ -31,7 +31,7 @@ use crate::response::{
     NOT_A_RESPONSE, NO_USAGE, OK as READ_OK,
 };
 use crate::usage::extract_any;
-use crate::usage::Usage;
+use crate::usage::{usd_to_pusd, Usage};
 
 // ---------------------------------------------------------------------------------------------
 // Requests per minute: per-second buckets, fixed memory whatever the rate.
@@ -372,10 +372,7 @@ fn response_cost(response: &Bound<'_, PyDict>) -> PyResult<Option<i64>> {
     let Ok(usd) = v.extract::<f64>() else {
         return Ok(None);
     };
-    if !usd.is_finite() || usd < 0.0 || usd * 1e12 >= i64::MAX as f64 {
-        return Ok(None);
-    }
-    Ok(Some((usd * 1e12).round() as i64))
+    Ok(usd_to_pusd(usd))
 }
 
 /// A user id kwarg: `Some(None)` for none (or empty), `None` when it is not a string or is
@@ -637,10 +634,7 @@ impl Recorder {
             _ => None,
         };
         let cost_pusd = match u.cost_usd {
-            Some(usd) if usd.is_finite() && usd >= 0.0 && usd * 1e12 < i64::MAX as f64 => {
-                Some((usd * 1e12).round() as i64)
-            }
-            Some(_) => None,
+            Some(usd) => usd_to_pusd(usd),
             None => table_cost,
         };
         let tracker_model = match &found_model {

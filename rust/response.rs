@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
 use crate::cost::Prices;
-use crate::usage::{extract_any, get, Usage};
+use crate::usage::{extract_any, get, Usage, PUSD_PER_USD};
 
 /// Text of a list of content parts (strings or `{"text": ...}` blocks), or `None`.
 fn join_parts(parts: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
@@ -226,7 +226,7 @@ fn fill<'py>(
                 (None, Some(pusd)) => {
                     // `cost_pusd` goes last (see `add_table_cost`), where pricing after the
                     // read puts it too: the same dict either way, key order included.
-                    d.set_item(intern!(py, "cost_estimate"), pusd as f64 / 1e12)?;
+                    d.set_item(intern!(py, "cost_estimate"), pusd as f64 / PUSD_PER_USD)?;
                     d.set_item(intern!(py, "cost_source"), intern!(py, "table"))?;
                 }
                 (cost, _) => {

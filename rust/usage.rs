@@ -13,6 +13,26 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
 /// Token counts must be integers in `[0, MAX_TOKENS)`.
 pub const MAX_TOKENS: u64 = 1_000_000_000_000;
 
+/// Pico-USD (1e-12 USD) per USD: costs are counted in whole pico-USD.
+pub const PUSD_PER_USD: f64 = 1e12;
+
+/// A cost in USD as whole pico-USD, rounded half away from zero: the one conversion every
+/// counter, ledger and limiter uses. `None` for what is not a finite amount in `[0, i64::MAX]`
+/// pico-USD.
+pub fn usd_to_pusd(usd: f64) -> Option<i64> {
+    if !usd.is_finite() || usd < 0.0 || usd * PUSD_PER_USD >= i64::MAX as f64 {
+        return None;
+    }
+    Some((usd * PUSD_PER_USD).round() as i64)
+}
+
+/// [`usd_to_pusd`] for Python: `None` for a cost that is not a finite amount in range.
+#[pyfunction]
+#[pyo3(name = "usd_to_pusd")]
+fn py_usd_to_pusd(usd: f64) -> Option<i64> {
+    usd_to_pusd(usd)
+}
+
 // Usage that cannot be trusted: `llmtally.errors.BadUsage` (a `BadInput`, so an
 // `LlmtallyError` and a `ValueError`), defined in Python with the other errors.
 pyo3::import_exception!(llmtally.errors, BadUsage);
@@ -852,12 +872,24 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_extract_usage, m)?)?;
     m.add_function(wrap_pyfunction!(py_merge_stream_usage, m)?)?;
     m.add_function(wrap_pyfunction!(py_normalize_usage_block, m)?)?;
+    m.add_function(wrap_pyfunction!(py_usd_to_pusd, m)?)?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pusd_rounds_half_away_from_zero_and_refuses_what_is_out_of_range() {
+        assert_eq!(usd_to_pusd(0.0), Some(0));
+        assert_eq!(usd_to_pusd(2.5e-12), Some(3));
+        assert_eq!(usd_to_pusd(0.000_001), Some(1_000_000));
+        assert_eq!(usd_to_pusd(-1e-12), None);
+        assert_eq!(usd_to_pusd(f64::NAN), None);
+        assert_eq!(usd_to_pusd(f64::INFINITY), None);
+        assert_eq!(usd_to_pusd(9.3e6), None);
+    }
 
     #[test]
     fn split_gives_total() {

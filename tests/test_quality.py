@@ -56,6 +56,30 @@ def test_native_stub_passes_stubtest() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_one_module_imports_the_core() -> None:
+    """``llmtally._native`` is the one door to the Rust core: no other module of the package
+    imports ``llmtally._core``, and it re-exports every public name of the core."""
+    import ast
+
+    from llmtally import _native
+
+    package = ROOT / "python" / "llmtally"
+    importers = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                names = [module] + [f"{module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "llmtally._core" or n.startswith("llmtally._core.") for n in names):
+                importers.append(path.relative_to(package).as_posix())
+    assert sorted(set(importers)) == ["_native.py"]
+    public = {n for n in _core.__all__ if not n.startswith("_")}
+    assert public - set(_native.__all__) == set()
+
+
 def test_bad_usage_is_an_llmtally_error_raised_by_the_core() -> None:
     from llmtally.errors import BadInput, BadUsage, LlmtallyError
 

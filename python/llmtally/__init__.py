@@ -16,7 +16,7 @@
 from typing import TYPE_CHECKING
 
 from llmtally import pricing
-from llmtally._core import __version__ as _core_version
+from llmtally._native import core_version as _core_version
 from llmtally.audit import AuditLogger
 from llmtally.dispatch import (
     AgentRun,

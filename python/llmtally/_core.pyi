@@ -43,6 +43,7 @@ __all__ = [
     "normalize_usage_block",
     "read_response",
     "response_meta",
+    "usd_to_pusd",
 ]
 
 __version__: Final[str]
@@ -498,6 +499,11 @@ class Prices:
 def call_modifiers(obj: object) -> tuple[str | None, str | None]:
     """``(service_tier, inference_geo)`` a provider response states (OpenAI top-level
     ``service_tier``; Anthropic ``usage.service_tier``, ``usage.inference_geo``)."""
+
+def usd_to_pusd(usd: float) -> int | None:
+    """A cost in USD as whole pico-USD, rounded half away from zero (the one conversion every
+    counter, ledger and limiter uses); ``None`` for a cost that is not a finite amount in
+    ``[0, 2**63)`` pico-USD."""
 
 def current_cycle() -> str:
     """``YYYY-MM-01`` of the current UTC month: the process's one billing-cycle clock."""

@@ -13,8 +13,8 @@ import threading
 import weakref
 from typing import Any
 
-from llmtally._core import Histogram, Ledger
 from llmtally._names import MAX_NAME_CHARS, OTHER, KeyTable, name
+from llmtally._native import Histogram, Ledger
 from llmtally.identity import charged_user
 
 __all__ = ["HandlerStats", "state", "stats_for"]

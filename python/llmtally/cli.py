@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from llmtally import __version__
+from llmtally._native import pusd_to_usd
 from llmtally.dispatch import CallbackManager
 from llmtally.errors import ConfigError, LlmtallyError, StoreError
 from llmtally.events import AsyncCallbackHandler
@@ -257,7 +258,7 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
     for user_id, t in shown:
         out.write(
             f"  {user_id:<14} {t.calls:>6} {t.errors:>6} {t.prompt:>9} {t.completion:>10}"
-            f" {t.total:>9} {t.estimated:>9} {t.cost_pusd / 1e12:>10.6f}\n"
+            f" {t.total:>9} {t.estimated:>9} {pusd_to_usd(t.cost_pusd):>10.6f}\n"
         )
     if len(rows) > len(shown):
         out.write(f"  ... {len(rows) - len(shown)} more users (--all-users shows them)\n")
@@ -274,7 +275,7 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
     out.write(
         f"  {'all':<14} {total.calls:>6} {total.errors:>6} {total.prompt:>9}"
         f" {total.completion:>10} {total.total:>9} {total.estimated:>9}"
-        f" {total.cost_pusd / 1e12:>10.6f}\n\n"
+        f" {pusd_to_usd(total.cost_pusd):>10.6f}\n\n"
     )
     lat = perf.stats()
     out.write(

@@ -27,7 +27,8 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Final
 
 from llmtally import _runtime
-from llmtally._core import (
+from llmtally._names import MAX_ID_CHARS, request_key
+from llmtally._native import (
     DECLINED,
     READ_BAD_USAGE,
     READ_NOT_A_RESPONSE,
@@ -37,13 +38,14 @@ from llmtally._core import (
     extract_usage,
     finish_response,
     make_response,
+    pusd_to_usd,
     read_response,
     response_meta,
+    usd_to_pusd,
 )
-from llmtally._core import RECORDED as _RECORDED
-from llmtally._core import IdMaker as _IdMaker
-from llmtally._core import Recorder as _Recorder
-from llmtally._names import MAX_ID_CHARS, request_key
+from llmtally._native import RECORDED as _RECORDED
+from llmtally._native import IdMaker as _IdMaker
+from llmtally._native import Recorder as _Recorder
 from llmtally._observe import state as _observed
 from llmtally._observe import stats_for
 from llmtally.config import settings, validate_timeout
@@ -1210,7 +1212,7 @@ def price_response(
         )
     except (ValueError, OverflowError) as exc:
         return exc
-    response["cost_estimate"] = pusd / 1e12
+    response["cost_estimate"] = pusd_to_usd(pusd)
     response["cost_pusd"] = pusd
     response["cost_source"] = "table"
     if prices.version is not None:
@@ -1657,7 +1659,7 @@ class LLMCall:
             )
             cost = table_cost
             if cost is None and usage is not None and usage.cost_usd is not None:
-                cost = round(usage.cost_usd * 1e12)
+                cost = usd_to_pusd(usage.cost_usd)
             _observed.llm_usage_end(kwargs, found_model, usage, cost)
         return True
 
@@ -1675,7 +1677,7 @@ class LLMCall:
             cost = usage.cost_usd if usage is not None else None
         if cost is None or not 0 < cost < 9.2e6:
             return tokens, 0
-        return tokens, round(cost * 1e12)
+        return tokens, usd_to_pusd(cost) or 0
 
     @property
     def response(self) -> dict[str, Any] | None:

@@ -37,8 +37,15 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from llmtally._core import LEDGER_FIELDS, Lease, LeaseBook
-from llmtally._core import estimate_messages as _core_estimate_messages
+from llmtally._native import (
+    LEDGER_FIELDS,
+    PUSD_PER_USD,
+    Lease,
+    LeaseBook,
+    pusd_to_usd,
+    usd_to_pusd,
+)
+from llmtally._native import estimate_messages as _core_estimate_messages
 from llmtally.dispatch import new_id
 from llmtally.errors import BudgetExceeded, ConfigError, RateLimited, StoreError
 from llmtally.events import AsyncCallbackHandler
@@ -62,7 +69,6 @@ __all__ = ["BudgetLimiter", "RateLimiter"]
 
 logger = logging.getLogger("llmtally")
 
-_PUSD = 10**12
 _MAX_TRACKED = 100_000
 #: Calls ended and not settled yet (see BudgetLimiter._catch_up) at most.
 _MAX_ENDED = 4096
@@ -83,9 +89,10 @@ def _count(value: Any) -> int | None:
 def _pusd(cost_usd: Any) -> int:
     if isinstance(cost_usd, bool) or not isinstance(cost_usd, int | float):
         return 0
-    if not math.isfinite(cost_usd) or cost_usd <= 0:
+    try:
+        return usd_to_pusd(cost_usd) or 0
+    except OverflowError:  # (an int past a float)
         return 0
-    return round(cost_usd * _PUSD)
 
 
 def _positive_s(name: str, value: Any) -> float:
@@ -348,7 +355,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         self._backend = _limits_backend(self._store)
         self._limits = (
             NO_LIMIT if max_tokens is None else max_tokens,
-            NO_LIMIT if max_cost_usd is None else round(max_cost_usd * _PUSD),
+            NO_LIMIT if max_cost_usd is None else usd_to_pusd(max_cost_usd) or 0,
         )
         self._ttl_ms = max(1, round(self.reservation_ttl_s * 1000))
         self._lease_id = new_id()
@@ -846,7 +853,7 @@ class BudgetLimiter(AsyncCallbackHandler):
             unit, limit, requested = (
                 ("tokens", lease.limit_t, tokens)
                 if self._tokens
-                else ("usd", self.max_cost_usd, pusd / _PUSD)
+                else ("usd", self.max_cost_usd, pusd_to_usd(pusd))
             )
             raise BudgetExceeded(
                 f"budget of {self.scope} {lease.scope_id!r} not checked: the store is "
@@ -873,8 +880,8 @@ class BudgetLimiter(AsyncCallbackHandler):
         raise BudgetExceeded(
             user_id=user_id,
             limit=self.max_cost_usd,
-            used=used_p / _PUSD,
-            requested=pusd / _PUSD,
+            used=pusd_to_usd(used_p),
+            requested=pusd_to_usd(pusd),
             unit="usd",
             **who,
         )
@@ -1084,7 +1091,7 @@ class BudgetLimiter(AsyncCallbackHandler):
             "scope": self.scope,
             "scope_id": lease.scope_id,
             "threshold": threshold,
-            "used": used if unit == "tokens" else used / _PUSD,
+            "used": used if unit == "tokens" else pusd_to_usd(used),
             "limit": limit if unit == "tokens" else self.max_cost_usd,
             "unit": unit,
             "cycle_start_date": lease.cycle,
@@ -1137,7 +1144,7 @@ class BudgetLimiter(AsyncCallbackHandler):
             if limit < 0:
                 continue
             left = max(0, limit - used_n - reserved)
-            scale = 1 if unit == "tokens" else _PUSD
+            scale = 1 if unit == "tokens" else PUSD_PER_USD
             views[unit] = {
                 "user_id": scope_id,
                 "cycle_start_date": lease.cycle,

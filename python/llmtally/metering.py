@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from llmtally import dispatch
-from llmtally._core import BadUsage, Usage, extract_text, extract_usage
 from llmtally._names import request_key
+from llmtally._native import BadUsage, Usage, extract_text, extract_usage, usd_to_pusd
 from llmtally.dispatch import RequestWindow, is_timeout
 from llmtally.events import CustomAsyncCallbackHandler
 from llmtally.identity import user_of
@@ -42,9 +42,7 @@ _NOT_RESPONSES = (str, bytes, int, float, list, tuple)
 
 
 def _pusd(cost_usd: float | None) -> int:
-    if cost_usd is None:
-        return 0
-    return round(cost_usd * 1e12)
+    return 0 if cost_usd is None else usd_to_pusd(cost_usd) or 0
 
 
 class _Meter(CustomAsyncCallbackHandler):

@@ -36,7 +36,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from llmtally._core import LEDGER_FIELDS
+from llmtally._native import LEDGER_FIELDS, pusd_to_usd
 from llmtally._observe import state
 from llmtally.errors import ConfigError
 
@@ -158,7 +158,7 @@ class LlmtallyCollector:
         for (provider, model), c in sorted(by_model.items()):
             for label, field in _TOKEN_TYPES:
                 tokens.add_metric([label, provider, model], float(c[_F[field]]))
-            model_cost.add_metric([provider, model], float(c[_F["cost_pusd"]] / 1e12))
+            model_cost.add_metric([provider, model], pusd_to_usd(c[_F["cost_pusd"]]))
             requests.add_metric([provider, model, "success"], float(c[_F["calls"]]))
             requests.add_metric([provider, model, "error"], float(c[_F["errors"]]))
             requests.add_metric([provider, model, "timeout"], float(c[_F["timeouts"]]))
@@ -166,7 +166,7 @@ class LlmtallyCollector:
             per_user.add_metric([user, "prompt"], float(c[_F["prompt_tokens"]]))
             per_user.add_metric([user, "completion"], float(c[_F["completion_tokens"]]))
         yield tokens
-        cost.add_metric([], float(sum(c[_F["cost_pusd"]] for c in by_model.values()) / 1e12))
+        cost.add_metric([], pusd_to_usd(sum(c[_F["cost_pusd"]] for c in by_model.values())))
         yield cost
         yield model_cost
         yield requests

@@ -19,7 +19,7 @@ so a repeated lookup is one dict hit.
 An unknown model is not an error: its tokens are counted and its cost is ``None``; the first miss
 of each name logs a warning and every miss is counted (:func:`unpriced_models`).
 
->>> from llmtally._core import Usage
+>>> from llmtally.usage import Usage
 >>> usage = Usage(prompt_tokens=1200, completion_tokens=300, cached_tokens=1024)
 >>> cost_pusd(usage, "gpt-4o")  # 176 x 2.50 + 1024 x 1.25 + 300 x 10.00 per 1M tokens
 4720000000
@@ -40,8 +40,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from llmtally._core import Prices, Usage
 from llmtally._names import MAX_NAME_CHARS, OTHER
+from llmtally._native import PUSD_PER_USD, Prices, Usage
 from llmtally.errors import ConfigError
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
 
 logger = logging.getLogger("llmtally.pricing")
 
-PUSD_PER_USD = 10**12
 _MAX_CACHED = 50_000  # resolved (model, provider) pairs; a flood of distinct names resets it
 _MAX_UNPRICED_NAMES = 10_000  # names tracked in unpriced_models(); later ones count as "<other>"
 
@@ -453,7 +452,7 @@ def cost_pusd(
     force and the off-peak window. ``None`` when the model has no price or the usage lacks its
     prompt/completion split. Raises ``OverflowError`` past the 64-bit pico-USD range.
 
-    >>> from llmtally._core import Usage
+    >>> from llmtally.usage import Usage
     >>> cost_pusd(Usage(prompt_tokens=1000, completion_tokens=100), "gpt-4o-mini")
     210000000
     >>> cost_pusd(Usage(prompt_tokens=1000, completion_tokens=100), "gpt-5", service_tier="flex")
@@ -478,7 +477,7 @@ def cost_usd(
 ) -> float | None:
     """The table cost of ``usage`` in USD, or ``None`` when unknown (see :func:`cost_pusd`).
 
-    >>> from llmtally._core import Usage
+    >>> from llmtally.usage import Usage
     >>> cost_usd(Usage(prompt_tokens=1000, completion_tokens=100), "gpt-4o")
     0.0035
     """

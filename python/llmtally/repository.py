@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmtally._core import LEDGER_FIELDS
+from llmtally._native import LEDGER_FIELDS, pusd_to_usd
 from llmtally.errors import BadInput
 from llmtally.storage import Store, resolve_store
 from llmtally.storage.keys import current_cycle, parse_key, usage_key, validate_cycle
@@ -28,7 +28,7 @@ def _cycle(cycle_start_date: str | None) -> str:
 def usage_stats(fields: dict[str, int], user_id: str, cycle_start_date: str) -> dict[str, Any]:
     """The public usage dict of one user and cycle from a hash's fields."""
     stats: dict[str, Any] = {name: int(fields.get(name, 0)) for name in LEDGER_FIELDS}
-    stats["cost_usd"] = stats["cost_pusd"] / 1e12
+    stats["cost_usd"] = pusd_to_usd(stats["cost_pusd"])
     stats["limit"] = fields.get("limit")
     stats["cycle_start_date"] = cycle_start_date
     stats["user_id"] = user_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llmtally import _core
+from llmtally import _native
 from llmtally.errors import TokenizerUnavailable
 
 __all__ = ["encoding_for_model", "estimate_tokens"]
@@ -82,10 +82,10 @@ def estimate_tokens(
     if exact:
         return _exact(text_or_messages, encoding)
     if isinstance(text_or_messages, str):
-        return _core.estimate_text(text_or_messages, encoding)
+        return _native.estimate_text(text_or_messages, encoding)
     if isinstance(text_or_messages, list):
-        return _core.estimate_messages(text_or_messages, encoding)
-    return _core.estimate_messages(list(text_or_messages), encoding)
+        return _native.estimate_messages(text_or_messages, encoding)
+    return _native.estimate_messages(list(text_or_messages), encoding)
 
 
 _ENCODERS: dict[str, Any] = {}

@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from llmtally._core import LEDGER_FIELDS, Ledger, PerfModel
 from llmtally._names import OTHER, KeyTable, check_cap, name
+from llmtally._native import LEDGER_FIELDS, Ledger, PerfModel, pusd_to_usd
 from llmtally.dispatch import is_timeout
 from llmtally.events import AsyncCallbackHandler
 from llmtally.identity import user_of
@@ -80,7 +80,7 @@ def _counts(c: list[int]) -> dict[str, Any]:
         "cached_tokens": c[_F["cached_tokens"]],
         "cache_write_tokens": c[_F["cache_write_tokens"]],
         "reasoning_tokens": c[_F["reasoning_tokens"]],
-        "cost_usd": c[_F["cost_pusd"]] / 1e12,
+        "cost_usd": pusd_to_usd(c[_F["cost_pusd"]]),
         "cost_pusd": c[_F["cost_pusd"]],
         "requests": c[_F["calls"]],
         "errors": c[_F["errors"]],
@@ -254,7 +254,7 @@ class CostTracker(_LedgerTracker):
 
     @property
     def total_cost(self) -> float:
-        return self._totals()[_F["cost_pusd"]] / 1e12
+        return pusd_to_usd(self._totals()[_F["cost_pusd"]])
 
     @property
     def total_cost_pusd(self) -> int:
@@ -296,7 +296,7 @@ class CostTracker(_LedgerTracker):
                 and (user_id is None or parts[2] == user_id)
             )
 
-        return _sum(self._ledger, self._table, keep)[_F["cost_pusd"]] / 1e12
+        return pusd_to_usd(_sum(self._ledger, self._table, keep)[_F["cost_pusd"]])
 
     def summary(self) -> dict[str, Any]:
         """Totals, with ``unpriced_requests``."""

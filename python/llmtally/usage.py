@@ -29,7 +29,7 @@ never summed twice.
 
 from __future__ import annotations
 
-from llmtally._core import BadUsage, Usage, extract_text, extract_usage, merge_stream_usage
+from llmtally._native import BadUsage, Usage, extract_text, extract_usage, merge_stream_usage
 
 __all__ = ["MAX_TOKENS", "BadUsage", "Usage", "extract_text", "extract_usage", "merge_stream_usage"]
 

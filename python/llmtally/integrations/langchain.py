@@ -38,8 +38,8 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage, get_buffer_string
 from langchain_core.outputs import ChatGeneration, LLMResult
 
-from llmtally._core import BadUsage, Usage, extract_usage, make_response
 from llmtally._names import OTHER
+from llmtally._native import PUSD_PER_USD, BadUsage, Usage, extract_usage, make_response
 from llmtally.dispatch import CallbackManager, LLMCall, current_run, price_response
 from llmtally.errors import CallbackAbort
 from llmtally.integrations._runs import FailureGuard, OpenRuns
@@ -1046,7 +1046,7 @@ class CostTrackingCallback(_NativeCallback):
                 budget is not None
                 and not self._alerted
                 and out["cost_estimate"] is not None
-                and self.tracker.total_cost_pusd >= budget * 1e12
+                and self.tracker.total_cost_pusd >= budget * PUSD_PER_USD
             ):
                 self._alerted = True
                 alert = {"total_cost": self.total_cost, "budget_usd": budget, "model": out["model"]}

@@ -41,7 +41,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from llmtally._core import __version__
+from llmtally._native import core_version as __version__
 from llmtally.errors import ConfigError
 from llmtally.events import AsyncCallbackHandler
 from llmtally.identity import user_of

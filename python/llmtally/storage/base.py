@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from llmtally._core import Batch
+from llmtally._native import Batch
 from llmtally.storage._limits import LeaseState, RateResult
 
 __all__ = ["Backend", "LimitsBackend", "SET_FIELDS"]

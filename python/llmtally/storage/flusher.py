@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from llmtally._core import LEDGER_FIELDS, Batch, Ledger
+from llmtally._native import LEDGER_FIELDS, Batch, Ledger
 from llmtally._observe import state as _observed
 from llmtally.errors import StoreError, StoreUnavailable
 from llmtally.storage.base import Backend

@@ -17,7 +17,7 @@ import datetime as _dt
 import re
 
 from llmtally import identity
-from llmtally._core import current_cycle
+from llmtally._native import current_cycle
 from llmtally.errors import ConfigError
 
 __all__ = [

@@ -5,8 +5,8 @@ from __future__ import annotations
 import fnmatch
 import threading
 
-from llmtally._core import LEDGER_FIELDS as _FIELDS
-from llmtally._core import Batch
+from llmtally._native import LEDGER_FIELDS as _FIELDS
+from llmtally._native import Batch
 from llmtally.storage._limits import NO_LIMIT, LeaseState, LocalLimits, RateResult
 from llmtally.storage.keys import usage_pattern
 

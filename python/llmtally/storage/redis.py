@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from llmtally._core import Batch
+from llmtally._native import Batch
 from llmtally.errors import ConfigError, StoreError, StoreUnavailable
 from llmtally.storage._limits import NO_LIMIT, LeaseState, RateResult
 from llmtally.storage.keys import MARKER_TTL_S, marker_key, reservations_key, usage_pattern

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
-from llmtally._core import Batch
+from llmtally._native import Batch
 from llmtally.errors import StoreError, StoreUnavailable
 from llmtally.storage._limits import (
     NO_LIMIT,
