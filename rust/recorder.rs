@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
@@ -278,6 +278,84 @@ impl CycleClock {
 // ---------------------------------------------------------------------------------------------
 // The recorder.
 
+/// What a seed handler (`RedisTokenCallbackHandler`) records in the one-crossing recorder: one
+/// user's key, `prefix` + the cycle (`cycle`, else the current month), in `store`.
+#[pyclass(frozen, module = "llmtally._core", name = "UserKeySink")]
+pub struct UserKeySink {
+    /// The store written (its ledger is looked up at each call: a forked child starts anew).
+    #[pyo3(get)]
+    store: Py<PyAny>,
+    prefix: String,
+    cycle: Option<String>,
+}
+
+#[pymethods]
+impl UserKeySink {
+    #[new]
+    #[pyo3(signature = (store, prefix, cycle = None))]
+    fn new(store: Py<PyAny>, prefix: String, cycle: Option<String>) -> Self {
+        UserKeySink {
+            store,
+            prefix,
+            cycle,
+        }
+    }
+}
+
+/// What a `UsageRecorder` records: the call's user, under the key `key_for(user_id, cycle)`.
+#[pyclass(frozen, module = "llmtally._core", name = "CallUserSink")]
+pub struct CallUserSink {
+    /// The store written.
+    #[pyo3(get)]
+    store: Py<PyAny>,
+    key_for: Py<PyAny>,
+}
+
+#[pymethods]
+impl CallUserSink {
+    #[new]
+    fn new(store: Py<PyAny>, key_for: Py<PyAny>) -> Self {
+        CallUserSink { store, key_for }
+    }
+}
+
+/// What a `TokenCounter` / `CostTracker` records: the ledger slot of `(provider, model,
+/// user)`, found in `slots`, else given by `admit(key)` (where the tracker applies its caps).
+#[pyclass(frozen, module = "llmtally._core", name = "TrackerSink")]
+pub struct TrackerSink {
+    ledger: Py<Ledger>,
+    slots: Py<PyDict>,
+    admit: Py<PyAny>,
+}
+
+#[pymethods]
+impl TrackerSink {
+    #[new]
+    fn new(ledger: Py<Ledger>, slots: Py<PyDict>, admit: Py<PyAny>) -> Self {
+        TrackerSink {
+            ledger,
+            slots,
+            admit,
+        }
+    }
+}
+
+/// What a `PerformanceTracker` records: per-model accumulators in `models`, else from
+/// `admit(model)`.
+#[pyclass(frozen, module = "llmtally._core", name = "PerfSink")]
+pub struct PerfSink {
+    models: Py<PyDict>,
+    admit: Py<PyAny>,
+}
+
+#[pymethods]
+impl PerfSink {
+    #[new]
+    fn new(models: Py<PyDict>, admit: Py<PyAny>) -> Self {
+        PerfSink { models, admit }
+    }
+}
+
 enum Sink {
     /// A seed handler: one user's key, `prefix` + the cycle (fixed, or the current month).
     /// Stores are held, not their ledgers: a store may start a new ledger (in a forked child).
@@ -492,40 +570,46 @@ impl Recorder {
 
 #[pymethods]
 impl Recorder {
-    /// `sinks`: tuples `("user_key", store, prefix, cycle_or_None)`,
-    /// `("call_user", store, key_for)`, `("per_call", ledger, slots, admit)`,
-    /// `("perf", models, admit)`.
+    /// `sinks`: what each built-in handler records ([`UserKeySink`], [`CallUserSink`],
+    /// [`TrackerSink`], [`PerfSink`]).
     /// `flush_at`: pending keys at which `end` asks for an early flush.
     #[new]
     fn py_new(sinks: Vec<Bound<'_, PyAny>>, flush_at: u64) -> PyResult<Self> {
         let mut out = Vec::with_capacity(sinks.len());
         for spec in sinks {
-            let kind: String = spec.get_item(0)?.extract()?;
-            out.push(match kind.as_str() {
-                "user_key" => Sink::UserKey {
-                    store: spec.get_item(1)?.unbind(),
-                    prefix: spec.get_item(2)?.extract()?,
-                    cycle: spec.get_item(3)?.extract()?,
-                },
-                "call_user" => Sink::CallUser {
-                    store: spec.get_item(1)?.unbind(),
-                    key_for: spec.get_item(2)?.unbind(),
-                    keys: Mutex::new(HashMap::new()),
-                },
-                "per_call" => Sink::PerCall {
-                    ledger: spec.get_item(1)?.extract()?,
-                    slots: spec.get_item(2)?.cast_into::<PyDict>()?.unbind(),
-                    admit: spec.get_item(3)?.unbind(),
-                },
-                "perf" => Sink::Perf {
-                    models: spec.get_item(1)?.cast_into::<PyDict>()?.unbind(),
-                    admit: spec.get_item(2)?.unbind(),
-                },
-                other => {
-                    return Err(PyValueError::new_err(format!(
-                        "unknown sink kind {other:?}"
-                    )));
+            let py = spec.py();
+            out.push(if let Ok(s) = spec.cast::<UserKeySink>() {
+                let s = s.get();
+                Sink::UserKey {
+                    store: s.store.clone_ref(py),
+                    prefix: s.prefix.clone(),
+                    cycle: s.cycle.clone(),
                 }
+            } else if let Ok(s) = spec.cast::<CallUserSink>() {
+                let s = s.get();
+                Sink::CallUser {
+                    store: s.store.clone_ref(py),
+                    key_for: s.key_for.clone_ref(py),
+                    keys: Mutex::new(HashMap::new()),
+                }
+            } else if let Ok(s) = spec.cast::<TrackerSink>() {
+                let s = s.get();
+                Sink::PerCall {
+                    ledger: s.ledger.clone_ref(py),
+                    slots: s.slots.clone_ref(py),
+                    admit: s.admit.clone_ref(py),
+                }
+            } else if let Ok(s) = spec.cast::<PerfSink>() {
+                let s = s.get();
+                Sink::Perf {
+                    models: s.models.clone_ref(py),
+                    admit: s.admit.clone_ref(py),
+                }
+            } else {
+                return Err(PyTypeError::new_err(format!(
+                    "a sink must be a UserKeySink, CallUserSink, TrackerSink or PerfSink, not {}",
+                    spec.get_type().name()?
+                )));
             });
         }
         Ok(Self {
@@ -979,6 +1063,10 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<IdMaker>()?;
     m.add_class::<PerfModel>()?;
     m.add_class::<Recorder>()?;
+    m.add_class::<UserKeySink>()?;
+    m.add_class::<CallUserSink>()?;
+    m.add_class::<TrackerSink>()?;
+    m.add_class::<PerfSink>()?;
     m.add("RECORDED", RECORDED)?;
     m.add("DECLINED", DECLINED)?;
     Ok(())

@@ -17,15 +17,19 @@ __all__ = [
     "READ_OK",
     "BadUsage",
     "Batch",
+    "CallUserSink",
     "Histogram",
     "IdMaker",
     "Lease",
     "LeaseBook",
     "Ledger",
     "PerfModel",
+    "PerfSink",
     "Prices",
     "Recorder",
+    "TrackerSink",
     "Usage",
+    "UserKeySink",
     "__version__",
     "_estimate_feature_names",
     "_estimate_contexts",
@@ -318,10 +322,45 @@ RECORDED: Final[int]
 DECLINED: Final[int]
 
 @final
+class UserKeySink:
+    """A seed handler's record: one user's key, ``prefix`` + the cycle (``cycle``, else the
+    current month), in ``store``."""
+
+    @property
+    def store(self) -> Any: ...
+    def __new__(cls, store: Any, prefix: str, cycle: str | None = None) -> UserKeySink: ...
+
+@final
+class CallUserSink:
+    """A ``UsageRecorder``'s record: the call's user, under ``key_for(user_id, cycle)``."""
+
+    @property
+    def store(self) -> Any: ...
+    def __new__(cls, store: Any, key_for: Callable[[str, str], str]) -> CallUserSink: ...
+
+@final
+class TrackerSink:
+    """A ``TokenCounter`` / ``CostTracker``'s record: the ledger slot of ``(provider, model,
+    user)`` in ``slots``, else ``admit(key)``."""
+
+    def __new__(
+        cls, ledger: Ledger, slots: dict[Any, Any], admit: Callable[[Any], Any]
+    ) -> TrackerSink: ...
+
+@final
+class PerfSink:
+    """A ``PerformanceTracker``'s record: per-model accumulators in ``models``, else
+    ``admit(model)``."""
+
+    def __new__(cls, models: dict[Any, Any], admit: Callable[[Any], Any]) -> PerfSink: ...
+
+@final
 class Recorder:
     """Every built-in accumulator of one end event, updated in one crossing."""
 
-    def __new__(cls, sinks: list[tuple[Any, ...]], flush_at: int) -> Recorder: ...
+    def __new__(
+        cls, sinks: list[UserKeySink | CallUserSink | TrackerSink | PerfSink], flush_at: int
+    ) -> Recorder: ...
     def end(self, response: object, kwargs: dict[str, Any], id_prefix: str) -> tuple[int, bool]: ...
     def finish(
         self,

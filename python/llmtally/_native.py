@@ -9,7 +9,7 @@ converted from USD by :func:`usd_to_pusd` only.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, TypeAlias
 
 from llmtally._core import (
     DECLINED,
@@ -21,15 +21,19 @@ from llmtally._core import (
     RECORDED,
     BadUsage,
     Batch,
+    CallUserSink,
     Histogram,
     IdMaker,
     Lease,
     LeaseBook,
     Ledger,
     PerfModel,
+    PerfSink,
     Prices,
     Recorder,
+    TrackerSink,
     Usage,
+    UserKeySink,
     call_modifiers,
     current_cycle,
     estimate_messages,
@@ -47,6 +51,9 @@ from llmtally._core import (
 )
 from llmtally._core import __version__ as core_version
 
+#: What a built-in handler records in the manager's one-crossing recorder.
+Sink: TypeAlias = UserKeySink | CallUserSink | TrackerSink | PerfSink
+
 __all__ = [
     "DECLINED",
     "LEDGER_FIELDS",
@@ -58,15 +65,20 @@ __all__ = [
     "RECORDED",
     "BadUsage",
     "Batch",
+    "CallUserSink",
     "Histogram",
     "IdMaker",
     "Lease",
     "LeaseBook",
     "Ledger",
     "PerfModel",
+    "PerfSink",
     "Prices",
     "Recorder",
+    "Sink",
+    "TrackerSink",
     "Usage",
+    "UserKeySink",
     "call_modifiers",
     "core_version",
     "current_cycle",

@@ -33,7 +33,10 @@ from llmtally._native import (
     READ_BAD_USAGE,
     READ_NOT_A_RESPONSE,
     READ_OK,
+    CallUserSink,
     Prices,
+    Sink,
+    UserKeySink,
     call_modifiers,
     extract_usage,
     finish_response,
@@ -186,14 +189,15 @@ class _FastGroup:
         for store in self.stores:
             store._kicked(flush_wanted)
 
-    def add(self, entry: _Entry, fn: Callable[..., Any], sink: tuple[Any, ...]) -> tuple[Any, ...]:
+    def add(self, entry: _Entry, fn: Callable[..., Any], sink: Sink) -> Sink:
         self.members.append((entry, fn))
         count_unpriced = getattr(entry.handler, "_count_unpriced", None)
         if count_unpriced is not None:
             self.unpriced.append(count_unpriced)
-        store = getattr(entry.handler, "_llmtally_store", None)
-        if sink[0] in ("user_key", "call_user") and all(store is not s for s in self.stores):
-            self.stores.append(store)
+        if isinstance(sink, UserKeySink | CallUserSink) and all(
+            sink.store is not s for s in self.stores
+        ):
+            self.stores.append(sink.store)
         return sink
 
 
@@ -228,7 +232,7 @@ def _fast_map(handler: object) -> dict[str, str | None] | None:
 def _targets(entries: Iterable[_Entry], event: str) -> tuple[_Target, ...]:
     found: list[_Target] = []
     group: _FastGroup | None = None
-    sinks: list[tuple[Any, ...]] = []
+    sinks: list[Sink] = []
     for entry in entries:
         if event not in entry.events:
             continue

@@ -19,7 +19,16 @@ from typing import Any, ClassVar
 
 from llmtally import dispatch
 from llmtally._names import request_key
-from llmtally._native import BadUsage, Usage, extract_text, extract_usage, usd_to_pusd
+from llmtally._native import (
+    BadUsage,
+    CallUserSink,
+    Sink,
+    Usage,
+    UserKeySink,
+    extract_text,
+    extract_usage,
+    usd_to_pusd,
+)
 from llmtally.dispatch import RequestWindow, is_timeout
 from llmtally.events import CustomAsyncCallbackHandler
 from llmtally.identity import user_of
@@ -88,7 +97,7 @@ class _Meter(CustomAsyncCallbackHandler):
         except Exception:  # a cycle it cannot read: it records nothing
             return False
 
-    def _llmtally_sink(self) -> tuple[Any, ...] | None:
+    def _llmtally_sink(self) -> Sink | None:
         """What the manager's one-crossing recorder writes for this handler (``None``: this
         handler's own recorder runs)."""
         return None
@@ -245,12 +254,12 @@ class RedisTokenCallbackHandler(_Meter):
         """The cycle being charged."""
         return self._fixed_cycle or current_cycle()
 
-    def _llmtally_sink(self) -> tuple[Any, ...] | None:
+    def _llmtally_sink(self) -> Sink | None:
         if self._needs_split:
             return None  # may need the prompt to split a bare total
         sample = "0000-00-00"
         prefix = usage_key(self.user_id, sample)[: -len(sample)]
-        return ("user_key", self._store, prefix, self._fixed_cycle)
+        return UserKeySink(self._store, prefix, self._fixed_cycle)
 
     def _key_for(self, kwargs: Mapping[str, Any]) -> str:
         cycle = self._fixed_cycle or current_cycle()
@@ -320,8 +329,8 @@ class UsageRecorder(_Meter):
         self._keys: dict[Any, tuple[str, str]] = {}
         super().__init__(store)
 
-    def _llmtally_sink(self) -> tuple[Any, ...] | None:
-        return ("call_user", self._store, usage_key)
+    def _llmtally_sink(self) -> Sink | None:
+        return CallUserSink(self._store, usage_key)
 
     def _key_for(self, kwargs: Mapping[str, Any]) -> str:
         user_id = user_of(kwargs.get("user_id"), self)

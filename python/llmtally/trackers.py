@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from llmtally._names import OTHER, KeyTable, check_cap, name
-from llmtally._native import LEDGER_FIELDS, Ledger, PerfModel, pusd_to_usd
+from llmtally._native import (
+    LEDGER_FIELDS,
+    Ledger,
+    PerfModel,
+    PerfSink,
+    Sink,
+    TrackerSink,
+    pusd_to_usd,
+)
 from llmtally.dispatch import is_timeout
 from llmtally.events import AsyncCallbackHandler
 from llmtally.identity import user_of
@@ -111,10 +119,10 @@ class _LedgerTracker(AsyncCallbackHandler):
         """Calls counted under ``"<other>"`` because the caps were reached."""
         return self._table.overflowed
 
-    def _llmtally_sink(self) -> tuple[Any, ...] | None:
+    def _llmtally_sink(self) -> Sink | None:
         # The core looks (provider, model, user) up in the table's slots; a key it does not
         # find goes through the table's admit (the caps are decided in one place).
-        return ("per_call", self._ledger, self._table.slots, self._admit)
+        return TrackerSink(self._ledger, self._table.slots, self._admit)
 
     def _admit(self, key: tuple[Any, Any, Any]) -> str:
         """The slot of a (provider, model, user) the core did not find as given."""
@@ -345,9 +353,9 @@ class PerformanceTracker(AsyncCallbackHandler):
         # Without a clock, requests/min counts on the core's own monotonic clock.
         self._clock = clock
 
-    def _llmtally_sink(self) -> tuple[Any, ...] | None:
+    def _llmtally_sink(self) -> Sink | None:
         # The manager's one-crossing recorder keeps time on the core's clock: only then.
-        return ("perf", self._models, self._admit) if self._clock is None else None
+        return PerfSink(self._models, self._admit) if self._clock is None else None
 
     def _now(self) -> float | None:
         return None if self._clock is None else self._clock()
