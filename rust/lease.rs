@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyInt, PyList, PySet, PyString, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyInt, PyList, PySet, PyString, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::recorder::CLOCK;
@@ -411,16 +411,24 @@ impl LeaseBook {
         Ok(true)
     }
 
-    /// A count the caller gave (`estimated_tokens`, `max_tokens`): an int in [0, 10**12).
-    fn count(value: Option<Bound<'_, PyAny>>) -> Option<i64> {
-        let value = value?;
-        if !value.is_exact_instance_of::<PyInt>() {
-            return None;
+    /// A count the caller gave (`estimated_tokens`, `max_tokens`), read as `limits._count`
+    /// reads it: `Ok(Some(n))` for an int in [0, 10**12), `Ok(None)` for anything else (a
+    /// bool, not an int, out of range), `Err(())` for an int subclass (the Python path reads
+    /// it, whatever it overrides).
+    fn count(value: Option<Bound<'_, PyAny>>) -> Result<Option<i64>, ()> {
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        if value.is_exact_instance_of::<PyInt>() {
+            return Ok(value
+                .extract::<i64>()
+                .ok()
+                .filter(|n| (0..MAX_ESTIMATE).contains(n)));
         }
-        value
-            .extract::<i64>()
-            .ok()
-            .filter(|n| (0..MAX_ESTIMATE).contains(n))
+        if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
+            return Err(());
+        }
+        Ok(None)
     }
 
     /// What `BudgetLimiter` reserves for a call: `estimated_tokens`, else the estimate of the
@@ -432,7 +440,10 @@ impl LeaseBook {
         messages: &Bound<'_, PyAny>,
         kwargs: &Bound<'_, PyDict>,
     ) -> PyResult<Option<i64>> {
-        if let Some(given) = Self::count(kwargs.get_item(intern!(py, "estimated_tokens"))?) {
+        let Ok(given) = Self::count(kwargs.get_item(intern!(py, "estimated_tokens"))?) else {
+            return Ok(None);
+        };
+        if let Some(given) = given {
             return Ok(Some(given));
         }
         if !messages.is_exact_instance_of::<PyList>() {
@@ -459,7 +470,10 @@ impl LeaseBook {
         else {
             return Ok(None);
         };
-        let completion = Self::count(kwargs.get_item(intern!(py, "max_tokens"))?).unwrap_or(0);
+        let Ok(completion) = Self::count(kwargs.get_item(intern!(py, "max_tokens"))?) else {
+            return Ok(None);
+        };
+        let completion = completion.unwrap_or(0);
         Ok(Some(prompt.saturating_add(completion)))
     }
 

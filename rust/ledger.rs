@@ -37,6 +37,88 @@ pub const NFIELDS: usize = FIELDS.len();
 
 pub type Counters = [i64; NFIELDS];
 
+/// Token counts are in `[0, MAX_COUNT)`.
+const MAX_COUNT: i64 = 1_000_000_000_000;
+
+/// What a normalized response dict (`make_response`'s) says of one call.
+pub enum ResponseCounts {
+    /// The call's counters (`calls` = 1); `priced`: the response states a cost
+    /// (`cost_estimate`); `completion`: it states `completion_tokens`.
+    Counted {
+        counts: Counters,
+        priced: bool,
+        completion: bool,
+    },
+    /// `usage_error`: the usage was skipped as bad input; only the call counts.
+    UsageError,
+    /// No `tokens_used`: nothing to count (the caller estimates).
+    NoUsage,
+    /// A count or a cost of the wrong type or out of range.
+    Invalid,
+}
+
+/// The one reader from a response dict to a call's counters: `tokens_used` and the token
+/// kinds (missing or `None`: 0; `tokens_used` itself must be a count), the cost from
+/// `cost_pusd`, else `cost_estimate` in USD (neither: 0).
+pub fn response_counts(response: &Bound<'_, PyDict>) -> PyResult<ResponseCounts> {
+    let py = response.py();
+    if response.contains(intern!(py, "usage_error"))? {
+        return Ok(ResponseCounts::UsageError);
+    }
+    let Some(total) = response.get_item(intern!(py, "tokens_used"))? else {
+        return Ok(ResponseCounts::NoUsage);
+    };
+    let count = |v: Option<Bound<'_, PyAny>>| -> Option<i64> {
+        match v {
+            None => Some(0),
+            Some(v) if v.is_none() => Some(0),
+            Some(v) => v
+                .extract::<i64>()
+                .ok()
+                .filter(|n| (0..MAX_COUNT).contains(n)),
+        }
+    };
+    let mut counts = [0i64; NFIELDS];
+    match (!total.is_none()).then(|| count(Some(total))).flatten() {
+        Some(n) => counts[0] = n,
+        None => return Ok(ResponseCounts::Invalid),
+    }
+    for (i, name) in [
+        intern!(py, "prompt_tokens"),
+        intern!(py, "completion_tokens"),
+        intern!(py, "cached_tokens"),
+        intern!(py, "cache_write_tokens"),
+        intern!(py, "reasoning_tokens"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        match count(response.get_item(name)?) {
+            Some(n) => counts[i + 1] = n,
+            None => return Ok(ResponseCounts::Invalid),
+        }
+    }
+    let estimate = response.get_item(intern!(py, "cost_estimate"))?;
+    let priced = estimate.as_ref().is_some_and(|v| !v.is_none());
+    let cost = match response.get_item(intern!(py, "cost_pusd"))? {
+        Some(v) if !v.is_none() => v.extract::<i64>().ok().filter(|n| *n >= 0),
+        _ if priced => estimate
+            .and_then(|v| v.extract::<f64>().ok())
+            .and_then(usd_to_pusd),
+        _ => Some(0),
+    };
+    let Some(cost) = cost else {
+        return Ok(ResponseCounts::Invalid);
+    };
+    counts[6] = cost;
+    counts[7] = 1;
+    Ok(ResponseCounts::Counted {
+        counts,
+        priced,
+        completion: response.contains(intern!(py, "completion_tokens"))?,
+    })
+}
+
 const SHARDS: usize = 16;
 
 /// Entries above which a drain or a serialization releases the GIL while it works.
@@ -358,55 +440,22 @@ impl Ledger {
     /// 1 when the response carries `usage_error` (only the call is counted), 2 when it holds no
     /// usage at all (nothing is recorded; the caller estimates).
     fn add_response(&self, key: &str, response: &Bound<'_, PyDict>) -> PyResult<u8> {
-        let py = response.py();
-        if response.contains(intern!(py, "usage_error"))? {
-            let mut delta = [0i64; NFIELDS];
-            delta[7] = 1;
-            self.add_checked(key, &delta)?;
-            return Ok(1);
+        match response_counts(response)? {
+            ResponseCounts::Counted { counts, .. } => {
+                self.add_checked(key, &counts)?;
+                Ok(0)
+            }
+            ResponseCounts::UsageError => {
+                let mut delta = [0i64; NFIELDS];
+                delta[7] = 1;
+                self.add_checked(key, &delta)?;
+                Ok(1)
+            }
+            ResponseCounts::NoUsage => Ok(2),
+            ResponseCounts::Invalid => Err(PyValueError::new_err(
+                "a token count or cost of the response is not a count in range",
+            )),
         }
-        let get = |name: &Bound<'_, PyString>| -> PyResult<i64> {
-            match response.get_item(name)? {
-                Some(v) if !v.is_none() => v.extract::<i64>(),
-                _ => Ok(0),
-            }
-        };
-        let Some(total) = response.get_item(intern!(py, "tokens_used"))? else {
-            return Ok(2);
-        };
-        let exact = response.get_item(intern!(py, "cost_pusd"))?;
-        let cost_pusd = match response.get_item(intern!(py, "cost_estimate"))? {
-            _ if exact.as_ref().is_some_and(|v| !v.is_none()) => {
-                exact.map(|v| v.extract::<i64>()).transpose()?.unwrap_or(0)
-            }
-            Some(v) if !v.is_none() => {
-                let usd: f64 = v.extract()?;
-                usd_to_pusd(usd).ok_or_else(|| {
-                    PyValueError::new_err(format!("cost_estimate {usd} is out of range"))
-                })?
-            }
-            _ => 0,
-        };
-        let delta = [
-            total.extract::<i64>()?,
-            get(intern!(py, "prompt_tokens"))?,
-            get(intern!(py, "completion_tokens"))?,
-            get(intern!(py, "cached_tokens"))?,
-            get(intern!(py, "cache_write_tokens"))?,
-            get(intern!(py, "reasoning_tokens"))?,
-            cost_pusd,
-            1,
-            0,
-            0,
-        ];
-        if delta[..6]
-            .iter()
-            .any(|v| !(0..1_000_000_000_000).contains(v))
-        {
-            return Err(PyValueError::new_err("token counts must be in [0, 10**12)"));
-        }
-        self.add_checked(key, &delta)?;
-        Ok(0)
     }
 
     /// Add a sequence of counters (in `LEDGER_FIELDS` order) to `key`.

@@ -25,7 +25,7 @@ use pyo3::types::{PyDict, PyString, PyTuple};
 
 use crate::cost::Prices;
 use crate::histogram::Histogram;
-use crate::ledger::{Counters, Ledger, NFIELDS};
+use crate::ledger::{response_counts, Counters, Ledger, ResponseCounts, NFIELDS};
 use crate::response::{
     extract_text, looks_like_sdk_response, response_meta, response_model, BAD_USAGE,
     NOT_A_RESPONSE, NO_USAGE, OK as READ_OK,
@@ -416,41 +416,12 @@ struct Call<'py> {
     completion: Option<i64>,
 }
 
-fn count(response: &Bound<'_, PyDict>, name: &Bound<'_, PyString>) -> PyResult<Option<i64>> {
-    match response.get_item(name)? {
-        None => Ok(Some(0)),
-        Some(v) if v.is_none() => Ok(Some(0)),
-        Some(v) => Ok(v
-            .extract::<i64>()
-            .ok()
-            .filter(|n| (0..1_000_000_000_000).contains(n))),
-    }
-}
-
 fn opt_str<'py>(v: Option<Bound<'py, PyAny>>) -> Option<Option<Bound<'py, PyString>>> {
     match v {
         None => Some(None),
         Some(v) if v.is_none() => Some(None),
         Some(v) => v.cast_into::<PyString>().ok().map(Some),
     }
-}
-
-/// The response's cost in pico-USD (`cost_pusd`, else `cost_estimate`); `None` when there is
-/// none or it is out of range.
-fn response_cost(response: &Bound<'_, PyDict>) -> PyResult<Option<i64>> {
-    let py = response.py();
-    if let Some(v) = response.get_item(intern!(py, "cost_pusd"))? {
-        if !v.is_none() {
-            return Ok(v.extract::<i64>().ok().filter(|n| *n >= 0));
-        }
-    }
-    let Some(v) = response.get_item(intern!(py, "cost_estimate"))? else {
-        return Ok(None);
-    };
-    let Ok(usd) = v.extract::<f64>() else {
-        return Ok(None);
-    };
-    Ok(usd_to_pusd(usd))
 }
 
 /// A user id kwarg: `Some(None)` for none (or empty), `None` when it is not a string or is
@@ -482,41 +453,14 @@ impl Recorder {
         if !rid.to_str()?.starts_with(id_prefix) {
             return Ok(None);
         }
-        if response.contains(intern!(py, "usage_error"))? {
-            return Ok(None);
-        }
-        match response.get_item(intern!(py, "cost_estimate"))? {
-            Some(v) if !v.is_none() => {}
-            _ => return Ok(None), // unpriced: CostTracker counts it
-        }
-        let Some(total) = count(response, intern!(py, "tokens_used"))? else {
+        let ResponseCounts::Counted {
+            counts,
+            priced: true, // (unpriced: CostTracker counts it)
+            completion,
+        } = response_counts(response)?
+        else {
             return Ok(None);
         };
-        if !response.contains(intern!(py, "tokens_used"))? {
-            return Ok(None);
-        }
-        let Some(cost_pusd) = response_cost(response)? else {
-            return Ok(None);
-        };
-        let mut counts = [0i64; NFIELDS];
-        counts[0] = total;
-        for (i, name) in [
-            intern!(py, "prompt_tokens"),
-            intern!(py, "completion_tokens"),
-            intern!(py, "cached_tokens"),
-            intern!(py, "cache_write_tokens"),
-            intern!(py, "reasoning_tokens"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            match count(response, name)? {
-                Some(n) => counts[i + 1] = n,
-                None => return Ok(None),
-            }
-        }
-        counts[6] = cost_pusd;
-        counts[7] = 1;
         let Some(Some(provider)) = opt_str(kwargs.get_item(intern!(py, "provider"))?) else {
             return Ok(None);
         };
@@ -552,9 +496,7 @@ impl Recorder {
             },
             _ => None,
         };
-        let completion = response
-            .contains(intern!(py, "completion_tokens"))?
-            .then_some(counts[2]);
+        let completion = completion.then_some(counts[2]);
         Ok(Some(Call {
             counts,
             provider,

@@ -54,6 +54,7 @@ from llmtally.pricing import lookup as price_lookup
 from llmtally.storage import AsyncBackend, Store, resolve_store
 from llmtally.storage._limits import NO_LIMIT, LeaseState, LocalLimits, RateResult, check_budget
 from llmtally.storage.keys import (
+    charged_cycle,
     current_cycle,
     rate_key,
     scope_key,
@@ -163,6 +164,30 @@ async def _all_done(tasks: list[asyncio.Task[None]]) -> None:
                 continue
             waits.append(asyncio.wrap_future(done))
     await asyncio.gather(*waits, return_exceptions=True)
+
+
+def _give_back(
+    store: Store,
+    leases: dict[str, _Lease],
+    lease_id: str,
+    limits: tuple[int, int],
+    ttl_ms: int,
+    stored_limit: bool,
+) -> None:
+    """A limiter was collected (no call can be in flight through it): once this process's
+    usage is written, its lease records go, on the store's I/O threads."""
+    keys = [lease.key for lease in list(leases.values()) if lease.known]
+    if not keys or store.closed:
+        return
+    backend: Any = store.backend
+
+    def run() -> None:
+        if not store.flush_sync():
+            return  # (the usage is not written: the records expire with their TTL)
+        for key in keys:
+            backend.lease(key, lease_id, limits=limits, ttl_ms=ttl_ms, stored_limit=stored_limit)
+
+    store.in_background(run)
 
 
 def _limits_backend(store: Store) -> AsyncBackend:
@@ -408,6 +433,18 @@ class BudgetLimiter(AsyncCallbackHandler):
         self.bad_input = 0
         self.renewals = 0
         self._store.add_write_listener(self)
+        # Dropped without aclose(): its leases are given back (not held until their TTL).
+        finalizer = weakref.finalize(
+            self,
+            _give_back,
+            self._store,
+            self._leases,
+            self._lease_id,
+            self._limits,
+            self._ttl_ms,
+            self.limit_from_store,
+        )
+        finalizer.atexit = False  # (at exit, closing the store gives them back)
 
     @property
     def allowed(self) -> int:
@@ -439,13 +476,17 @@ class BudgetLimiter(AsyncCallbackHandler):
                 logger.warning("BudgetLimiter: %s is %s: not limited", self.scope, describe(value))
                 return None
         cycle = kwargs.get("cycle_start_date")
+        if cycle == "" or (cycle is not None and type(cycle) is not str):
+            # Not a cycle this limiter looks up as given: charged_cycle reads it (bad input
+            # is counted and charged to the current month, as the recorders charge it).
+            return self._make_lease(scope_id, charged_cycle(cycle, self))
         lease = self._keys.get((scope_id, cycle))
         if lease is not None and (cycle is not None or lease.cycle == current_cycle()):
             return lease
         return self._make_lease(scope_id, cycle)
 
     def _make_lease(self, scope_id: str, cycle_given: Any) -> _Lease:
-        cycle = current_cycle() if cycle_given is None else validate_cycle(cycle_given)
+        cycle = charged_cycle(cycle_given, self)
         key = (
             usage_key(scope_id, cycle)
             if self.scope == "user"
@@ -459,7 +500,7 @@ class BudgetLimiter(AsyncCallbackHandler):
             lease.limit_t = self._limits[0]
         if len(self._keys) >= _MAX_TRACKED:
             self._keys.clear()
-        if type(cycle_given) is str or cycle_given is None:
+        if cycle_given is None or cycle_given == cycle:  # (a bad cycle is counted each time)
             self._keys[(scope_id, cycle_given)] = lease
         return lease
 
@@ -468,7 +509,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         the store with their TTL)."""
         with self._mu:
             self._catch_up()
-            for key in [k for k, v in self._leases.items() if not v.inflight_t + v.inflight_p]:
+            for key in [k for k, v in self._leases.items() if _holds(v) == (0, 0)]:
                 del self._leases[key]
         self._keys.clear()
 
@@ -711,6 +752,14 @@ class BudgetLimiter(AsyncCallbackHandler):
                     return True, False
             self._failed("renewing a lease", exc)
             return self._admit_offline(lease, tokens, pusd), True
+        except BaseException:
+            # Cancelled (or interrupted) while the store answers: the renewal goes on in the
+            # store's thread; the call never opens, so an admission gives its estimate back.
+            with self._mu:
+                ticket.abandoned = True
+                if ticket.admitted:
+                    lease.settle(tokens, pusd, 0, 0)
+            raise
         finally:
             lease.renewing = None
             done.set_result(None)
@@ -1115,6 +1164,8 @@ class BudgetLimiter(AsyncCallbackHandler):
         scope_id, bad = charged_user(given)
         if bad:
             raise ConfigError(f"user_id is {describe(given)}: give a str or an int")
+        if cycle_start_date is not None:
+            cycle_start_date = validate_cycle(cycle_start_date)  # (the caller's mistake)
         lease = self._make_lease(scope_id, cycle_start_date)
         with self._mu:
             self._catch_up()
@@ -1122,8 +1173,12 @@ class BudgetLimiter(AsyncCallbackHandler):
         try:
             if not self._outage.open():
                 raise StoreError("left alone after a failure")
-            state = await self._store.bounded_call(
-                lambda: self._read(lease), self.store_timeout_s, locked=True
+            # The store and this process's unflushed deltas, read with no write under way (a
+            # flush in between would count the same usage in neither or in both).
+            state, (local_t, local_p) = await self._store.bounded_call(
+                lambda: (self._read(lease), self._store.local_totals(lease.key)),
+                self.store_timeout_s,
+                locked=True,
             )
             limit_t = state.limit_tokens
             others = (state.others_tokens, state.others_pusd)
@@ -1135,7 +1190,7 @@ class BudgetLimiter(AsyncCallbackHandler):
             limit_t = lease.limit_t
             others = (lease.others_t, lease.others_p)
             used = (lease.used_t + lease.flushed_t, lease.used_p + lease.flushed_p)
-        local_t, local_p = self._store.local_totals(lease.key)
+            local_t, local_p = self._store.local_totals(lease.key)
         views: dict[str, dict[str, Any]] = {}
         for unit, used_n, reserved, limit in (
             ("tokens", used[0] + local_t, others[0] + lease.inflight_t, limit_t),

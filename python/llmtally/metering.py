@@ -33,7 +33,13 @@ from llmtally.dispatch import RequestWindow, is_timeout
 from llmtally.events import CustomAsyncCallbackHandler
 from llmtally.identity import user_of
 from llmtally.storage import Store, resolve_store
-from llmtally.storage.keys import current_cycle, usage_key, validate_cycle, validate_user_id
+from llmtally.storage.keys import (
+    charged_cycle,
+    current_cycle,
+    usage_key,
+    validate_cycle,
+    validate_user_id,
+)
 from llmtally.tokens import estimate_tokens
 
 __all__ = [
@@ -336,13 +342,15 @@ class UsageRecorder(_Meter):
         user_id = user_of(kwargs.get("user_id"), self)
         cycle = kwargs.get("cycle_start_date") or current_cycle()
         found = self._keys.get(user_id)
-        if found is not None and found[0] == cycle:
+        if found is not None and type(cycle) is str and found[0] == cycle:
             return found[1]
-        key = usage_key(user_id, validate_cycle(cycle))
-        if len(user_id) <= _MAX_CACHED_USER:  # the cache stays small in bytes, whatever the ids
+        valid = charged_cycle(cycle, self)
+        key = usage_key(user_id, valid)
+        # The cache stays small in bytes, whatever the ids; it holds valid cycles only.
+        if len(user_id) <= _MAX_CACHED_USER and valid == cycle:
             if len(self._keys) >= 100_000:
                 self._keys.clear()
-            self._keys[user_id] = (cycle, key)
+            self._keys[user_id] = (valid, key)
         return key
 
 

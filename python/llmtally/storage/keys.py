@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import logging
 import re
+from typing import Protocol
 
 from llmtally import identity
 from llmtally._native import current_cycle
@@ -32,6 +34,7 @@ __all__ = [
     "decode_user_id",
     "parse_key",
     "usage_key",
+    "charged_cycle",
     "validate_cycle",
     "validate_user_id",
 ]
@@ -89,6 +92,27 @@ def validate_cycle(cycle_start_date: object, name: str = "cycle_start_date") -> 
     except ValueError:
         raise ConfigError(f"{name}={cycle_start_date!r} is not a valid date") from None
     return cycle_start_date
+
+
+class _Counted(Protocol):
+    bad_input: int
+
+
+def charged_cycle(value: object, owner: _Counted) -> str:
+    """The cycle a call is charged to, in the event path: its ``cycle_start_date`` when valid,
+    the current month when none is given (``None`` or empty). A bad one is bad input: counted
+    in ``owner.bad_input``, logged, and the call charged to the current month (nothing is lost).
+    """
+    if value is None or value == "":
+        return current_cycle()
+    try:
+        return validate_cycle(value)
+    except ConfigError as exc:
+        owner.bad_input += 1
+        logging.getLogger("llmtally").warning(
+            "%s: %s; charged to the current cycle", type(owner).__name__, exc
+        )
+        return current_cycle()
 
 
 def usage_key(user_id: str, cycle_start_date: str) -> str:

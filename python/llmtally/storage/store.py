@@ -173,6 +173,21 @@ class Store:
                     )
         return io
 
+    def in_background(self, fn: Callable[[], object]) -> None:
+        """Run ``fn()`` soon on the store's I/O threads (never in the caller's: it may be a
+        garbage collector's finalizer on the event loop). Its failure is logged at DEBUG."""
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception as exc:
+                logger.debug("%s: a background store task failed: %r", self.backend.name, exc)
+
+        try:
+            self._executor().submit(run)
+        except RuntimeError:  # the executor is shut down: the store is closed
+            logger.debug("%s: closed, a background store task was dropped", self.backend.name)
+
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)``: on the store's I/O threads for a blocking backend, here for
         the memory one."""
