@@ -19,8 +19,9 @@
 //!
 //! Modifiers a call states: a service tier (`flex`, `priority`, `batch`: a whole table of its
 //! own where the model lists one, else the standard one), an inference geography multiplier
-//! (Anthropic's `inference_geo: "us"`: 1.1x), and off-peak windows by the call's UTC time
-//! (DeepSeek). A model without modifiers never reads them.
+//! (Anthropic's `inference_geo: "us"`: 1.1x), a speed multiplier (Anthropic's `speed: "fast"`
+//! where listed), and off-peak windows by the call's UTC time (DeepSeek). A model without
+//! modifiers never reads them.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -232,6 +233,16 @@ fn scale(pusd: i64, ppm: i64) -> Result<i64, CostError> {
     i64::try_from(scaled).map_err(|_| CostError::Overflow)
 }
 
+/// Multiply a cost by two factors in parts per million, rounding half up once.
+fn scale2(pusd: i64, a: i64, b: i64) -> Result<i64, CostError> {
+    const E12: i128 = 1_000_000_000_000;
+    let product = (pusd as i128)
+        .checked_mul(a as i128)
+        .and_then(|v| v.checked_mul(b as i128))
+        .ok_or(CostError::Overflow)?;
+    i64::try_from((product + E12 / 2).div_euclid(E12)).map_err(|_| CostError::Overflow)
+}
+
 fn now_s() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -250,10 +261,11 @@ fn tier_name(reported: &str) -> Option<String> {
     }
 }
 
-/// What a call states that can change its price: `(service_tier, inference_geo)`, each when
-/// the response carries a string for it (OpenAI: top-level `service_tier`; Anthropic:
-/// `usage.service_tier`, `usage.inference_geo`). Reading it never fails the call.
-pub fn call_modifiers(obj: &Bound<'_, PyAny>) -> (Option<String>, Option<String>) {
+/// What a call states that can change its price: `(service_tier, inference_geo, speed)`, each
+/// when the response carries a string for it (OpenAI: top-level `service_tier`; Anthropic:
+/// `usage.service_tier`, `usage.inference_geo`, `usage.speed`). Reading it never fails the
+/// call.
+pub fn call_modifiers(obj: &Bound<'_, PyAny>) -> (Option<String>, Option<String>, Option<String>) {
     let py = obj.py();
     let text = |v: Option<Bound<'_, PyAny>>| -> Option<String> {
         v.and_then(|v| {
@@ -264,16 +276,21 @@ pub fn call_modifiers(obj: &Bound<'_, PyAny>) -> (Option<String>, Option<String>
     };
     let mut tier = text(get(obj, intern!(py, "service_tier")).ok().flatten());
     let mut geo = None;
+    let mut speed = None;
     if let Ok(Some(usage)) = get(obj, intern!(py, "usage")) {
         if tier.is_none() {
             tier = text(get(&usage, intern!(py, "service_tier")).ok().flatten());
         }
         geo = text(get(&usage, intern!(py, "inference_geo")).ok().flatten());
+        speed = text(get(&usage, intern!(py, "speed")).ok().flatten());
     }
     if geo.is_none() {
         geo = text(get(obj, intern!(py, "inference_geo")).ok().flatten());
     }
-    (tier, geo)
+    if speed.is_none() {
+        speed = text(get(obj, intern!(py, "speed")).ok().flatten());
+    }
+    (tier, geo, speed)
 }
 
 /// A model's prices (USD per 1M tokens), turned once into exact integers.
@@ -286,6 +303,8 @@ pub struct Prices {
     service_tiers: Vec<(String, PriceTable)>,
     /// Cost multipliers by inference geography, in parts per million (`us`: 1_100_000).
     geo: Vec<(String, i64)>,
+    /// Cost multipliers by the speed a call was served at, in parts per million (`fast`).
+    speed: Vec<(String, i64)>,
     /// The off-peak table and the windows it applies in.
     off_peak: Option<(PriceTable, Vec<Window>)>,
 }
@@ -305,6 +324,22 @@ fn cost_error(e: CostError) -> PyErr {
             "cost exceeds the 64-bit pico-USD range (about 9.2M USD); refused",
         ),
     }
+}
+
+fn parse_multipliers(
+    what: &str,
+    given: Option<Vec<(String, f64)>>,
+) -> PyResult<Vec<(String, i64)>> {
+    let mut out = Vec::new();
+    for (name, m) in given.unwrap_or_default() {
+        if !m.is_finite() || m <= 0.0 || m > 1000.0 {
+            return Err(PyValueError::new_err(format!(
+                "{what}: multiplier {m} for {name:?} must be > 0 and at most 1000"
+            )));
+        }
+        out.push((name.to_ascii_lowercase(), (m * 1e6).round() as i64));
+    }
+    Ok(out)
 }
 
 const TIER_SHAPE: &str = "a tier is (above_prompt_tokens, input_price, output_price[, \
@@ -350,7 +385,8 @@ impl Prices {
     #[pyo3(signature = (
         input_price, output_price, cache_read_price=None, cache_write_price=None,
         cache_write_1h_price=None, reasoning_price=None, tiers=None, *, inclusive=false,
-        version=None, service_tiers=None, geo=None, off_peak=None, off_peak_windows=None
+        version=None, service_tiers=None, geo=None, speed=None, off_peak=None,
+        off_peak_windows=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn py_new(
@@ -365,6 +401,7 @@ impl Prices {
         version: Option<Bound<'_, PyString>>,
         service_tiers: Option<Bound<'_, PyDict>>,
         geo: Option<Vec<(String, f64)>>,
+        speed: Option<Vec<(String, f64)>>,
         off_peak: Option<PyRef<'_, Prices>>,
         off_peak_windows: Option<Vec<(u8, u16, u16)>>,
     ) -> PyResult<Self> {
@@ -392,15 +429,8 @@ impl Prices {
                 variants.push((name, p.get().table.clone()));
             }
         }
-        let mut multipliers = Vec::new();
-        for (name, m) in geo.unwrap_or_default() {
-            if !m.is_finite() || m <= 0.0 || m > 1000.0 {
-                return Err(PyValueError::new_err(format!(
-                    "geo: multiplier {m} for {name:?} must be > 0 and at most 1000"
-                )));
-            }
-            multipliers.push((name.to_ascii_lowercase(), (m * 1e6).round() as i64));
-        }
+        let multipliers = parse_multipliers("geo", geo)?;
+        let speeds = parse_multipliers("speed", speed)?;
         let off_peak = match (off_peak, off_peak_windows) {
             (None, None) => None,
             (Some(p), Some(w)) if !w.is_empty() => {
@@ -439,16 +469,17 @@ impl Prices {
             version: version.map(Bound::unbind),
             service_tiers: variants,
             geo: multipliers,
+            speed: speeds,
             off_peak,
         })
     }
 
     /// Cost in pico-USD of explicit counts (subsets inside their whole), for a call served at
-    /// `service_tier`, in `inference_geo`, at `at` (UNIX seconds; default now).
+    /// `service_tier`, in `inference_geo`, at `speed`, at `at` (UNIX seconds; default now).
     #[pyo3(signature = (
         prompt_tokens=0, completion_tokens=0, cached_tokens=0, cache_write_tokens=0,
         cache_write_1h_tokens=0, reasoning_tokens=0, *, service_tier=None, inference_geo=None,
-        at=None
+        at=None, speed=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn cost_pusd(
@@ -462,6 +493,7 @@ impl Prices {
         service_tier: Option<&str>,
         inference_geo: Option<&str>,
         at: Option<f64>,
+        speed: Option<&str>,
     ) -> PyResult<i64> {
         let c = Counts {
             prompt: prompt_tokens,
@@ -471,39 +503,40 @@ impl Prices {
             cache_write_1h: cache_write_1h_tokens,
             reasoning: reasoning_tokens,
         };
-        self.cost_with(
-            &c,
+        let mods = Mods {
             service_tier,
             inference_geo,
-            at.map(|s| s.floor() as i64),
-        )
-        .map_err(cost_error)
+            speed,
+            at: at.map(|s| s.floor() as i64),
+        };
+        self.cost_with(&c, &mods).map_err(cost_error)
     }
 
     /// Cost in pico-USD of a normalized `Usage` (`None` when its split is unknown).
-    #[pyo3(signature = (usage, *, service_tier=None, inference_geo=None, at=None))]
+    #[pyo3(signature = (usage, *, service_tier=None, inference_geo=None, at=None, speed=None))]
     fn usage_cost_pusd(
         &self,
         usage: &Usage,
         service_tier: Option<&str>,
         inference_geo: Option<&str>,
         at: Option<f64>,
+        speed: Option<&str>,
     ) -> PyResult<Option<i64>> {
         let Some(c) = counts(usage) else {
             return Ok(None);
         };
-        self.cost_with(
-            &c,
+        let mods = Mods {
             service_tier,
             inference_geo,
-            at.map(|s| s.floor() as i64),
-        )
-        .map(Some)
-        .map_err(cost_error)
+            speed,
+            at: at.map(|s| s.floor() as i64),
+        };
+        self.cost_with(&c, &mods).map(Some).map_err(cost_error)
     }
 
     /// The prices (USD per 1M tokens) a prompt of `prompt_tokens` is billed at: `(input,
-    /// output, cache_read, cache_write, cache_write_1h, reasoning)`, before a geo multiplier.
+    /// output, cache_read, cache_write, cache_write_1h, reasoning)`, before a geo or speed
+    /// multiplier.
     #[pyo3(signature = (prompt_tokens=0, *, service_tier=None, at=None))]
     fn rates(
         &self,
@@ -558,7 +591,7 @@ impl Prices {
     fn inclusive(&self) -> bool {
         self.table.inclusive
     }
-    /// Whether a call's service tier, geography or time can change its price.
+    /// Whether a call's service tier, geography, speed or time can change its price.
     #[getter]
     fn has_modifiers(&self) -> bool {
         self.has_mods()
@@ -568,6 +601,14 @@ impl Prices {
     fn service_tiers(&self) -> Vec<String> {
         self.service_tiers.iter().map(|(n, _)| n.clone()).collect()
     }
+}
+
+/// What a call states beside its counts: service tier, geography, speed and time (UNIX s).
+struct Mods<'a> {
+    service_tier: Option<&'a str>,
+    inference_geo: Option<&'a str>,
+    speed: Option<&'a str>,
+    at: Option<i64>,
 }
 
 fn counts(u: &Usage) -> Option<Counts> {
@@ -586,7 +627,10 @@ fn counts(u: &Usage) -> Option<Counts> {
 
 impl Prices {
     fn has_mods(&self) -> bool {
-        !self.service_tiers.is_empty() || !self.geo.is_empty() || self.off_peak.is_some()
+        !self.service_tiers.is_empty()
+            || !self.geo.is_empty()
+            || !self.speed.is_empty()
+            || self.off_peak.is_some()
     }
 
     /// The table a call is billed from: its service tier's where listed, else the off-peak one
@@ -606,24 +650,24 @@ impl Prices {
         &self.table
     }
 
-    fn cost_with(
-        &self,
-        c: &Counts,
-        service_tier: Option<&str>,
-        inference_geo: Option<&str>,
-        at: Option<i64>,
-    ) -> Result<i64, CostError> {
-        let cost = self.table_for(service_tier, at).cost_pusd(c)?;
-        if let Some(geo) = inference_geo {
-            if let Some((_, ppm)) = self
-                .geo
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(geo.trim()))
-            {
-                return scale(cost, *ppm);
-            }
+    fn cost_with(&self, c: &Counts, m: &Mods<'_>) -> Result<i64, CostError> {
+        let cost = self.table_for(m.service_tier, m.at).cost_pusd(c)?;
+        let factor = |list: &[(String, i64)], stated: Option<&str>| {
+            stated.and_then(|s| {
+                list.iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(s.trim()))
+                    .map(|(_, ppm)| *ppm)
+            })
+        };
+        match (
+            factor(&self.geo, m.inference_geo),
+            factor(&self.speed, m.speed),
+        ) {
+            (None, None) => Ok(cost),
+            (Some(g), None) => scale(cost, g),
+            (None, Some(s)) => scale(cost, s),
+            (Some(g), Some(s)) => scale2(cost, g, s),
         }
-        Ok(cost)
     }
 
     /// Cost of a usage with a known split, with no modifier; `None` when the split is unknown
@@ -638,9 +682,14 @@ impl Prices {
         if !self.has_mods() {
             return self.usage_cost(u);
         }
-        let (tier, geo) = call_modifiers(obj);
-        self.cost_with(&counts(u)?, tier.as_deref(), geo.as_deref(), None)
-            .ok()
+        let (tier, geo, speed) = call_modifiers(obj);
+        let mods = Mods {
+            service_tier: tier.as_deref(),
+            inference_geo: geo.as_deref(),
+            speed: speed.as_deref(),
+            at: None,
+        };
+        self.cost_with(&counts(u)?, &mods).ok()
     }
 
     /// The price version to report beside a table cost.
@@ -649,10 +698,11 @@ impl Prices {
     }
 }
 
-/// `(service_tier, inference_geo)` a response states, each `None` when absent.
+/// `(service_tier, inference_geo, speed)` a response states, each `None` when absent.
 #[pyfunction]
 #[pyo3(name = "call_modifiers")]
-fn py_call_modifiers(obj: &Bound<'_, PyAny>) -> (Option<String>, Option<String>) {
+#[allow(clippy::type_complexity)]
+fn py_call_modifiers(obj: &Bound<'_, PyAny>) -> (Option<String>, Option<String>, Option<String>) {
     call_modifiers(obj)
 }
 
@@ -768,6 +818,14 @@ mod tests {
     fn geo_multiplier_rounds_half_up() {
         assert_eq!(scale(3_000_000, 1_100_000).unwrap(), 3_300_000);
         assert_eq!(scale(5, 1_100_000).unwrap(), 6); // 5.5 -> 6
+
+        // Geography and speed together round once: 5 x 1.1 x 2 = 11; 3 x 1.1 x 1.5 = 4.95 -> 5.
+        assert_eq!(scale2(5, 1_100_000, 2_000_000).unwrap(), 11);
+        assert_eq!(scale2(3, 1_100_000, 1_500_000).unwrap(), 5);
+        assert_eq!(
+            scale2(i64::MAX, 2_000_000, 1_000_000),
+            Err(CostError::Overflow)
+        );
     }
 
     #[test]

@@ -480,6 +480,7 @@ class Prices:
         version: str | None = None,
         service_tiers: dict[str, Prices] | None = None,
         geo: Sequence[tuple[str, float]] | None = None,
+        speed: Sequence[tuple[str, float]] | None = None,
         off_peak: Prices | None = None,
         off_peak_windows: Sequence[tuple[int, int, int]] | None = None,
     ) -> Prices:
@@ -497,6 +498,7 @@ class Prices:
         service_tier: str | None = None,
         inference_geo: str | None = None,
         at: float | None = None,
+        speed: str | None = None,
     ) -> int:
         """Cost in pico-USD; ``at``: UNIX seconds of the call (default now) for off-peak."""
     def usage_cost_pusd(
@@ -506,12 +508,13 @@ class Prices:
         service_tier: str | None = None,
         inference_geo: str | None = None,
         at: float | None = None,
+        speed: str | None = None,
     ) -> int | None: ...
     def rates(
         self, prompt_tokens: int = 0, *, service_tier: str | None = None, at: float | None = None
     ) -> tuple[float, float, float, float, float, float]:
         """``(input, output, cache_read, cache_write, cache_write_1h, reasoning)`` USD per 1M
-        tokens billed for a prompt of ``prompt_tokens``, before a geo multiplier."""
+        tokens billed for a prompt of ``prompt_tokens``, before a geo or speed multiplier."""
     @property
     def input_price(self) -> float: ...
     @property
@@ -531,13 +534,14 @@ class Prices:
     def inclusive(self) -> bool: ...
     @property
     def has_modifiers(self) -> bool:
-        """Whether a call's service tier, geography or time can change its price."""
+        """Whether a call's service tier, geography, speed or time can change its price."""
     @property
     def service_tiers(self) -> list[str]: ...
 
-def call_modifiers(obj: object) -> tuple[str | None, str | None]:
-    """``(service_tier, inference_geo)`` a provider response states (OpenAI top-level
-    ``service_tier``; Anthropic ``usage.service_tier``, ``usage.inference_geo``)."""
+def call_modifiers(obj: object) -> tuple[str | None, str | None, str | None]:
+    """``(service_tier, inference_geo, speed)`` a provider response states (OpenAI top-level
+    ``service_tier``; Anthropic ``usage.service_tier``, ``usage.inference_geo``,
+    ``usage.speed``)."""
 
 def usd_to_pusd(usd: float) -> int | None:
     """A cost in USD as whole pico-USD, rounded half away from zero (the one conversion every

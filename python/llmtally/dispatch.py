@@ -1200,9 +1200,9 @@ def price_response(
     prices = price_lookup(model, provider if provider != "unknown" else None)
     if prices is None:
         return None
-    service_tier = inference_geo = None
+    service_tier = inference_geo = speed = None
     if raw is not None and prices.has_modifiers:
-        service_tier, inference_geo = call_modifiers(raw)
+        service_tier, inference_geo, speed = call_modifiers(raw)
     try:
         pusd = prices.cost_pusd(
             response["prompt_tokens"],
@@ -1213,6 +1213,7 @@ def price_response(
             response["reasoning_tokens"],
             service_tier=service_tier,
             inference_geo=inference_geo,
+            speed=speed,
         )
     except (ValueError, OverflowError) as exc:
         return exc

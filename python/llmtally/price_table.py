@@ -20,20 +20,28 @@ Field mapping (LiteLLM, USD per token -> llmtally, USD per 1M tokens, exact, six
     cache_creation_input_token_cost_above_1hr   -> cache write (1 hour)
     output_cost_per_reasoning_token             -> reasoning
     <any of those>_above_<N>[k]_tokens          -> a tier (prompt above N [x 1000] tokens)
-    <any key>_flex / _priority / _batches       -> the service tier's own table (a key the tier
-                                                   does not list keeps the standard one)
+    <any key>_flex / _priority / _ultrafast /   -> the service tier's own table (a key the tier
+      _balanced                                    does not list keeps the standard one)
+    <any key>_batches                           -> the batch table (see _batch for the prices
+                                                   the batch list leaves out)
     provider_specific_entry {"us": 1.1}         -> inference geography multiplier
+    provider_specific_entry {"fast": 2}         -> multiplier of a call served at that speed
     off_peak_pricing                            -> the off-peak table and its UTC windows
 Provider rules: Fireworks bills cached prompt tokens at 50% of the input price when no cache
-price is listed; xAI's tier thresholds are inclusive.
+price is listed; xAI's tier thresholds are inclusive (its service tiers' too).
+
+Not kept (see the README's pricing section): 12-hour cache writes
+(``cache_creation_input_token_cost_above_12hr``), OpenAI's regional-processing and FedRAMP
+uplifts, Vertex AI's regional-endpoint uplift, ``_decisions`` prices, and prices per audio,
+image or video token, per character, second, request or search query.
 
 Row layout: ``[input, output, cache_read, cache_write, cache_write_1h, reasoning, tiers, extra]``
 with trailing ``null`` s dropped; ``null`` means "not listed" (see :class:`llmtally._core.Prices`
 for the defaults). ``tiers`` is ``[[above_prompt_tokens, input, output, cache_read, cache_write,
 cache_write_1h, reasoning], ...]``; ``extra`` holds ``since`` (effective date), ``inclusive``,
-``service_tiers`` (name -> row), ``geo`` (name -> multiplier), ``off_peak`` (``{"row": row,
-"windows": [[weekday bits, start minute, end minute], ...]}``) and ``history`` (older versions,
-newest first, each ``[since, row]``).
+``service_tiers`` (name -> row), ``geo`` and ``speed`` (name -> multiplier), ``off_peak``
+(``{"row": row, "windows": [[weekday bits, start minute, end minute], ...]}``) and ``history``
+(older versions, newest first, each ``[since, row]``).
 """
 
 from __future__ import annotations
@@ -111,8 +119,17 @@ THRESHOLD = re.compile(
     r"^(input_cost_per_token|output_cost_per_token|cache_read_input_token_cost"
     r"|cache_creation_input_token_cost(?:_above_1hr|_above_12hr)?)_above_(\d+)(k?)_tokens$"
 )
-SERVICE_TIERS = {"_flex": "flex", "_priority": "priority", "_batches": "batch"}
-OTHER_SUFFIXES = ("_balanced", "_ultrafast", "_decisions", "_fast")
+SERVICE_TIERS = {
+    "_flex": "flex",
+    "_priority": "priority",
+    "_ultrafast": "ultrafast",
+    "_balanced": "balanced",
+}
+BATCH = "_batches"
+BATCH_DISCOUNT = Decimal("0.5")  # of the standard price, for a kind the batch prices leave out
+OTHER_SUFFIXES = ("_decisions", "_fast")
+SPEEDS = ("fast",)  # provider_specific_entry multipliers by the call's speed (Anthropic)
+GEOS = ("us", "eu", "global")  # provider_specific_entry multipliers by inference geography
 DATED = re.compile(r"^(.+?)(-\d{4}-\d{2}-\d{2}|-\d{8})$")
 BEDROCK_ID = re.compile(
     r"^(?:(?:us|eu|apac|au|jp|ca|global|us-gov)\.)?"
@@ -126,6 +143,8 @@ def per_million(value: Any, rounded: list[str], where: str) -> Decimal | None:
     """USD per token (a JSON number) -> USD per 1M tokens, exactly, at most six decimals."""
     if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, Decimal):  # a price derived here (a batch discount), already exact
+        return _six(value * 1_000_000, rounded, where)
     if isinstance(value, str):
         try:
             value = float(value)
@@ -133,7 +152,10 @@ def per_million(value: Any, rounded: list[str], where: str) -> Decimal | None:
             return None
     if not isinstance(value, int | float) or value < 0:
         return None
-    exact = Decimal(repr(float(value))) * 1_000_000  # repr: the decimal the file wrote
+    return _six(Decimal(repr(float(value))) * 1_000_000, rounded, where)  # repr: as written
+
+
+def _six(exact: Decimal, rounded: list[str], where: str) -> Decimal:
     six = exact.quantize(SIX, rounding=ROUND_HALF_EVEN)
     if six != exact:
         rounded.append(f"{where}: {exact} -> {six}")
@@ -180,7 +202,7 @@ def _flat(entry: dict[str, Any], rounded: list[str], name: str) -> list[Any] | N
 
 
 def _standard(entry: dict[str, Any]) -> dict[str, Any]:
-    suffixes = (*SERVICE_TIERS, *OTHER_SUFFIXES)
+    suffixes = (*SERVICE_TIERS, BATCH, *OTHER_SUFFIXES)
     return {k: v for k, v in entry.items() if not k.endswith(suffixes)}
 
 
@@ -194,6 +216,40 @@ def _service_tier(entry: dict[str, Any], suffix: str) -> dict[str, Any] | None:
     variant = {**_standard(entry), **own}
     if "output_cost_per_token" in own and "output_cost_per_reasoning_token" not in own:
         variant.pop("output_cost_per_reasoning_token", None)
+    return variant
+
+
+def _batch(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The entry as billed in a batch, where it lists a batch input or output price (LiteLLM's
+    batch cost logic): each ``<key>_batches`` price over the standard one; input and output
+    prices the batch list leaves out, at every tier, at half the standard ones; reasoning at
+    the batch output price. With a batch input price, cache reads keep the standard price and
+    cache writes not listed follow the batch input price; without one, cache prices are half
+    the standard ones (1-hour writes at the 5-minute price). The same holds at each long-context
+    tier: an input or output price the batch list leaves out there is half the tier's standard
+    price (LiteLLM applies the flat batch price above a tier instead; Google and Anthropic bill
+    batch at half of every long-context price, as the list's own batch tiers of
+    ``gemini-2.5-pro`` are)."""
+    own = {k[: -len(BATCH)]: v for k, v in entry.items() if k.endswith(BATCH) and v is not None}
+    if not any(k.startswith(("input_cost_per_token", "output_cost_per_token")) for k in own):
+        return None
+    halved = ["input_cost_per_token", "output_cost_per_token"]
+    dropped = ["output_cost_per_reasoning_token", "cache_creation_input_token_cost_above_1hr"]
+    if "input_cost_per_token" in own:
+        dropped.append("cache_creation_input_token_cost")
+    else:
+        halved += ["cache_read_input_token_cost", "cache_creation_input_token_cost"]
+    variant: dict[str, Any] = {}
+    for key, value in _standard(entry).items():
+        m = THRESHOLD.match(key)
+        kind = m.group(1) if m else key
+        if kind in dropped:
+            continue
+        if kind in halved and isinstance(value, int | float) and not isinstance(value, bool):
+            variant[key] = Decimal(repr(float(value))) * BATCH_DISCOUNT
+        else:
+            variant[key] = value
+    variant.update(own)
     return variant
 
 
@@ -240,26 +296,28 @@ def row_of(entry: dict[str, Any], rounded: list[str], name: str, provider: str) 
     if row is None:
         return None
     extra: dict[str, Any] = {}
-    if provider in INCLUSIVE and len(row) > 6:
-        extra["inclusive"] = True
     tiers: dict[str, Any] = {}
-    for suffix, tier in SERVICE_TIERS.items():
-        variant = _service_tier(entry, suffix)
+    variants = [(tier, _service_tier(entry, suffix)) for suffix, tier in SERVICE_TIERS.items()]
+    variants.append(("batch", _batch(entry)))
+    for tier, variant in variants:
         if variant is not None:
-            tier_row = _flat(variant, rounded, f"{name}{suffix}")
+            tier_row = _flat(variant, rounded, f"{name}_{tier}")
             if tier_row is not None and tier_row != row:
                 tiers[tier] = tier_row
     if tiers:
         extra["service_tiers"] = tiers
-    geo = entry.get("provider_specific_entry")
-    if isinstance(geo, dict):
-        multipliers = {
-            k: float(v)
-            for k, v in geo.items()
-            if k in ("us", "eu", "global") and isinstance(v, int | float) and v != 1
-        }
-        if multipliers:
-            extra["geo"] = multipliers
+    if provider in INCLUSIVE and any(len(r) > 6 for r in (row, *tiers.values())):
+        extra["inclusive"] = True
+    specific = entry.get("provider_specific_entry")
+    if isinstance(specific, dict):
+        for field_name, names in (("geo", GEOS), ("speed", SPEEDS)):
+            multipliers = {
+                k: float(v)
+                for k, v in specific.items()
+                if k in names and isinstance(v, int | float) and not isinstance(v, bool) and v != 1
+            }
+            if multipliers:
+                extra[field_name] = multipliers
     off_peak = entry.get("off_peak_pricing")
     if isinstance(off_peak, dict):
         windows = _windows(off_peak)
@@ -447,11 +505,35 @@ class Update:
 ROW_KINDS = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning")
 
 
-def _moves(name: str, old: list[Any], new: list[Any]) -> Iterable[tuple[str, str, float, float]]:
+def _prices_of(row: list[Any], where: str = "") -> dict[str, Any]:
+    """Every price a row holds, by a name: the base kinds (``input``), each tier's
+    (``above 200000 input``), each service tier's (``batch input``, ``batch above 200000
+    input``) and the off-peak ones (``off_peak input``)."""
+    prices, extra = split(row)
+    out: dict[str, Any] = {}
     for i, kind in enumerate(ROW_KINDS):
-        a = old[i] if i < len(old) and not isinstance(old[i], list | dict) else None
-        b = new[i] if i < len(new) and not isinstance(new[i], list | dict) else None
-        if a is None or b is None or a == b:
+        if i < len(prices) and isinstance(prices[i], int | float):
+            out[f"{where}{kind}"] = prices[i]
+    for tier in prices[6] if len(prices) > 6 and isinstance(prices[6], list) else ():
+        for i, kind in enumerate(ROW_KINDS, start=1):
+            if i < len(tier) and isinstance(tier[i], int | float):
+                out[f"{where}above {tier[0]} {kind}"] = tier[i]
+    for name, tier_row in (extra.get("service_tiers") or {}).items():
+        out.update(_prices_of(tier_row, f"{where}{name} "))
+    off_peak = extra.get("off_peak")
+    if isinstance(off_peak, dict) and isinstance(off_peak.get("row"), list):
+        out.update(_prices_of(off_peak["row"], f"{where}off_peak "))
+    return out
+
+
+def _moves(name: str, old: list[Any], new: list[Any]) -> Iterable[tuple[str, str, float, float]]:
+    """The prices of a row that moved more than ``BIG_MOVE`` x either way (or to or from 0):
+    every kind, at every tier, service tier and off-peak window the row lists in both
+    versions."""
+    before, after = _prices_of(old), _prices_of(new)
+    for kind, a in before.items():
+        b = after.get(kind)
+        if b is None or a == b:
             continue
         if (a == 0) != (b == 0) or (a and b and max(a / b, b / a) > BIG_MOVE):
             yield (name, kind, float(a), float(b))
@@ -503,7 +585,7 @@ def update(
             result.added.append(key)
             _set_row(table, key, dated(row, effective, []))
             continue
-        old_prices, old_extra = split(old)
+        _, old_extra = split(old)
         since = old_extra.get("since", base)
         history = old_extra.get("history", [])
         if _prices_part(old) == _prices_part(row):
@@ -514,7 +596,7 @@ def update(
                 f"{key}: effective date {effective} is before its current version's ({since})"
             )
         result.changed.append(key)
-        result.big_moves.extend(_moves(key, old_prices, split(row)[0]))
+        result.big_moves.extend(_moves(key, old, row))
         if since == effective:  # changed twice the same day: the later one wins
             _set_row(table, key, dated(row, effective, history))
         else:

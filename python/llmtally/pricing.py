@@ -109,7 +109,10 @@ _PREFIXES = {
     "models": "",
 }
 _REGION = re.compile(r"^[a-z]{2}(?:-gov)?-[a-z]+-\d$")
-_CROSS_REGION = re.compile(r"^(?:us|eu|apac|au|jp|ca|global|us-gov)\.(?=[a-z0-9-]+\.)")
+# Cross-region inference profiles whose plain model's price is theirs too when they have none of
+# their own; a GovCloud profile (``us-gov.``) is billed at GovCloud prices, never the plain one.
+_CROSS_REGION = re.compile(r"^(?:us|eu|apac|au|jp|ca|global)\.(?=[a-z0-9-]+\.)")
+_ARN = re.compile(r"^arn:aws[a-z-]*:bedrock:([a-z0-9-]*):")
 _BEDROCK_VENDOR = re.compile(
     r"^(?:anthropic|meta|mistral|amazon|cohere|ai21|deepseek|openai|qwen|writer|moonshotai"
     r"|minimax|zai|nvidia)\.(?=.)"
@@ -196,12 +199,17 @@ class _Table:
         return prices, index > 0
 
 
-def _prices_of_row(row: list[Any], version: str | None = None) -> Prices:
-    """A table row (see ``llmtally.price_table``) as :class:`Prices`."""
+def _prices_of_row(
+    row: list[Any], version: str | None = None, inclusive: bool | None = None
+) -> Prices:
+    """A table row (see ``llmtally.price_table``) as :class:`Prices`; a service tier's or the
+    off-peak row takes the ``inclusive`` rule of the row it belongs to."""
     padded = [*row, None, None, None, None, None, None, None, None][:8]
     extra: dict[str, Any] = padded[7] or {}
     tiers = padded[6]
     off_peak = extra.get("off_peak")
+    if inclusive is None:
+        inclusive = bool(extra.get("inclusive"))
     return Prices(
         padded[0],
         padded[1],
@@ -210,15 +218,16 @@ def _prices_of_row(row: list[Any], version: str | None = None) -> Prices:
         padded[4],
         padded[5],
         tiers or None,
-        inclusive=bool(extra.get("inclusive")),
+        inclusive=inclusive,
         version=version,
         service_tiers={
-            name: _prices_of_row(tier_row, version)
+            name: _prices_of_row(tier_row, version, inclusive)
             for name, tier_row in (extra.get("service_tiers") or {}).items()
         }
         or None,
         geo=sorted((extra.get("geo") or {}).items()) or None,
-        off_peak=None if off_peak is None else _prices_of_row(off_peak["row"], version),
+        speed=sorted((extra.get("speed") or {}).items()) or None,
+        off_peak=None if off_peak is None else _prices_of_row(off_peak["row"], version, inclusive),
         off_peak_windows=None if off_peak is None else [tuple(w) for w in off_peak["windows"]],
     )
 
@@ -267,8 +276,12 @@ def _names(model: str) -> tuple[str | None, str | None, str, list[str]]:
     region: str | None = None
     forms = [name]
     if name.startswith("arn:"):  # Bedrock inference profile / foundation model ARN
+        arn = _ARN.match(name)
         name = name.rsplit("/", 1)[-1]
         implied = "bedrock"
+        if arn is not None and _REGION.match(arn.group(1)):
+            region = arn.group(1)  # the region the ARN names: its price, or none
+            forms = []
         forms.append(name)
     while "/" in name:
         head, rest = name.split("/", 1)
@@ -442,13 +455,15 @@ def cost_pusd(
     *,
     service_tier: str | None = None,
     inference_geo: str | None = None,
+    speed: str | None = None,
     at: float | None = None,
 ) -> int | None:
     """The table cost of ``usage`` in pico-USD (1e-12 USD), or ``None`` when unknown.
 
-    ``service_tier`` (``"flex"``, ``"priority"``, ``"batch"``) bills at that tier's prices
-    where the model lists them; ``inference_geo`` applies the model's geography multiplier
-    (Anthropic ``"us"``: 1.1x); ``at`` (UNIX seconds, default now) picks the price version in
+    ``service_tier`` (``"flex"``, ``"priority"``, ``"ultrafast"``, ``"batch"``) bills at that
+    tier's prices where the model lists them; ``inference_geo`` applies the model's geography
+    multiplier (Anthropic ``"us"``: 1.1x) and ``speed`` its speed multiplier (Anthropic fast
+    mode, ``"fast"``, where listed); ``at`` (UNIX seconds, default now) picks the price version in
     force and the off-peak window. ``None`` when the model has no price or the usage lacks its
     prompt/completion split. Raises ``OverflowError`` past the 64-bit pico-USD range.
 
@@ -462,7 +477,7 @@ def cost_pusd(
     if prices is None:
         return None
     return prices.usage_cost_pusd(
-        usage, service_tier=service_tier, inference_geo=inference_geo, at=at
+        usage, service_tier=service_tier, inference_geo=inference_geo, speed=speed, at=at
     )
 
 
@@ -473,6 +488,7 @@ def cost_usd(
     *,
     service_tier: str | None = None,
     inference_geo: str | None = None,
+    speed: str | None = None,
     at: float | None = None,
 ) -> float | None:
     """The table cost of ``usage`` in USD, or ``None`` when unknown (see :func:`cost_pusd`).
@@ -487,6 +503,7 @@ def cost_usd(
         provider,
         service_tier=service_tier,
         inference_geo=inference_geo,
+        speed=speed,
         at=at,
     )
     return None if pusd is None else pusd / PUSD_PER_USD

@@ -164,11 +164,111 @@ def test_anthropic_inference_geo_multiplier() -> None:
 
 
 def test_call_modifiers_read_from_provider_bodies() -> None:
-    assert call_modifiers({"service_tier": "flex", "usage": {}}) == ("flex", None)
-    anthropic = {"usage": {"service_tier": "standard", "inference_geo": "us"}}
-    assert call_modifiers(anthropic) == ("standard", "us")
-    assert call_modifiers({"service_tier": 3}) == (None, None)
-    assert call_modifiers(None) == (None, None)
+    assert call_modifiers({"service_tier": "flex", "usage": {}}) == ("flex", None, None)
+    anthropic = {"usage": {"service_tier": "standard", "inference_geo": "us", "speed": "fast"}}
+    assert call_modifiers(anthropic) == ("standard", "us", "fast")
+    assert call_modifiers({"usage": {"service_tier": "batch"}}) == ("batch", None, None)
+    assert call_modifiers({"service_tier": 3, "speed": 2}) == (None, None, None)
+    assert call_modifiers(None) == (None, None, None)
+
+
+# --- batch, ultrafast and fast mode ------------------------------------------------------------
+
+
+def test_batch_at_every_listed_batch_price() -> None:
+    # claude-opus-4-7 lists batch 2.50 in, 12.50 out, 0.25 cache reads, 3.125 cache writes; a
+    # 1-hour write has no batch price of its own: the batch write price (LiteLLM's rule).
+    usage = Usage(
+        prompt_tokens=2000,
+        completion_tokens=200,
+        cached_tokens=500,
+        cache_write_tokens=800,
+        cache_write_1h_tokens=500,
+    )
+    expected = 700 * 2_500_000 + 500 * 250_000 + 800 * 3_125_000 + 200 * 12_500_000
+    assert cost_pusd(usage, "claude-opus-4-7", "anthropic", service_tier="batch") == expected
+    assert expected == 6_875_000_000
+    assert cost_pusd(usage, "claude-opus-4-7", "anthropic") == (
+        700 * 5 * M + 500 * 500_000 + 300 * 6_250_000 + 500 * 10 * M + 200 * 25 * M
+    )
+
+
+def test_batch_prices_the_list_leaves_out() -> None:
+    # azure/eu/gpt-4o-mini lists only a batch input price (0.083): output at half the standard
+    # 0.66, cache reads at the standard 0.083.
+    usage = Usage(prompt_tokens=1000, completion_tokens=500, cached_tokens=600)
+    got = cost_pusd(usage, "azure/eu/gpt-4o-mini", service_tier="batch")
+    assert got == 400 * 83_000 + 600 * 83_000 + 500 * 330_000 == 248_000_000
+    # A model listing no batch price at all is billed at its standard prices.
+    plain = Usage(prompt_tokens=1000, completion_tokens=100)
+    assert cost_pusd(plain, "gpt-3.5-turbo", "openai", service_tier="batch") == cost_pusd(
+        plain, "gpt-3.5-turbo", "openai"
+    )
+
+
+def test_batch_above_a_tier_is_half_the_tier_price() -> None:
+    # vertex_ai/gemini-3-pro-preview: batch 1.00/6.00; standard above 200k 4.00/18.00, no batch
+    # price there: half of it, 2.00/9.00 (gemini-2.5-pro lists exactly that ratio).
+    usage = Usage(prompt_tokens=250_000, completion_tokens=1000)
+    got = cost_pusd(usage, "gemini-3-pro-preview", "vertex_ai", service_tier="batch")
+    assert got == 250_000 * 2 * M + 1000 * 9 * M == 509_000_000_000
+    below = Usage(prompt_tokens=200_000, completion_tokens=1000)
+    got = cost_pusd(below, "gemini-3-pro-preview", "vertex_ai", service_tier="batch")
+    assert got == 200_000 * 1 * M + 1000 * 6 * M
+    # gemini-2.5-pro lists its batch tier: 1.25/7.50 above 200k.
+    assert cost_pusd(usage, "gemini-2.5-pro", "vertex_ai", service_tier="batch") == (
+        250_000 * 1_250_000 + 1000 * 7_500_000
+    )
+
+
+def test_xai_batch_thresholds_are_inclusive_too() -> None:
+    # xai/grok-4.20 batch: 1.00/2.00, at or above 200k 2.00/4.00.
+    at = Usage(prompt_tokens=200_000, completion_tokens=100)
+    below = Usage(prompt_tokens=199_999, completion_tokens=100)
+    assert cost_pusd(at, "grok-4.20", "xai", service_tier="batch") == (
+        200_000 * 2 * M + 100 * 4 * M
+    )
+    assert cost_pusd(below, "grok-4.20", "xai", service_tier="batch") == (
+        199_999 * 1 * M + 100 * 2 * M
+    )
+
+
+def test_openai_ultrafast_service_tier() -> None:
+    # gpt-6-astra: 10/50 standard, 60/300 ultrafast.
+    usage = Usage(prompt_tokens=1000, completion_tokens=100)
+    assert cost_pusd(usage, "gpt-6-astra", "openai") == 1000 * 10 * M + 100 * 50 * M
+    got = cost_pusd(usage, "gpt-6-astra", "openai", service_tier="ultrafast")
+    assert got == 1000 * 60 * M + 100 * 300 * M == 90_000_000_000
+
+
+def test_anthropic_fast_mode_multiplier() -> None:
+    # claude-opus-5: 5/25, fast mode ("speed": "fast") 2x where listed, with the US 1.1x.
+    usage = Usage(prompt_tokens=1000, completion_tokens=100)
+    base = 1000 * 5 * M + 100 * 25 * M
+    assert cost_pusd(usage, "claude-opus-5", "anthropic", speed="fast") == 2 * base
+    assert cost_pusd(usage, "claude-opus-5", "anthropic", speed="standard") == base
+    both = cost_pusd(usage, "claude-opus-5", "anthropic", speed="fast", inference_geo="us")
+    assert both == 16_500_000_000  # 2.2x
+    assert cost_pusd(usage, "claude-opus-4-6", "anthropic", speed="fast") == base  # not listed
+
+
+@pytest.mark.parametrize("repeat", [1, 2])
+async def test_batch_and_fast_calls_through_the_manager(repeat: int) -> None:
+    batch = {
+        "model": "claude-opus-4-7",
+        "usage": {"input_tokens": 1000, "output_tokens": 100, "service_tier": "batch"},
+        "content": [{"type": "text", "text": "hi"}],
+    }
+    fast = {
+        "model": "claude-opus-5",
+        "usage": {"input_tokens": 1000, "output_tokens": 100, "speed": "fast"},
+        "content": [{"type": "text", "text": "hi"}],
+    }
+    for _ in range(repeat):
+        batched = await _end(batch, "anthropic", "claude-opus-4-7")
+        sped = await _end(fast, "anthropic", "claude-opus-5")
+    assert batched["cost_pusd"] == 1000 * 2_500_000 + 100 * 12_500_000
+    assert sped["cost_pusd"] == 2 * (1000 * 5 * M + 100 * 25 * M)
 
 
 async def _end(body: dict[str, Any], provider: str, model: str) -> dict[str, Any]:
@@ -221,6 +321,50 @@ def test_bedrock_region_in_the_name_is_the_regional_price() -> None:
 def test_azure_data_zone_in_the_name_is_the_regional_price() -> None:
     usage = Usage(prompt_tokens=1000, completion_tokens=100)
     assert cost_pusd(usage, "azure/eu/gpt-4o-2024-08-06") == 1000 * 2_750_000 + 100 * 11 * M
+
+
+def test_azure_regions_without_a_regional_price_are_unpriced(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    usage = Usage(prompt_tokens=1000, completion_tokens=100)
+    assert cost_pusd(usage, "azure/us/gpt-4o-2024-08-06") == 1000 * 2_750_000 + 100 * 11 * M
+    assert cost_pusd(usage, "azure/us-gov/o3-mini") is not None
+    with caplog.at_level(logging.WARNING, logger="llmtally.pricing"):
+        # gpt-3.5-turbo has a global price but none in the EU data zone; GovCloud has no gpt-4o.
+        for name in ("azure/eu/gpt-3.5-turbo", "azure/us-gov/gpt-4o", "azure/apac/gpt-4o"):
+            assert cost_pusd(usage, name) is None
+            assert any(name in r.getMessage() for r in caplog.records)
+    assert cost_pusd(usage, "gpt-3.5-turbo", "azure") is not None
+
+
+def test_a_region_in_a_bedrock_arn_is_the_regional_price(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    usage = Usage(prompt_tokens=1000, completion_tokens=100)
+    gov = "arn:aws-us-gov:bedrock:us-gov-west-1:123456789012:foundation-model/"
+    assert cost_pusd(usage, gov + "anthropic.claude-3-haiku-20240307-v1:0") == (
+        1000 * 300_000 + 100 * 1_500_000  # GovCloud's 0.30/1.50, not 0.25/1.25
+    )
+    unlisted = (
+        "arn:aws:bedrock:eu-west-3:123456789012:foundation-model/"
+        "anthropic.claude-sonnet-4-20250514-v1:0"
+    )
+    with caplog.at_level(logging.WARNING, logger="llmtally.pricing"):
+        assert cost_pusd(usage, unlisted) is None
+    assert any(unlisted in r.getMessage() for r in caplog.records)
+
+
+def test_a_govcloud_inference_profile_is_never_the_commercial_price() -> None:
+    usage = Usage(prompt_tokens=1000, completion_tokens=100)
+    # Listed: its own price (1.2x the commercial 2.00/10.00).
+    assert cost_pusd(usage, "us-gov.anthropic.claude-sonnet-5", "bedrock") == (
+        1000 * 2_400_000 + 100 * 12 * M
+    )
+    # Not listed: no price, never the commercial one; other profiles fall back as before.
+    assert cost_pusd(usage, "us-gov.anthropic.claude-3-haiku-20240307-v1:0", "bedrock") is None
+    assert cost_pusd(usage, "us.anthropic.claude-3-haiku-20240307-v1:0", "bedrock") == (
+        1000 * 250_000 + 100 * 1_250_000
+    )
 
 
 def test_a_region_without_a_regional_price_is_unpriced_and_warned(
@@ -376,6 +520,34 @@ def test_prices_update_from_a_file_versions_and_flags_big_moves(
         assert early == 1000 * 3200 * M + 100 * 9710 * M
     finally:
         del os.environ["LLMTALLY_PRICES"]
+
+
+def test_a_big_move_of_a_tier_or_service_tier_price_is_flagged() -> None:
+    from llmtally import price_table
+
+    entry = {
+        "litellm_provider": "openai",
+        "mode": "chat",
+        "input_cost_per_token": 1e-06,
+        "output_cost_per_token": 4e-06,
+        "input_cost_per_token_above_200k_tokens": 2e-06,
+        "output_cost_per_token_above_200k_tokens": 8e-06,
+        "input_cost_per_token_batches": 5e-07,
+        "output_cost_per_token_batches": 2e-06,
+    }
+    before = price_table.update({"gpt-acme": entry}, None, "2026-01-01", "test").table
+    moved = {
+        **entry,
+        "input_cost_per_token_above_200k_tokens": 2e-03,  # 1000x
+        "output_cost_per_token_batches": 2e-09,  # 1/1000
+    }
+    result = price_table.update({"gpt-acme": moved}, before, "2026-06-01", "test")
+    assert result.changed == [":gpt-acme"]
+    assert sorted(result.big_moves) == [
+        (":gpt-acme", "above 200000 input", 2.0, 2000.0),
+        (":gpt-acme", "batch above 200000 input", 1.0, 1000.0),  # half the tier's
+        (":gpt-acme", "batch output", 2.0, 0.002),
+    ]
 
 
 def test_prices_update_refuses_a_file_that_is_not_a_price_list(

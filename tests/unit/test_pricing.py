@@ -377,7 +377,10 @@ def test_update_script_maps_litellm_fields_exactly(tmp_path: Path) -> None:
         {
             "geo": {"us": 1.1},
             "service_tiers": {
-                "batch": [1.5, 15, 0.3, 3.75, 6, None, [[200_000, 6, 22.5, None, None, 12]]]
+                # The batch input price; output at half the standard price; cache reads at
+                # the standard price; cache writes (5 minutes and 1 hour) at the batch input
+                # price (LiteLLM's batch logic); above the tier, half the tier's prices.
+                "batch": [1.5, 7.5, 0.3, None, None, None, [[200_000, 3, 11.25]]]
             },
         },
     ]
