@@ -4,9 +4,11 @@ The installed ``litellm`` (a test extra) ships the price list llmtally's table i
 (``model_prices_and_context_window_backup.json``). For every model both know, llmtally's cost
 (through its own name lookup) and ``litellm.cost_per_token`` (with that same list loaded, so
 only the logic differs) must agree within 1e-9 relative, across plain, cached, cache-write
-(5 minutes and 1 hour), reasoning and above-tier usages, service tiers where listed, the
-inference geography multiplier and off-peak windows. The only exceptions are ``EXCEPTIONS``,
-each with its reason and a source.
+(5 minutes and 1 hour), reasoning and above-tier usages, service tiers where listed (flex,
+priority, ultrafast through ``litellm.cost_per_token(service_tier=...)``; batch through
+``litellm.cost_calculator.batch_cost_calculator``, LiteLLM's cost logic for batch jobs, on every
+usage above for a model listing batch prices), the inference geography and speed multipliers
+and off-peak windows. The only exceptions are ``EXCEPTIONS``, each with its reason and a source.
 
 Run ``python tests/unit/test_price_diff.py`` for the table (compared, agree, exceptions by
 cause).
@@ -67,6 +69,14 @@ EXCEPTIONS: dict[tuple[str, str], tuple[str, str]] = {
         " prices are never applied; Fireworks bills service_tier 'priority' at them",
         "https://docs.fireworks.ai/serverless/priority-and-fast",
     ),
+    ("", "batch above-tier"): (
+        "above a long-context tier the list gives no batch price for, LiteLLM's batch logic"
+        " applies the flat (below-tier) batch price; Google and Anthropic bill batch at half of"
+        " the long-context price (as the list's own batch tiers of gemini-2.5-pro are), which"
+        " llmtally applies",
+        "https://ai.google.dev/gemini-api/docs/pricing ;"
+        " https://docs.claude.com/en/docs/about-claude/pricing",
+    ),
 }
 
 
@@ -81,6 +91,7 @@ class Case:
     reasoning: int = 0
     service_tier: str | None = None
     geo: str | None = None
+    speed: str | None = None
     at: datetime.datetime | None = None
 
 
@@ -95,28 +106,56 @@ def _thresholds(entry: dict[str, Any]) -> list[int]:
     return sorted(out)
 
 
-def cases(entry: dict[str, Any]) -> Iterator[Case]:
-    yield Case("plain", 1000, 500)
-    yield Case("cached", 1000, 500, cached=600)
-    yield Case("cache-write", 2000, 200, cached=500, cache_write=800, cache_write_1h=500)
-    yield Case("reasoning", 1000, 1500, reasoning=1000)
+def _standard_cases(
+    entry: dict[str, Any], prefix: str = "", tier: str | None = None
+) -> Iterator[Case]:
+    yield Case(f"{prefix}plain", 1000, 500, service_tier=tier)
+    yield Case(f"{prefix}cached", 1000, 500, cached=600, service_tier=tier)
+    yield Case(
+        f"{prefix}cache-write",
+        2000,
+        200,
+        cached=500,
+        cache_write=800,
+        cache_write_1h=500,
+        service_tier=tier,
+    )
+    yield Case(f"{prefix}reasoning", 1000, 1500, reasoning=1000, service_tier=tier)
     for above in _thresholds(entry):
-        yield Case("at-tier", above, 100, cached=above // 10)
+        yield Case(f"{prefix}at-tier", above, 100, cached=above // 10, service_tier=tier)
         yield Case(
-            "above-tier",
+            f"{prefix}above-tier",
             above + 50_000,
             3000,
             cached=20_000,
             cache_write=10_000,
             cache_write_1h=4000,
             reasoning=2000,
+            service_tier=tier,
         )
-    for suffix, tier in (("_flex", "flex"), ("_priority", "priority")):
-        if any(k.endswith(suffix) and v is not None for k, v in entry.items()):
+
+
+def _lists(entry: dict[str, Any], suffix: str) -> bool:
+    return any(k.endswith(suffix) and v is not None for k, v in entry.items())
+
+
+def cases(entry: dict[str, Any]) -> Iterator[Case]:
+    yield from _standard_cases(entry)
+    for suffix, tier in (("_flex", "flex"), ("_priority", "priority"), ("_ultrafast", "ultrafast")):
+        if _lists(entry, suffix):
             yield Case(f"{tier}", 1000, 1500, cached=600, reasoning=1000, service_tier=tier)
-    geo = entry.get("provider_specific_entry")
-    if isinstance(geo, dict) and "us" in geo:
+    if _lists(entry, "_batches") and any(
+        k.startswith(("input_cost_per_token", "output_cost_per_token"))
+        for k in entry
+        if k.endswith("_batches")
+    ):
+        yield from _standard_cases(entry, "batch ", "batch")
+    specific = entry.get("provider_specific_entry")
+    if isinstance(specific, dict) and "us" in specific:
         yield Case("geo-us", 2000, 200, cached=500, cache_write=800, geo="us")
+    if isinstance(specific, dict) and "fast" in specific:
+        yield Case("speed-fast", 2000, 200, cached=500, cache_write=800, speed="fast")
+        yield Case("speed-fast geo-us", 2000, 200, cached=500, geo="us", speed="fast")
     if isinstance(entry.get("off_peak_pricing"), dict):
         yield Case("peak", 1000, 500, cached=600, at=PEAK)
         yield Case("off-peak", 1000, 500, cached=600, at=OFF_PEAK)
@@ -155,6 +194,14 @@ def litellm_cost(key: str, provider: str, case: Case) -> float:
     )
     if case.geo is not None:
         usage.inference_geo = case.geo  # type: ignore[attr-defined]
+    if case.speed is not None:
+        usage.speed = case.speed  # type: ignore[attr-defined]
+    if case.service_tier == "batch":
+        # LiteLLM prices a batch job's usage with its batch cost logic, not cost_per_token.
+        from litellm.cost_calculator import batch_cost_calculator
+
+        prompt, completion = batch_cost_calculator(usage, key, provider)
+        return float(prompt + completion)
     with pinned_billing_time(case.at or PEAK):
         prompt, completion = litellm.cost_per_token(
             model=key,
@@ -180,6 +227,7 @@ def llmtally_cost(key: str, provider: str, case: Case) -> float | None:
         provider,
         service_tier=case.service_tier,
         inference_geo=case.geo,
+        speed=case.speed,
         at=(case.at or PEAK).timestamp(),
     )
     return None if pusd is None else pusd / 1e12
@@ -277,6 +325,7 @@ def _compare(
     model_ok, model_excused = True, False
     for case in cases(entry):
         counts["usages"] += 1
+        counts[f"kind {case.kind}"] += 1
         try:
             theirs = litellm_cost(key, provider, case)
         except Exception as exc:  # LiteLLM cannot price it
@@ -324,6 +373,8 @@ if __name__ == "__main__":
         f"agree on every usage: {counts['agree']}, agree but for an exception:"
         f" {counts['excused']}, disagree: {counts['disagree']}"
     )
+    kinds = sorted((k[5:], n) for k, n in counts.items() if k.startswith("kind "))
+    print("usages by kind: " + ", ".join(f"{k} {n}" for k, n in kinds))
     for why, n in excused.most_common():
         print(f"  excused {n}: {why}")
     for line in wrong[:60]:
