@@ -271,6 +271,27 @@ async def test_batch_and_fast_calls_through_the_manager(repeat: int) -> None:
     assert sped["cost_pusd"] == 2 * (1000 * 5 * M + 100 * 25 * M)
 
 
+async def test_fast_mode_with_a_python_handler_on_the_call() -> None:
+    from llmtally import AsyncCallbackHandler
+
+    seen: list[dict[str, Any]] = []
+
+    class Seen(AsyncCallbackHandler):
+        async def on_llm_end(self, response: dict[str, Any], **kwargs: Any) -> None:
+            seen.append(response)
+
+    body = {
+        "model": "claude-opus-5",
+        "usage": {"input_tokens": 1000, "output_tokens": 100, "speed": "fast"},
+        "content": [{"type": "text", "text": "hi"}],
+    }
+    manager = CallbackManager([Seen()])
+    async with manager.llm_call(None, provider="anthropic", model="claude-opus-5") as call:
+        call.set_response(body)
+    assert call.response is not None and seen
+    assert call.response["cost_pusd"] == seen[0]["cost_pusd"] == 2 * (1000 * 5 * M + 100 * 25 * M)
+
+
 async def _end(body: dict[str, Any], provider: str, model: str) -> dict[str, Any]:
     manager = CallbackManager()
     async with manager.llm_call(None, provider=provider, model=model) as call:
