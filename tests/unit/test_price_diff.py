@@ -71,11 +71,12 @@ EXCEPTIONS: dict[tuple[str, str], tuple[str, str]] = {
     ),
     ("", "batch above-tier"): (
         "above a long-context tier the list gives no batch price for, LiteLLM's batch logic"
-        " applies the flat (below-tier) batch price; Google and Anthropic bill batch at half of"
-        " the long-context price (as the list's own batch tiers of gemini-2.5-pro are), which"
-        " llmtally applies",
-        "https://ai.google.dev/gemini-api/docs/pricing ;"
-        " https://docs.claude.com/en/docs/about-claude/pricing",
+        " applies the flat (below-tier) batch price; Google bills batch jobs at 50% of the"
+        " standard rate for the model and Anthropic at 50% of the standard price of all usage,"
+        " the long-context price included (the list's own batch tiers of gemini-2.5-pro are"
+        " half its standard tiers), which llmtally applies",
+        "https://developers.googleblog.com/scale-your-ai-workloads-batch-mode-gemini-api ;"
+        " https://docs.claude.com/en/docs/build-with-claude/batch-processing",
     ),
 }
 
