@@ -225,18 +225,18 @@ pub fn feature_names() -> Vec<String> {
 //
 // The file is the sorted list, front-coded: per word, the number of leading bytes it shares with
 // the previous word, the number of bytes that follow, then those bytes. Only 32-bit fingerprints
-// of the hashes of every prefix are kept in memory.
+// of the hashes of every prefix (in characters) are kept in memory. The hash runs over code
+// points, one multiplication per character, so the scanner hashes a word as it decodes it.
 
 const VOCAB_CL100K: &[u8] = include_bytes!("estimate_vocab/cl100k.words");
 const VOCAB_O200K: &[u8] = include_bytes!("estimate_vocab/o200k.words");
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 const FNV_SEED: u64 = 0xcbf2_9ce4_8422_2325;
-/// The hash after a leading space.
-const FNV_SPACE: u64 = (FNV_SEED ^ 0x20).wrapping_mul(FNV_PRIME);
 
+/// The hash of a word (with what precedes it) after one more character.
 #[inline(always)]
-fn fnv(h: u64, byte: u8) -> u64 {
-    (h ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
+fn hash_char(h: u64, c: u32) -> u64 {
+    (h ^ u64::from(c)).wrapping_mul(FNV_PRIME)
 }
 
 /// Set of 32-bit fingerprints of word (and word prefix) hashes, in buckets of half a cache line:
@@ -255,20 +255,34 @@ struct Bucket([u32; BUCKET]);
 
 impl Vocab {
     fn build(raw: &[u8]) -> Self {
-        // Every prefix of a word is a key: as many keys as bytes not shared with the word before.
+        // Every prefix of a word is a key: as many keys as characters not shared with the word
+        // before. `ends` holds the end (in bytes) and the hash of each character of the word.
         let mut keys = Vec::new();
-        let mut hashes = vec![FNV_SEED];
+        let mut word: Vec<u8> = Vec::new();
+        let mut ends: Vec<(usize, u64)> = Vec::new();
         let mut i = 0;
         while i + 1 < raw.len() {
             let shared = usize::from(raw[i]);
             let len = usize::from(raw[i + 1]);
-            hashes.truncate(shared + 1);
-            for &byte in &raw[i + 2..i + 2 + len] {
-                let h = fnv(*hashes.last().unwrap_or(&FNV_SEED), byte);
-                hashes.push(h);
+            let Some(bytes) = raw.get(i + 2..i + 2 + len) else {
+                break;
+            };
+            word.truncate(shared);
+            word.extend_from_slice(bytes);
+            i += 2 + len;
+            while ends.last().is_some_and(|&(end, _)| end > shared) {
+                ends.pop();
+            }
+            let (mut at, mut h) = ends.last().copied().unwrap_or((0, FNV_SEED));
+            let Ok(rest) = std::str::from_utf8(&word[at..]) else {
+                continue;
+            };
+            for ch in rest.chars() {
+                h = hash_char(h, u32::from(ch));
+                at += ch.len_utf8();
+                ends.push((at, h));
                 keys.push(h);
             }
-            i += 2 + len;
         }
         Self::new(&keys)
     }
@@ -320,11 +334,11 @@ impl Vocab {
         let (mut i, fp) = self.slot(h);
         loop {
             let bucket = &self.buckets[i].0;
-            if bucket.iter().fold(false, |hit, &x| hit | (x == fp)) {
-                return true;
-            }
-            if bucket[BUCKET - 1] == 0 {
-                return false;
+            let hit = bucket.iter().fold(false, |hit, &x| hit | (x == fp));
+            // A bucket that is not full ends the search whether it holds the key or not: one
+            // well-predicted branch, and the answer is data, not control flow.
+            if hit | (bucket[BUCKET - 1] == 0) {
+                return hit;
             }
             i = (i + 1) & self.mask;
         }
@@ -455,8 +469,8 @@ impl Ctx {
 /// a repeated ASCII character needs one array read (and no context longer than two characters).
 struct CtxTable {
     mask: usize,
-    keys: Vec<u32>,
-    costs: Vec<u16>,
+    /// Key in the low 32 bits, cost in the next 16: a hit reads one slot.
+    slots: Vec<u64>,
     ascii: Vec<u16>,
     repeat: Vec<u16>,
     bmp: Vec<u16>,
@@ -468,8 +482,7 @@ impl CtxTable {
         let size = (n * 4).next_power_of_two().max(64);
         let mut table = Self {
             mask: size - 1,
-            keys: vec![0; size],
-            costs: vec![0; size],
+            slots: vec![0; size],
             ascii: Vec::new(),
             repeat: Vec::new(),
             bmp: Vec::new(),
@@ -477,12 +490,11 @@ impl CtxTable {
         for rec in raw.chunks_exact(6) {
             let key = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) | 1;
             let cost = u16::from_le_bytes([rec[4], rec[5]]);
-            let mut i = (key as usize).wrapping_mul(0x9E37_79B9) >> 7 & table.mask;
-            while table.keys[i] != 0 && table.keys[i] != key {
+            let mut i = Self::home(key, table.mask);
+            while table.slots[i] as u32 != 0 && table.slots[i] as u32 != key {
                 i = (i + 1) & table.mask;
             }
-            table.keys[i] = key;
-            table.costs[i] = cost;
+            table.slots[i] = u64::from(key) | u64::from(cost) << 32;
         }
         let mut ascii = vec![0; 4 * 128 * 128];
         for pos in 0..4u8 {
@@ -547,14 +559,36 @@ impl CtxTable {
     }
 
     #[inline(always)]
+    fn home(key: u32, mask: usize) -> usize {
+        (key as usize).wrapping_mul(0x9E37_79B9) >> 7 & mask
+    }
+
+    #[inline(always)]
     fn get(&self, key: u32) -> Option<u16> {
-        let mut i = (key as usize).wrapping_mul(0x9E37_79B9) >> 7 & self.mask;
+        let mut i = Self::home(key, self.mask);
         loop {
-            match self.keys[i] {
+            let slot = self.slots[i];
+            match slot as u32 {
                 0 => return None,
-                k if k == key => return Some(self.costs[i]),
+                k if k == key => return Some((slot >> 32) as u16),
                 _ => i = (i + 1) & self.mask,
             }
+        }
+    }
+
+    /// The cost of `key`, else `fallback`: whether the key is there is data, not a branch (the
+    /// search goes on past its first slot only when that slot holds another key).
+    #[inline(always)]
+    fn get_or(&self, key: u32, fallback: u16) -> u16 {
+        let mut i = Self::home(key, self.mask);
+        loop {
+            let slot = self.slots[i];
+            let k = slot as u32;
+            if (k == key) | (k == 0) {
+                let hit = u16::from(k == key).wrapping_neg();
+                return ((slot >> 32) as u16 & hit) | (fallback & !hit);
+            }
+            i = (i + 1) & self.mask;
         }
     }
 
@@ -578,12 +612,11 @@ impl CtxTable {
             return self.repeat[Self::repeat_index(ctx)];
         }
         if ctx.is_bmp() {
+            let alone = self.bmp[usize::from(ctx.pos) << 16 | ctx.c as usize];
             if BMP_LEVEL >= 2 {
-                if let Some(c) = self.get(ctx.key(2)) {
-                    return c;
-                }
+                return self.get_or(ctx.key(2), alone);
             }
-            return self.bmp[usize::from(ctx.pos) << 16 | ctx.c as usize];
+            return alone;
         }
         if ctx.pos < CTX_REPEAT {
             // A letter or mark beyond the BMP: the character alone.
@@ -789,10 +822,16 @@ fn cat_at(b: &[u8], i: usize) -> (Cat, u32, usize) {
 // a sink which features each piece emits.
 
 trait Sink {
+    /// A point to come back to (see `settle`).
+    type Mark: Copy;
     fn add(&mut self, feature: usize);
     /// A character costed by its context (table lookup); at byte `start`, `len` bytes long.
     fn ctx(&mut self, ctx: &Ctx, start: usize, len: usize);
     fn piece(&mut self, _start: usize, _end: usize) {}
+    fn mark(&self) -> Self::Mark;
+    /// When `listed`, replaces what was emitted since `mark` by `feature`. A word's letters are
+    /// costed as they are read, before the word list says whether they count.
+    fn settle(&mut self, mark: Self::Mark, listed: bool, feature: usize);
 }
 
 /// Sums the costs of the features: the estimator's hot loop.
@@ -803,6 +842,18 @@ struct Total<'a> {
 }
 
 impl Sink for Total<'_> {
+    type Mark = u64;
+    #[inline(always)]
+    fn mark(&self) -> u64 {
+        self.sum
+    }
+    #[inline(always)]
+    fn settle(&mut self, mark: u64, listed: bool, feature: usize) {
+        // A select, not a branch: whether a word is listed is hard to predict.
+        let keep = u64::from(listed).wrapping_sub(1);
+        let listed_sum = mark + u64::from(self.costs[feature]);
+        self.sum = (self.sum & keep) | (listed_sum & !keep);
+    }
     #[inline(always)]
     fn add(&mut self, feature: usize) {
         self.sum += u64::from(self.costs[feature]);
@@ -821,6 +872,17 @@ struct Pieces {
 }
 
 impl Sink for Pieces {
+    type Mark = (usize, usize);
+    fn mark(&self) -> (usize, usize) {
+        (self.current.len(), self.contexts.len())
+    }
+    fn settle(&mut self, mark: (usize, usize), listed: bool, feature: usize) {
+        if listed {
+            self.current.truncate(mark.0);
+            self.contexts.truncate(mark.1);
+            self.current.push(feature as u16);
+        }
+    }
     fn add(&mut self, feature: usize) {
         self.current.push(feature as u16);
     }
@@ -844,6 +906,14 @@ fn contraction(b: &[u8], i: usize) -> Option<usize> {
         b'l' if lower(i + 1) == Some(b'l') => Some(2),
         _ => None,
     }
+}
+
+/// Where a segment of a word ends and its hash; the same for the whole word.
+struct Segment {
+    end: usize,
+    hash: u64,
+    word_end: usize,
+    word_hash: u64,
 }
 
 /// Walks text piece by piece; `O200K` selects o200k's pattern, else cl100k's.
@@ -916,19 +986,47 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         }
     }
 
+    /// The letter at byte `i`: code point, length, letter class and case (a combining mark is a
+    /// caseless letter for o200k).
+    #[inline(always)]
+    fn letter_at(&self, i: usize) -> Option<(u32, usize, u8, Case)> {
+        let b = self.b;
+        let x = *b.get(i)?;
+        if x < 0x80 {
+            return match x {
+                b'a'..=b'z' => Some((u32::from(x), 1, L_ASCII_LOWER as u8, Case::Lower)),
+                b'A'..=b'Z' => Some((u32::from(x), 1, L_ASCII_UPPER as u8, Case::Upper)),
+                _ => None,
+            };
+        }
+        let (c, len) = decode(b, i);
+        match non_ascii_cat(c) {
+            Cat::Letter(class, case) => Some((c, len, class, case)),
+            Cat::Mark(class, _) if O200K => Some((c, len, class, Case::Caseless)),
+            _ => None,
+        }
+    }
+
+    /// The hash a word starts from: of the character at `pre` when `pre < start`.
+    #[inline(always)]
+    fn pre_hash(&self, pre: usize, start: usize) -> u64 {
+        match start - pre {
+            0 => FNV_SEED,
+            1 => hash_char(FNV_SEED, u32::from(self.b[pre])),
+            _ => hash_char(FNV_SEED, decode(self.b, pre).0),
+        }
+    }
+
     /// A run of letters starting at `start` (a letter), after the character at `pre` (when
     /// `pre < start`) of kind `prefix`. cl100k takes the whole run; o200k stops where an
     /// upper-case letter follows a lower-case one and takes a contraction as a suffix.
     #[inline]
     fn word<S: Sink>(&self, pre: usize, start: usize, prefix: usize, sink: &mut S) -> usize {
         let end = if O200K {
-            match self.listed_word(pre, start, true) {
-                (end, true) => {
-                    sink.add(F_VOCAB + prefix);
-                    end
-                }
-                _ => self.letters(start, prefix, false, sink),
-            }
+            let mark = sink.mark();
+            let seg = self.segment::<S, false>(pre, start, prefix, false, sink);
+            sink.settle(mark, self.vocab.contains(seg.hash), F_VOCAB + prefix);
+            seg.end
         } else {
             self.camel_word(pre, start, prefix, sink)
         };
@@ -942,154 +1040,44 @@ impl<const O200K: bool> Scanner<'_, O200K> {
     /// appended, and a listed word costs no more than its first segment, so this stays monotone.
     #[inline(always)]
     fn camel_word<S: Sink>(&self, pre: usize, start: usize, prefix: usize, sink: &mut S) -> usize {
-        let (end, listed, hump) = self.listed_whole(pre, start);
-        if listed {
-            sink.add(F_VOCAB + prefix);
-            return end;
+        let mark = sink.mark();
+        let first = self.segment::<S, true>(pre, start, prefix, false, sink);
+        if first.end == first.word_end {
+            sink.settle(mark, self.vocab.contains(first.word_hash), F_VOCAB + prefix);
+            return first.end;
         }
-        if !hump.unwrap_or_else(|| Self::ascii_hump(&self.b[start..end])) {
-            return self.letters(start, prefix, false, sink);
+        if self.vocab.contains(first.word_hash) {
+            sink.settle(mark, true, F_VOCAB + prefix);
+            return first.word_end;
         }
-        let (first_end, first_listed) = self.listed_word(pre, start, true);
-        let mut i = if first_listed {
-            sink.add(F_VOCAB + prefix);
-            first_end
-        } else {
-            self.letters(start, prefix, false, sink)
-        };
-        // A letter here is an upper-case one after a lower-case one.
-        while self.next_is_letter(i) {
-            i = match self.listed_word(i, i, true) {
-                (end, true) => {
-                    sink.add(F_HUMP);
-                    end
-                }
-                _ => self.letters(i, prefix, true, sink),
-            };
+        sink.settle(mark, self.vocab.contains(first.hash), F_VOCAB + prefix);
+        // Each segment after the first starts with an upper-case letter after a lower-case one.
+        let mut i = first.end;
+        while i < first.word_end {
+            let mark = sink.mark();
+            let seg = self.segment::<S, false>(i, i, prefix, true, sink);
+            sink.settle(mark, self.vocab.contains(seg.hash), F_HUMP);
+            i = seg.end;
         }
         i
     }
 
-    /// The end of the word at `start` and whether it is in the word list (or a prefix of a
-    /// listed word) with the character before it at `pre` (when `pre < start`); with `humps`,
-    /// the word ends where an upper-case letter follows a lower-case one.
+    /// The letters of a word (or, for cl100k, of a camelCase segment after a `hump`) from
+    /// `start` up to where an upper-case letter follows a lower-case one, costed character by
+    /// character and hashed with the character at `pre` (when `pre < start`). With `WHOLE`,
+    /// also the end and hash of the whole run of letters, humps included.
     #[inline(always)]
-    fn listed_word(&self, pre: usize, start: usize, humps: bool) -> (usize, bool) {
-        let b = self.b;
-        let n = b.len();
-        let mut h = match start - pre {
-            0 => FNV_SEED,
-            1 if b[pre] == b' ' => FNV_SPACE,
-            _ => b[pre..start].iter().fold(FNV_SEED, |h, &x| fnv(h, x)),
-        };
-        let mut i = start;
-        let mut seen_lower = false;
-        if humps {
-            while i < n && b[i].is_ascii_uppercase() {
-                h = fnv(h, b[i]);
-                i += 1;
-            }
-            while i < n && b[i].is_ascii_lowercase() {
-                h = fnv(h, b[i]);
-                i += 1;
-                seen_lower = true;
-            }
-            // An ASCII letter here is an upper-case one after lower-case: the piece ends.
-        } else {
-            while i < n && b[i].is_ascii_alphabetic() {
-                h = fnv(h, b[i]);
-                i += 1;
-            }
-        }
-        if i < n && b[i] >= 0x80 {
-            // A non-ASCII character may be a letter that continues the word.
-            h = self.listed_rest(&mut i, h, humps, seen_lower).0;
-        }
-        (i, self.vocab.contains(h))
-    }
-
-    /// `listed_word` for a whole cl100k word, in one loop, and whether it has a hump when that is
-    /// known already (a word with non-ASCII letters).
-    #[inline(always)]
-    fn listed_whole(&self, pre: usize, start: usize) -> (usize, bool, Option<bool>) {
-        let b = self.b;
-        let n = b.len();
-        let mut h = match start - pre {
-            0 => FNV_SEED,
-            1 if b[pre] == b' ' => FNV_SPACE,
-            _ => b[pre..start].iter().fold(FNV_SEED, |h, &x| fnv(h, x)),
-        };
-        let mut i = start;
-        while i < n && b[i].is_ascii_alphabetic() {
-            h = fnv(h, b[i]);
-            i += 1;
-        }
-        let mut hump = None;
-        if i < n && b[i] >= 0x80 {
-            let ascii = &b[start..i];
-            let lower = ascii.iter().any(u8::is_ascii_lowercase);
-            let (rest, rest_hump) = self.listed_rest(&mut i, h, false, lower);
-            h = rest;
-            hump = Some(rest_hump || Self::ascii_hump(ascii));
-        }
-        (i, self.vocab.contains(h), hump)
-    }
-
-    /// Whether ASCII letters have a hump (an upper-case letter after a lower-case one).
-    fn ascii_hump(word: &[u8]) -> bool {
-        let mut lower = false;
-        for &x in word {
-            if lower && x.is_ascii_uppercase() {
-                return true;
-            }
-            lower |= x.is_ascii_lowercase();
-        }
-        false
-    }
-
-    /// The word's letters from `*i` on, as `letters` cuts them, hashed into `h`.
-    /// Without `humps`, also tells whether the word has a hump.
-    fn listed_rest(
+    fn segment<S: Sink, const WHOLE: bool>(
         &self,
-        i: &mut usize,
-        mut h: u64,
-        humps: bool,
-        mut seen_lower: bool,
-    ) -> (u64, bool) {
-        let b = self.b;
-        let n = b.len();
-        let mut hump = false;
-        while *i < n {
-            let (cat, _, len) = cat_at(b, *i);
-            let case = match cat {
-                Cat::Letter(_, case) => case,
-                Cat::Mark(..) if O200K => Case::Caseless,
-                _ => break,
-            };
-            if case == Case::Upper && seen_lower {
-                if humps {
-                    break;
-                }
-                hump = true;
-            }
-            seen_lower |= case == Case::Lower;
-            for &byte in &b[*i..*i + len] {
-                h = fnv(h, byte);
-            }
-            *i += len;
-        }
-        (h, hump)
-    }
-
-    /// The letters of a word (or, for cl100k, of a camelCase segment after a `hump`) not in the
-    /// list, costed character by character, up to where an upper-case letter follows a
-    /// lower-case one.
-    #[inline(always)]
-    fn letters<S: Sink>(&self, mut i: usize, prefix: usize, hump: bool, sink: &mut S) -> usize {
-        let b = self.b;
-        let n = b.len();
+        pre: usize,
+        start: usize,
+        prefix: usize,
+        hump: bool,
+        sink: &mut S,
+    ) -> Segment {
+        let mut h = self.pre_hash(pre, start);
+        let mut i = start;
         let mut seen_lower = false;
-        let mut first = true;
         // The context of each letter: its position (0, 1, 2, 3 or later) and the two characters
         // before it in the word (the kind of prefix before the first one).
         let mut ctx = Ctx {
@@ -1099,34 +1087,44 @@ impl<const O200K: bool> Scanner<'_, O200K> {
             p2: 0,
             class: 0,
         };
-        while i < n {
-            let (cat, c, len) = cat_at(b, i);
-            let (class, case) = match cat {
-                Cat::Letter(class, case) => (usize::from(class), case),
-                Cat::Mark(class, _) if O200K => (usize::from(class), Case::Caseless),
-                _ => break,
-            };
+        let mut humped = false;
+        while let Some((c, len, class, case)) = self.letter_at(i) {
             if case == Case::Upper && seen_lower {
+                humped = true;
                 break;
             }
             seen_lower |= case == Case::Lower;
-            if first {
+            if i == start {
                 sink.add(if hump {
                     F_HUMP
                 } else {
-                    F_WORD_FIRST + prefix * N_LETTER + class
+                    F_WORD_FIRST + prefix * N_LETTER + usize::from(class)
                 });
-                first = false;
             }
             ctx.c = c;
-            ctx.class = class as u8;
+            ctx.class = class;
             sink.ctx(&ctx, i, len);
             ctx.pos = (ctx.pos + 1).min(3);
             ctx.p2 = ctx.p1;
             ctx.p1 = c;
+            h = hash_char(h, c);
             i += len;
         }
-        i
+        let mut seg = Segment {
+            end: i,
+            hash: h,
+            word_end: i,
+            word_hash: h,
+        };
+        if WHOLE && humped {
+            while let Some((c, len, _, _)) = self.letter_at(i) {
+                h = hash_char(h, c);
+                i += len;
+            }
+            seg.word_end = i;
+            seg.word_hash = h;
+        }
+        seg
     }
 
     /// o200k keeps a contraction after a word in the word's piece.
