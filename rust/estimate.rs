@@ -474,7 +474,42 @@ struct CtxTable {
     ascii: Vec<u16>,
     repeat: Vec<u16>,
     bmp: Vec<u16>,
+    /// Letters and marks of the alphabets below U+3100 by row: a block of 256 code points, a
+    /// position (0 to 5) and the character before (a prefix kind, an ASCII letter or a character
+    /// of the same block); each row holds the costs of the block's 256 characters after that
+    /// one, resolved as `cost` would, built the first time it is needed (and a block's rows the
+    /// first time one of them is). A letter then costs one read, from the few rows its script
+    /// uses, instead of a hash and a probe in the whole table.
+    blocks: Box<[OnceLock<Rows>]>,
 }
+
+type Rows = Box<[OnceLock<Box<[u16; 256]>>]>;
+
+/// Blocks of 256 code points with rows of costs (the alphabets, up to kana); the large
+/// ideographic and Hangul syllable blocks are looked up in the hash table.
+const ROW_BLOCKS: u32 = 0x31;
+/// Rows per block and position: the character before is a prefix kind (0 to 3), an ASCII letter
+/// or in the block.
+const ROW_PREV: usize = 4 + 52 + 256;
+/// Positions with rows: letters (0 to 3) and marks in punctuation runs (4, 5).
+const ROW_POS: usize = CTX_REPEAT as usize;
+
+/// Row of the character before, when it is a prefix kind or ASCII: kinds 0 to 3, then letters.
+const ASCII_ROW: [u8; 128] = {
+    let mut t = [u8::MAX; 128];
+    let mut i = 0;
+    while i < 4 {
+        t[i] = i as u8;
+        i += 1;
+    }
+    let mut k = 0;
+    while k < 26 {
+        t[b'A' as usize + k] = (4 + k) as u8;
+        t[b'a' as usize + k] = (30 + k) as u8;
+        k += 1;
+    }
+    t
+};
 
 impl CtxTable {
     fn build(raw: &[u8]) -> Self {
@@ -486,6 +521,7 @@ impl CtxTable {
             ascii: Vec::new(),
             repeat: Vec::new(),
             bmp: Vec::new(),
+            blocks: (0..ROW_BLOCKS).map(|_| OnceLock::new()).collect(),
         };
         for rec in raw.chunks_exact(6) {
             let key = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) | 1;
@@ -601,6 +637,50 @@ impl CtxTable {
             }
         }
         0
+    }
+
+    /// The cost of a letter of a word or a mark of a punctuation run (position 0 to 5).
+    #[inline(always)]
+    fn letter_cost(&self, ctx: &Ctx) -> u16 {
+        if ctx.is_ascii() {
+            return self.ascii[Self::ascii_index(ctx)];
+        }
+        let block = ctx.c >> 8;
+        if block < ROW_BLOCKS {
+            let prev = if ctx.p1 < 128 {
+                ASCII_ROW[ctx.p1 as usize] as usize
+            } else if ctx.p1 >> 8 == block {
+                4 + 52 + (ctx.p1 & 0xFF) as usize
+            } else {
+                usize::from(u8::MAX)
+            };
+            if prev != usize::from(u8::MAX) {
+                let rows = self.blocks[block as usize]
+                    .get_or_init(|| (0..ROW_POS * ROW_PREV).map(|_| OnceLock::new()).collect());
+                let row = rows[usize::from(ctx.pos) * ROW_PREV + prev]
+                    .get_or_init(|| self.row(block, ctx.pos, ctx.p1));
+                return row[(ctx.c & 0xFF) as usize];
+            }
+        }
+        self.cost(ctx)
+    }
+
+    /// The costs of the characters of `block` at `pos` after `p1`.
+    #[cold]
+    fn row(&self, block: u32, pos: u8, p1: u32) -> Box<[u16; 256]> {
+        let mut row = Box::new([0; 256]);
+        for (low, cost) in row.iter_mut().enumerate() {
+            let c = block << 8 | low as u32;
+            let ctx = Ctx {
+                pos,
+                c,
+                p1,
+                p2: 0,
+                class: letter_class(c) as u8,
+            };
+            *cost = self.cost(&ctx);
+        }
+        row
     }
 
     #[inline(always)]
@@ -860,7 +940,12 @@ impl Sink for Total<'_> {
     }
     #[inline(always)]
     fn ctx(&mut self, ctx: &Ctx, _start: usize, _len: usize) {
-        self.sum += u64::from(self.table.cost(ctx));
+        let cost = if ctx.pos < CTX_REPEAT {
+            self.table.letter_cost(ctx)
+        } else {
+            self.table.cost(ctx)
+        };
+        self.sum += u64::from(cost);
     }
 }
 
