@@ -241,22 +241,49 @@ fn hash_char(h: u64, c: u32) -> u64 {
 
 /// Set of 32-bit fingerprints of word (and word prefix) hashes, in buckets of half a cache line:
 /// a lookup compares the 8 fingerprints of its bucket at once (vectorised, no branch per slot),
-/// and reads the next bucket only when its own is full.
+/// and reads the next bucket only when its own is full. The buckets are cut in regions by the
+/// block of the word's first letter (`word_group`), so that the words of one script are looked
+/// up in a part of the set about the size of that script's share of it: a few kilobytes for most
+/// scripts, which stay in cache, instead of megabytes.
 struct Vocab {
-    mask: usize,
+    /// First bucket and number of buckets of each group.
+    groups: [(u32, u32); N_WORD_GROUPS],
     buckets: Vec<Bucket>,
 }
 
 const BUCKET: usize = 8;
+const N_WORD_GROUPS: usize = 0x62 + 0x40;
+
+/// The region of the word list of words whose first letter is `c`: blocks of 128 code points
+/// below U+3100 (the alphabets), of 4096 above.
+#[inline(always)]
+fn word_group(c: u32) -> usize {
+    if c < 0x3100 {
+        (c >> 7) as usize
+    } else {
+        0x62 + (c >> 12).min(0x3F) as usize
+    }
+}
 
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct Bucket([u32; BUCKET]);
 
 impl Vocab {
-    fn build(raw: &[u8]) -> Self {
+    fn build(raw: &[u8], o200k: bool) -> Self {
         // Every prefix of a word is a key: as many keys as characters not shared with the word
         // before. `ends` holds the end (in bytes) and the hash of each character of the word.
+        // A key goes to the group of the word's first letter (after a leading space or other
+        // character that is not a letter); a prefix without a letter is never looked up.
+        let is_letter = |ch: char| {
+            let c = u32::from(ch);
+            let cat = if c < 0x80 {
+                ASCII_CATS[c as usize]
+            } else {
+                non_ascii_cat(c)
+            };
+            matches!(cat, Cat::Letter(..)) || (o200k && matches!(cat, Cat::Mark(..)))
+        };
         let mut keys = Vec::new();
         let mut word: Vec<u8> = Vec::new();
         let mut ends: Vec<(usize, u64)> = Vec::new();
@@ -270,18 +297,33 @@ impl Vocab {
             word.truncate(shared);
             word.extend_from_slice(bytes);
             i += 2 + len;
+            let Ok(text) = std::str::from_utf8(&word) else {
+                continue;
+            };
+            let mut chars = text.chars();
+            let Some(first) = chars.next() else {
+                continue;
+            };
+            let lead = if is_letter(first) {
+                Some(first)
+            } else {
+                chars.next()
+            };
+            let Some(lead) = lead else {
+                continue;
+            };
+            let group = word_group(u32::from(lead));
             while ends.last().is_some_and(|&(end, _)| end > shared) {
                 ends.pop();
             }
             let (mut at, mut h) = ends.last().copied().unwrap_or((0, FNV_SEED));
-            let Ok(rest) = std::str::from_utf8(&word[at..]) else {
-                continue;
-            };
-            for ch in rest.chars() {
+            for ch in text[at..].chars() {
                 h = hash_char(h, u32::from(ch));
                 at += ch.len_utf8();
                 ends.push((at, h));
-                keys.push(h);
+                if at > first.len_utf8() || is_letter(first) {
+                    keys.push((group, h));
+                }
             }
         }
         Self::new(&keys)
@@ -291,47 +333,64 @@ impl Vocab {
         static CL100K: OnceLock<Vocab> = OnceLock::new();
         static O200K: OnceLock<Vocab> = OnceLock::new();
         match enc {
-            Encoding::Cl100k => CL100K.get_or_init(|| Self::build(VOCAB_CL100K)),
-            Encoding::O200k => O200K.get_or_init(|| Self::build(VOCAB_O200K)),
+            Encoding::Cl100k => CL100K.get_or_init(|| Self::build(VOCAB_CL100K, false)),
+            Encoding::O200k => O200K.get_or_init(|| Self::build(VOCAB_O200K, true)),
         }
     }
 
-    /// A set of `keys`, about `BUCKET / 2` per bucket.
-    fn new(keys: &[u64]) -> Self {
-        let size = (keys.len() * 2 / BUCKET).next_power_of_two().max(4);
+    /// A set of `(group, hash)` keys, about `BUCKET / 2` per bucket in each group.
+    fn new(keys: &[(usize, u64)]) -> Self {
+        let mut counts = [0usize; N_WORD_GROUPS];
+        for &(g, _) in keys {
+            counts[g] += 1;
+        }
+        let mut groups = [(0u32, 0u32); N_WORD_GROUPS];
+        let mut total = 0usize;
+        for (g, &n) in counts.iter().enumerate() {
+            let size = (n * 2).div_ceil(BUCKET).max(1);
+            groups[g] = (total as u32, size as u32);
+            total += size;
+        }
         let mut vocab = Self {
-            mask: size - 1,
-            buckets: vec![Bucket([0; BUCKET]); size],
+            groups,
+            buckets: vec![Bucket([0; BUCKET]); total],
         };
-        for &h in keys {
-            vocab.insert(h);
+        for &(g, h) in keys {
+            vocab.insert(g, h);
         }
         vocab
     }
 
+    /// The first bucket to look in, the end of the group's region and its size, and the
+    /// fingerprint.
     #[inline(always)]
-    fn slot(&self, h: u64) -> (usize, u32) {
-        (
-            ((h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize) & self.mask,
-            (h as u32) | 1,
-        )
+    fn slot(&self, group: usize, h: u64) -> (usize, usize, usize, u32) {
+        let (start, size) = self.groups[group];
+        let (start, size) = (start as usize, size as usize);
+        let mixed = h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+        let i = start + ((mixed * size as u64) >> 32) as usize;
+        (i, start + size, size, (h as u32) | 1)
     }
 
-    fn insert(&mut self, h: u64) {
-        let (mut i, fp) = self.slot(h);
+    fn insert(&mut self, group: usize, h: u64) {
+        let (mut i, end, size, fp) = self.slot(group, h);
         loop {
             let bucket = &mut self.buckets[i].0;
             if let Some(free) = bucket.iter().position(|&x| x == 0 || x == fp) {
                 bucket[free] = fp;
                 return;
             }
-            i = (i + 1) & self.mask;
+            i += 1;
+            if i == end {
+                i -= size;
+            }
         }
     }
 
+    /// Whether the word whose first letter is `first` and hash `h` is listed.
     #[inline(always)]
-    fn contains(&self, h: u64) -> bool {
-        let (mut i, fp) = self.slot(h);
+    fn contains(&self, first: u32, h: u64) -> bool {
+        let (mut i, end, size, fp) = self.slot(word_group(first), h);
         loop {
             let bucket = &self.buckets[i].0;
             let hit = bucket.iter().fold(false, |hit, &x| hit | (x == fp));
@@ -340,7 +399,10 @@ impl Vocab {
             if hit | (bucket[BUCKET - 1] == 0) {
                 return hit;
             }
-            i = (i + 1) & self.mask;
+            i += 1;
+            if i == end {
+                i -= size;
+            }
         }
     }
 }
@@ -995,6 +1057,8 @@ fn contraction(b: &[u8], i: usize) -> Option<usize> {
 
 /// Where a segment of a word ends and its hash; the same for the whole word.
 struct Segment {
+    /// The first letter.
+    first: u32,
     end: usize,
     hash: u64,
     word_end: usize,
@@ -1110,7 +1174,11 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         let end = if O200K {
             let mark = sink.mark();
             let seg = self.segment::<S, false>(pre, start, prefix, false, sink);
-            sink.settle(mark, self.vocab.contains(seg.hash), F_VOCAB + prefix);
+            sink.settle(
+                mark,
+                self.vocab.contains(seg.first, seg.hash),
+                F_VOCAB + prefix,
+            );
             seg.end
         } else {
             self.camel_word(pre, start, prefix, sink)
@@ -1128,20 +1196,28 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         let mark = sink.mark();
         let first = self.segment::<S, true>(pre, start, prefix, false, sink);
         if first.end == first.word_end {
-            sink.settle(mark, self.vocab.contains(first.word_hash), F_VOCAB + prefix);
+            sink.settle(
+                mark,
+                self.vocab.contains(first.first, first.word_hash),
+                F_VOCAB + prefix,
+            );
             return first.end;
         }
-        if self.vocab.contains(first.word_hash) {
+        if self.vocab.contains(first.first, first.word_hash) {
             sink.settle(mark, true, F_VOCAB + prefix);
             return first.word_end;
         }
-        sink.settle(mark, self.vocab.contains(first.hash), F_VOCAB + prefix);
+        sink.settle(
+            mark,
+            self.vocab.contains(first.first, first.hash),
+            F_VOCAB + prefix,
+        );
         // Each segment after the first starts with an upper-case letter after a lower-case one.
         let mut i = first.end;
         while i < first.word_end {
             let mark = sink.mark();
             let seg = self.segment::<S, false>(i, i, prefix, true, sink);
-            sink.settle(mark, self.vocab.contains(seg.hash), F_HUMP);
+            sink.settle(mark, self.vocab.contains(seg.first, seg.hash), F_HUMP);
             i = seg.end;
         }
         i
@@ -1173,6 +1249,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
             class: 0,
         };
         let mut humped = false;
+        let mut first = 0;
         while let Some((c, len, class, case)) = self.letter_at(i) {
             if case == Case::Upper && seen_lower {
                 humped = true;
@@ -1180,6 +1257,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
             }
             seen_lower |= case == Case::Lower;
             if i == start {
+                first = c;
                 sink.add(if hump {
                     F_HUMP
                 } else {
@@ -1196,6 +1274,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
             i += len;
         }
         let mut seg = Segment {
+            first,
             end: i,
             hash: h,
             word_end: i,
