@@ -536,16 +536,14 @@ struct CtxTable {
     ascii: Vec<u16>,
     repeat: Vec<u16>,
     bmp: Vec<u16>,
-    /// Letters and marks of the alphabets below U+3100 by row: a block of 256 code points, a
-    /// position (0 to 5) and the character before (a prefix kind, an ASCII letter or a character
-    /// of the same block); each row holds the costs of the block's 256 characters after that
-    /// one, resolved as `cost` would, built the first time it is needed (and a block's rows the
-    /// first time one of them is). A letter then costs one read, from the few rows its script
-    /// uses, instead of a hash and a probe in the whole table.
-    blocks: Box<[OnceLock<Rows>]>,
+    /// Letters and marks of the alphabets below U+3100 by row: a block of 256 code points and
+    /// the character before (a prefix kind, an ASCII letter or a character of the same block);
+    /// each row holds the costs of the block's 256 characters after that one at each position
+    /// (0 to 5), resolved as `cost` would, built the first time it is needed. A letter then
+    /// costs one read, from the few rows its script uses, instead of a hash and a probe in the
+    /// whole table.
+    rows: Box<[OnceLock<Box<[u16]>>]>,
 }
-
-type Rows = Box<[OnceLock<Box<[u16; 256]>>]>;
 
 /// Blocks of 256 code points with rows of costs (the alphabets, up to kana); the large
 /// ideographic and Hangul syllable blocks are looked up in the hash table.
@@ -583,7 +581,9 @@ impl CtxTable {
             ascii: Vec::new(),
             repeat: Vec::new(),
             bmp: Vec::new(),
-            blocks: (0..ROW_BLOCKS).map(|_| OnceLock::new()).collect(),
+            rows: (0..ROW_BLOCKS as usize * ROW_PREV)
+                .map(|_| OnceLock::new())
+                .collect(),
         };
         for rec in raw.chunks_exact(6) {
             let key = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) | 1;
@@ -717,24 +717,22 @@ impl CtxTable {
                 usize::from(u8::MAX)
             };
             if prev != usize::from(u8::MAX) {
-                let rows = self.blocks[block as usize]
-                    .get_or_init(|| (0..ROW_POS * ROW_PREV).map(|_| OnceLock::new()).collect());
-                let row = rows[usize::from(ctx.pos) * ROW_PREV + prev]
-                    .get_or_init(|| self.row(block, ctx.pos, ctx.p1));
-                return row[(ctx.c & 0xFF) as usize];
+                let row = self.rows[block as usize * ROW_PREV + prev]
+                    .get_or_init(|| self.row(block, ctx.p1));
+                return row[usize::from(ctx.pos) << 8 | (ctx.c & 0xFF) as usize];
             }
         }
         self.cost(ctx)
     }
 
-    /// The costs of the characters of `block` at `pos` after `p1`.
+    /// The costs of the characters of `block` after `p1`, by position.
     #[cold]
-    fn row(&self, block: u32, pos: u8, p1: u32) -> Box<[u16; 256]> {
-        let mut row = Box::new([0; 256]);
-        for (low, cost) in row.iter_mut().enumerate() {
-            let c = block << 8 | low as u32;
+    fn row(&self, block: u32, p1: u32) -> Box<[u16]> {
+        let mut row = vec![0; ROW_POS << 8].into_boxed_slice();
+        for (i, cost) in row.iter_mut().enumerate() {
+            let c = block << 8 | (i & 0xFF) as u32;
             let ctx = Ctx {
-                pos,
+                pos: (i >> 8) as u8,
                 c,
                 p1,
                 p2: 0,
