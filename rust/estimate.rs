@@ -709,13 +709,14 @@ impl CtxTable {
         }
         let block = ctx.c >> 8;
         if block < ROW_BLOCKS {
-            let prev = if ctx.p1 < 128 {
-                ASCII_ROW[ctx.p1 as usize] as usize
-            } else if ctx.p1 >> 8 == block {
+            // Selects rather than branches: ASCII and other letters mix in a word.
+            let ascii = ASCII_ROW[(ctx.p1 & 0x7F) as usize] as usize;
+            let in_block = if ctx.p1 >> 8 == block {
                 4 + 52 + (ctx.p1 & 0xFF) as usize
             } else {
                 usize::from(u8::MAX)
             };
+            let prev = if ctx.p1 < 128 { ascii } else { in_block };
             if prev != usize::from(u8::MAX) {
                 let row = self.rows[block as usize * ROW_PREV + prev]
                     .get_or_init(|| self.row(block, ctx.p1));
@@ -1247,21 +1248,36 @@ impl<const O200K: bool> Scanner<'_, O200K> {
             class: 0,
         };
         let mut humped = false;
-        let mut first = 0;
+        // The first letter (the caller knows there is one) opens the piece.
+        let Some((first, len, class, case)) = self.letter_at(i) else {
+            return Segment {
+                first: 0,
+                end: i,
+                hash: h,
+                word_end: i,
+                word_hash: h,
+            };
+        };
+        sink.add(if hump {
+            F_HUMP
+        } else {
+            F_WORD_FIRST + prefix * N_LETTER + usize::from(class)
+        });
+        seen_lower |= case == Case::Lower;
+        ctx.c = first;
+        ctx.class = class;
+        sink.ctx(&ctx, i, len);
+        ctx.pos = 1;
+        ctx.p2 = ctx.p1;
+        ctx.p1 = first;
+        h = hash_char(h, first);
+        i += len;
         while let Some((c, len, class, case)) = self.letter_at(i) {
-            if case == Case::Upper && seen_lower {
+            if (case == Case::Upper) & seen_lower {
                 humped = true;
                 break;
             }
             seen_lower |= case == Case::Lower;
-            if i == start {
-                first = c;
-                sink.add(if hump {
-                    F_HUMP
-                } else {
-                    F_WORD_FIRST + prefix * N_LETTER + usize::from(class)
-                });
-            }
             ctx.c = c;
             ctx.class = class;
             sink.ctx(&ctx, i, len);
