@@ -629,7 +629,8 @@ impl CtxTable {
             }
         }
         table.repeat = repeat;
-        let mut bmp = vec![0; usize::from(CTX_REPEAT) << 16];
+        // By character, then position: the costs of a character share a cache line.
+        let mut bmp = vec![0; 8 << 16];
         for pos in 0..CTX_REPEAT {
             for c in 0..0x1_0000u32 {
                 let ctx = Ctx {
@@ -639,7 +640,7 @@ impl CtxTable {
                     p2: 0,
                     class: letter_class(c) as u8,
                 };
-                bmp[usize::from(pos) << 16 | c as usize] = table.resolve(&ctx, 1);
+                bmp[(c as usize) << 3 | usize::from(pos)] = table.resolve(&ctx, 1);
             }
         }
         table.bmp = bmp;
@@ -753,7 +754,7 @@ impl CtxTable {
             return self.repeat[Self::repeat_index(ctx)];
         }
         if ctx.is_bmp() {
-            let alone = self.bmp[usize::from(ctx.pos) << 16 | ctx.c as usize];
+            let alone = self.bmp[(ctx.c as usize) << 3 | usize::from(ctx.pos & 7)];
             if BMP_LEVEL >= 2 {
                 return self.get_or(ctx.key(2), alone);
             }
