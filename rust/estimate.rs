@@ -947,18 +947,6 @@ fn decode(b: &[u8], i: usize) -> (u32, usize) {
     }
 }
 
-/// Category of the character at byte `i`, its code point and its length.
-#[inline(always)]
-fn cat_at(b: &[u8], i: usize) -> (Cat, u32, usize) {
-    let x = b[i];
-    if x < 0x80 {
-        (ASCII_CATS[x as usize], x as u32, 1)
-    } else {
-        let (c, len) = decode(b, i);
-        (non_ascii_cat(c), c, len)
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The pre-tokenizer. It walks the text piece by piece exactly as tiktoken's regex does and tells
 // a sink which features each piece emits.
@@ -1069,9 +1057,32 @@ struct Segment {
 struct Scanner<'t, const O200K: bool> {
     b: &'t [u8],
     vocab: &'static Vocab,
+    /// `cat_table()`, read once per text rather than once per character.
+    cats: &'static [Cat],
 }
 
 impl<const O200K: bool> Scanner<'_, O200K> {
+    /// Category of the character at byte `i`, its code point and its length.
+    #[inline(always)]
+    fn cat_at(&self, i: usize) -> (Cat, u32, usize) {
+        let b = self.b;
+        let x = b[i];
+        if x < 0x80 {
+            (ASCII_CATS[x as usize], u32::from(x), 1)
+        } else {
+            let (c, len) = decode(b, i);
+            (self.non_ascii_cat(c), c, len)
+        }
+    }
+
+    #[inline(always)]
+    fn non_ascii_cat(&self, c: u32) -> Cat {
+        match self.cats.get(c as usize) {
+            Some(&cat) => cat,
+            None => unicode_cat(c),
+        }
+    }
+
     /// Whether `cat` is a letter for the word pattern (`\p{L}`, plus `\p{M}` for o200k).
     #[inline(always)]
     fn is_letter(cat: Cat) -> bool {
@@ -1080,7 +1091,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
 
     #[inline(always)]
     fn next_is_letter(&self, i: usize) -> bool {
-        i < self.b.len() && Self::is_letter(cat_at(self.b, i).0)
+        i < self.b.len() && Self::is_letter(self.cat_at(i).0)
     }
 
     fn run<S: Sink>(&self, sink: &mut S) {
@@ -1089,7 +1100,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         let mut i = 0;
         while i < n {
             let start = i;
-            let (cat, c, len) = cat_at(b, i);
+            let (cat, c, len) = self.cat_at(i);
             i = match cat {
                 Cat::Letter(..) => self.word(i, i, PREFIX_NONE, sink),
                 Cat::Mark(..) if O200K => self.word(i, i, PREFIX_NONE, sink),
@@ -1101,7 +1112,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
                         self.word(i, i + len, PREFIX_SPACE, sink)
                     } else if c == u32::from(b' ')
                         && i + 1 < n
-                        && matches!(cat_at(b, i + 1).0, Cat::Punct(_) | Cat::Mark(..))
+                        && matches!(self.cat_at(i + 1).0, Cat::Punct(_) | Cat::Mark(..))
                     {
                         sink.add(F_WS + W_SPACE * WS_POS);
                         self.punct(i + 1, true, sink)
@@ -1149,7 +1160,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
             };
         }
         let (c, len) = decode(b, i);
-        match non_ascii_cat(c) {
+        match self.non_ascii_cat(c) {
             Cat::Letter(class, case) => Some((c, len, class, case)),
             Cat::Mark(class, _) if O200K => Some((c, len, class, Case::Caseless)),
             _ => None,
@@ -1328,7 +1339,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
             if i >= b.len() {
                 break;
             }
-            let (cat, _, len) = cat_at(b, i);
+            let (cat, _, len) = self.cat_at(i);
             match cat {
                 Cat::Digit => {}
                 Cat::NumOther => sink.add(F_NUM_OTHER),
@@ -1348,7 +1359,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         let mut pos = 0usize;
         let mut prev = u32::MAX;
         while i < n {
-            let (cat, c, len) = cat_at(b, i);
+            let (cat, c, len) = self.cat_at(i);
             let (Cat::Punct(p) | Cat::Mark(_, p)) = cat else {
                 break;
             };
@@ -1412,7 +1423,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         let mut last_len = 0;
         let mut newline_end = None;
         while j < n {
-            let (cat, _, len) = cat_at(b, j);
+            let (cat, _, len) = self.cat_at(j);
             match cat {
                 Cat::Newline => newline_end = Some(j + len),
                 Cat::Ws(_) => {}
@@ -1430,7 +1441,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         let mut pos = 0usize;
         let mut after_newline = false;
         while k < end {
-            let (cat, _, len) = cat_at(b, k);
+            let (cat, _, len) = self.cat_at(k);
             let (class, is_newline) = match cat {
                 Cat::Newline => (W_NEWLINE, true),
                 Cat::Ws(w) => (usize::from(w), false),
@@ -1451,9 +1462,10 @@ impl<const O200K: bool> Scanner<'_, O200K> {
 fn scan<S: Sink>(text: &str, enc: Encoding, sink: &mut S) {
     let b = text.as_bytes();
     let vocab = Vocab::get(enc);
+    let cats = cat_table();
     match enc {
-        Encoding::Cl100k => Scanner::<false> { b, vocab }.run(sink),
-        Encoding::O200k => Scanner::<true> { b, vocab }.run(sink),
+        Encoding::Cl100k => Scanner::<false> { b, vocab, cats }.run(sink),
+        Encoding::O200k => Scanner::<true> { b, vocab, cats }.run(sink),
     }
 }
 
