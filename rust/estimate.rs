@@ -548,6 +548,21 @@ struct CtxTable {
 /// Blocks of 256 code points with rows of costs (the alphabets, up to kana); the large
 /// ideographic and Hangul syllable blocks are looked up in the hash table.
 const ROW_BLOCKS: u32 = 0x31;
+/// Blocks of the SMP with rows too (U+10000 to U+11FFF: historic and minority alphabets), after
+/// those of the BMP.
+const ROW_SMP_BLOCKS: u32 = 0x20;
+
+/// The place of `block` among the blocks with rows, if it has some.
+#[inline(always)]
+fn row_block(block: u32) -> Option<usize> {
+    if block < ROW_BLOCKS {
+        Some(block as usize)
+    } else if block.wrapping_sub(0x100) < ROW_SMP_BLOCKS {
+        Some((ROW_BLOCKS + block - 0x100) as usize)
+    } else {
+        None
+    }
+}
 /// Rows per block and position: the character before is a prefix kind (0 to 3), an ASCII letter
 /// or in the block.
 const ROW_PREV: usize = 4 + 52 + 256;
@@ -581,7 +596,7 @@ impl CtxTable {
             ascii: Vec::new(),
             repeat: Vec::new(),
             bmp: Vec::new(),
-            rows: (0..ROW_BLOCKS as usize * ROW_PREV)
+            rows: (0..(ROW_BLOCKS + ROW_SMP_BLOCKS) as usize * ROW_PREV)
                 .map(|_| OnceLock::new())
                 .collect(),
         };
@@ -709,7 +724,7 @@ impl CtxTable {
             return self.ascii[Self::ascii_index(ctx)];
         }
         let block = ctx.c >> 8;
-        if block < ROW_BLOCKS {
+        if let Some(place) = row_block(block) {
             // Selects rather than branches: ASCII and other letters mix in a word.
             let ascii = ASCII_ROW[(ctx.p1 & 0x7F) as usize] as usize;
             let in_block = if ctx.p1 >> 8 == block {
@@ -719,8 +734,8 @@ impl CtxTable {
             };
             let prev = if ctx.p1 < 128 { ascii } else { in_block };
             if prev != usize::from(u8::MAX) {
-                let row = self.rows[block as usize * ROW_PREV + prev]
-                    .get_or_init(|| self.row(block, ctx.p1));
+                let row =
+                    self.rows[place * ROW_PREV + prev].get_or_init(|| self.row(block, ctx.p1));
                 return row[usize::from(ctx.pos) << 8 | (ctx.c & 0xFF) as usize];
             }
         }
