@@ -1068,6 +1068,9 @@ struct Segment {
     word_hash: u64,
 }
 
+/// A letter: code point, length in bytes, letter class and case.
+type Letter = (u32, usize, u8, Case);
+
 /// Walks text piece by piece; `O200K` selects o200k's pattern, else cl100k's.
 struct Scanner<'t, const O200K: bool> {
     b: &'t [u8],
@@ -1098,33 +1101,35 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         }
     }
 
-    /// Whether `cat` is a letter for the word pattern (`\p{L}`, plus `\p{M}` for o200k).
-    #[inline(always)]
-    fn is_letter(cat: Cat) -> bool {
-        matches!(cat, Cat::Letter(..)) || (O200K && matches!(cat, Cat::Mark(..)))
-    }
-
-    #[inline(always)]
-    fn next_is_letter(&self, i: usize) -> bool {
-        i < self.b.len() && Self::is_letter(self.cat_at(i).0)
-    }
-
     fn run<S: Sink>(&self, sink: &mut S) {
         let b = self.b;
         let n = b.len();
         let mut i = 0;
         while i < n {
             let start = i;
+            // The most common piece first: a space and a word.
+            if b[i] == b' ' {
+                if let Some(letter) = self.letter_at(i + 1) {
+                    sink.add(F_WS + W_SPACE * WS_POS);
+                    i = self.word(i, i + 1, PREFIX_SPACE, letter, sink);
+                    sink.piece(start, i);
+                    continue;
+                }
+            }
             let (cat, c, len) = self.cat_at(i);
             i = match cat {
-                Cat::Letter(..) => self.word(i, i, PREFIX_NONE, sink),
-                Cat::Mark(..) if O200K => self.word(i, i, PREFIX_NONE, sink),
+                Cat::Letter(class, case) => {
+                    self.word(i, i, PREFIX_NONE, (c, len, class, case), sink)
+                }
+                Cat::Mark(class, _) if O200K => {
+                    self.word(i, i, PREFIX_NONE, (c, len, class, Case::Caseless), sink)
+                }
                 Cat::Digit | Cat::NumOther => self.number(i, sink),
                 Cat::Newline => self.whitespace(i, sink),
                 Cat::Ws(w) => {
-                    if self.next_is_letter(i + len) {
+                    if let Some(letter) = self.letter_at(i + len) {
                         sink.add(F_WS + usize::from(w) * WS_POS);
-                        self.word(i, i + len, PREFIX_SPACE, sink)
+                        self.word(i, i + len, PREFIX_SPACE, letter, sink)
                     } else if c == u32::from(b' ')
                         && i + 1 < n
                         && matches!(self.cat_at(i + 1).0, Cat::Punct(_) | Cat::Mark(..))
@@ -1146,12 +1151,12 @@ impl<const O200K: bool> Scanner<'_, O200K> {
                         sink.add(F_PUNCT + p * PUNCT_POS);
                         sink.add(F_CONTRACTION);
                         i + 1 + k
-                    } else if self.next_is_letter(i + len) {
+                    } else if let Some(letter) = self.letter_at(i + len) {
                         sink.add(F_PUNCT + p * PUNCT_POS);
                         if let Cat::Mark(class, _) = cat {
                             sink.ctx(&Ctx::mark_first(c, class), i, len);
                         }
-                        self.word(i, i + len, PREFIX_OTHER, sink)
+                        self.word(i, i + len, PREFIX_OTHER, letter, sink)
                     } else {
                         self.punct(i, false, sink)
                     }
@@ -1164,7 +1169,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
     /// The letter at byte `i`: code point, length, letter class and case (a combining mark is a
     /// caseless letter for o200k).
     #[inline(always)]
-    fn letter_at(&self, i: usize) -> Option<(u32, usize, u8, Case)> {
+    fn letter_at(&self, i: usize) -> Option<Letter> {
         let b = self.b;
         let x = *b.get(i)?;
         if x < 0x80 {
@@ -1196,10 +1201,17 @@ impl<const O200K: bool> Scanner<'_, O200K> {
     /// `pre < start`) of kind `prefix`. cl100k takes the whole run; o200k stops where an
     /// upper-case letter follows a lower-case one and takes a contraction as a suffix.
     #[inline]
-    fn word<S: Sink>(&self, pre: usize, start: usize, prefix: usize, sink: &mut S) -> usize {
+    fn word<S: Sink>(
+        &self,
+        pre: usize,
+        start: usize,
+        prefix: usize,
+        letter: Letter,
+        sink: &mut S,
+    ) -> usize {
         let end = if O200K {
             let mark = sink.mark();
-            let seg = self.segment::<S, false>(pre, start, prefix, false, sink);
+            let seg = self.segment::<S, false>(pre, start, prefix, false, letter, sink);
             sink.settle(
                 mark,
                 self.vocab.contains(seg.first, seg.hash),
@@ -1207,7 +1219,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
             );
             seg.end
         } else {
-            self.camel_word(pre, start, prefix, sink)
+            self.camel_word(pre, start, prefix, letter, sink)
         };
         self.contraction_suffix(end, sink)
     }
@@ -1218,9 +1230,16 @@ impl<const O200K: bool> Scanner<'_, O200K> {
     /// the next ones a hump each. A segment only grows or is followed by a new one as text is
     /// appended, and a listed word costs no more than its first segment, so this stays monotone.
     #[inline(always)]
-    fn camel_word<S: Sink>(&self, pre: usize, start: usize, prefix: usize, sink: &mut S) -> usize {
+    fn camel_word<S: Sink>(
+        &self,
+        pre: usize,
+        start: usize,
+        prefix: usize,
+        letter: Letter,
+        sink: &mut S,
+    ) -> usize {
         let mark = sink.mark();
-        let first = self.segment::<S, true>(pre, start, prefix, false, sink);
+        let first = self.segment::<S, true>(pre, start, prefix, false, letter, sink);
         if first.end == first.word_end {
             sink.settle(
                 mark,
@@ -1241,8 +1260,11 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         // Each segment after the first starts with an upper-case letter after a lower-case one.
         let mut i = first.end;
         while i < first.word_end {
+            let Some(letter) = self.letter_at(i) else {
+                break;
+            };
             let mark = sink.mark();
-            let seg = self.segment::<S, false>(i, i, prefix, true, sink);
+            let seg = self.segment::<S, false>(i, i, prefix, true, letter, sink);
             sink.settle(mark, self.vocab.contains(seg.first, seg.hash), F_HUMP);
             i = seg.end;
         }
@@ -1260,6 +1282,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         start: usize,
         prefix: usize,
         hump: bool,
+        letter: Letter,
         sink: &mut S,
     ) -> Segment {
         let mut h = self.pre_hash(pre, start);
@@ -1275,16 +1298,8 @@ impl<const O200K: bool> Scanner<'_, O200K> {
             class: 0,
         };
         let mut humped = false;
-        // The first letter (the caller knows there is one) opens the piece.
-        let Some((first, len, class, case)) = self.letter_at(i) else {
-            return Segment {
-                first: 0,
-                end: i,
-                hash: h,
-                word_end: i,
-                word_hash: h,
-            };
-        };
+        // The first letter (the caller has read it) opens the piece.
+        let (first, len, class, case) = letter;
         sink.add(if hump {
             F_HUMP
         } else {
