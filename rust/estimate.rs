@@ -1200,7 +1200,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
     /// A run of letters starting at `start` (a letter), after the character at `pre` (when
     /// `pre < start`) of kind `prefix`. cl100k takes the whole run; o200k stops where an
     /// upper-case letter follows a lower-case one and takes a contraction as a suffix.
-    #[inline]
+    #[inline(always)]
     fn word<S: Sink>(
         &self,
         pre: usize,
