@@ -297,32 +297,31 @@ impl Vocab {
             word.truncate(shared);
             word.extend_from_slice(bytes);
             i += 2 + len;
+            while ends.last().is_some_and(|&(end, _)| end > shared) {
+                ends.pop();
+            }
+            let (mut at, mut h) = ends.last().copied().unwrap_or((0, FNV_SEED));
             let Ok(text) = std::str::from_utf8(&word) else {
+                ends.clear();
                 continue;
             };
-            let mut chars = text.chars();
-            let Some(first) = chars.next() else {
+            let (Some(first), Some(rest)) = (text.chars().next(), text.get(at..)) else {
+                ends.clear();
                 continue;
             };
             let lead = if is_letter(first) {
                 Some(first)
             } else {
-                chars.next()
+                text.chars().nth(1)
             };
-            let Some(lead) = lead else {
-                continue;
-            };
-            let group = word_group(u32::from(lead));
-            while ends.last().is_some_and(|&(end, _)| end > shared) {
-                ends.pop();
-            }
-            let (mut at, mut h) = ends.last().copied().unwrap_or((0, FNV_SEED));
-            for ch in text[at..].chars() {
+            let group = lead.map(|c| word_group(u32::from(c)));
+            for ch in rest.chars() {
                 h = hash_char(h, u32::from(ch));
                 at += ch.len_utf8();
                 ends.push((at, h));
-                if at > first.len_utf8() || is_letter(first) {
-                    keys.push((group, h));
+                match group {
+                    Some(g) if at > first.len_utf8() || is_letter(first) => keys.push((g, h)),
+                    _ => {}
                 }
             }
         }
