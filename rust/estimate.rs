@@ -532,6 +532,12 @@ struct CtxTable {
     mask: usize,
     /// Key in the low 32 bits, cost in the next 16: a hit reads one slot.
     slots: Vec<u64>,
+    /// A bit per value of the top `filter_bits` bits of a key (about 8 per key of the table),
+    /// set when a key of the table has that value: `get_or` reads the table only for a key
+    /// whose bit is set (about a third of the contexts of the large alphabets are in the table),
+    /// else an empty slot kept past the end, in cache.
+    filter: Vec<u64>,
+    filter_bits: u32,
     ascii: Vec<u16>,
     repeat: Vec<u16>,
     bmp: Vec<u16>,
@@ -589,9 +595,13 @@ impl CtxTable {
     fn build(raw: &[u8]) -> Self {
         let n = raw.len() / 6;
         let size = (n * 4).next_power_of_two().max(64);
+        let filter_len = (n * 8).next_power_of_two().clamp(64, 1 << 30);
+        let filter_bits = filter_len.trailing_zeros();
         let mut table = Self {
             mask: size - 1,
-            slots: vec![0; size],
+            slots: vec![0; size + 1],
+            filter: vec![0; filter_len >> 6],
+            filter_bits,
             ascii: Vec::new(),
             repeat: Vec::new(),
             bmp: Vec::new(),
@@ -607,6 +617,8 @@ impl CtxTable {
                 i = (i + 1) & table.mask;
             }
             table.slots[i] = u64::from(key) | u64::from(cost) << 32;
+            let bit = table.filter_bit(key);
+            table.filter[bit >> 6] |= 1 << (bit & 63);
         }
         let mut ascii = vec![0; 4 * 128 * 128];
         for pos in 0..4u8 {
@@ -677,6 +689,11 @@ impl CtxTable {
     }
 
     #[inline(always)]
+    fn filter_bit(&self, key: u32) -> usize {
+        (key >> (32 - self.filter_bits)) as usize
+    }
+
+    #[inline(always)]
     fn get(&self, key: u32) -> Option<u16> {
         let mut i = Self::home(key, self.mask);
         loop {
@@ -693,7 +710,14 @@ impl CtxTable {
     /// search goes on past its first slot only when that slot holds another key).
     #[inline(always)]
     fn get_or(&self, key: u32, fallback: u16) -> u16 {
-        let mut i = Self::home(key, self.mask);
+        let bit = self.filter_bit(key);
+        let seen = self.filter[bit >> 6] >> (bit & 63) & 1 != 0;
+        // A select: the empty slot past the end (outside the mask) ends the search at once.
+        let mut i = if seen {
+            Self::home(key, self.mask)
+        } else {
+            self.mask + 1
+        };
         loop {
             let slot = self.slots[i];
             let k = slot as u32;
