@@ -541,12 +541,12 @@ struct CtxTable {
     ascii: Vec<u16>,
     repeat: Vec<u16>,
     bmp: Vec<u16>,
-    /// Letters and marks of the alphabets below U+3100 by row: a block of 256 code points and
-    /// the character before (a prefix kind, an ASCII letter or a character of the same block);
-    /// each row holds the costs of the block's 256 characters after that one at each position
-    /// (0 to 5), resolved as `cost` would, built the first time it is needed. A letter then
-    /// costs one read, from the few rows its script uses, instead of a hash and a probe in the
-    /// whole table.
+    /// Letters and marks of the alphabets (below U+3100, and U+10000 to U+11FFF) by row: a
+    /// block of 256 code points and the character before (a prefix kind, an ASCII letter or a
+    /// character of the same block); each row holds the costs of the block's 256 characters
+    /// after that one at each position (0 to 5), resolved as `cost` would, built the first time
+    /// it is needed. A letter then costs one read, from the few rows its script uses, instead of
+    /// a hash and a probe in the whole table.
     rows: Box<[OnceLock<Box<[u16]>>]>,
 }
 
@@ -568,6 +568,7 @@ fn row_block(block: u32) -> Option<usize> {
         None
     }
 }
+
 /// Rows per block and position: the character before is a prefix kind (0 to 3), an ASCII letter
 /// or in the block.
 const ROW_PREV: usize = 4 + 52 + 256;
