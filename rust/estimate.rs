@@ -20,6 +20,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::sync::OnceLock;
 
 #[path = "estimate_coef.rs"]
@@ -1101,6 +1102,9 @@ struct Scanner<'t, const O200K: bool> {
     vocab: &'static Vocab,
     /// `cat_table()`, read once per text rather than once per character.
     cats: &'static [Cat],
+    /// A saturating count (0 to 3) of the last words starting with an ASCII letter that were
+    /// listed: `listed_ascii` is tried from 2 on.
+    ascii_listed: Cell<u8>,
 }
 
 impl<const O200K: bool> Scanner<'_, O200K> {
@@ -1233,19 +1237,68 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         letter: Letter,
         sink: &mut S,
     ) -> usize {
-        let end = if O200K {
+        let end = if let Some(end) = self.listed_ascii(pre, start, letter) {
+            sink.add(F_VOCAB + prefix);
+            end
+        } else if O200K {
             let mark = sink.mark();
             let seg = self.segment::<S, false>(pre, start, prefix, false, letter, sink);
-            sink.settle(
-                mark,
-                self.vocab.contains(seg.first, seg.hash),
-                F_VOCAB + prefix,
-            );
+            let listed = self.vocab.contains(seg.first, seg.hash);
+            self.note_ascii(letter, listed);
+            sink.settle(mark, listed, F_VOCAB + prefix);
             seg.end
         } else {
             self.camel_word(pre, start, prefix, letter, sink)
         };
         self.contraction_suffix(end, sink)
+    }
+
+    /// The end of a word of ASCII letters at `start` (up to a hump for o200k) when it is listed
+    /// with the character at `pre`, found by a short loop that costs no letter: most words of
+    /// English and of code. Tried while most ASCII words of the text are listed
+    /// (`ascii_listed`); in other languages a word costed letter by letter from the start is
+    /// cheaper than a miss here and then that.
+    #[inline(always)]
+    fn listed_ascii(&self, pre: usize, start: usize, letter: Letter) -> Option<usize> {
+        if letter.0 >= 0x80 || self.ascii_listed.get() < 2 {
+            return None;
+        }
+        let b = self.b;
+        let n = b.len();
+        let mut h = self.pre_hash(pre, start);
+        let mut i = start;
+        if O200K {
+            while i < n && b[i].is_ascii_uppercase() {
+                h = hash_char(h, u32::from(b[i]));
+                i += 1;
+            }
+            while i < n && b[i].is_ascii_lowercase() {
+                h = hash_char(h, u32::from(b[i]));
+                i += 1;
+            }
+        } else {
+            while i < n && b[i].is_ascii_alphabetic() {
+                h = hash_char(h, u32::from(b[i]));
+                i += 1;
+            }
+        }
+        // A character beyond ASCII may be a letter that goes on with the word.
+        let listed = !(i < n && b[i] >= 0x80) && self.vocab.contains(letter.0, h);
+        self.note_ascii(letter, listed);
+        listed.then_some(i)
+    }
+
+    /// Counts a word starting with an ASCII letter as listed or not, for `listed_ascii`.
+    #[inline(always)]
+    fn note_ascii(&self, letter: Letter, listed: bool) {
+        if letter.0 < 0x80 {
+            let n = self.ascii_listed.get();
+            self.ascii_listed.set(if listed {
+                (n + 1).min(3)
+            } else {
+                n.saturating_sub(1)
+            });
+        }
     }
 
     /// A cl100k word, which keeps camelCase in one piece although its tokens mostly break at the
@@ -1265,11 +1318,9 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         let mark = sink.mark();
         let first = self.segment::<S, true>(pre, start, prefix, false, letter, sink);
         if first.end == first.word_end {
-            sink.settle(
-                mark,
-                self.vocab.contains(first.first, first.word_hash),
-                F_VOCAB + prefix,
-            );
+            let listed = self.vocab.contains(first.first, first.word_hash);
+            self.note_ascii(letter, listed);
+            sink.settle(mark, listed, F_VOCAB + prefix);
             return first.end;
         }
         if self.vocab.contains(first.first, first.word_hash) {
@@ -1518,8 +1569,20 @@ fn scan<S: Sink>(text: &str, enc: Encoding, sink: &mut S) {
     let vocab = Vocab::get(enc);
     let cats = cat_table();
     match enc {
-        Encoding::Cl100k => Scanner::<false> { b, vocab, cats }.run(sink),
-        Encoding::O200k => Scanner::<true> { b, vocab, cats }.run(sink),
+        Encoding::Cl100k => Scanner::<false> {
+            b,
+            vocab,
+            cats,
+            ascii_listed: Cell::new(2),
+        }
+        .run(sink),
+        Encoding::O200k => Scanner::<true> {
+            b,
+            vocab,
+            cats,
+            ascii_listed: Cell::new(2),
+        }
+        .run(sink),
     }
 }
 
