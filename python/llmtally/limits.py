@@ -444,7 +444,8 @@ class BudgetLimiter(AsyncCallbackHandler):
             self._ttl_ms,
             self.limit_from_store,
         )
-        finalizer.atexit = False  # (at exit, closing the store gives them back)
+        # (at exit, closing the store gives them back)
+        finalizer.atexit = False  # type: ignore[misc, unused-ignore]
 
     @property
     def allowed(self) -> int:
