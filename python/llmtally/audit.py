@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from llmtally.dispatch import is_timeout
+from llmtally._calls import is_timeout
 from llmtally.errors import ConfigError
 from llmtally.events import AsyncCallbackHandler
 from llmtally.identity import user_of

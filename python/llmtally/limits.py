@@ -37,6 +37,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from llmtally._ids import new_id
 from llmtally._native import (
     LEDGER_FIELDS,
     PUSD_PER_USD,
@@ -46,7 +47,6 @@ from llmtally._native import (
     usd_to_pusd,
 )
 from llmtally._native import estimate_messages as _core_estimate_messages
-from llmtally.dispatch import new_id
 from llmtally.errors import BudgetExceeded, ConfigError, RateLimited, StoreError
 from llmtally.events import AsyncCallbackHandler
 from llmtally.identity import charged_user, describe, user_of
@@ -64,7 +64,7 @@ from llmtally.storage.keys import (
 from llmtally.tokens import O200K_PREFIXES, estimate_tokens
 
 if TYPE_CHECKING:
-    from llmtally.dispatch import LLMCall
+    from llmtally._calls import LLMCall
 
 __all__ = ["BudgetLimiter", "RateLimiter"]
 

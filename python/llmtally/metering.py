@@ -17,7 +17,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from llmtally import dispatch
+from llmtally._calls import is_timeout
+from llmtally._ids import RequestWindow, made_here
 from llmtally._names import request_key
 from llmtally._native import (
     BadUsage,
@@ -29,7 +30,6 @@ from llmtally._native import (
     extract_usage,
     usd_to_pusd,
 )
-from llmtally.dispatch import RequestWindow, is_timeout
 from llmtally.events import CustomAsyncCallbackHandler
 from llmtally.identity import user_of
 from llmtally.storage import Store, resolve_store
@@ -65,7 +65,7 @@ class _Meter(CustomAsyncCallbackHandler):
 
     #: Whether a response without a prompt/completion split takes the slow path (to split it).
     _needs_split: ClassVar[bool] = False
-    #: The manager calls these synchronous recorders directly (see dispatch.FAST); through a
+    #: The manager calls these synchronous recorders directly (see _tables.FAST); through a
     #: manager the start needs no work (the response always carries usage, estimated if need be).
     _llmtally_fast: ClassVar[dict[str, str | None]] = {
         "on_llm_start": None,
@@ -134,9 +134,7 @@ class _Meter(CustomAsyncCallbackHandler):
     def _is_duplicate(self, request_id: Any) -> bool:
         # No id: count every end. An id made by this process's manager is unique by
         # construction (and the manager already drops repeated ids given by the caller).
-        if request_id is None or (
-            type(request_id) is str and request_id.startswith(dispatch._id_prefix)
-        ):
+        if request_id is None or (made_here(request_id)):
             return False
         window = self._window
         if window is None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from llmtally._calls import is_timeout
 from llmtally._names import OTHER, KeyTable, check_cap, name
 from llmtally._native import (
     LEDGER_FIELDS,
@@ -27,7 +28,6 @@ from llmtally._native import (
     TrackerSink,
     pusd_to_usd,
 )
-from llmtally.dispatch import is_timeout
 from llmtally.events import AsyncCallbackHandler
 from llmtally.identity import user_of
 

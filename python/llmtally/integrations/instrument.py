@@ -30,8 +30,9 @@ from asyncio import CancelledError as _Cancelled
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
+from llmtally._calls import LLMCall
 from llmtally._runtime import runner
-from llmtally.dispatch import CallbackManager, LLMCall
+from llmtally.dispatch import CallbackManager
 from llmtally.errors import InvalidHandler
 
 __all__ = ["UNMETERED", "classify", "instrument"]

@@ -38,9 +38,11 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage, get_buffer_string
 from langchain_core.outputs import ChatGeneration, LLMResult
 
+from llmtally._calls import LLMCall, price_response
+from llmtally._context import current_run
 from llmtally._names import OTHER
 from llmtally._native import PUSD_PER_USD, BadUsage, Usage, extract_usage, make_response
-from llmtally.dispatch import CallbackManager, LLMCall, current_run, price_response
+from llmtally.dispatch import CallbackManager
 from llmtally.errors import CallbackAbort
 from llmtally.integrations._runs import FailureGuard, OpenRuns
 from llmtally.tokens import estimate_tokens

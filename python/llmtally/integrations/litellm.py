@@ -55,8 +55,10 @@ from typing import Any, TypeVar
 
 from litellm.integrations.custom_logger import CustomLogger
 
+from llmtally._calls import LLMCall
+from llmtally._ids import new_id
 from llmtally._runtime import runner
-from llmtally.dispatch import CallbackManager, LLMCall, new_id
+from llmtally.dispatch import CallbackManager
 from llmtally.errors import CallbackAbort
 from llmtally.integrations._runs import FailureGuard, OpenRuns
 
