@@ -54,7 +54,7 @@ from llmtally.metering import (
     create_detailed_token_callback,
     create_token_callback,
 )
-from llmtally.metrics import _auto_enable, disable_metrics, enable_metrics
+from llmtally.metrics import disable_metrics, enable_metrics
 from llmtally.pricing import register_model
 from llmtally.repository import TokenUsageRepository
 from llmtally.storage import Store, default_store, flush_on_exit_signals, open_store
@@ -66,11 +66,6 @@ if TYPE_CHECKING:
     from llmtally.integrations.otel import OpenTelemetryHandler as OpenTelemetryHandler
 
 __version__ = _core_version
-
-
-# Prometheus: the collector registers in the default registry when prometheus_client is
-# installed (LLMTALLY_METRICS=0 turns that off).
-_auto_enable()
 
 
 def __getattr__(name: str) -> object:

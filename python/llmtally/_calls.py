@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
@@ -167,11 +168,18 @@ class _OpenCalls:
         self._runs: _runtime.OpenRuns[int, LLMCall] = _runtime.OpenRuns(
             capacity, "LLM calls", _abandon_evicted
         )
+        self._lock = threading.Lock()
+        self._exit_hook = False
 
     def __len__(self) -> int:
         return len(self._runs)
 
     def add(self, call: LLMCall) -> None:
+        if not self._exit_hook:  # the first open call: end the open ones at exit
+            with self._lock:
+                if not self._exit_hook:
+                    _store_module.before_exit(self.abandon_all)
+                    self._exit_hook = True
         call._open = True
         self._runs.put(id(call), call)
 
@@ -207,7 +215,6 @@ class _OpenCalls:
 
 
 _open_calls = _OpenCalls()
-_store_module.before_exit(_open_calls.abandon_all)
 
 
 def _lookup_found(model: str, provider: str) -> Prices | None:

@@ -36,6 +36,7 @@ from llmtally._tables import (
 from llmtally.config import settings, validate_timeout
 from llmtally.errors import InvalidHandler
 from llmtally.events import EVENTS, AsyncCallbackHandler
+from llmtally.metrics import auto_enable as auto_enable_metrics
 
 __all__ = [
     "ASYNC",
@@ -98,6 +99,7 @@ class CallbackManager:
             raise InvalidHandler(
                 f"callbacks must be a list of handlers, not {type(callbacks).__name__}"
             )
+        auto_enable_metrics()  # the first manager registers the Prometheus collector
         self._dispatcher = _Dispatcher(timeout, parallel, env.max_concurrent_callbacks)
         self._handlers = Handlers(callbacks or ())
         # What its calls and scopes get of the manager.

@@ -1,9 +1,10 @@
 """Prometheus metrics (the ``[prometheus]`` extra).
 
-When ``prometheus_client`` is installed, ``import llmtally`` registers one collector in its
-default registry (``LLMTALLY_METRICS=0`` turns that off; ``LLMTALLY_METRICS_PREFIX`` changes the
-``llmtally_`` prefix). The series are read from in-process counters when Prometheus scrapes, so
-recording costs a few counter increments per handler call and nothing else:
+When ``prometheus_client`` is installed, the first manager (or store) registers one collector
+in its default registry, never ``import llmtally`` itself (``LLMTALLY_METRICS=0`` turns that off;
+``LLMTALLY_METRICS_PREFIX`` changes the ``llmtally_`` prefix). The series are read from
+in-process counters when Prometheus scrapes, so recording costs a few counter increments per
+handler call and nothing else:
 
 - ``llmtally_callback_executions_total{callback_type, status}`` (``status``: ``success``,
   ``error`` or ``timeout``), ``llmtally_callback_duration_seconds{callback_type}`` (histogram),
@@ -33,6 +34,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -240,19 +242,35 @@ def disable_metrics(registry: Any = None) -> None:
     state.on = bool(_enabled)
 
 
-def _auto_enable() -> None:
-    """At import: register in the default registry when ``prometheus_client`` is installed,
-    unless ``LLMTALLY_METRICS`` is ``0``/``false``/``off``."""
-    setting = os.environ.get("LLMTALLY_METRICS", "").strip().lower()
-    if setting in ("0", "false", "off", "no"):
+_auto_lock = threading.Lock()
+_auto_done = False
+
+
+def auto_enable() -> None:
+    """Once per process, at the first manager or store (never at import): register in the
+    default registry when ``prometheus_client`` is installed, unless ``LLMTALLY_METRICS`` is
+    ``0``/``false``/``off``.
+
+    Raises:
+        ConfigError: for a bad ``LLMTALLY_METRICS_PREFIX``.
+    """
+    global _auto_done
+    if _auto_done:
         return
-    if importlib.util.find_spec("prometheus_client") is None:
-        if setting in ("1", "true", "on", "yes"):
-            logger.warning("LLMTALLY_METRICS is on but prometheus_client is not installed")
-        return
-    try:
-        enable_metrics()
-    except ConfigError:
-        raise
-    except Exception as exc:  # a name taken by another collector: say so, never break import
-        logger.warning("llmtally metrics not registered in the default registry: %r", exc)
+    with _auto_lock:
+        if _auto_done:
+            return
+        _auto_done = True
+        setting = os.environ.get("LLMTALLY_METRICS", "").strip().lower()
+        if setting in ("0", "false", "off", "no"):
+            return
+        if importlib.util.find_spec("prometheus_client") is None:
+            if setting in ("1", "true", "on", "yes"):
+                logger.warning("LLMTALLY_METRICS is on but prometheus_client is not installed")
+            return
+        try:
+            enable_metrics()
+        except ConfigError:
+            raise
+        except Exception as exc:  # a name taken by another collector: say so, never break
+            logger.warning("llmtally metrics not registered in the default registry: %r", exc)

@@ -202,28 +202,45 @@ def test_the_prefix_is_configurable() -> None:
         enable_metrics(prometheus_client.CollectorRegistry(), prefix="bad prefix")
 
 
-def test_registered_in_the_default_registry_at_import_unless_turned_off() -> None:
+def test_registered_in_the_default_registry_by_the_first_manager_unless_turned_off() -> None:
+    """Not at import (``import llmtally`` has no side effects), at the first manager."""
     code = (
         "import llmtally, prometheus_client as p;"
-        "print(p.REGISTRY.get_sample_value('llmtally_pending_deltas'))"
+        "name = 'llmtally_pending_deltas';"
+        "before = p.REGISTRY.get_sample_value(name);"
+        "llmtally.CallbackManager([]);"
+        "print(before, p.REGISTRY.get_sample_value(name))"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTALLY_METRICS")}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
-    assert float(out.stdout) == 0
+    assert out.stdout.split() == ["None", "0.0"]
     env["LLMTALLY_METRICS"] = "0"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
-    assert out.stdout.strip() == "None"
+    assert out.stdout.split() == ["None", "None"]
     env["LLMTALLY_METRICS"] = "1"
     env["LLMTALLY_METRICS_PREFIX"] = "edge_"
     code = code.replace("llmtally_pending", "edge_pending")
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
-    assert float(out.stdout) == 0
+    assert out.stdout.split() == ["None", "0.0"]
+
+
+def test_the_first_store_registers_the_collector_too() -> None:
+    code = (
+        "import llmtally, prometheus_client as p;"
+        "llmtally.open_store('memory://');"
+        "print(p.REGISTRY.get_sample_value('llmtally_pending_deltas'))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTALLY_METRICS")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.split() == ["0.0"]
 
 
 async def test_odd_user_ids_never_break_a_call(registry: Any) -> None:

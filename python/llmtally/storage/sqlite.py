@@ -171,12 +171,23 @@ def _after_fork_in_child() -> None:
     _gate = _ForkGate()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
+_gate_hooked = False
+_gate_lock = threading.Lock()
+
+
+def _hook_forks() -> None:
+    """Register the gate's fork hooks, once, with the first SQLite backend (not at import)."""
+    global _gate_hooked
+    with _gate_lock:
+        if _gate_hooked:
+            return
+        _gate_hooked = True
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(
+                before=_before_fork,
+                after_in_parent=_after_fork_in_parent,
+                after_in_child=_after_fork_in_child,
+            )
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -194,6 +205,8 @@ class SQLiteBackend:
     blocking = True
 
     def __init__(self, path: str | Path) -> None:
+        if not _gate_hooked:
+            _hook_forks()
         self.path = Path(path)
         self._memory = str(self.path) == ":memory:"
         self._local = threading.local()

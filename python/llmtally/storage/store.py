@@ -24,6 +24,7 @@ from types import FrameType, TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
+from llmtally import metrics
 from llmtally._observe import state as _observed
 from llmtally.errors import ConfigError, StoreError, StoreUnavailable
 from llmtally.storage._limits import LeaseState, RateResult
@@ -79,6 +80,7 @@ class Store:
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ConfigError(f"max_pending must be an int >= 1, not {max_pending!r}")
         _install_hooks()
+        metrics.auto_enable()
         self.backend = backend
         self.url = url
         self.flush_interval_s = float(flush_interval_s)
@@ -614,6 +616,7 @@ _before_exit: list[Callable[[float], None]] = []
 def before_exit(hook: Callable[[float], None]) -> None:
     """Run ``hook(timeout_s)`` at exit before the stores are written (internal)."""
     _before_exit.append(hook)
+    _install_hooks()
 
 
 def _stop(timeout_s: float) -> bool:
