@@ -16,7 +16,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any, Final
 
@@ -81,24 +81,18 @@ class _Stats:
         self.usage_warnings = 0
 
 
-class CallContext:
-    """What calls and scopes need of their manager: its handlers (and their current table),
-    its dispatcher, its counters and its window of counted request ids."""
+class CallContext(Handlers):
+    """What calls and scopes need of their manager: its handlers (this registry, whose
+    ``table`` is current while ``version`` is the global one), its dispatcher, its counters and
+    its window of counted request ids."""
 
-    __slots__ = ("dispatcher", "handlers", "stats", "window")
+    __slots__ = ("dispatcher", "stats", "window")
 
-    def __init__(self, handlers: Handlers, dispatcher: _Dispatcher) -> None:
-        self.handlers = handlers
+    def __init__(self, handlers: Iterable[object], dispatcher: _Dispatcher) -> None:
+        super().__init__(handlers)
         self.dispatcher = dispatcher
         self.stats = _Stats()
         self.window = RequestWindow()
-
-    def table(self) -> _Table:
-        """The handlers' current table."""
-        handlers = self.handlers
-        if handlers.version == _globals.version:
-            return handlers.table
-        return handlers.current()
 
 
 _TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError,)
@@ -464,23 +458,21 @@ class LLMCall:
 
     async def __aenter__(self) -> LLMCall:
         ctx = self._ctx
-        handlers = ctx.handlers
-        if handlers.version == _globals.version:
-            self._table = handlers.table
+        if ctx.version == _globals.version:
+            self._table = ctx.table
         else:
-            self._table = handlers.current()
-        ids = _id_state.maker
-        assert ids is not None  # made with the manager's dispatcher
-        if self._id_given and (self.request_id in ctx.window or ids.counted(self.request_id)):
-            # Already counted (a request id handed back): no handler counts it again, but the
-            # call still runs, so the limiters still see it.
-            self._table = self._table.limits_only
+            self._table = ctx.current()
         given_run = self._kwargs.get("run_id")
         if self._id_given:
+            ids = _id_state.maker
+            if self.request_id in ctx.window or ids.counted(self.request_id):
+                # Already counted (a request id handed back): no handler counts it again, but
+                # the call still runs, so the limiters still see it.
+                self._table = self._table.limits_only
             self.run_id = given_run if isinstance(given_run, str) and given_run else ids.next()
         else:
             # A generated request id is unique, so it doubles as the run id.
-            self.request_id = self._kwargs["request_id"] = ids.next()
+            self.request_id = self._kwargs["request_id"] = _id_state.maker.next()
             self.run_id = given_run if isinstance(given_run, str) and given_run else self.request_id
         self._kwargs, self._token = _open_context(self._kwargs, self.run_id)
         targets = self._table.by_event["on_llm_start"]
@@ -659,8 +651,6 @@ class LLMCall:
         if observed:
             before = _Dispatcher._failures(group.members[0][0], group, GROUP)
             t0 = time.perf_counter()
-        ids = _id_state.maker
-        assert ids is not None
         try:
             model = self.model
             prices = cached_prices(model, self.provider)
@@ -675,7 +665,7 @@ class LLMCall:
                     prices,
                     kwargs.get("user_id"),
                     kwargs.get("cycle_start_date"),
-                    ids,  # the core marks the id counted (a caller handing it back: duplicate)
+                    _id_state.maker,  # the core marks the id counted (handed back: duplicate)
                     self.request_id,
                     _lookup_found,  # ``prices`` is the call model's: unpriced is recorded too
                 )
@@ -759,10 +749,9 @@ class LLMCall:
         """Normalize the usage and build the response dict (no await, no I/O)."""
         stats = self._ctx.stats
         request_id = self.request_id
-        ids = _id_state.maker
-        assert ids is not None
         if self._id_given and (
-            ids.counted(request_id) or self._ctx.window.seen(request_id, time.monotonic())
+            _id_state.maker.counted(request_id)
+            or self._ctx.window.seen(request_id, time.monotonic())
         ):
             self.duplicate = True
             stats.duplicates += 1
@@ -770,7 +759,7 @@ class LLMCall:
         else:
             stats.llm_calls += 1
             if not self._id_given:
-                ids.mark(request_id)  # a caller handing this id back is a duplicate
+                _id_state.maker.mark(request_id)  # a caller handing it back: a duplicate
         model: Any = self.model
         content: str | None = None
         meta: tuple[Any, Any] = (None, None)

@@ -31,11 +31,6 @@ __all__ = ["_Dispatcher"]
 
 logger = logging.getLogger("llmtally")
 
-# Where fire_fast's walk hands over to fire's loop: the index of the next target, the wait that
-# target returned (``None``: none, the loop starts there), the first abort seen so far. A walk
-# handed over stays in order (parallel mode does not apply to built-in handlers).
-_Resume = tuple[int, Awaitable[Any] | None, CallbackAbort | None]
-
 
 def _raise_abort(abort: CallbackAbort, completed: list[_Entry]) -> None:
     abort.__dict__["_llmtally_completed"] = completed
@@ -116,10 +111,8 @@ class _Dispatcher:
         """Record an end event for every member of ``group`` in one crossing (or, when the core
         declines the call, through each member's own recorder, isolated)."""
         assert group.recorder is not None
-        prefix = _ids.state.prefix
-        assert prefix is not None  # made with the dispatcher
         try:
-            code, flush = group.recorder.end(args[0], kwargs, prefix)
+            code, flush = group.recorder.end(args[0], kwargs, _ids.state.prefix)
         except Exception as exc:  # nothing was written: the members' own path decides
             logger.debug("core recorder declined %s: %r", event, exc)
             code, flush = DECLINED, False
@@ -136,7 +129,9 @@ class _Dispatcher:
 
     async def _invoke(
         self,
-        target: _Target,
+        entry: _Entry,
+        fn: Any,
+        kind: int,
         event: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -145,7 +140,6 @@ class _Dispatcher:
         """Run one target with the strategies the loop leaves out of its inline case: the
         per-handler timeout and the metrics' timing. Returns the abort it raised, if any;
         never raises ``Exception``."""
-        entry, fn, kind = target
         if observed:
             before = self._failures(entry, fn, kind)
             t0 = time.perf_counter()
@@ -191,35 +185,22 @@ class _Dispatcher:
         kwargs: dict[str, Any],
         *,
         stop_on_abort: bool = False,
-        _resume: _Resume | None = None,
+        _done: tuple[_Target, ...] = (),
+        _abort: CallbackAbort | None = None,
     ) -> None:
         """Fire ``event`` on every target; raise the first ``CallbackAbort`` after the others ran
-        (or at once with ``stop_on_abort``, then with ``.completed`` naming who ran before)."""
-        observed = _observed.on
-        if self.parallel and len(targets) > 1 and _resume is None:
-            await self._fire_parallel(targets, event, args, kwargs, stop_on_abort, observed)
+        (or at once with ``stop_on_abort``, then with ``.completed`` naming who ran before).
+
+        ``_done`` and ``_abort``: the targets :meth:`fire_fast` already ran before it handed
+        the rest over, and the first abort they raised (the rest then runs in order)."""
+        if self.parallel and len(targets) > 1 and not _done:
+            await self._fire_parallel(targets, event, args, kwargs, stop_on_abort)
             return
-        inline = self.timeout is None and not observed
-        abort: CallbackAbort | None = None
+        inline = self.timeout is None and not _observed.on
+        abort = _abort
         found: CallbackAbort | None
-        start = 0
-        if _resume is not None:  # fire_fast's walk, gone async: finish the wait it met
-            start, slow, abort = _resume
-            if slow is not None:
-                try:
-                    await slow
-                except CallbackAbort as exc:
-                    if stop_on_abort:
-                        _raise_abort(exc, [t[0] for t in targets[:start]])
-                    if abort is None:
-                        abort = exc
-                except Exception as exc:
-                    self._failed(targets[start][0], event, exc)
-                start += 1
-        for index in range(start, len(targets)):
-            target = targets[index]
+        for index, (entry, fn, kind) in enumerate(targets):
             if inline:  # the common case, kept tight: no coroutine per handler
-                entry, fn, kind = target
                 try:
                     if kind == FAST:
                         slow = fn(*args, kwargs)
@@ -240,11 +221,11 @@ class _Dispatcher:
                     self._failed(entry, event, exc)
                     continue
             else:
-                found = await self._invoke(target, event, args, kwargs, observed)
+                found = await self._invoke(entry, fn, kind, event, args, kwargs, _observed.on)
                 if found is None:
                     continue
             if stop_on_abort:
-                _raise_abort(found, [t[0] for t in targets[:index]])
+                _raise_abort(found, [t[0] for t in (*_done, *targets[:index])])
             if abort is None:
                 abort = found
         if abort is not None:
@@ -260,14 +241,11 @@ class _Dispatcher:
         stop_on_abort: bool = False,
     ) -> Awaitable[None] | None:
         """:meth:`fire` for built-in handlers only (every target ``FAST`` or ``GROUP``, fired
-        in order: parallel mode does not apply): no coroutine while none of them needs to
-        wait. Returns ``None`` when the event was handled, else an awaitable that finishes it
-        (the same loop, same isolation and aborts)."""
-        if _observed.on:  # every handler timed: the loop's observed strategy, in order
-            resume: _Resume = (0, None, None)
-            return self.fire(
-                targets, event, args, kwargs, stop_on_abort=stop_on_abort, _resume=resume
-            )
+        in order), without a coroutine while none of them needs to wait. Returns ``None`` when
+        the event was handled, else an awaitable that finishes it in :meth:`fire` (the same
+        loop: same isolation and aborts; with metrics on, where each handler is timed)."""
+        if _observed.on:
+            return self.fire(targets, event, args, kwargs, stop_on_abort=stop_on_abort)
         abort: CallbackAbort | None = None
         for index, (entry, fn, kind) in enumerate(targets):
             try:
@@ -286,13 +264,47 @@ class _Dispatcher:
             except Exception as exc:
                 self._failed(entry, event, exc)
                 continue
-            resume = (index, slow, abort)
-            return self.fire(
-                targets, event, args, kwargs, stop_on_abort=stop_on_abort, _resume=resume
-            )
+            return self._after_wait(slow, targets, index, event, args, kwargs, stop_on_abort, abort)
         if abort is not None:
             raise abort
         return None
+
+    async def _after_wait(
+        self,
+        slow: Awaitable[Any],
+        targets: tuple[_Target, ...],
+        index: int,
+        event: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        stop_on_abort: bool,
+        abort: CallbackAbort | None,
+    ) -> None:
+        """:meth:`fire_fast` once ``targets[index]`` returned ``slow``: wait for it, then the
+        loop goes on with the targets after it."""
+        try:
+            await slow
+        except CallbackAbort as exc:
+            if stop_on_abort:
+                _raise_abort(exc, [t[0] for t in targets[:index]])
+            if abort is None:
+                abort = exc
+        except Exception as exc:
+            self._failed(targets[index][0], event, exc)
+        index += 1
+        rest = targets[index:]
+        if rest:
+            await self.fire(
+                rest,
+                event,
+                args,
+                kwargs,
+                stop_on_abort=stop_on_abort,
+                _done=targets[:index],
+                _abort=abort,
+            )
+        elif abort is not None:
+            raise abort
 
     async def _fire_parallel(
         self,
@@ -301,20 +313,20 @@ class _Dispatcher:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         stop_on_abort: bool,
-        observed: bool,
     ) -> None:
         """The parallel strategy: every target at once through :meth:`_invoke` (Python
         handlers bounded by ``LLMTALLY_MAX_CONCURRENT_CALLBACKS``)."""
         semaphore = self._semaphore
         invoke = self._invoke
+        observed = _observed.on
 
         async def bounded(target: _Target, semaphore: asyncio.Semaphore) -> CallbackAbort | None:
             async with semaphore:
-                return await invoke(target, event, args, kwargs, observed)
+                return await invoke(*target, event, args, kwargs, observed)
 
         results = await asyncio.gather(
             *(
-                invoke(t, event, args, kwargs, observed)
+                invoke(*t, event, args, kwargs, observed)
                 if semaphore is None or t[2] >= FAST
                 else bounded(t, semaphore)
                 for t in targets

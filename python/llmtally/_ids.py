@@ -16,17 +16,20 @@ from collections import OrderedDict
 
 from llmtally._native import IdMaker
 
-__all__ = ["RequestWindow", "made_here", "new_id", "start", "state"]
+__all__ = ["RequestWindow", "new_id", "start", "state"]
 
 
 class _State:
-    """This process's id maker (``None`` until first needed) and its prefix."""
+    """This process's id maker, unset until first needed (:func:`start`) so the hot path reads
+    it without a check, and ``prefix``: every id made here starts with it (before the first
+    id, a random prefix no id was made with)."""
 
     __slots__ = ("maker", "prefix")
 
+    maker: IdMaker
+
     def __init__(self) -> None:
-        self.maker: IdMaker | None = None
-        self.prefix: str | None = None
+        self.prefix = os.urandom(6).hex()
 
 
 state = _State()
@@ -34,34 +37,35 @@ _lock = threading.Lock()
 _fork_hook = False
 
 
-def _make() -> None:
+def _make() -> IdMaker:
     prefix = os.urandom(6).hex()
-    state.maker = IdMaker(prefix)
+    state.maker = maker = IdMaker(prefix)
     state.prefix = prefix
+    return maker
 
 
 def _after_fork_in_child() -> None:
     """A forked child makes ids of its own (the parent's counter would repeat them)."""
     global _lock
     _lock = threading.Lock()
-    if state.maker is not None:
+    if hasattr(state, "maker"):
         _make()
 
 
 def start() -> IdMaker:
     """This process's id maker, made (and the fork hook registered) on first use."""
     global _fork_hook
-    maker = state.maker
-    if maker is not None:
-        return maker
-    with _lock:
-        if state.maker is None:
-            if not _fork_hook and hasattr(os, "register_at_fork"):
-                os.register_at_fork(after_in_child=_after_fork_in_child)
-                _fork_hook = True
-            _make()
-        assert state.maker is not None
+    try:
         return state.maker
+    except AttributeError:
+        pass
+    with _lock:
+        if hasattr(state, "maker"):
+            return state.maker
+        if not _fork_hook and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+            _fork_hook = True
+        return _make()
 
 
 def new_id() -> str:
@@ -70,16 +74,11 @@ def new_id() -> str:
     >>> new_id() != new_id()
     True
     """
-    maker = state.maker
-    if maker is None:
+    try:
+        maker = state.maker
+    except AttributeError:
         maker = start()
     return maker.next()
-
-
-def made_here(request_id: object) -> bool:
-    """Whether ``request_id`` is an id this process made (unique by construction)."""
-    prefix = state.prefix
-    return prefix is not None and type(request_id) is str and request_id.startswith(prefix)
 
 
 class RequestWindow:

@@ -12,6 +12,7 @@ from llmtally._calls import _SAFE_USER_CHARS, CallContext, _normalize_user
 from llmtally._context import _close_context, _open_context
 from llmtally._ids import state as _id_state
 from llmtally._tables import _Entry
+from llmtally._tables import globals_state as _globals
 from llmtally.errors import CallbackAbort
 
 __all__ = ["AgentRun", "ChainRun", "Retrieval", "ToolCall"]
@@ -47,10 +48,11 @@ class _Scope:
 
     async def __aenter__(self) -> Any:
         ctx = self._ctx
-        self._table = ctx.table()
-        ids = _id_state.maker
-        assert ids is not None  # made with the manager's dispatcher
-        self.run_id = ids.next()
+        if ctx.version == _globals.version:
+            self._table = ctx.table
+        else:
+            self._table = ctx.current()
+        self.run_id = _id_state.maker.next()
         self._kwargs, self._token = _open_context(self._kwargs, self.run_id)
         targets = self._table.by_event[self.START]
         if targets:

@@ -27,7 +27,6 @@ from llmtally._tables import (
     FAST,
     GROUP,
     SYNC,
-    Handlers,
     _Entry,
     _Table,
     get_global_callbacks,
@@ -101,11 +100,9 @@ class CallbackManager:
             )
         auto_enable_metrics()  # the first manager registers the Prometheus collector
         self._dispatcher = _Dispatcher(timeout, parallel, env.max_concurrent_callbacks)
-        self._handlers = Handlers(callbacks or ())
-        # What its calls and scopes get of the manager.
-        self._ctx = ctx = CallContext(self._handlers, self._dispatcher)
+        # Its handlers, and what its calls and scopes get of it.
+        self._ctx = ctx = CallContext(callbacks or (), self._dispatcher)
         self._stats = ctx.stats
-        self._window = ctx.window
         _observed.managers.add(self)
 
     # -- configuration --------------------------------------------------------------------
@@ -127,14 +124,14 @@ class CallbackManager:
 
     def add_handler(self, handler: object, *, priority: int = 0) -> None:
         """Register ``handler``; safe while events are in flight (they keep their snapshot)."""
-        self._handlers.add(handler, int(priority))
+        self._ctx.add(handler, int(priority))
 
     def remove_handler(self, handler: object) -> None:
         """Unregister ``handler`` (no-op when it is not registered)."""
-        self._handlers.remove(handler)
+        self._ctx.remove(handler)
 
     def _current_table(self) -> _Table:
-        return self._ctx.table()
+        return self._ctx.current()
 
     # -- firing -----------------------------------------------------------------------------
 

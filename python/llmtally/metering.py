@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from llmtally._calls import is_timeout
-from llmtally._ids import RequestWindow, made_here
+from llmtally._ids import RequestWindow
+from llmtally._ids import state as _id_state
 from llmtally._names import request_key
 from llmtally._native import (
     BadUsage,
@@ -134,7 +135,9 @@ class _Meter(CustomAsyncCallbackHandler):
     def _is_duplicate(self, request_id: Any) -> bool:
         # No id: count every end. An id made by this process's manager is unique by
         # construction (and the manager already drops repeated ids given by the caller).
-        if request_id is None or (made_here(request_id)):
+        if request_id is None or (
+            type(request_id) is str and request_id.startswith(_id_state.prefix)
+        ):
             return False
         window = self._window
         if window is None:
