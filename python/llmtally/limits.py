@@ -506,8 +506,8 @@ class BudgetLimiter(AsyncCallbackHandler):
         return lease
 
     def _forget_idle(self) -> None:
-        """Bounded memory: forget the budgets with nothing in flight (their leases expire in
-        the store with their TTL)."""
+        """Bounded memory: forget the budgets holding nothing (no call in flight, no usage
+        unwritten; their leases expire in the store with their TTL)."""
         with self._mu:
             self._catch_up()
             for key in [k for k, v in self._leases.items() if _holds(v) == (0, 0)]:
