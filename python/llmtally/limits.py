@@ -143,6 +143,11 @@ def _priced_estimate(messages: Any, kwargs: Mapping[str, Any]) -> int:
         return 0
 
 
+def _loop_time_at(deadline: float) -> float:
+    """``deadline`` (``time.monotonic()``) on the running loop's clock."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
 async def _all_done(tasks: list[asyncio.Task[None]]) -> None:
     """Wait for ``tasks``, whichever event loops run them (a limiter serves the caller's loop
     and the one of sync clients)."""
@@ -719,11 +724,18 @@ class BudgetLimiter(AsyncCallbackHandler):
             lease.flushed_t = lease.flushed_p = 0
 
     async def _admit_slow(self, lease: _Lease, tokens: int, pusd: int) -> tuple[bool, bool]:
-        """Renew the lease with this call in it. Returns ``(admitted, offline)``."""
+        """Renew the lease with this call in it. Returns ``(admitted, offline)``. The call waits
+        ``store_timeout_s`` at most, for another call's renewal and its own together; past it,
+        it is decided on this process's view."""
+        deadline = time.monotonic() + self.store_timeout_s
         while lease.renewing is not None:  # one renewal per budget at a time
             renewal = lease.renewing
-            # (a future of no event loop: the renewal may be another loop's, a sync client's)
-            await asyncio.shield(asyncio.wrap_future(renewal))
+            try:
+                # (a future of no event loop: the renewal may be another loop's, a sync client's)
+                async with asyncio.timeout_at(_loop_time_at(deadline)):
+                    await asyncio.shield(asyncio.wrap_future(renewal))
+            except TimeoutError:
+                return self._admit_offline(lease, tokens, pusd), True
             if self._admit_local(lease, tokens, pusd):
                 return True, False
             refused = lease.refused
@@ -734,7 +746,9 @@ class BudgetLimiter(AsyncCallbackHandler):
             ):
                 # The store refused as much while this call waited: refused too, no I/O.
                 return False, False
-        if not self._outage.open():
+        left = deadline - time.monotonic()
+        if not self._outage.open() or left < self.store_timeout_s / 10:
+            # (the store is left alone after a failure; or this call waited its time already)
             return self._admit_offline(lease, tokens, pusd), True
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
         done.set_running_or_notify_cancel()  # (never cancelled: its waiters shield it)
@@ -743,7 +757,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         try:
             await self._store.bounded_call(
                 lambda: self._renew(lease, (tokens, pusd), ticket),
-                self.store_timeout_s,
+                left,
                 locked=True,
             )
         except StoreError as exc:

@@ -191,3 +191,38 @@ async def test_a_limiter_dropped_without_aclose_gives_its_leases_back(store_url:
             == 80
         )
         await limiter.aclose()
+
+
+async def test_a_call_behind_a_slow_renewal_waits_store_timeout_at_most(tmp_path: Path) -> None:
+    """Two calls of one budget at once on a slow store (each lease operation takes 0.4 s, the
+    timeout is 0.5 s): the second waits for the first one's renewal and then would renew
+    itself; together that stays within its store_timeout_s, then it is decided locally."""
+    import time
+
+    async with open_store(f"sqlite:///{tmp_path}/slow.db") as store:
+        limiter, manager = limiter_for(store, lease_fraction=0)
+        limiter.store_timeout_s = 0.5
+        backend: Any = store.backend
+        lease = backend.lease
+
+        def slow_lease(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.4)
+            return lease(*args, **kwargs)
+
+        backend.lease = slow_lease
+        entered: list[float] = []
+
+        async def call() -> None:
+            t0 = time.monotonic()
+            async with manager.llm_call(
+                MESSAGES, user_id="gus", cycle_start_date=CYCLE, estimated_tokens=10
+            ) as c:
+                entered.append(time.monotonic() - t0)
+                c.set_response({"prompt_tokens": 10, "completion_tokens": 0})
+
+        await asyncio.gather(call(), call())
+        assert len(entered) == 2
+        assert max(entered) < 0.7  # (0.8 s before: a renewal waited for, then its own)
+        backend.lease = lease
+        await asyncio.sleep(1.2)  # the renewal left running finishes; the backoff ends
+        await limiter.aclose()
