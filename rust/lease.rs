@@ -338,13 +338,23 @@ impl LeaseBook {
     /// got usage are added to the limiter's set of leases with usage settled.
     fn catch_up(&self, py: Python<'_>) -> PyResult<()> {
         let settled = self.settled.bind(py);
-        let ended = std::mem::take(&mut *self.ended_vec());
-        for (lease, estimate_t, estimate_p, tokens, pusd) in ended {
-            if lease
-                .bind(py)
-                .try_borrow_mut()?
-                .settle(estimate_t, estimate_p, tokens, pusd)
-            {
+        let mut ended = std::mem::take(&mut *self.ended_vec()).into_iter();
+        while let Some(call) = ended.next() {
+            let (lease, estimate_t, estimate_p, tokens, pusd) = &call;
+            let had_usage = match lease.bind(py).try_borrow_mut() {
+                Ok(mut l) => l.settle(*estimate_t, *estimate_p, *tokens, *pusd),
+                Err(err) => {
+                    // (a lease borrowed elsewhere): this call and the rest wait for the next
+                    // catch-up, ahead of the calls that ended since.
+                    let mut waiting = self.ended_vec();
+                    let later = std::mem::take(&mut *waiting);
+                    waiting.push(call);
+                    waiting.extend(ended);
+                    waiting.extend(later);
+                    return Err(err.into());
+                }
+            };
+            if had_usage {
                 settled.add(lease)?;
             }
         }
