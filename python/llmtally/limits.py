@@ -1317,7 +1317,6 @@ class RateLimiter(AsyncCallbackHandler):
         # view enforced on while the store is unreachable with one.
         self._local = LocalLimits()
         self._outage = _Outage(self.store_backoff_s)
-        self._keep_alive_at = 0.0  # monotonic: the next look for leases to keep alive
         self._dims: list[tuple[str, int]] = []
         if requests_per_minute is not None:
             self._dims.append(("requests", requests_per_minute))
