@@ -27,6 +27,7 @@ __all__ = [
     "check_budget",
     "effective_limit",
     "lease_grant",
+    "lease_grant_both",
     "now_ms",
 ]
 
@@ -99,6 +100,26 @@ def lease_grant(
     return True, need + max(0, min(slice_, limit - used - others - need))
 
 
+def lease_grant_both(
+    used: tuple[int, int],
+    others: tuple[int, int],
+    base: tuple[int, int],
+    want: tuple[int, int] | None,
+    slice_: tuple[int, int],
+    limits: tuple[int, int],
+) -> tuple[bool, tuple[int, int]]:
+    """:func:`lease_grant` for tokens and pusd together: ``(fits, held)``; when either unit
+    does not fit, neither is granted and ``base`` is kept."""
+    ok_t, held_t = lease_grant(
+        used[0], others[0], base[0], None if want is None else want[0], slice_[0], limits[0]
+    )
+    ok_p, held_p = lease_grant(
+        used[1], others[1], base[1], None if want is None else want[1], slice_[1], limits[1]
+    )
+    ok = ok_t and ok_p
+    return ok, (held_t, held_p) if ok else base
+
+
 def retry_after(
     entries: list[tuple[int, int]], weight: int, limit: int, window_ms: int, now: int
 ) -> int:
@@ -168,14 +189,7 @@ class LocalLimits:
         ok = True
         held = (0, 0)
         if lease_id:
-            ok_t, held_t = lease_grant(
-                used_t, rt, base[0], None if want is None else want[0], slice_[0], limits[0]
-            )
-            ok_p, held_p = lease_grant(
-                used_p, rp, base[1], None if want is None else want[1], slice_[1], limits[1]
-            )
-            ok = ok_t and ok_p
-            held = (held_t, held_p) if ok else base
+            ok, held = lease_grant_both((used_t, used_p), (rt, rp), base, want, slice_, limits)
             if held[0] or held[1]:
                 records[lease_id] = (now + ttl_ms, held[0], held[1])
         if records:

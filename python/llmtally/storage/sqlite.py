@@ -27,7 +27,7 @@ from llmtally.storage._limits import (
     LeaseState,
     RateResult,
     effective_limit,
-    lease_grant,
+    lease_grant_both,
     retry_after,
 )
 from llmtally.storage._limits import (
@@ -535,14 +535,7 @@ def _lease(
         ok = True
         held = (0, 0)
         if lease_id:
-            ok_t, held_t = lease_grant(
-                used_t, rt, base[0], None if want is None else want[0], slice_[0], limits[0]
-            )
-            ok_p, held_p = lease_grant(
-                used_p, rp, base[1], None if want is None else want[1], slice_[1], limits[1]
-            )
-            ok = ok_t and ok_p
-            held = (held_t, held_p) if ok else base
+            ok, held = lease_grant_both((used_t, used_p), (rt, rp), base, want, slice_, limits)
             if held[0] or held[1]:
                 conn.execute(
                     "INSERT INTO reservations (key, id, expires_ms, tokens, pusd) "
