@@ -211,6 +211,10 @@ class SQLiteBackend:
         self._memory = str(self.path) == ":memory:"
         self._local = threading.local()
         self._lock = threading.Lock()
+        # Calls inside SQLite now: close() waits for them (closing a connection another thread
+        # is using crashes the interpreter).
+        self._busy = 0
+        self._idle = threading.Condition(self._lock)
         self._open_lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
         self._generation = 0
@@ -284,8 +288,9 @@ class SQLiteBackend:
 
     def _drop(self, conn: sqlite3.Connection) -> None:
         with self._lock:
-            if conn in self._conns:
-                self._conns.remove(conn)
+            if conn not in self._conns:
+                return  # close() took it, and closes it
+            self._conns.remove(conn)
         with contextlib.suppress(sqlite3.Error):
             conn.close()
 
@@ -313,10 +318,18 @@ class SQLiteBackend:
 
     def _run(self, fn: Callable[..., T], *args: Any) -> T:
         with _gate.shared():
-            if self._serial is not None:
-                with self._serial:
-                    return self._call(fn, *args)
-            return self._call(fn, *args)
+            with self._lock:
+                self._busy += 1
+            try:
+                if self._serial is not None:
+                    with self._serial:
+                        return self._call(fn, *args)
+                return self._call(fn, *args)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                    if not self._busy:
+                        self._idle.notify_all()
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         conn = self._conn()
@@ -396,7 +409,13 @@ class SQLiteBackend:
 
     def close(self) -> None:
         with self._lock:
-            conns, self._conns = self._conns, []
+            # Never close a connection under a call another thread is making (that crashes
+            # the interpreter): wait for them; past that, each thread closes its own when it
+            # next finds the generation moved.
+            if self._idle.wait_for(lambda: not self._busy, timeout=2 * _BUSY_TIMEOUT_S):
+                conns, self._conns = self._conns, []
+            else:
+                conns = []
             self._generation += 1
         with _gate.shared():
             for conn in conns:
@@ -411,6 +430,8 @@ class SQLiteBackend:
         self._local = threading.local()
         self._shared = SimpleNamespace(conn=None, generation=0)
         self._lock = threading.Lock()
+        self._busy = 0
+        self._idle = threading.Condition(self._lock)
         self._open_lock = threading.Lock()
         self._serial = threading.Lock() if self._memory else None
         self._generation += 1
