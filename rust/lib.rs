@@ -13,6 +13,7 @@ pub mod lease;
 pub mod ledger;
 pub mod recorder;
 pub mod response;
+pub mod scope;
 pub mod slots;
 pub mod usage;
 
@@ -34,6 +35,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     cost::register(m)?;
     recorder::register(m)?;
     lease::register(m)?;
+    scope::register(m)?;
     m.add_function(wrap_pyfunction!(py_key_slot, m)?)?;
     m.add_function(wrap_pyfunction!(recorder::py_current_cycle, m)?)?;
     Ok(())

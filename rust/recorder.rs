@@ -596,7 +596,7 @@ impl Recorder {
         lookup=None
     ))]
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    fn finish<'py>(
+    pub fn finish<'py>(
         &self,
         obj: &Bound<'py, PyAny>,
         provider: Bound<'py, PyString>,
@@ -969,7 +969,7 @@ impl IdMaker {
     }
 
     /// The next id.
-    fn next(&self) -> String {
+    pub fn next(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let (word, mask) = self.bit(n);
         word.fetch_and(!mask, Ordering::Relaxed); // a slot reused after 2^20 ids starts clear
@@ -988,7 +988,7 @@ impl IdMaker {
     }
 
     /// Whether this id was made here, recently, and its call counted.
-    fn counted(&self, id: &str) -> bool {
+    pub fn counted(&self, id: &str) -> bool {
         self.counter(id).is_some_and(|n| {
             let (word, mask) = self.bit(n);
             word.load(Ordering::Relaxed) & mask != 0

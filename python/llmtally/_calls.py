@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import contextvars
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from types import MappingProxyType, TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from llmtally import _runtime
-from llmtally._context import _close_context, _open_context
+from llmtally import pricing as _pricing
+from llmtally._context import _NOT_INHERITED, _close_context, _current
 from llmtally._firing import _Dispatcher
 from llmtally._ids import RequestWindow
 from llmtally._ids import state as _id_state
@@ -31,6 +31,7 @@ from llmtally._native import (
     READ_BAD_USAGE,
     READ_NOT_A_RESPONSE,
     READ_OK,
+    CallScope,
     Prices,
     call_modifiers,
     extract_usage,
@@ -43,7 +44,7 @@ from llmtally._native import (
 )
 from llmtally._native import RECORDED as _RECORDED
 from llmtally._observe import state as _observed
-from llmtally._tables import GROUP, Handlers, _Entry, _FastGroup, _Table
+from llmtally._tables import GROUP, Handlers, _Entry, _FastGroup
 from llmtally._tables import globals_state as _globals
 from llmtally.errors import CallbackAbort
 from llmtally.identity import MAX_USER_ID_BYTES, charged_user, describe
@@ -93,6 +94,34 @@ class CallContext(Handlers):
         self.dispatcher = dispatcher
         self.stats = _Stats()
         self.window = RequestWindow()
+
+    def prepare_call(
+        self, provider: Any, model: Any, context: dict[str, Any]
+    ) -> tuple[str, str, str | None]:
+        """A call's unusual input, as the core hands it over (a ``user_id``, provider, model or
+        request id that is not a plain short string): normalized here, where bad input is
+        counted and logged. Returns the provider, the model and the request id given (its text,
+        or ``None`` when none or unreadable); ``context`` gets the normalized ``user_id`` and
+        ``request_id``."""
+        user = context.get("user_id")
+        if user is not None and (type(user) is not str or not 0 < len(user) <= _SAFE_USER_CHARS):
+            _normalize_user(self.stats, context)
+        if type(provider) is not str or type(model) is not str:
+            provider, model = _names(self.stats, provider, model)
+        given = context.get("request_id")
+        if given is not None and (
+            type(given) is not str or len(given) > MAX_ID_CHARS or not given.isascii()
+        ):
+            # Its text (a digest past MAX_ID_CHARS, so the windows of ids stay small in bytes,
+            # or when it has no UTF-8 form).
+            given = request_key(given)
+            if given is None:  # an id whose str() fails: bad input, one is made
+                self.stats.bad_input += 1
+                logger.warning("request_id could not be read: a new one is used")
+                del context["request_id"]
+            else:
+                context["request_id"] = given
+        return provider or "unknown", model or "unknown", given
 
 
 _TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError,)
@@ -258,70 +287,31 @@ def price_response(
     return None
 
 
-class LLMCall:
+class LLMCall(CallScope):
     """One LLM call in flight; returned by :meth:`CallbackManager.llm_call`.
 
     Inside the ``async with`` block, :meth:`set_response` hands over the provider's response
     (dict or SDK object) and :meth:`chunk` each streamed chunk. After the block, ``response`` is
     the normalized response dict given to ``on_llm_end``.
+
+    The call's state and its common enter and exit live in the core (``_core.CallScope``:
+    ``async with`` returns ready awaitables, no coroutine); this class is the rest, and the
+    general path the core hands over to (:meth:`_start_fire`, :meth:`_exit`,
+    :meth:`_recorded`).
     """
 
-    # Defaults on the class: a call sets only what it uses (cheaper than filling every slot).
-    _response: Any = None
-    _response_set = False
-    _texts: list[str] | None = None
-    _chunks = 0
-    _first_chunk_at: float | None = None
-    _stream_usage: Usage | None = None
-    _usage: Usage | None = None
-    _token: contextvars.Token[Any] | None = None
-    _table: _Table
-    _response_dict: dict[str, Any] | None = None
-    # The parts of a response recorded by the core and not built yet (see ``response``).
-    _parts: tuple[Any, ...] | None = None
-    duplicate = False
-    run_id = ""
-    started_at = 0.0
-    _done = False  # an end, error or abandon fired (or the start was aborted)
-    _stoppable = True
-    _abandoned = False
-    _open = False  # in the registry of calls that outlive their scope
+    __slots__ = ()
 
-    def __init__(
-        self,
-        ctx: CallContext,
-        messages: Any,
-        provider: str | None,
-        model: str | None,
-        context: dict[str, Any],
-    ) -> None:
-        self._ctx = ctx
-        self.messages = messages
-        user = context.get("user_id")
-        if user is not None and (type(user) is not str or not 0 < len(user) <= _SAFE_USER_CHARS):
-            _normalize_user(ctx.stats, context)
-        if type(provider) is not str or type(model) is not str:
-            provider, model = _names(ctx.stats, provider, model)
-        self.provider = provider = provider or "unknown"
-        self.model = model = model or "unknown"
-        given = context.get("request_id")
-        if given is not None and (
-            type(given) is not str or len(given) > MAX_ID_CHARS or not given.isascii()
-        ):
-            # Its text (a digest past MAX_ID_CHARS, so the windows of ids stay small in bytes,
-            # or when it has no UTF-8 form).
-            given = request_key(given)
-            if given is None:  # an id whose str() fails: bad input, one is made
-                ctx.stats.bad_input += 1
-                logger.warning("request_id could not be read: a new one is used")
-                del context["request_id"]
-            else:
-                context["request_id"] = given
-        self._id_given = given is not None
-        self.request_id: str = given if given is not None else ""
-        context["provider"] = provider
-        context["model"] = model
-        self._kwargs = context
+    if TYPE_CHECKING:  # the core's, typed for callers
+
+        async def __aenter__(self) -> LLMCall: ...
+
+        async def __aexit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> None: ...
 
     # -- inside the block -------------------------------------------------------------------
 
@@ -332,12 +322,6 @@ class LLMCall:
         if token is not None:
             _close_context(token)
             self._token = None
-
-    def set_response(self, response: Any) -> None:
-        """Hand over the provider's response: a dict (llmtally's response dict or the provider's
-        JSON body) or an SDK object (OpenAI, Anthropic). Usage is normalized when the call ends."""
-        self._response = response
-        self._response_set = True
 
     async def chunk(self, chunk: Any, *, usage: Any = None) -> None:
         """Record one streamed chunk (text, or a provider chunk/event) and fire
@@ -456,53 +440,28 @@ class LLMCall:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def __aenter__(self) -> LLMCall:
-        ctx = self._ctx
-        if ctx.version == _globals.version:
-            self._table = ctx.table
-        else:
-            self._table = ctx.current()
-        given_run = self._kwargs.get("run_id")
-        if self._id_given:
-            ids = _id_state.maker
-            if self.request_id in ctx.window or ids.counted(self.request_id):
-                # Already counted (a request id handed back): no handler counts it again, but
-                # the call still runs, so the limiters still see it.
-                self._table = self._table.limits_only
-            self.run_id = given_run if isinstance(given_run, str) and given_run else ids.next()
-        else:
-            # A generated request id is unique, so it doubles as the run id.
-            self.request_id = self._kwargs["request_id"] = _id_state.maker.next()
-            self.run_id = given_run if isinstance(given_run, str) and given_run else self.request_id
-        self._kwargs, self._token = _open_context(self._kwargs, self.run_id)
-        targets = self._table.by_event["on_llm_start"]
-        self.started_at = time.perf_counter()
-        if targets:
-            dispatcher = ctx.dispatcher
-            try:
-                # Only built-in handlers (no timeout applies to them): no coroutine unless one
-                # of them waits. Several at once in parallel mode go through fire.
-                if self._table.fast_start and (len(targets) == 1 or not dispatcher.parallel):
-                    waiting = dispatcher.fire_fast(
-                        targets, "on_llm_start", (self.messages,), self._kwargs, stop_on_abort=True
-                    )
-                    if waiting is not None:
-                        await waiting
-                else:
-                    await dispatcher.fire(
-                        targets, "on_llm_start", (self.messages,), self._kwargs, stop_on_abort=True
-                    )
-            except CallbackAbort as abort:
-                self.detach_context()
-                if self._stoppable:
-                    self._done = True
-                    await self._abort_started(abort)
-                raise
-            except BaseException as exc:
-                # Interrupted while the start's handlers ran (the caller cancelled, a timeout,
-                # Ctrl-C): the call never ran, and the handlers that saw its start see it fail.
-                await self._interrupted_start(exc)
-                raise
+    async def _start_fire(
+        self, waiting: Awaitable[Any] | None, error: BaseException | None
+    ) -> LLMCall:
+        """The start, once the core opened the call (ids, run context, clock) and its
+        ``on_llm_start`` handlers either left ``waiting`` to finish (one of them waits, or they
+        are not all built-in) or raised ``error``."""
+        try:
+            if error is not None:
+                raise error
+            if waiting is not None:
+                await waiting
+        except CallbackAbort as abort:
+            self.detach_context()
+            if self._stoppable:
+                self._done = True
+                await self._abort_started(abort)
+            raise
+        except BaseException as exc:
+            # Interrupted while the start's handlers ran (the caller cancelled, a timeout,
+            # Ctrl-C): the call never ran, and the handlers that saw its start see it fail.
+            await self._interrupted_start(exc)
+            raise
         return self
 
     async def _interrupted_start(self, exc: BaseException) -> None:
@@ -534,12 +493,15 @@ class LLMCall:
             with contextlib.suppress(CallbackAbort):  # already aborting
                 await self._ctx.dispatcher.fire(targets, "on_llm_error", (abort,), kwargs)
 
-    async def __aexit__(
+    async def _exit(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
+        declined: bool = False,
     ) -> None:
+        """The end (``__aexit__``) whenever the core's common end does not apply, or
+        ``declined`` it (the response is read by the general path)."""
         if self._done:
             return None
         self._done = True
@@ -559,6 +521,7 @@ class LLMCall:
             group = self._table.end_group
             if (
                 group is not None
+                and not declined
                 and self._response_set
                 and not self._id_given
                 and self._first_chunk_at is None
@@ -674,21 +637,11 @@ class LLMCall:
             return False
         if code != READ_OK or outcome == DECLINED:
             return False
-        stats = self._ctx.stats
-        stats.llm_calls += 1
-        if message is not None:
-            stats.usage_warnings += 1
-            logger.warning("usage of %s: %s (total kept)", self.request_id, message)
-        self._usage = usage
-        if found_model is not None and found_model != model:
-            prices = cached_prices(found_model, self.provider)  # what the core priced it by
-        self._parts = (found_model, content, table_cost, duration_s, rid, reason, prices)
-        if table_cost is None and usage is not None and usage.cost_usd is None:
-            for count_unpriced in group.unpriced:
-                count_unpriced(found_model or model)
-        if outcome != _RECORDED:
-            group.refused(self._ctx.dispatcher, "on_llm_end", outcome)
-        group.kick(flush)
+        self._recorded(
+            group,
+            (usage, found_model, content, table_cost, message, outcome, flush, rid, reason,
+             prices, duration_s),
+        )  # fmt: skip
         if observed:
             self._ctx.dispatcher._observe(
                 group.members[0][0], group, GROUP, time.perf_counter() - t0, before
@@ -698,6 +651,28 @@ class LLMCall:
                 cost = usd_to_pusd(usage.cost_usd)
             _observed.llm_usage_end(kwargs, found_model, usage, cost)
         return True
+
+    def _recorded(self, group: _FastGroup, finished: tuple[Any, ...]) -> None:
+        """The bookkeeping of a call the core recorded (``finished``: what
+        ``Recorder.finish`` answered, the prices it was given and the duration): counters,
+        warnings, the unpriced count, a refused member, the flusher."""
+        usage, found_model, content, table_cost, message, outcome, flush, rid, reason = finished[:9]
+        prices, duration_s = finished[9:]
+        stats = self._ctx.stats
+        stats.llm_calls += 1
+        if message is not None:
+            stats.usage_warnings += 1
+            logger.warning("usage of %s: %s (total kept)", self.request_id, message)
+        self._usage = usage
+        if found_model is not None and found_model != self.model:
+            prices = cached_prices(found_model, self.provider)  # what the core priced it by
+        self._parts = (found_model, content, table_cost, duration_s, rid, reason, prices)
+        if table_cost is None and usage is not None and usage.cost_usd is None:
+            for count_unpriced in group.unpriced:
+                count_unpriced(found_model or self.model)
+        if outcome != _RECORDED:
+            group.refused(self._ctx.dispatcher, "on_llm_end", outcome)
+        group.kick(flush)
 
     def usage_totals(self) -> tuple[int, int]:
         """``(total tokens, cost in pico-USD)`` of the ended call (0 before the end or for an
@@ -896,3 +871,18 @@ class LLMCall:
         return Usage(
             total_tokens=prompt + completion, prompt_tokens=prompt, completion_tokens=completion
         )
+
+
+CallScope.configure(
+    _globals,
+    _id_state,
+    _observed,
+    _current,
+    _NOT_INHERITED,
+    _pricing._cache,
+    price_lookup,
+    _lookup_found,
+    _SAFE_USER_CHARS,
+    MAX_ID_CHARS,
+    time.perf_counter(),
+)

@@ -3,7 +3,9 @@
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, final
+from typing import Any, Final, Self, final
+
+from typing_extensions import disjoint_base
 
 from llmtally.errors import BadUsage as BadUsage
 
@@ -17,6 +19,7 @@ __all__ = [
     "READ_OK",
     "BadUsage",
     "Batch",
+    "CallScope",
     "CallUserSink",
     "Histogram",
     "IdMaker",
@@ -26,6 +29,7 @@ __all__ = [
     "PerfModel",
     "PerfSink",
     "Prices",
+    "Ready",
     "Recorder",
     "TrackerSink",
     "Usage",
@@ -553,3 +557,66 @@ def current_cycle() -> str:
 
 def key_slot(key: str) -> int:
     """The Redis Cluster hash slot of ``key`` (hash tags honoured)."""
+
+@final
+class Ready:
+    """An awaitable that is already done: ``await`` gives its value without suspending."""
+
+    def __await__(self) -> Ready: ...
+    def __iter__(self) -> Ready: ...
+    def __next__(self) -> Any: ...
+    def send(self, _value: Any) -> Any: ...
+    def throw(self, kind: Any, value: Any = None, _traceback: Any = None) -> None: ...
+    def close(self) -> None: ...
+
+@disjoint_base
+class CallScope:
+    """One LLM call's state and its common enter and exit (the base of ``LLMCall``)."""
+
+    _ctx: Any
+    messages: Any
+    provider: str
+    model: str
+    _kwargs: dict[str, Any]
+    request_id: str
+    run_id: str
+    _id_given: bool
+    started_at: float
+    _response: Any
+    _response_set: bool
+    _done: bool
+    _token: Any
+    _table: Any
+    _first_chunk_at: float | None
+    _chunks: int
+    _texts: list[str] | None
+    _stream_usage: Usage | None
+    _usage: Usage | None
+    _response_dict: dict[str, Any] | None
+    _parts: tuple[Any, ...] | None
+    duplicate: bool
+    _stoppable: bool
+    _abandoned: bool
+    _open: bool
+    def __new__(
+        cls, ctx: Any, messages: Any, provider: Any, model: Any, context: dict[str, Any]
+    ) -> Self: ...
+    @staticmethod
+    def configure(
+        globals: Any,
+        ids: Any,
+        observed: Any,
+        current: Any,
+        not_inherited: Any,
+        price_cache: dict[Any, Any],
+        price_lookup: Any,
+        lookup_found: Any,
+        safe_user_chars: int,
+        max_id_chars: int,
+        now: float,
+    ) -> None: ...
+    @staticmethod
+    def now() -> float: ...
+    def set_response(self, response: Any) -> None: ...
+    def __aenter__(self) -> Any: ...
+    def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> Any: ...
