@@ -118,6 +118,27 @@ fn done(py: Python<'_>) -> PyResult<Py<PyAny>> {
     Ok(ready.clone_ref(py).into_any())
 }
 
+/// A manager's call counters (`health()`), counted by the core and by Python alike.
+#[pyclass(module = "llmtally._core", name = "CallStats", get_all, set_all)]
+#[derive(Default)]
+pub struct CallStats {
+    abandoned: u64,
+    bad_input: u64,
+    duplicates: u64,
+    llm_calls: u64,
+    llm_errors: u64,
+    llm_timeouts: u64,
+    usage_warnings: u64,
+}
+
+#[pymethods]
+impl CallStats {
+    #[new]
+    fn py_new() -> Self {
+        Self::default()
+    }
+}
+
 /// One LLM call's state, and the common call's enter and exit (see the module).
 #[pyclass(subclass, weakref, module = "llmtally._core", name = "CallScope")]
 pub struct CallScope {
@@ -366,8 +387,13 @@ impl CallScope {
                 )?;
                 return Ok(());
             }
-            let calls = stats.getattr(intern!(py, "llm_calls"))?.extract::<u64>()?;
-            stats.setattr(intern!(py, "llm_calls"), calls + 1)?;
+            match stats.cast::<CallStats>() {
+                Ok(counters) => counters.borrow_mut().llm_calls += 1,
+                Err(_) => {
+                    let calls = stats.getattr(intern!(py, "llm_calls"))?.extract::<u64>()?;
+                    stats.setattr(intern!(py, "llm_calls"), calls + 1)?;
+                }
+            }
             let parts = (
                 found_model,
                 content,
@@ -386,7 +412,14 @@ impl CallScope {
                 };
                 me.parts = parts.into_any().unbind();
             }
-            group.call_method1(intern!(py, "kick"), (false,))?;
+            // The stores' flushers run (the usual case) or are started: `_FastGroup.kick`.
+            for store in group.getattr(intern!(py, "stores"))?.try_iter()? {
+                let flusher = store?.getattr(intern!(py, "_flusher"))?;
+                if !flusher.getattr(intern!(py, "running"))?.is_truthy()? {
+                    group.call_method1(intern!(py, "kick"), (false,))?;
+                    break;
+                }
+            }
             Ok(())
         };
         if let Err(err) = after() {
@@ -761,5 +794,6 @@ fn close_context(py: Python<'_>, hooks: &Hooks, token: &Bound<'_, PyAny>) -> PyR
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Ready>()?;
     m.add_class::<CallScope>()?;
+    m.add_class::<CallStats>()?;
     Ok(())
 }

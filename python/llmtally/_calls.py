@@ -32,6 +32,7 @@ from llmtally._native import (
     READ_NOT_A_RESPONSE,
     READ_OK,
     CallScope,
+    CallStats,
     Prices,
     call_modifiers,
     extract_usage,
@@ -59,29 +60,6 @@ __all__ = ["CallContext", "LLMCall", "is_timeout", "price_response"]
 logger = logging.getLogger("llmtally")
 
 
-class _Stats:
-    """A manager's call counters (``health()``)."""
-
-    __slots__ = (
-        "abandoned",
-        "bad_input",
-        "duplicates",
-        "llm_calls",
-        "llm_errors",
-        "llm_timeouts",
-        "usage_warnings",
-    )
-
-    def __init__(self) -> None:
-        self.abandoned = 0
-        self.bad_input = 0
-        self.duplicates = 0
-        self.llm_calls = 0
-        self.llm_errors = 0
-        self.llm_timeouts = 0
-        self.usage_warnings = 0
-
-
 class CallContext(Handlers):
     """What calls and scopes need of their manager: its handlers (this registry, whose
     ``table`` is current while ``version`` is the global one), its dispatcher, its counters and
@@ -92,7 +70,7 @@ class CallContext(Handlers):
     def __init__(self, handlers: Iterable[object], dispatcher: _Dispatcher) -> None:
         super().__init__(handlers)
         self.dispatcher = dispatcher
-        self.stats = _Stats()
+        self.stats = CallStats()
         self.window = RequestWindow()
 
     def prepare_call(
@@ -127,7 +105,7 @@ class CallContext(Handlers):
 _TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError,)
 
 
-def _names(stats: _Stats, provider: Any, model: Any) -> tuple[str, str]:
+def _names(stats: CallStats, provider: Any, model: Any) -> tuple[str, str]:
     """A provider or model given as something else than a string (an enum, a list by mistake)
     is counted under its text, never raised into the call; anything but an enum is bad input."""
     out = []
@@ -162,7 +140,7 @@ _UNSET: Final[Any] = object()
 _SAFE_USER_CHARS: Final = MAX_USER_ID_BYTES // 4
 
 
-def _normalize_user(stats: _Stats, context: dict[str, Any]) -> None:
+def _normalize_user(stats: CallStats, context: dict[str, Any]) -> None:
     """The identity rule (``llmtally.identity``) applied once, where the call enters: every
     handler then sees the same ``user_id``. An empty id is no id (an enclosing scope's, else
     ``"anonymous"``); bad input is counted and charged to ``"anonymous"``."""

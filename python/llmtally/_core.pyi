@@ -20,6 +20,7 @@ __all__ = [
     "BadUsage",
     "Batch",
     "CallScope",
+    "CallStats",
     "CallUserSink",
     "Histogram",
     "IdMaker",
@@ -620,3 +621,16 @@ class CallScope:
     def set_response(self, response: Any) -> None: ...
     def __aenter__(self) -> Any: ...
     def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> Any: ...
+
+@final
+class CallStats:
+    """A manager's call counters (``health()``)."""
+
+    abandoned: int
+    bad_input: int
+    duplicates: int
+    llm_calls: int
+    llm_errors: int
+    llm_timeouts: int
+    usage_warnings: int
+    def __init__(self) -> None: ...
