@@ -980,7 +980,7 @@ impl IdMaker {
     }
 
     /// Remember that the call with this id was counted (ids of other makers are ignored).
-    fn mark(&self, id: &str) {
+    pub fn mark(&self, id: &str) {
         if let Some(n) = self.counter(id) {
             let (word, mask) = self.bit(n);
             word.fetch_or(mask, Ordering::Relaxed);

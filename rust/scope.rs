@@ -20,7 +20,7 @@ use pyo3::{intern, PyTraverseError, PyVisit};
 
 use crate::cost::Prices;
 use crate::recorder::{IdMaker, Recorder, DECLINED, RECORDED};
-use crate::response::OK as READ_OK;
+use crate::response::{py_finish_response, OK as READ_OK};
 
 /// What the scope needs of the Python side, given once by `CallScope.configure`.
 struct Hooks {
@@ -429,6 +429,103 @@ impl CallScope {
     }
 }
 
+impl CallScope {
+    /// The common end when the end's handlers are not one group of built-in recorders (a
+    /// handler written in Python, or none): the response dict built in one crossing
+    /// (`_calls.LLMCall._end`'s rule for a response with usage and a cost), counted, and the
+    /// end fired by `_end_fired` when anyone listens. `None` when the general path must read
+    /// the response (no usage, a warning, no cost): nothing was counted.
+    fn end_built<'py>(
+        slf: &Bound<'py, Self>,
+        hooks: &Hooks,
+        table: &Bound<'py, PyAny>,
+        duration_s: f64,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let py = slf.py();
+        let (response, provider, model, request_id, ctx) = {
+            let me = slf.borrow();
+            (
+                me.raw_response.clone_ref(py).into_bound(py),
+                me.provider.clone_ref(py).into_bound(py),
+                me.model.clone_ref(py).into_bound(py),
+                me.request_id.clone_ref(py).into_bound(py),
+                me.ctx.clone_ref(py).into_bound(py),
+            )
+        };
+        let key_provider = if provider.eq(intern!(py, "unknown"))? {
+            py.None().into_bound(py)
+        } else {
+            provider.clone()
+        };
+        let key = PyTuple::new(py, [model.clone(), key_provider])?;
+        let prices = hooks
+            .price_cache
+            .bind(py)
+            .get_item(&key)?
+            .filter(|p| !p.is_none());
+        let prices = match &prices {
+            Some(p) => Some(p.cast::<Prices>()?),
+            None => None,
+        };
+        let (code, built, message, usage) = py_finish_response(
+            &response,
+            &provider,
+            &model,
+            duration_s,
+            &request_id,
+            prices,
+        )?;
+        let Some(built) = built else {
+            return Ok(None);
+        };
+        if code != READ_OK
+            || message.is_some()
+            || built
+                .get_item(intern!(py, "cost_estimate"))?
+                .is_none_or_py_none()
+        {
+            return Ok(None);
+        }
+        let maker = hooks
+            .ids
+            .bind(py)
+            .getattr(intern!(py, "maker"))?
+            .cast_into::<IdMaker>()?;
+        let stats = ctx.getattr(intern!(py, "stats"))?;
+        stats.cast::<CallStats>()?.borrow_mut().llm_calls += 1;
+        maker.get().mark(request_id.cast::<PyString>()?.to_str()?);
+        {
+            let mut me = slf.borrow_mut();
+            me.response_dict = built.into_any().unbind();
+            me.parts = py.None();
+            me.usage = match usage {
+                Some(u) => u.into_any().unbind(),
+                None => py.None(),
+            };
+        }
+        let targets = table
+            .getattr(intern!(py, "by_event"))?
+            .get_item(intern!(py, "on_llm_end"))?;
+        if !targets.is_truthy()? && !table.getattr(intern!(py, "settlers"))?.is_truthy()? {
+            return Ok(Some(done(py)?.into_bound(py)));
+        }
+        Ok(Some(
+            slf.call_method1(intern!(py, "_end_fired"), (duration_s,))?,
+        ))
+    }
+}
+
+/// `None`, or Python's `None`.
+trait NoneOrPyNone {
+    fn is_none_or_py_none(&self) -> bool;
+}
+
+impl NoneOrPyNone for Option<Bound<'_, PyAny>> {
+    fn is_none_or_py_none(&self) -> bool {
+        self.as_ref().map_or(true, |v| v.is_none())
+    }
+}
+
 #[pymethods]
 impl CallScope {
     /// Give the core the Python side's state and rules (once, at import of `llmtally._calls`).
@@ -702,25 +799,27 @@ impl CallScope {
                 .is_truthy()?
         {
             let group = table.getattr(intern!(py, "end_group"))?;
+            slf.borrow_mut().done = true;
+            if !token.is_none() {
+                close_context(py, hooks, &token)?;
+            }
+            let duration_s = perf_counter() - started_at;
+            // An error before anything was counted declines too.
             if !group.is_none() {
-                slf.borrow_mut().done = true;
-                if !token.is_none() {
-                    close_context(py, hooks, &token)?;
-                }
-                let duration_s = perf_counter() - started_at;
-                // An error before the core recorded anything declines too.
                 if let Ok(Some(())) = Self::end_recorded(slf, hooks, &group, duration_s) {
                     if table.getattr(intern!(py, "settlers"))?.is_truthy()? {
                         slf.call_method0(intern!(py, "_settle_limiters"))?;
                     }
                     return Ok(done(py)?.into_bound(py));
                 }
-                // Declined: the general path ends the call (the context is closed already).
-                let mut me = slf.borrow_mut();
-                me.done = false;
-                me.token = py.None();
-                declined = true;
+            } else if let Ok(Some(next)) = Self::end_built(slf, hooks, &table, duration_s) {
+                return Ok(next);
             }
+            // Declined: the general path ends the call (the context is closed already).
+            let mut me = slf.borrow_mut();
+            me.done = false;
+            me.token = py.None();
+            declined = true;
         }
         slf.call_method1(intern!(py, "_exit"), (exc_type, exc, tb, declined))
     }

@@ -548,6 +548,15 @@ class LLMCall(CallScope):
                 logger.debug("abort %r during on_llm_error ignored: the call already failed", abort)
         return None
 
+    async def _end_fired(self, duration_s: float) -> None:
+        """The end's handlers, once the core built and counted the response (see
+        ``CallScope``), then the budget limiters' settlement."""
+        try:
+            await self._fire_end(duration_s)
+        finally:
+            if self._table.settlers:
+                self._settle_limiters()
+
     async def _fire_end(self, duration_s: float) -> None:
         table = self._table
         targets = table.limiter_end if self.duplicate else table.by_event["on_llm_end"]

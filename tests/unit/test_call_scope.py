@@ -15,6 +15,7 @@ import pytest
 from llmtally import CallbackManager, CostTracker
 from llmtally._calls import LLMCall
 from llmtally._context import current_run
+from llmtally._observe import state as _observed
 
 from helpers import Recorder
 
@@ -61,18 +62,23 @@ async def _one(manager: CallbackManager, kwargs: dict[str, Any], response: Any) 
     return call
 
 
+@pytest.mark.parametrize("core", ["recorded", "built"])
 @pytest.mark.parametrize(("kwargs", "response"), SHAPES)
 async def test_the_core_path_gives_what_the_general_path_gives(
-    kwargs: dict[str, Any], response: Any
+    kwargs: dict[str, Any], response: Any, core: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Alone, CostTracker's end is one group of built-in recorders: the core ends the call.
-    # Next to a Python handler, the general path does.
+    # Alone, CostTracker's end is one group of built-in recorders: the core records the end
+    # ("recorded"). Next to a Python handler, the core builds the response and Python fires
+    # the end ("built"). With metrics on, the general path (Python) does all of it: the
+    # reference.
     fast_tracker, general_tracker = CostTracker(), CostTracker()
     recorder = Recorder()
-    fast = CallbackManager([fast_tracker])
+    fast = CallbackManager([fast_tracker] if core == "recorded" else [fast_tracker, Recorder()])
     general = CallbackManager([general_tracker, recorder])
     a = await _one(fast, kwargs, response)
+    monkeypatch.setattr(_observed, "on", True)
     b = await _one(general, kwargs, response)
+    monkeypatch.setattr(_observed, "on", False)
     assert _stable(a.response) == _stable(b.response)
     assert a.usage_totals() == b.usage_totals()
     assert fast_tracker.summary() == general_tracker.summary()
@@ -84,9 +90,16 @@ async def test_the_core_path_gives_what_the_general_path_gives(
         seen.pop(key, None)
         context.pop(key, None)
     assert context == seen
+    # The request id each path made, handed back by a retry: a duplicate on both.
+    again = {k: v for k, v in kwargs.items() if k != "request_id"}
+    await _one(fast, {**again, "request_id": a.request_id}, response)
+    monkeypatch.setattr(_observed, "on", True)
+    await _one(general, {**again, "request_id": b.request_id}, response)
+    monkeypatch.setattr(_observed, "on", False)
     health_a, health_b = await fast.health(), await general.health()
     for key in ("llm_calls", "bad_input", "usage_warnings", "duplicates"):
         assert health_a[key] == health_b[key], key
+    assert fast_tracker.summary() == general_tracker.summary()
     # The general path's handler saw the same kwargs the call reports.
     (_, start_kwargs) = recorder.of("on_llm_start")[0]
     assert start_kwargs["request_id"] == b.request_id and start_kwargs["run_id"] == b.run_id
