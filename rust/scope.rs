@@ -12,15 +12,16 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use pyo3::exceptions::PyStopIteration;
+use pyo3::exceptions::{PyException, PyStopIteration};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyFloat, PyString, PyTuple};
+use pyo3::types::{PyDict, PyFloat, PyList, PyString, PyTuple};
 use pyo3::{intern, PyTraverseError, PyVisit};
 
 use crate::cost::Prices;
 use crate::recorder::{IdMaker, Recorder, DECLINED, RECORDED};
-use crate::response::{py_finish_response, OK as READ_OK};
+use crate::response::{extract_text, py_finish_response, OK as READ_OK};
+use crate::usage::py_merge_stream_usage;
 
 /// What the scope needs of the Python side, given once by `CallScope.configure`.
 struct Hooks {
@@ -440,6 +441,7 @@ impl CallScope {
         hooks: &Hooks,
         table: &Bound<'py, PyAny>,
         duration_s: f64,
+        id_given: bool,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let py = slf.py();
         let (response, provider, model, request_id, ctx) = {
@@ -493,7 +495,9 @@ impl CallScope {
             .cast_into::<IdMaker>()?;
         let stats = ctx.getattr(intern!(py, "stats"))?;
         stats.cast::<CallStats>()?.borrow_mut().llm_calls += 1;
-        maker.get().mark(request_id.cast::<PyString>()?.to_str()?);
+        if !id_given {
+            maker.get().mark(request_id.cast::<PyString>()?.to_str()?); // handed back: a duplicate
+        }
         {
             let mut me = slf.borrow_mut();
             me.response_dict = built.into_any().unbind();
@@ -651,6 +655,54 @@ impl CallScope {
         })
     }
 
+    /// Record one streamed chunk (its text and usage, see `LLMCall.chunk`) without firing any
+    /// event. A chunk that cannot be read is bad input (`_chunk_failed` counts and logs it),
+    /// never an error.
+    #[pyo3(signature = (chunk, *, usage=None))]
+    fn record_chunk(
+        slf: &Bound<'_, Self>,
+        chunk: &Bound<'_, PyAny>,
+        usage: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        {
+            let mut me = slf.borrow_mut();
+            if me.first_chunk_at.is_none() {
+                me.first_chunk_at = Some(perf_counter());
+            }
+            me.chunks += 1;
+        }
+        let read = || -> PyResult<()> {
+            if let Some(text) = extract_text(chunk)? {
+                if text.len()? > 0 {
+                    let texts = slf.borrow().texts.clone_ref(py).into_bound(py);
+                    if let Ok(list) = texts.cast::<PyList>() {
+                        list.append(text)?;
+                    } else {
+                        slf.borrow_mut().texts = PyList::new(py, [text])?.into_any().unbind();
+                    }
+                }
+            }
+            let mut merged = slf.borrow().stream_usage.clone_ref(py).into_bound(py);
+            if !chunk.is_exact_instance_of::<PyString>() {
+                merged = py_merge_stream_usage(&merged, chunk)?;
+            }
+            if let Some(usage) = usage.filter(|u| !u.is_none()) {
+                merged = py_merge_stream_usage(&merged, usage)?;
+            }
+            slf.borrow_mut().stream_usage = merged.unbind();
+            Ok(())
+        };
+        match read() {
+            Err(err) if err.is_instance_of::<PyException>(py) => {
+                slf.call_method1(intern!(py, "_chunk_failed"), (err.into_value(py),))?;
+            }
+            Err(err) => return Err(err), // KeyboardInterrupt, SystemExit: the caller's
+            Ok(()) => {}
+        }
+        Ok(())
+    }
+
     /// Hand over the provider's response: a dict (llmtally's response dict or the provider's
     /// JSON body) or an SDK object (OpenAI, Anthropic). Usage is normalized when the call ends.
     fn set_response(&mut self, response: Py<PyAny>) {
@@ -774,29 +826,48 @@ impl CallScope {
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let hooks = hooks(py)?;
-        let (usual, table, token, started_at) = {
+        let (usual, table, token, started_at, id_given, request_id, ctx) = {
             let me = slf.borrow();
             if me.done {
                 return Ok(done(py)?.into_bound(py));
             }
             (
-                exc.is_none()
-                    && me.response_set
-                    && !me.id_given
-                    && me.first_chunk_at.is_none()
-                    && !me.open,
+                exc.is_none() && me.response_set && me.first_chunk_at.is_none() && !me.open,
                 me.table.clone_ref(py).into_bound(py),
                 me.token.clone_ref(py).into_bound(py),
                 me.started_at,
+                me.id_given,
+                me.request_id.clone_ref(py).into_bound(py),
+                me.ctx.clone_ref(py).into_bound(py),
             )
         };
         let mut declined = false;
+        // A request id the caller gave, checked here (`_end`'s rule): a new one is counted by
+        // the core; one already counted or seen is a duplicate, ended by the general path.
+        let mut id_fresh = false;
         if usual
             && !hooks
                 .observed
                 .bind(py)
                 .getattr(intern!(py, "on"))?
                 .is_truthy()?
+            && (!id_given || {
+                let maker = hooks
+                    .ids
+                    .bind(py)
+                    .getattr(intern!(py, "maker"))?
+                    .cast_into::<IdMaker>()?;
+                let counted = match request_id.cast::<PyString>()?.to_str() {
+                    Ok(rid) => maker.get().counted(rid),
+                    Err(_) => true, // unreadable: the general path decides
+                };
+                id_fresh = !counted
+                    && !ctx
+                        .getattr(intern!(py, "window"))?
+                        .call_method1(intern!(py, "seen"), (&request_id,))?
+                        .is_truthy()?;
+                id_fresh
+            })
         {
             let group = table.getattr(intern!(py, "end_group"))?;
             slf.borrow_mut().done = true;
@@ -812,7 +883,8 @@ impl CallScope {
                     }
                     return Ok(done(py)?.into_bound(py));
                 }
-            } else if let Ok(Some(next)) = Self::end_built(slf, hooks, &table, duration_s) {
+            } else if let Ok(Some(next)) = Self::end_built(slf, hooks, &table, duration_s, id_given)
+            {
                 return Ok(next);
             }
             // Declined: the general path ends the call (the context is closed already).
@@ -821,7 +893,10 @@ impl CallScope {
             me.token = py.None();
             declined = true;
         }
-        slf.call_method1(intern!(py, "_exit"), (exc_type, exc, tb, declined))
+        slf.call_method1(
+            intern!(py, "_exit"),
+            (exc_type, exc, tb, declined, id_fresh),
+        )
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {

@@ -764,7 +764,7 @@ fn py_extract_usage(obj: &Bound<'_, PyAny>) -> PyResult<Option<Usage>> {
 /// Raises `BadUsage` when the chunk's usage cannot be trusted (the caller keeps `previous`).
 #[pyfunction]
 #[pyo3(name = "merge_stream_usage")]
-fn py_merge_stream_usage<'py>(
+pub fn py_merge_stream_usage<'py>(
     previous: &Bound<'py, PyAny>,
     chunk: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyAny>> {

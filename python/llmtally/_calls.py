@@ -53,7 +53,7 @@ from llmtally.pricing import cached as cached_prices
 from llmtally.pricing import lookup as price_lookup
 from llmtally.storage import store as _store_module
 from llmtally.tokens import estimate_tokens
-from llmtally.usage import BadUsage, Usage, extract_text, merge_stream_usage
+from llmtally.usage import BadUsage, Usage
 
 __all__ = ["CallContext", "LLMCall", "is_timeout", "price_response"]
 
@@ -317,28 +317,13 @@ class LLMCall(CallScope):
         chunks with :meth:`record_chunk` without a trip to an event loop."""
         return bool(self._table.by_event["on_llm_stream_chunk"])
 
-    def record_chunk(self, chunk: Any, *, usage: Any = None) -> None:
-        """Record one streamed chunk (its text and usage, see :meth:`chunk`) without firing
-        any event."""
-        if self._first_chunk_at is None:
-            self._first_chunk_at = time.perf_counter()
-        self._chunks += 1
-        try:
-            text = extract_text(chunk)
-            if text:
-                if self._texts is None:
-                    self._texts = [text]
-                else:
-                    self._texts.append(text)
-            if type(chunk) is not str:
-                self._stream_usage = merge_stream_usage(self._stream_usage, chunk)
-            if usage is not None:
-                self._stream_usage = merge_stream_usage(self._stream_usage, usage)
-        except BadUsage as exc:
-            self._ctx.stats.bad_input += 1
+    def _chunk_failed(self, exc: BaseException) -> None:
+        """A streamed chunk the core could not read (``record_chunk``): bad input, counted and
+        logged, never an error."""
+        self._ctx.stats.bad_input += 1
+        if isinstance(exc, BadUsage):
             logger.warning("skipped bad usage in stream chunk of %s: %s", self.request_id, exc)
-        except Exception as exc:  # a chunk we cannot read is bad input, never an error
-            self._ctx.stats.bad_input += 1
+        else:
             logger.warning("unreadable stream chunk in %s: %r", self.request_id, exc)
 
     # -- lifecycle for callback-shaped code -------------------------------------------------
@@ -477,9 +462,11 @@ class LLMCall(CallScope):
         exc: BaseException | None,
         tb: TracebackType | None,
         declined: bool = False,
+        id_fresh: bool = False,
     ) -> None:
         """The end (``__aexit__``) whenever the core's common end does not apply, or
-        ``declined`` it (the response is read by the general path)."""
+        ``declined`` it (the response is read by the general path); ``id_fresh``: the core
+        checked the request id the caller gave and it is new (recorded as seen)."""
         if self._done:
             return None
         self._done = True
@@ -509,7 +496,7 @@ class LLMCall(CallScope):
                     self._settle_limiters()
                 return None
             try:
-                self._end(duration_s)
+                self._end(duration_s, id_fresh)
             except Exception as error:  # a response we cannot read never breaks the call
                 ctx.stats.bad_input += 1
                 logger.error(
@@ -707,13 +694,17 @@ class LLMCall(CallScope):
         self._response_dict = value
         self._parts = None
 
-    def _end(self, duration_s: float) -> None:
+    def _end(self, duration_s: float, id_fresh: bool = False) -> None:
         """Normalize the usage and build the response dict (no await, no I/O)."""
         stats = self._ctx.stats
         request_id = self.request_id
-        if self._id_given and (
-            _id_state.maker.counted(request_id)
-            or self._ctx.window.seen(request_id, time.monotonic())
+        if (
+            self._id_given
+            and not id_fresh
+            and (
+                _id_state.maker.counted(request_id)
+                or self._ctx.window.seen(request_id, time.monotonic())
+            )
         ):
             self.duplicate = True
             stats.duplicates += 1
