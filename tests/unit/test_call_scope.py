@@ -36,6 +36,7 @@ SHAPES: list[tuple[dict[str, Any], Any]] = [
     ({"model": "gpt-4o", "user_id": "\ud800"}, {"usage": USAGE}),  # a surrogate user id
     ({"model": "gpt-4o", "user_id": ""}, {"usage": USAGE}),  # empty: no id
     ({"model": "gpt-4o", "user_id": "u" * 5000}, {"usage": USAGE}),  # past the safe length
+    ({"model": "gpt-4o", "request_id": "req-1"}, {"usage": USAGE}),  # the caller's request id
     ({"model": "gpt-4o", "request_id": "r" * 300}, {"usage": USAGE}),  # a long request id
     ({"model": "gpt-4o", "request_id": "é-1"}, {"usage": USAGE}),  # a non-ASCII request id
     ({"model": "gpt-4o"}, {"usage": USAGE, "model": "gpt-4o-mini"}),  # another model answered
