@@ -12,13 +12,15 @@ import asyncio
 import concurrent.futures
 import contextvars
 import logging
+import os
+import queue
 import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
-__all__ = ["OpenRuns", "Runner", "runner"]
+__all__ = ["HandOff", "OpenRuns", "Runner", "hand_off", "runner"]
 
 logger = logging.getLogger("llmtally")
 
@@ -198,3 +200,58 @@ class OpenRuns(Generic[_K, _R]):
 _EMPTY = contextvars.Context()
 
 runner = Runner()
+
+
+class HandOff:
+    """Work that a garbage collector's finalizer starts (a dropped store or limiter cleaning
+    up), run on a daemon thread of its own.
+
+    A finalizer may run at any allocation, also while its own thread holds a lock that
+    ``ThreadPoolExecutor.submit`` or ``Thread.start`` takes (a GC pass inside ``submit``): it
+    must take no lock. :meth:`put` only appends to a ``queue.SimpleQueue`` (reentrant by
+    design, for ``__del__`` and weakref callbacks); the thread that runs the work is started by
+    :meth:`prepare`, called where a finalizer is registered (never in one), again in a forked
+    child."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._fork_hook = False
+
+    def prepare(self) -> None:
+        """Make sure the thread runs (from ordinary code, never from a finalizer)."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            return
+        with self._lock:
+            thread = self._thread
+            if thread is not None and thread.is_alive():
+                return
+            if not self._fork_hook and hasattr(os, "register_at_fork"):
+                os.register_at_fork(after_in_child=self._after_fork)
+                self._fork_hook = True
+            self._thread = threading.Thread(target=self._run, name="llmtally-handoff", daemon=True)
+            self._thread.start()
+
+    def put(self, fn: Callable[[], object]) -> None:
+        """Run ``fn()`` on the hand-off thread (safe in a finalizer: takes no lock). Work handed
+        off while the thread is not running waits for the next :meth:`prepare`."""
+        self._queue.put(fn)
+
+    def _after_fork(self) -> None:
+        self._thread = None
+        self._lock = threading.Lock()
+        if not self._queue.empty():
+            self.prepare()
+
+    def _run(self) -> None:
+        while True:
+            fn = self._queue.get()
+            try:
+                fn()
+            except Exception as exc:
+                logger.debug("a background clean-up failed: %r", exc)
+
+
+hand_off = HandOff()

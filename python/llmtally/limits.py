@@ -37,6 +37,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from llmtally import _runtime
 from llmtally._ids import new_id
 from llmtally._native import (
     LEDGER_FIELDS,
@@ -439,6 +440,7 @@ class BudgetLimiter(AsyncCallbackHandler):
         self.renewals = 0
         self._store.add_write_listener(self)
         # Dropped without aclose(): its leases are given back (not held until their TTL).
+        _runtime.hand_off.prepare()  # (the finalizer hands its work to that thread)
         finalizer = weakref.finalize(
             self,
             _give_back,

@@ -225,3 +225,40 @@ async def test_a_call_behind_a_slow_renewal_waits_store_timeout_at_most(tmp_path
         backend.lease = lease
         await asyncio.sleep(1.2)  # the renewal left running finishes; the backoff ends
         await limiter.aclose()
+
+
+_COLLECTED_INSIDE_SUBMIT = """
+import asyncio, faulthandler, gc, sys
+from llmtally import BudgetLimiter, CallbackManager, open_store
+faulthandler.dump_traceback_later(60, exit=True)
+store = open_store(sys.argv[1])
+async def one_round():
+    limiter = BudgetLimiter(max_tokens=10**9, store=store)  # freed by the GC (a cycle)
+    manager = CallbackManager([limiter])
+    for j in range(3):
+        async with manager.llm_call([], model="gpt-4o", user_id=f"bob{j}") as call:
+            call.set_response({"usage": {"prompt_tokens": 14, "completion_tokens": 7}})
+    await limiter.remaining("bob0")
+gc.set_threshold(10)  # a collection at almost any allocation, inside the executor's locks too
+for _ in range(400):
+    asyncio.run(one_round())
+print("done")
+"""
+
+
+def test_a_limiter_collected_inside_the_stores_executor_does_not_hang(tmp_path: Path) -> None:
+    """A limiter's finalizer runs wherever the GC runs, also inside ``ThreadPoolExecutor.submit``
+    holding its lock: giving its leases back must take no lock there (it used to submit to that
+    executor, and the process hung)."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'usage.db'}"
+    done = subprocess.run(
+        [sys.executable, "-c", _COLLECTED_INSIDE_SUBMIT, url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "done"

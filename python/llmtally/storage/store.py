@@ -24,7 +24,7 @@ from types import FrameType, TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
-from llmtally import metrics
+from llmtally import _runtime, metrics
 from llmtally._observe import state as _observed
 from llmtally.errors import ConfigError, StoreError, StoreUnavailable
 from llmtally.storage._limits import LeaseState, RateResult
@@ -100,6 +100,7 @@ class Store:
         _observed.stores.add(self)
         # A store dropped without being closed still writes what it holds (at interpreter exit,
         # close_all does it instead).
+        _runtime.hand_off.prepare()  # (the finalizer hands its work to that thread)
         finalizer = weakref.finalize(self, _close_in_background, self._flusher)
         # (the typeshed of mypy < 2.4 lacks the attribute)
         finalizer.atexit = False  # type: ignore[misc, unused-ignore]
@@ -177,7 +178,9 @@ class Store:
 
     def in_background(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` soon on the store's I/O threads (never in the caller's: it may be a
-        garbage collector's finalizer on the event loop). Its failure is logged at DEBUG."""
+        garbage collector's finalizer, on the event loop or inside a lock of the executor's).
+        The caller must have called ``_runtime.hand_off.prepare()`` where it registered the
+        finalizer. Its failure is logged at DEBUG."""
 
         def run() -> None:
             try:
@@ -185,10 +188,13 @@ class Store:
             except Exception as exc:
                 logger.debug("%s: a background store task failed: %r", self.backend.name, exc)
 
-        try:
-            self._executor().submit(run)
-        except RuntimeError:  # the executor is shut down: the store is closed
-            logger.debug("%s: closed, a background store task was dropped", self.backend.name)
+        def submit() -> None:
+            try:
+                self._executor().submit(run)
+            except RuntimeError:  # the executor is shut down: the store is closed
+                logger.debug("%s: closed, a background store task was dropped", self.backend.name)
+
+        _runtime.hand_off.put(submit)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)``: on the store's I/O threads for a blocking backend, here for
@@ -442,12 +448,17 @@ def _redact(url: str) -> str:
 
 
 def _close_in_background(flusher: Flusher) -> None:
-    """A store was garbage-collected while open: its flusher writes what is left and stops."""
+    """A store was garbage-collected while open: its flusher writes what is left and stops (on
+    a thread started by the hand-off thread: this runs in a finalizer, see ``HandOff``)."""
     if flusher.closed:
         return
-    threading.Thread(
-        target=flusher.close, args=(_CLOSE_TIMEOUT_S,), name="llmtally-close", daemon=True
-    ).start()
+
+    def start() -> None:
+        threading.Thread(
+            target=flusher.close, args=(_CLOSE_TIMEOUT_S,), name="llmtally-close", daemon=True
+        ).start()
+
+    _runtime.hand_off.put(start)
 
 
 # ---------------------------------------------------------------------------------------------
