@@ -405,15 +405,19 @@ impl CallScope {
                 prices,
             )
                 .into_pyobject(py)?;
-            {
+            let replaced = {
                 let mut me = slf.borrow_mut();
-                me.usage = match usage {
+                let usage = match usage {
                     Some(u) => u.into_any().unbind(),
                     None => py.None(),
                 };
-                me.parts = parts.into_any().unbind();
-            }
-            // The stores' flushers run (the usual case) or are started: `_FastGroup.kick`.
+                [
+                    std::mem::replace(&mut me.usage, usage),
+                    std::mem::replace(&mut me.parts, parts.into_any().unbind()),
+                ]
+            };
+            drop(replaced); // (after the borrow: a `__del__` may read the call)
+                            // The stores' flushers run (the usual case) or are started: `_FastGroup.kick`.
             for store in group.getattr(intern!(py, "stores"))?.try_iter()? {
                 let flusher = store?.getattr(intern!(py, "_flusher"))?;
                 if !flusher.getattr(intern!(py, "running"))?.is_truthy()? {
@@ -498,15 +502,19 @@ impl CallScope {
         if !id_given {
             maker.get().mark(request_id.cast::<PyString>()?.to_str()?); // handed back: a duplicate
         }
-        {
+        let replaced = {
             let mut me = slf.borrow_mut();
-            me.response_dict = built.into_any().unbind();
-            me.parts = py.None();
-            me.usage = match usage {
+            let usage = match usage {
                 Some(u) => u.into_any().unbind(),
                 None => py.None(),
             };
-        }
+            [
+                std::mem::replace(&mut me.response_dict, built.into_any().unbind()),
+                std::mem::replace(&mut me.parts, py.None()),
+                std::mem::replace(&mut me.usage, usage),
+            ]
+        };
+        drop(replaced); // (after the borrow: a `__del__` may read the call)
         let targets = table
             .getattr(intern!(py, "by_event"))?
             .get_item(intern!(py, "on_llm_end"))?;
@@ -705,9 +713,13 @@ impl CallScope {
 
     /// Hand over the provider's response: a dict (llmtally's response dict or the provider's
     /// JSON body) or an SDK object (OpenAI, Anthropic). Usage is normalized when the call ends.
-    fn set_response(&mut self, response: Py<PyAny>) {
-        self.raw_response = response;
-        self.response_set = true;
+    fn set_response(slf: &Bound<'_, Self>, response: Py<PyAny>) {
+        let old = {
+            let mut me = slf.borrow_mut();
+            me.response_set = true;
+            std::mem::replace(&mut me.raw_response, response)
+        };
+        drop(old); // (its `__del__` may read the call: not under the borrow)
     }
 
     fn __aenter__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
@@ -715,6 +727,11 @@ impl CallScope {
         let hooks = hooks(py)?;
         let (ctx, kwargs, id_given, request_id, messages) = {
             let me = slf.borrow();
+            if me.done || me.run_id.bind(py).len()? > 0 {
+                return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                    "this LLM call was already entered: each llm_call(...) is entered once",
+                ));
+            }
             (
                 me.ctx.clone_ref(py).into_bound(py),
                 me.kwargs.clone_ref(py).into_bound(py),
@@ -732,7 +749,7 @@ impl CallScope {
         };
         let given_run = kwargs.get_item(intern!(py, "run_id"))?.filter(|r| {
             r.cast::<PyString>()
-                .is_ok_and(|s| s.to_str().is_ok_and(|s| !s.is_empty()))
+                .is_ok_and(|s| s.len().is_ok_and(|n| n > 0))
         });
         let maker = hooks
             .ids
@@ -766,15 +783,18 @@ impl CallScope {
             .getattr(intern!(py, "by_event"))?
             .get_item(intern!(py, "on_llm_start"))?;
         let started_at = perf_counter();
-        {
+        let replaced = {
             let mut me = slf.borrow_mut();
-            me.table = table.clone().unbind();
-            me.request_id = request_id.unbind();
-            me.run_id = run_id.unbind();
-            me.kwargs = kwargs.clone().into_any().unbind();
-            me.token = token.unbind();
             me.started_at = started_at;
-        }
+            [
+                std::mem::replace(&mut me.table, table.clone().unbind()),
+                std::mem::replace(&mut me.request_id, request_id.unbind()),
+                std::mem::replace(&mut me.run_id, run_id.unbind()),
+                std::mem::replace(&mut me.kwargs, kwargs.clone().into_any().unbind()),
+                std::mem::replace(&mut me.token, token.unbind()),
+            ]
+        };
+        drop(replaced); // (after the borrow: a `__del__` may read the call)
         if !targets.is_truthy()? {
             return Ok(Bound::new(
                 py,

@@ -278,7 +278,7 @@ class LLMCall(CallScope):
     :meth:`_recorded`).
     """
 
-    __slots__ = ()
+    # (no ``__slots__``: a caller may tag a call with attributes of its own)
 
     if TYPE_CHECKING:  # the core's, typed for callers
 

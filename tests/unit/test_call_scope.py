@@ -187,3 +187,43 @@ async def test_the_core_awaitables_behave_as_awaitables() -> None:
         next(iterator)
     with pytest.raises(KeyError):
         iterator.throw(KeyError("x"))
+
+
+async def test_a_call_is_entered_once_and_takes_attributes_of_the_callers() -> None:
+    manager = CallbackManager([CostTracker()])
+    call = manager.llm_call(MESSAGES, model="gpt-4o")
+    call.tag = "mine"  # type: ignore[attr-defined]
+    async with call:
+        call.set_response({"usage": USAGE})
+    assert call.tag == "mine"  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="entered once"):
+        async with call:
+            pass
+    started = manager.llm_call(MESSAGES, model="gpt-4o")
+    await started.start()
+    with pytest.raises(RuntimeError, match="entered once"):
+        await started.__aenter__()
+    await started.end({"usage": USAGE})
+    assert (await manager.health())["llm_calls"] == 2
+
+
+async def test_a_replaced_response_may_read_the_call_when_it_goes() -> None:
+    manager = CallbackManager([CostTracker()])
+    seen: list[Any] = []
+
+    class Response(dict[str, Any]):
+        def __del__(self) -> None:
+            seen.append(call.request_id)  # reads the call while it replaces this one
+
+    async with manager.llm_call(MESSAGES, model="gpt-4o") as call:
+        call.set_response(Response(usage=USAGE))
+        call.set_response({"usage": USAGE})
+        gc.collect()
+    assert seen == [call.request_id]
+
+
+async def test_a_run_id_with_a_lone_surrogate_is_kept() -> None:
+    manager = CallbackManager([CostTracker()])
+    async with manager.llm_call(MESSAGES, model="gpt-4o", run_id="\ud800x") as call:
+        call.set_response({"usage": USAGE})
+    assert call.run_id == "\ud800x" and call.context["trace_id"] == "\ud800x"
