@@ -596,8 +596,13 @@ impl CallScope {
         context: Bound<'_, PyDict>,
     ) -> PyResult<Self> {
         let hooks = hooks(py)?;
-        let user = context.get_item(intern!(py, "user_id"))?;
-        let given = context.get_item(intern!(py, "request_id"))?;
+        // (`None` is no value, as in Python's rules.)
+        let user = context
+            .get_item(intern!(py, "user_id"))?
+            .filter(|v| !v.is_none());
+        let given = context
+            .get_item(intern!(py, "request_id"))?
+            .filter(|v| !v.is_none());
         let plain = user
             .as_ref()
             .map_or(Ok(true), |u| plain_str(u, hooks.safe_user_chars, false))?

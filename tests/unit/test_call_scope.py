@@ -35,6 +35,7 @@ SHAPES: list[tuple[dict[str, Any], Any]] = [
     ({"provider": Provider.OPENAI, "model": "gpt-4o"}, {"usage": USAGE}),  # an enum provider
     ({"model": "gpt-4o", "user_id": "\ud800"}, {"usage": USAGE}),  # a surrogate user id
     ({"model": "gpt-4o", "user_id": ""}, {"usage": USAGE}),  # empty: no id
+    ({"model": "gpt-4o", "user_id": None, "request_id": None}, {"usage": USAGE}),  # no values
     ({"model": "gpt-4o", "user_id": "u" * 5000}, {"usage": USAGE}),  # past the safe length
     ({"model": "gpt-4o", "request_id": "req-1"}, {"usage": USAGE}),  # the caller's request id
     ({"model": "gpt-4o", "request_id": "r" * 300}, {"usage": USAGE}),  # a long request id
