@@ -529,20 +529,24 @@ impl Ctx {
     }
 }
 
-/// Open-addressing map from context keys to costs, and two dense tables resolved down to the class:
+/// Map from context keys to costs, and two dense tables resolved down to the class:
 /// ASCII letters after an ASCII character (or none), by position, previous character and
 /// character, and repeated ASCII punctuation, by bucket and character; so that an ASCII letter or
 /// a repeated ASCII character needs one array read (and no context longer than two characters).
+///
+/// The map keeps 16-bit fingerprints of the keys (their low bits) and the costs in buckets of a
+/// cache line, about 8 keys to a bucket of 16 (the top bits of a key choose it): a lookup reads
+/// one cache line, compares its fingerprints at once and selects the cost, with no branch on the
+/// answer (the next bucket is read only when the first is full). The Hangul and ideographic
+/// blocks, whose characters are costed here by the character before them, look up every
+/// character in it, so it is kept small (about 0.5 MB for o200k). A context that is not in the
+/// table matches a fingerprint of its bucket about once in 4,000 lookups (it then costs what
+/// that key does); a key whose fingerprint is already in its probe sequence is left out (it then
+/// costs as its shorter context): both change the estimate far less than its error.
 struct CtxTable {
+    /// Number of buckets minus one (a power of two).
     mask: usize,
-    /// Key in the low 32 bits, cost in the next 16: a hit reads one slot.
-    slots: Vec<u64>,
-    /// A bit per value of the top `filter_bits` bits of a key (about 8 per key of the table),
-    /// set when a key of the table has that value: `get_or` reads the table only for a key
-    /// whose bit is set (about a third of the contexts of the large alphabets are in the table),
-    /// else an empty slot kept past the end, in cache.
-    filter: Vec<u64>,
-    filter_bits: u32,
+    buckets: Vec<CtxBucket>,
     ascii: Vec<u16>,
     repeat: Vec<u16>,
     bmp: Vec<u16>,
@@ -553,6 +557,36 @@ struct CtxTable {
     /// it is needed. A letter then costs one read, from the few rows its script uses, instead of
     /// a hash and a probe in the whole table.
     rows: Box<[OnceLock<Box<[u16]>>]>,
+}
+
+const CTX_BUCKET: usize = 16;
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct CtxBucket {
+    /// Fingerprints of the keys (never 0: keys are odd), 0 for a free slot.
+    fps: [u16; CTX_BUCKET],
+    costs: [u16; CTX_BUCKET],
+}
+
+impl CtxBucket {
+    /// The cost of the key with fingerprint `fp` if it is here (else 0), and whether it is.
+    #[inline(always)]
+    fn find(&self, fp: u16) -> (u16, bool) {
+        let mut cost = 0u16;
+        let mut hit = 0u16;
+        for (&f, &c) in self.fps.iter().zip(&self.costs) {
+            let m = u16::from(f == fp).wrapping_neg();
+            cost |= c & m;
+            hit |= m;
+        }
+        (cost, hit != 0)
+    }
+
+    #[inline(always)]
+    fn is_full(&self) -> bool {
+        self.fps[CTX_BUCKET - 1] != 0
+    }
 }
 
 /// Blocks of 256 code points with rows of costs (the alphabets, up to kana); the large
@@ -600,14 +634,14 @@ const ASCII_ROW: [u8; 128] = {
 impl CtxTable {
     fn build(raw: &[u8]) -> Self {
         let n = raw.len() / 6;
-        let size = (n * 4).next_power_of_two().max(64);
-        let filter_len = (n * 8).next_power_of_two().clamp(64, 1 << 30);
-        let filter_bits = filter_len.trailing_zeros();
+        let size = (n * 2).div_ceil(CTX_BUCKET).next_power_of_two();
+        let empty = CtxBucket {
+            fps: [0; CTX_BUCKET],
+            costs: [0; CTX_BUCKET],
+        };
         let mut table = Self {
             mask: size - 1,
-            slots: vec![0; size + 1],
-            filter: vec![0; filter_len >> 6],
-            filter_bits,
+            buckets: vec![empty; size],
             ascii: Vec::new(),
             repeat: Vec::new(),
             bmp: Vec::new(),
@@ -618,13 +652,7 @@ impl CtxTable {
         for rec in raw.chunks_exact(6) {
             let key = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) | 1;
             let cost = u16::from_le_bytes([rec[4], rec[5]]);
-            let mut i = Self::home(key, table.mask);
-            while table.slots[i] as u32 != 0 && table.slots[i] as u32 != key {
-                i = (i + 1) & table.mask;
-            }
-            table.slots[i] = u64::from(key) | u64::from(cost) << 32;
-            let bit = table.filter_bit(key);
-            table.filter[bit >> 6] |= 1 << (bit & 63);
+            table.insert(key, cost);
         }
         let mut ascii = vec![0; 4 * 128 * 128];
         for pos in 0..4u8 {
@@ -689,47 +717,50 @@ impl CtxTable {
         (usize::from(ctx.pos) << 14) | ((ctx.p1 as usize) << 7) | ctx.c as usize
     }
 
+    /// The first bucket of `key`, from its top bits, and its fingerprint, its low bits.
     #[inline(always)]
-    fn home(key: u32, mask: usize) -> usize {
-        (key as usize).wrapping_mul(0x9E37_79B9) >> 7 & mask
+    fn home(&self, key: u32) -> (usize, u16) {
+        (key.rotate_right(16) as usize & self.mask, key as u16)
     }
 
-    #[inline(always)]
-    fn filter_bit(&self, key: u32) -> usize {
-        (key >> (32 - self.filter_bits)) as usize
+    fn insert(&mut self, key: u32, cost: u16) {
+        let (mut i, fp) = self.home(key);
+        loop {
+            let bucket = &mut self.buckets[i];
+            if bucket.fps.contains(&fp) {
+                return;
+            }
+            if let Some(free) = bucket.fps.iter().position(|&f| f == 0) {
+                bucket.fps[free] = fp;
+                bucket.costs[free] = cost;
+                return;
+            }
+            i = (i + 1) & self.mask;
+        }
     }
 
     #[inline(always)]
     fn get(&self, key: u32) -> Option<u16> {
-        let mut i = Self::home(key, self.mask);
-        loop {
-            let slot = self.slots[i];
-            match slot as u32 {
-                0 => return None,
-                k if k == key => return Some((slot >> 32) as u16),
-                _ => i = (i + 1) & self.mask,
-            }
-        }
+        let (cost, hit) = self.find(key);
+        hit.then_some(cost)
     }
 
-    /// The cost of `key`, else `fallback`: whether the key is there is data, not a branch (the
-    /// search goes on past its first slot only when that slot holds another key).
+    /// The cost of `key`, else `fallback`: whether the key is there is data, not a branch.
     #[inline(always)]
     fn get_or(&self, key: u32, fallback: u16) -> u16 {
-        let bit = self.filter_bit(key);
-        let seen = self.filter[bit >> 6] >> (bit & 63) & 1 != 0;
-        // A select: the empty slot past the end (outside the mask) ends the search at once.
-        let mut i = if seen {
-            Self::home(key, self.mask)
-        } else {
-            self.mask + 1
-        };
+        let (cost, hit) = self.find(key);
+        let m = u16::from(hit).wrapping_neg();
+        (cost & m) | (fallback & !m)
+    }
+
+    #[inline(always)]
+    fn find(&self, key: u32) -> (u16, bool) {
+        let (mut i, fp) = self.home(key);
         loop {
-            let slot = self.slots[i];
-            let k = slot as u32;
-            if (k == key) | (k == 0) {
-                let hit = u16::from(k == key).wrapping_neg();
-                return ((slot >> 32) as u16 & hit) | (fallback & !hit);
+            let bucket = &self.buckets[i];
+            let (cost, hit) = bucket.find(fp);
+            if hit | !bucket.is_full() {
+                return (cost, hit);
             }
             i = (i + 1) & self.mask;
         }
