@@ -1038,7 +1038,7 @@ trait Sink {
     /// costed as they are read, before the word list says whether they count.
     fn settle(&mut self, mark: Self::Mark, listed: bool, feature: usize);
     /// For a sink that only sums costs, the tables it sums from: the scanner then costs a word
-    /// of ASCII letters in one loop (`Scanner::ascii_word`) and adds the total with `add_cost`.
+    /// in one loop (`Scanner::fused_word`) and adds the total with `add_cost`.
     fn tables(&self) -> Option<(&'static CtxTable, &'static [u32; N_FEATURES])> {
         None
     }
@@ -1046,8 +1046,8 @@ trait Sink {
 }
 
 /// Sums the costs of the features: the estimator's hot loop.
-/// `FUSED`: words of ASCII letters are costed in one loop (`Scanner::ascii_word`); the tests
-/// check that this sums to the same as the general path.
+/// `FUSED`: words are costed in one loop (`Scanner::fused_word`); the tests check that this
+/// sums to the same as the general path.
 struct Total<const FUSED: bool = true> {
     costs: &'static [u32; N_FEATURES],
     table: &'static CtxTable,
@@ -1289,7 +1289,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         sink: &mut S,
     ) -> usize {
         let fused = if sink.tables().is_some() {
-            self.ascii_word(pre, start, prefix, letter, sink)
+            self.fused_word(pre, start, prefix, letter, sink)
         } else {
             self.listed_ascii(pre, start, letter)
                 .inspect(|_| sink.add(F_VOCAB + prefix))
@@ -1309,13 +1309,14 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         self.contraction_suffix(end, sink)
     }
 
-    /// A word of ASCII letters at `start` (up to a hump for o200k), for a sink that only sums
-    /// costs: its letters are costed by their context and hashed in one loop, and the word costs
-    /// the listed word or the sum of its first letter and letters, chosen by a select. `None`,
-    /// with nothing emitted, when a character beyond ASCII follows (it may be a letter of the
-    /// word) or at a cl100k hump: those words take the general path.
+    /// A word at `start` for a sink that only sums costs: its letters are costed by their
+    /// context (`CtxTable::letter_cost`, with the ASCII letters and the Hangul and ideographic
+    /// blocks inlined) and hashed in one loop, and the word costs the listed word or the sum of
+    /// its first letter and letters, chosen by a select. A run of ASCII letters has a loop of its
+    /// own (English and code). `None`, with nothing emitted, at a cl100k hump: camelCase words
+    /// take the general path, which costs each segment.
     #[inline(always)]
-    fn ascii_word<S: Sink>(
+    fn fused_word<S: Sink>(
         &self,
         pre: usize,
         start: usize,
@@ -1324,46 +1325,90 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         sink: &mut S,
     ) -> Option<usize> {
         let (table, costs) = sink.tables()?;
-        if letter.0 >= 0x80 {
-            return None;
-        }
         let b = self.b;
         let n = b.len();
-        let ascii = &table.ascii[..4 << 14];
         let mut h = self.pre_hash(pre, start);
         let mut i = start;
         let mut letters = 0u64;
-        // Index of the next letter's cost without it: position, then the character before.
-        let mut at = prefix << 7;
-        let mut step = |c: u8| {
-            letters += u64::from(ascii[at | usize::from(c)]);
-            h = hash_char(h, u32::from(c));
-            let pos = (at >> 14) + usize::from(at >> 14 < 3);
-            at = (pos << 14) | (usize::from(c) << 7);
-        };
-        if O200K {
-            while i < n && b[i].is_ascii_uppercase() {
-                step(b[i]);
-                i += 1;
-            }
-            while i < n && b[i].is_ascii_lowercase() {
-                step(b[i]);
-                i += 1;
-            }
-        } else {
-            let mut seen_lower = false;
-            while i < n && b[i].is_ascii_alphabetic() {
-                let upper = b[i].is_ascii_uppercase();
-                if upper & seen_lower {
-                    return None;
+        // The context of the next letter, in scalars (a struct kept in memory across iterations
+        // costs a failed store forwarding per letter): its position and the character before.
+        let mut pos = 0u8;
+        let mut p1 = prefix as u32;
+        let mut seen_lower = false;
+        if letter.0 < 0x80 {
+            let ascii = &table.ascii[..4 << 14];
+            // Index of the next letter's cost without it: position, then the character before.
+            let mut at = prefix << 7;
+            let mut step = |c: u8| {
+                letters += u64::from(ascii[at | usize::from(c)]);
+                h = hash_char(h, u32::from(c));
+                let pos = (at >> 14) + usize::from(at >> 14 < 3);
+                at = (pos << 14) | (usize::from(c) << 7);
+            };
+            if O200K {
+                while i < n && b[i].is_ascii_uppercase() {
+                    step(b[i]);
+                    i += 1;
                 }
-                seen_lower |= !upper;
-                step(b[i]);
-                i += 1;
+                let upper_end = i;
+                while i < n && b[i].is_ascii_lowercase() {
+                    step(b[i]);
+                    i += 1;
+                }
+                seen_lower = i > upper_end;
+            } else {
+                while i < n && b[i].is_ascii_alphabetic() {
+                    let upper = b[i].is_ascii_uppercase();
+                    if upper & seen_lower {
+                        return None;
+                    }
+                    seen_lower |= !upper;
+                    step(b[i]);
+                    i += 1;
+                }
             }
+            pos = (at >> 14) as u8;
+            p1 = (at >> 7 & 0x7F) as u32;
         }
-        if i < n && b[i] >= 0x80 {
-            return None;
+        // Letters beyond ASCII (and ASCII letters after them).
+        while let Some(&x) = b.get(i) {
+            if x < 0x80 && !x.is_ascii_alphabetic() {
+                break;
+            }
+            let (c, len) = decode(b, i);
+            let (class, case) = match if x < 0x80 {
+                ASCII_CATS[usize::from(x)]
+            } else {
+                self.non_ascii_cat(c)
+            } {
+                Cat::Letter(class, case) => (class, case),
+                Cat::Mark(class, _) if O200K => (class, Case::Caseless),
+                _ => break,
+            };
+            if (case == Case::Upper) & seen_lower {
+                if O200K {
+                    break;
+                }
+                return None;
+            }
+            seen_lower |= case == Case::Lower;
+            letters += u64::from(if (0x3100..0x1_0000).contains(&c) {
+                // No rows: the character and the one before it, else alone (`cost`).
+                let alone = table.bmp[(c as usize) << 3 | usize::from(pos)];
+                table.get_or(ctx_key(2, pos, u64::from(c) | u64::from(p1) << 21), alone)
+            } else {
+                table.letter_cost(&Ctx {
+                    pos,
+                    c,
+                    p1,
+                    p2: 0,
+                    class,
+                })
+            });
+            h = hash_char(h, c);
+            i += len;
+            pos = (pos + 1).min(3);
+            p1 = c;
         }
         let listed = self.vocab.contains(letter.0, h);
         let first = u64::from(costs[F_WORD_FIRST + prefix * N_LETTER + usize::from(letter.2)]);
