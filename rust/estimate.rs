@@ -1174,6 +1174,12 @@ impl<const O200K: bool> Scanner<'_, O200K> {
 
     #[inline(always)]
     fn non_ascii_cat(&self, c: u32) -> Cat {
+        // The Hangul syllables without a table read (`cats_of_hangul` checks that the table
+        // agrees): Korean reads a category per syllable. (The ideographs are better left to the
+        // table: in Japanese they alternate with kana, and a second test would be mispredicted.)
+        if (0xAC00..=0xD7A3).contains(&c) {
+            return Cat::Letter(L_HANGUL as u8, Case::Caseless);
+        }
         match self.cats.get(c as usize) {
             Some(&cat) => cat,
             None => unicode_cat(c),
@@ -1974,6 +1980,16 @@ mod tests {
     fn names_match_layout() {
         assert_eq!(feature_names().len(), N_FEATURES);
         assert!(N_FEATURES <= usize::from(u16::MAX));
+    }
+
+    #[test]
+    fn cats_of_hangul() {
+        for c in 0xAC00..=0xD7A3 {
+            assert!(
+                cat_table()[c] == Cat::Letter(L_HANGUL as u8, Case::Caseless),
+                "{c:X}"
+            );
+        }
     }
 
     #[test]
