@@ -534,15 +534,13 @@ impl Ctx {
 /// character, and repeated ASCII punctuation, by bucket and character; so that an ASCII letter or
 /// a repeated ASCII character needs one array read (and no context longer than two characters).
 ///
-/// The map keeps 16-bit fingerprints of the keys (their low bits) and the costs in buckets of a
-/// cache line, about 8 keys to a bucket of 16 (the top bits of a key choose it): a lookup reads
-/// one cache line, compares its fingerprints at once and selects the cost, with no branch on the
-/// answer (the next bucket is read only when the first is full). The Hangul and ideographic
-/// blocks, whose characters are costed here by the character before them, look up every
-/// character in it, so it is kept small (about 0.5 MB for o200k). A context that is not in the
-/// table matches a fingerprint of its bucket about once in 4,000 lookups (it then costs what
-/// that key does); a key whose fingerprint is already in its probe sequence is left out (it then
-/// costs as its shorter context): both change the estimate far less than its error.
+/// The map keeps the keys and their costs in buckets of a cache line, about 4 keys to a bucket
+/// of 8: a lookup reads one cache line, compares its keys at once and selects the cost, with no
+/// branch on the answer (the next bucket is read only when the first is full). The Hangul and
+/// ideographic blocks, whose characters are costed here by the character before them, look up
+/// every character in it (about 1 MB for o200k). Keys are kept whole: a fingerprint of 16 bits
+/// (half the size) mistook or dropped enough contexts to move the error of a script (Malayalam,
+/// o200k) by half a point.
 struct CtxTable {
     /// Number of buckets minus one (a power of two).
     mask: usize,
@@ -559,24 +557,24 @@ struct CtxTable {
     rows: Box<[OnceLock<Box<[u16]>>]>,
 }
 
-const CTX_BUCKET: usize = 16;
+const CTX_BUCKET: usize = 8;
 
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct CtxBucket {
-    /// Fingerprints of the keys (never 0: keys are odd), 0 for a free slot.
-    fps: [u16; CTX_BUCKET],
+    /// The keys (never 0: keys are odd), 0 for a free slot.
+    keys: [u32; CTX_BUCKET],
     costs: [u16; CTX_BUCKET],
 }
 
 impl CtxBucket {
-    /// The cost of the key with fingerprint `fp` if it is here (else 0), and whether it is.
+    /// The cost of `key` if it is here (else 0), and whether it is.
     #[inline(always)]
-    fn find(&self, fp: u16) -> (u16, bool) {
+    fn find(&self, key: u32) -> (u16, bool) {
         let mut cost = 0u16;
         let mut hit = 0u16;
-        for (&f, &c) in self.fps.iter().zip(&self.costs) {
-            let m = u16::from(f == fp).wrapping_neg();
+        for (&k, &c) in self.keys.iter().zip(&self.costs) {
+            let m = u16::from(k == key).wrapping_neg();
             cost |= c & m;
             hit |= m;
         }
@@ -585,7 +583,7 @@ impl CtxBucket {
 
     #[inline(always)]
     fn is_full(&self) -> bool {
-        self.fps[CTX_BUCKET - 1] != 0
+        self.keys[CTX_BUCKET - 1] != 0
     }
 }
 
@@ -636,7 +634,7 @@ impl CtxTable {
         let n = raw.len() / 6;
         let size = (n * 2).div_ceil(CTX_BUCKET).next_power_of_two();
         let empty = CtxBucket {
-            fps: [0; CTX_BUCKET],
+            keys: [0; CTX_BUCKET],
             costs: [0; CTX_BUCKET],
         };
         let mut table = Self {
@@ -717,21 +715,18 @@ impl CtxTable {
         (usize::from(ctx.pos) << 14) | ((ctx.p1 as usize) << 7) | ctx.c as usize
     }
 
-    /// The first bucket of `key`, from its top bits, and its fingerprint, its low bits.
+    /// The first bucket of `key`.
     #[inline(always)]
-    fn home(&self, key: u32) -> (usize, u16) {
-        (key.rotate_right(16) as usize & self.mask, key as u16)
+    fn home(&self, key: u32) -> usize {
+        (key as usize).wrapping_mul(0x9E37_79B9) >> 7 & self.mask
     }
 
     fn insert(&mut self, key: u32, cost: u16) {
-        let (mut i, fp) = self.home(key);
+        let mut i = self.home(key);
         loop {
             let bucket = &mut self.buckets[i];
-            if bucket.fps.contains(&fp) {
-                return;
-            }
-            if let Some(free) = bucket.fps.iter().position(|&f| f == 0) {
-                bucket.fps[free] = fp;
+            if let Some(free) = bucket.keys.iter().position(|&k| k == 0 || k == key) {
+                bucket.keys[free] = key;
                 bucket.costs[free] = cost;
                 return;
             }
@@ -755,10 +750,10 @@ impl CtxTable {
 
     #[inline(always)]
     fn find(&self, key: u32) -> (u16, bool) {
-        let (mut i, fp) = self.home(key);
+        let mut i = self.home(key);
         loop {
             let bucket = &self.buckets[i];
-            let (cost, hit) = bucket.find(fp);
+            let (cost, hit) = bucket.find(key);
             if hit | !bucket.is_full() {
                 return (cost, hit);
             }
