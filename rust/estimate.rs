@@ -454,11 +454,10 @@ type PieceRow = (usize, usize, Vec<u16>);
 
 #[inline(always)]
 fn ctx_key(level: u64, pos: u8, v: u64) -> u32 {
-    let mut h = (v ^ ((level << 3 | u64::from(pos)) << 59)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    h ^= h >> 29;
-    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    h ^= h >> 32;
-    (h as u32) | 1
+    // One multiplication (the key is on the path of every lookup): the top half of the product
+    // depends on every bit of the context.
+    let h = (v ^ ((level << 3 | u64::from(pos)) << 59)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> 32) as u32 | 1
 }
 
 impl Ctx {
@@ -718,7 +717,7 @@ impl CtxTable {
     /// The first bucket of `key`.
     #[inline(always)]
     fn home(&self, key: u32) -> usize {
-        (key as usize).wrapping_mul(0x9E37_79B9) >> 7 & self.mask
+        key.rotate_right(16) as usize & self.mask
     }
 
     fn insert(&mut self, key: u32, cost: u16) {
