@@ -1340,10 +1340,10 @@ impl<const O200K: bool> Scanner<'_, O200K> {
             // Index of the next letter's cost without it: position, then the character before.
             let mut at = prefix << 7;
             let mut step = |c: u8| {
-                letters += u64::from(ascii[at | usize::from(c)]);
+                // (The index is below 4 << 14: the mask only spares a bounds check.)
+                letters += u64::from(ascii[(at | usize::from(c)) & 0xFFFF]);
                 h = hash_char(h, u32::from(c));
-                let pos = (at >> 14) + usize::from(at >> 14 < 3);
-                at = (pos << 14) | (usize::from(c) << 7);
+                at = ((at & 3 << 14) + (1 << 14)).min(3 << 14) | usize::from(c) << 7;
             };
             if O200K {
                 while i < n && b[i].is_ascii_uppercase() {
