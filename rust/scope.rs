@@ -877,20 +877,24 @@ impl CallScope {
                 .getattr(intern!(py, "on"))?
                 .is_truthy()?
             && (!id_given || {
-                let maker = hooks
-                    .ids
-                    .bind(py)
-                    .getattr(intern!(py, "maker"))?
-                    .cast_into::<IdMaker>()?;
-                let counted = match request_id.cast::<PyString>()?.to_str() {
-                    Ok(rid) => maker.get().counted(rid),
-                    Err(_) => true, // unreadable: the general path decides
+                // (A check that fails leaves the decision to the general path.)
+                let fresh = || -> PyResult<bool> {
+                    let maker = hooks
+                        .ids
+                        .bind(py)
+                        .getattr(intern!(py, "maker"))?
+                        .cast_into::<IdMaker>()?;
+                    let counted = match request_id.cast::<PyString>()?.to_str() {
+                        Ok(rid) => maker.get().counted(rid),
+                        Err(_) => return Ok(false), // unreadable: the general path decides
+                    };
+                    Ok(!counted
+                        && !ctx
+                            .getattr(intern!(py, "window"))?
+                            .call_method1(intern!(py, "seen"), (&request_id,))?
+                            .is_truthy()?)
                 };
-                id_fresh = !counted
-                    && !ctx
-                        .getattr(intern!(py, "window"))?
-                        .call_method1(intern!(py, "seen"), (&request_id,))?
-                        .is_truthy()?;
+                id_fresh = fresh().unwrap_or(false);
                 id_fresh
             })
         {
