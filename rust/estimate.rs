@@ -1141,18 +1141,28 @@ struct Segment {
 /// A letter: code point, length in bytes, letter class and case.
 type Letter = (u32, usize, u8, Case);
 
-/// Walks text piece by piece; `O200K` selects o200k's pattern, else cl100k's.
-struct Scanner<'t, const O200K: bool> {
+/// `Scanner::ascii_listed`: a listed word adds one (up to `PROBE_MAX`), a word that is not
+/// takes `PROBE_MISS` off, and the word list is probed first from `PROBE_AT` on: while more than
+/// about three words in four are listed.
+const PROBE_AT: u8 = 8;
+const PROBE_MAX: u8 = 15;
+const PROBE_MISS: u8 = 3;
+
+/// Walks text piece by piece; `O200K` selects o200k's pattern, else cl100k's. `PROBE` (for a
+/// text all of ASCII: English and code) lets `fused_word` probe the word list before costing
+/// the letters (`probe_ascii`); elsewhere the check and the count it takes cost more than the
+/// probe saves, so the other texts run without them.
+struct Scanner<'t, const O200K: bool, const PROBE: bool> {
     b: &'t [u8],
     vocab: &'static Vocab,
     /// `cat_table()`, read once per text rather than once per character.
     cats: &'static [Cat],
-    /// A saturating count (0 to 3) of the last words starting with an ASCII letter that were
-    /// listed: `listed_ascii` is tried from 2 on.
+    /// A saturating count of the last words starting with an ASCII letter that were listed
+    /// (`note_ascii`): `listed_ascii` and `probe_ascii` are tried from `PROBE_AT` on.
     ascii_listed: Cell<u8>,
 }
 
-impl<const O200K: bool> Scanner<'_, O200K> {
+impl<const O200K: bool, const PROBE: bool> Scanner<'_, O200K, PROBE> {
     /// Category of the character at byte `i`, its code point and its length.
     #[inline(always)]
     fn cat_at(&self, i: usize) -> (Cat, u32, usize) {
@@ -1337,6 +1347,11 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         let mut seen_lower = false;
         if letter.0 < 0x80 {
             let ascii = &table.ascii[..4 << 14];
+            if PROBE && self.ascii_listed.get() >= PROBE_AT {
+                if let Some(end) = self.probe_ascii(h, start, prefix, letter, sink) {
+                    return end;
+                }
+            }
             // Index of the next letter's cost without it: position, then the character before.
             let mut at = prefix << 7;
             let mut step = |c: u8| {
@@ -1411,11 +1426,79 @@ impl<const O200K: bool> Scanner<'_, O200K> {
             p1 = c;
         }
         let listed = self.vocab.contains(letter.0, h);
+        if PROBE {
+            self.note_ascii(letter, listed);
+        }
         let first = u64::from(costs[F_WORD_FIRST + prefix * N_LETTER + usize::from(letter.2)]);
         let unlisted = first + letters;
         let keep = u64::from(listed).wrapping_sub(1);
         sink.add_cost((unlisted & keep) | (u64::from(costs[F_VOCAB + prefix]) & !keep));
         Some(i)
+    }
+
+    /// `fused_word` for a word of ASCII letters while most ASCII words of the text are listed
+    /// (`ascii_listed`): the word is hashed by a short loop that costs no letter and looked up,
+    /// and only when it is not listed are its letters costed, by a second loop that does not
+    /// hash. `None` when a character beyond ASCII follows the letters (the word may go on):
+    /// `fused_word` then costs it from the start. `Some(None)` at a cl100k hump of a word that
+    /// is not listed (the general path costs each segment).
+    #[inline(always)]
+    fn probe_ascii<S: Sink>(
+        &self,
+        h: u64,
+        start: usize,
+        prefix: usize,
+        letter: Letter,
+        sink: &mut S,
+    ) -> Option<Option<usize>> {
+        let (table, costs) = sink.tables()?;
+        let b = self.b;
+        let n = b.len();
+        let mut h = h;
+        let mut i = start;
+        if O200K {
+            while i < n && b[i].is_ascii_uppercase() {
+                h = hash_char(h, u32::from(b[i]));
+                i += 1;
+            }
+            while i < n && b[i].is_ascii_lowercase() {
+                h = hash_char(h, u32::from(b[i]));
+                i += 1;
+            }
+        } else {
+            while i < n && b[i].is_ascii_alphabetic() {
+                h = hash_char(h, u32::from(b[i]));
+                i += 1;
+            }
+        }
+        if i < n && b[i] >= 0x80 {
+            return None;
+        }
+        let listed = self.vocab.contains(letter.0, h);
+        self.note_ascii(letter, listed);
+        if listed {
+            sink.add_cost(u64::from(costs[F_VOCAB + prefix]));
+            return Some(Some(i));
+        }
+        let ascii = &table.ascii[..4 << 14];
+        let mut letters = 0u64;
+        let mut at = prefix << 7;
+        let mut seen_lower = false;
+        for &c in &b[start..i] {
+            if !O200K {
+                let upper = c.is_ascii_uppercase();
+                if upper & seen_lower {
+                    return Some(None);
+                }
+                seen_lower |= !upper;
+            }
+            // (The index is below 4 << 14: the mask only spares a bounds check.)
+            letters += u64::from(ascii[(at | usize::from(c)) & 0xFFFF]);
+            at = ((at & 3 << 14) + (1 << 14)).min(3 << 14) | usize::from(c) << 7;
+        }
+        let first = u64::from(costs[F_WORD_FIRST + prefix * N_LETTER + usize::from(letter.2)]);
+        sink.add_cost(first + letters);
+        Some(Some(i))
     }
 
     /// The end of a word of ASCII letters at `start` (up to a hump for o200k) when it is listed
@@ -1425,7 +1508,7 @@ impl<const O200K: bool> Scanner<'_, O200K> {
     /// cheaper than a miss here and then that.
     #[inline(always)]
     fn listed_ascii(&self, pre: usize, start: usize, letter: Letter) -> Option<usize> {
-        if letter.0 >= 0x80 || self.ascii_listed.get() < 2 {
+        if letter.0 >= 0x80 || self.ascii_listed.get() < PROBE_AT {
             return None;
         }
         let b = self.b;
@@ -1459,9 +1542,9 @@ impl<const O200K: bool> Scanner<'_, O200K> {
         if letter.0 < 0x80 {
             let n = self.ascii_listed.get();
             self.ascii_listed.set(if listed {
-                (n + 1).min(3)
+                (n + 1).min(PROBE_MAX)
             } else {
-                n.saturating_sub(1)
+                n.saturating_sub(PROBE_MISS)
             });
         }
     }
@@ -1733,19 +1816,34 @@ fn scan<S: Sink>(text: &str, enc: Encoding, sink: &mut S) {
     let b = text.as_bytes();
     let vocab = Vocab::get(enc);
     let cats = cat_table();
-    match enc {
-        Encoding::Cl100k => Scanner::<false> {
+    let ascii_listed = Cell::new(PROBE_AT);
+    match (enc, text.is_ascii()) {
+        (Encoding::Cl100k, false) => Scanner::<false, false> {
             b,
             vocab,
             cats,
-            ascii_listed: Cell::new(2),
+            ascii_listed,
         }
         .run(sink),
-        Encoding::O200k => Scanner::<true> {
+        (Encoding::Cl100k, true) => Scanner::<false, true> {
             b,
             vocab,
             cats,
-            ascii_listed: Cell::new(2),
+            ascii_listed,
+        }
+        .run(sink),
+        (Encoding::O200k, false) => Scanner::<true, false> {
+            b,
+            vocab,
+            cats,
+            ascii_listed,
+        }
+        .run(sink),
+        (Encoding::O200k, true) => Scanner::<true, true> {
+            b,
+            vocab,
+            cats,
+            ascii_listed,
         }
         .run(sink),
     }
