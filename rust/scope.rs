@@ -3,11 +3,12 @@
 //!
 //! `CallScope` is the base of Python's `LLMCall`: it holds the call's state, and its
 //! `__aenter__`/`__aexit__` do the common call in the core and return a ready awaitable
-//! (`Ready`); anything else (a start handler that waits or refuses, an error, a stream, a
-//! caller's request id already counted, metrics on) goes to the Python methods of `LLMCall`
-//! (`_start_fire`, `_exit`, `_recorded`), which are the reference behaviour. The rules for
-//! unusual input (a `user_id`, provider, model or request id that needs normalizing) stay in
-//! Python (`_prepare`); the core only checks that the common input needs none.
+//! (`Ready`); anything else (a start handler that waits or refuses, an error, the end of a
+//! stream, a caller's request id already counted, metrics on) goes to the Python methods of
+//! `LLMCall` (`_start_fire`, `_exit`, `_end_fired`, `_recorded`), which are the reference
+//! behaviour. The rules for unusual input (a `user_id`, provider, model or request id that
+//! needs normalizing) stay in Python (`CallContext.prepare_call`); the core only checks that
+//! the common input needs none.
 
 use std::sync::OnceLock;
 use std::time::Instant;
