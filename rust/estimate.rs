@@ -1276,6 +1276,31 @@ impl<const O200K: bool, const PROBE: bool> Scanner<'_, O200K, PROBE> {
         }
     }
 
+    /// The end of the run of ASCII letters at `start` (o200k: up to a hump, upper-case letters
+    /// then lower-case ones) and the word hash `h` carried over it; no letter is costed.
+    #[inline(always)]
+    fn ascii_run_hash(&self, start: usize, mut h: u64) -> (usize, u64) {
+        let b = self.b;
+        let n = b.len();
+        let mut i = start;
+        if O200K {
+            while i < n && b[i].is_ascii_uppercase() {
+                h = hash_char(h, u32::from(b[i]));
+                i += 1;
+            }
+            while i < n && b[i].is_ascii_lowercase() {
+                h = hash_char(h, u32::from(b[i]));
+                i += 1;
+            }
+        } else {
+            while i < n && b[i].is_ascii_alphabetic() {
+                h = hash_char(h, u32::from(b[i]));
+                i += 1;
+            }
+        }
+        (i, h)
+    }
+
     /// The hash a word starts from: of the character at `pre` when `pre < start`.
     #[inline(always)]
     fn pre_hash(&self, pre: usize, start: usize) -> u64 {
@@ -1454,23 +1479,7 @@ impl<const O200K: bool, const PROBE: bool> Scanner<'_, O200K, PROBE> {
         let (table, costs) = sink.tables()?;
         let b = self.b;
         let n = b.len();
-        let mut h = h;
-        let mut i = start;
-        if O200K {
-            while i < n && b[i].is_ascii_uppercase() {
-                h = hash_char(h, u32::from(b[i]));
-                i += 1;
-            }
-            while i < n && b[i].is_ascii_lowercase() {
-                h = hash_char(h, u32::from(b[i]));
-                i += 1;
-            }
-        } else {
-            while i < n && b[i].is_ascii_alphabetic() {
-                h = hash_char(h, u32::from(b[i]));
-                i += 1;
-            }
-        }
+        let (i, h) = self.ascii_run_hash(start, h);
         if i < n && b[i] >= 0x80 {
             return None;
         }
@@ -1513,23 +1522,7 @@ impl<const O200K: bool, const PROBE: bool> Scanner<'_, O200K, PROBE> {
         }
         let b = self.b;
         let n = b.len();
-        let mut h = self.pre_hash(pre, start);
-        let mut i = start;
-        if O200K {
-            while i < n && b[i].is_ascii_uppercase() {
-                h = hash_char(h, u32::from(b[i]));
-                i += 1;
-            }
-            while i < n && b[i].is_ascii_lowercase() {
-                h = hash_char(h, u32::from(b[i]));
-                i += 1;
-            }
-        } else {
-            while i < n && b[i].is_ascii_alphabetic() {
-                h = hash_char(h, u32::from(b[i]));
-                i += 1;
-            }
-        }
+        let (i, h) = self.ascii_run_hash(start, self.pre_hash(pre, start));
         // A character beyond ASCII may be a letter that goes on with the word.
         let listed = !(i < n && b[i] >= 0x80) && self.vocab.contains(letter.0, h);
         self.note_ascii(letter, listed);

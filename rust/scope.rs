@@ -299,33 +299,14 @@ impl CallScope {
         else {
             return Ok(None);
         };
-        let unknown = provider_s.to_str()? == "unknown";
-        let key_provider = if unknown {
-            py.None().into_bound(py)
-        } else {
-            provider.clone()
-        };
-        let key = PyTuple::new(py, [model.clone(), key_provider.clone()])?;
-        let mut prices = hooks.price_cache.bind(py).get_item(&key)?;
-        if prices.as_ref().map_or(true, |p| p.is_none()) && model_s.to_str()? != "unknown" {
-            prices = Some(hooks.price_lookup.bind(py).call1((&model, &key_provider))?);
-        }
-        let prices = prices.filter(|p| !p.is_none());
-        let prices_ref = match &prices {
-            Some(p) => Some(p.cast::<Prices>()?),
-            None => None,
-        };
-        let maker = hooks
-            .ids
-            .bind(py)
-            .getattr(intern!(py, "maker"))?
-            .cast_into::<IdMaker>()?;
+        let prices = call_prices(py, hooks, &model, &provider, true)?;
+        let maker = id_maker(py, hooks)?;
         let finished = recorder.get().finish(
             &response,
             provider_s.clone(),
             model_s.clone(),
             duration_s,
-            prices_ref,
+            prices.as_ref(),
             kwargs
                 .get_item(intern!(py, "user_id"))?
                 .filter(|v| !v.is_none()),
@@ -459,28 +440,14 @@ impl CallScope {
                 me.ctx.clone_ref(py).into_bound(py),
             )
         };
-        let key_provider = if provider.eq(intern!(py, "unknown"))? {
-            py.None().into_bound(py)
-        } else {
-            provider.clone()
-        };
-        let key = PyTuple::new(py, [model.clone(), key_provider])?;
-        let prices = hooks
-            .price_cache
-            .bind(py)
-            .get_item(&key)?
-            .filter(|p| !p.is_none());
-        let prices = match &prices {
-            Some(p) => Some(p.cast::<Prices>()?),
-            None => None,
-        };
+        let prices = call_prices(py, hooks, &model, &provider, false)?;
         let (code, built, message, usage) = py_finish_response(
             &response,
             &provider,
             &model,
             duration_s,
             &request_id,
-            prices,
+            prices.as_ref(),
         )?;
         let Some(built) = built else {
             return Ok(None);
@@ -493,11 +460,7 @@ impl CallScope {
         {
             return Ok(None);
         }
-        let maker = hooks
-            .ids
-            .bind(py)
-            .getattr(intern!(py, "maker"))?
-            .cast_into::<IdMaker>()?;
+        let maker = id_maker(py, hooks)?;
         let stats = ctx.getattr(intern!(py, "stats"))?;
         stats.cast::<CallStats>()?.borrow_mut().llm_calls += 1;
         if !id_given {
@@ -757,11 +720,7 @@ impl CallScope {
             r.cast::<PyString>()
                 .is_ok_and(|s| s.len().is_ok_and(|n| n > 0))
         });
-        let maker = hooks
-            .ids
-            .bind(py)
-            .getattr(intern!(py, "maker"))?
-            .cast_into::<IdMaker>()?;
+        let maker = id_maker(py, hooks)?;
         let (request_id, run_id) = if id_given {
             let counted = ctx.getattr(intern!(py, "window"))?.contains(&request_id)?
                 || maker
@@ -880,11 +839,7 @@ impl CallScope {
             && (!id_given || {
                 // (A check that fails leaves the decision to the general path.)
                 let fresh = || -> PyResult<bool> {
-                    let maker = hooks
-                        .ids
-                        .bind(py)
-                        .getattr(intern!(py, "maker"))?
-                        .cast_into::<IdMaker>()?;
+                    let maker = id_maker(py, hooks)?;
                     let counted = match request_id.cast::<PyString>()?.to_str() {
                         Ok(rid) => maker.get().counted(rid),
                         Err(_) => return Ok(false), // unreadable: the general path decides
@@ -969,6 +924,43 @@ impl CallScope {
                 *field = py.None();
             }
         });
+    }
+}
+
+/// This process's id maker (`_ids.state.maker`; a forked child has its own).
+fn id_maker<'py>(py: Python<'py>, hooks: &Hooks) -> PyResult<Bound<'py, IdMaker>> {
+    Ok(hooks
+        .ids
+        .bind(py)
+        .getattr(intern!(py, "maker"))?
+        .cast_into::<IdMaker>()?)
+}
+
+/// The prices of `model` already looked up (`pricing.cached`'s rule: provider `"unknown"` is
+/// none), or, with `lookup`, looked up now (`pricing.lookup`, which counts a miss).
+fn call_prices<'py>(
+    py: Python<'py>,
+    hooks: &Hooks,
+    model: &Bound<'py, PyAny>,
+    provider: &Bound<'py, PyAny>,
+    lookup: bool,
+) -> PyResult<Option<Bound<'py, Prices>>> {
+    let key_provider = if provider.eq(intern!(py, "unknown"))? {
+        py.None().into_bound(py)
+    } else {
+        provider.clone()
+    };
+    let key = PyTuple::new(py, [model.clone(), key_provider.clone()])?;
+    let mut prices = hooks.price_cache.bind(py).get_item(&key)?;
+    if lookup
+        && prices.as_ref().map_or(true, |p| p.is_none())
+        && !model.eq(intern!(py, "unknown"))?
+    {
+        prices = Some(hooks.price_lookup.bind(py).call1((model, &key_provider))?);
+    }
+    match prices.filter(|p| !p.is_none()) {
+        Some(p) => Ok(Some(p.cast_into::<Prices>()?)),
+        None => Ok(None),
     }
 }
 
