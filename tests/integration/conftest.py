@@ -5,6 +5,7 @@ kill and restart. Every test that uses one of them is marked `redis`."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,14 @@ def fault_proxy(redis_server: RedisServer) -> Iterator[FaultProxy]:
     """A proxy in front of the (emptied) shared server that fails or answers chosen commands."""
     with FaultProxy(redis_server.address) as proxy:
         yield proxy
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of each store kind in turn: memory, a SQLite file, the shared Redis."""
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/usage.db"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url

@@ -7,7 +7,6 @@ step reads the lease (so ``remaining()`` never shows its estimate held)."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,24 +15,12 @@ from llmtally import BudgetExceeded, CallbackManager, UsageRecorder, estimate_to
 from llmtally.limits import BudgetLimiter, _estimate
 from llmtally.storage.keys import current_cycle, usage_key
 
-from servers import RedisServer
-
 #: Store timeout of limiters in tests about numbers (see test_budget_overshoot.py).
 PATIENT_S = 10.0
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "What is the capital of France? Answer in one word."},
 ]
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "memory":
-        return "memory://"
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/usage.db"
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return server.url
 
 
 @pytest.mark.parametrize(

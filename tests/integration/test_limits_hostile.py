@@ -20,21 +20,9 @@ from llmtally.limits import BudgetLimiter
 from llmtally.storage import Store
 from llmtally.storage.keys import current_cycle, usage_key
 
-from servers import RedisServer
-
 CYCLE = "2026-11-01"
 PATIENT_S = 10.0  # (see test_budget_overshoot.py)
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "memory":
-        return "memory://"
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/usage.db"
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return server.url
 
 
 def limiter_for(store: Store, **kw: Any) -> tuple[BudgetLimiter, CallbackManager]:
